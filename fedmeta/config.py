@@ -1,0 +1,205 @@
+"""Algorithm hyper-parameters and the wire keys they travel under.
+
+Every key that crosses the wire (train/evaluate ``ConfigRecord``, reply ``MetricRecord``,
+``context.state``) is a kebab-case constant defined here, once. The hyper-parameters are parsed
+into frozen dataclasses that validate on construction, so bad values fail with a message naming
+the field and its allowed range before any work starts -- on the server (strategy construction)
+and again on the client (nothing a server sends is trusted blindly).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, fields
+from typing import Any, ClassVar, Mapping
+
+from fedmeta.meta import HESSIAN_MODES
+
+# --- train/evaluate ConfigRecord keys (server -> client) -------------------------------------
+ALGORITHM = "algorithm"
+SERVER_ROUND = "server-round"  # injected by Flower's FedAvg
+SEED = "seed"
+INNER_LR = "inner-lr"
+META_LR = "meta-lr"
+LR = "lr"
+MOMENTUM = "momentum"
+LOCAL_STEPS = "local-steps"
+BATCH_SIZE = "batch-size"
+INIT_BATCH_SIZE = "init-batch-size"
+HESSIAN_MODE = "hessian-mode"
+MEMORY_POLICY = "memory-policy"
+EVAL_STEPS = "eval-steps"
+EVAL_SHOTS = "eval-shots"
+
+# --- reply MetricRecord keys (client -> server) ----------------------------------------------
+NUM_EXAMPLES = "num-examples"  # size of the client's train split (Flower's weighting key)
+NUM_SAMPLES = "num-samples"  # samples drawn this round
+NUM_GRADIENTS = "num-gradients"  # gradient evaluations this round
+NUM_HVPS = "num-hvps"  # Hessian-vector products this round
+TRAIN_LOSS = "train-loss"
+PARTITION_ID = "partition-id"
+LOSS_BEFORE = "loss-before"
+LOSS_AFTER = "loss-after"
+ACC_BEFORE = "accuracy-before"
+ACC_AFTER = "accuracy-after"
+
+# --- context.state keys ----------------------------------------------------------------------
+PERSONALIZED_MODEL = "personalized-model"  # LocalMOML memory u (ArrayRecord)
+MEMORY_META = "personalized-model-meta"  # ConfigRecord: round the memory was written in
+
+PER_FEDAVG = "per-fedavg"
+LOCAL_MOML = "local-moml"
+MEMORY_POLICIES = ("keep", "reset")
+
+
+def _check(name: str, ok: bool, allowed: str, value: Any) -> None:
+    if not ok:
+        raise ValueError(f"{name} must be {allowed}, got {value!r}")
+
+
+def _positive_int(name: str, value: Any) -> None:
+    _check(name, isinstance(value, int) and not isinstance(value, bool) and value >= 1, "an integer >= 1", value)
+
+
+def _nonneg_int(name: str, value: Any) -> None:
+    _check(name, isinstance(value, int) and not isinstance(value, bool) and value >= 0, "an integer >= 0", value)
+
+
+def _finite_nonneg(name: str, value: Any) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
+    _check(name, ok, "a finite number >= 0", value)
+
+
+def _finite_positive(name: str, value: Any) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+    _check(name, ok, "a finite number > 0", value)
+
+
+class _Wire:
+    """Mixin: round-trip a frozen dataclass through a flat kebab-case dict (a ``ConfigRecord``)."""
+
+    KEYS: ClassVar[dict[str, str]]
+
+    def to_wire(self) -> dict[str, Any]:
+        return {key: getattr(self, attr) for attr, key in self.KEYS.items()}
+
+    @classmethod
+    def from_wire(cls, record: Mapping[str, Any]):
+        kwargs = {attr: record[key] for attr, key in cls.KEYS.items() if key in record}
+        return cls(**kwargs)
+
+    def replace(self, **changes: Any):
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class PerFedAvgConfig(_Wire):
+    """Per-FedAvg client hyper-parameters (per-fedavg.txt Algorithm 1, eqs. 8-9)."""
+
+    inner_lr: float = 0.01
+    """alpha: step size of the adaptation step ``w - alpha grad f(w; D)`` (>= 0)."""
+    meta_lr: float = 0.001
+    """beta of Per-FedAvg: the local meta step size in eq. (8) (> 0)."""
+    local_steps: int = 1
+    """tau: local meta steps per round (>= 1)."""
+    batch_size: int = 5
+    """|D| = |D'| = |D''|: samples in each of the three independent batches (>= 1)."""
+    hessian_mode: str = "exact"
+    """``exact`` (double-backward HVP) or ``first_order`` (eq. 23)."""
+
+    algorithm: ClassVar[str] = PER_FEDAVG
+    KEYS: ClassVar[dict[str, str]] = {
+        "inner_lr": INNER_LR,
+        "meta_lr": META_LR,
+        "local_steps": LOCAL_STEPS,
+        "batch_size": BATCH_SIZE,
+        "hessian_mode": HESSIAN_MODE,
+    }
+
+    def __post_init__(self) -> None:
+        _finite_nonneg("inner_lr (alpha)", self.inner_lr)
+        _finite_positive("meta_lr (Per-FedAvg beta)", self.meta_lr)
+        _positive_int("local_steps (tau)", self.local_steps)
+        _positive_int("batch_size", self.batch_size)
+        _check("hessian_mode", self.hessian_mode in HESSIAN_MODES, f"one of {sorted(HESSIAN_MODES)}", self.hessian_mode)
+
+
+@dataclass(frozen=True)
+class LocalMOMLConfig(_Wire):
+    """LocalMOML client hyper-parameters (localmoml Algorithm 3, eqs. 7-8)."""
+
+    inner_lr: float = 0.01
+    """alpha: step size of the adaptation step ``w - alpha grad f(w; S1)`` (>= 0)."""
+    lr: float = 0.001
+    """eta: the local meta step size, Algorithm 3 line 11 (> 0)."""
+    momentum: float = 0.5
+    """beta of LocalMOML: weight of the fresh adapted model in eq. (7), in (0, 1]."""
+    local_steps: int = 1
+    """H: local steps per round (>= 1)."""
+    batch_size: int = 5
+    """K: samples in each of S1, S2, S3 (>= 1)."""
+    init_batch_size: int = 5
+    """K0: samples in S0 for the memory reset, Algorithm 3 line 5 (>= 1)."""
+    hessian_mode: str = "exact"
+    """``exact`` (double-backward HVP) or ``first_order``."""
+    memory_policy: str = "keep"
+    """``keep``: u carries over from the client's last participating round (line 7, cross-silo);
+    ``reset``: u restarts from ``w - alpha grad f(w; S0)`` every round (line 5, cross-device)."""
+
+    algorithm: ClassVar[str] = LOCAL_MOML
+    KEYS: ClassVar[dict[str, str]] = {
+        "inner_lr": INNER_LR,
+        "lr": LR,
+        "momentum": MOMENTUM,
+        "local_steps": LOCAL_STEPS,
+        "batch_size": BATCH_SIZE,
+        "init_batch_size": INIT_BATCH_SIZE,
+        "hessian_mode": HESSIAN_MODE,
+        "memory_policy": MEMORY_POLICY,
+    }
+
+    def __post_init__(self) -> None:
+        _finite_nonneg("inner_lr (alpha)", self.inner_lr)
+        _finite_positive("lr (LocalMOML eta)", self.lr)
+        m = self.momentum
+        ok = isinstance(m, (int, float)) and not isinstance(m, bool) and 0 < m <= 1
+        _check("momentum (LocalMOML beta)", ok, "in (0, 1]", m)
+        _positive_int("local_steps (H)", self.local_steps)
+        _positive_int("batch_size (K)", self.batch_size)
+        _positive_int("init_batch_size (K0)", self.init_batch_size)
+        _check("hessian_mode", self.hessian_mode in HESSIAN_MODES, f"one of {sorted(HESSIAN_MODES)}", self.hessian_mode)
+        _check("memory_policy", self.memory_policy in MEMORY_POLICIES, f"one of {list(MEMORY_POLICIES)}", self.memory_policy)
+
+
+@dataclass(frozen=True)
+class EvalConfig(_Wire):
+    """Personalized evaluation: fine-tune the meta-model on the client's *train* split, score on its test split.
+
+    Defaults follow per-fedavg.txt Section 5 (one gradient step on the client's data); the
+    LocalMOML paper's protocol (Section 6.2) is ``eval_steps=10, eval_shots=5``.
+    """
+
+    inner_lr: float = 0.01
+    """alpha used for the fine-tuning steps (>= 0)."""
+    eval_steps: int = 1
+    """k: fine-tuning steps (>= 0; 0 scores the meta-model as is)."""
+    eval_shots: int = 0
+    """Size of the support set drawn from the train split; 0 means the whole train split."""
+
+    KEYS: ClassVar[dict[str, str]] = {"inner_lr": INNER_LR, "eval_steps": EVAL_STEPS, "eval_shots": EVAL_SHOTS}
+
+    def __post_init__(self) -> None:
+        _finite_nonneg("inner_lr (alpha)", self.inner_lr)
+        _nonneg_int("eval_steps", self.eval_steps)
+        _nonneg_int("eval_shots", self.eval_shots)
+
+
+ALGORITHM_CONFIGS: dict[str, type[PerFedAvgConfig] | type[LocalMOMLConfig]] = {
+    PER_FEDAVG: PerFedAvgConfig,
+    LOCAL_MOML: LocalMOMLConfig,
+}
+
+
+def field_names(cls: type) -> set[str]:
+    return {f.name for f in fields(cls)}
