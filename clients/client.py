@@ -1,0 +1,165 @@
+"""The meta-learning client: what one client does with the meta-model it receives.
+
+Flower-free on purpose except for the memory store, which speaks ``context.state`` records:
+:class:`MetaClient` takes parameter dicts and returns parameter dicts and plain numbers; the
+``ClientApp`` in :mod:`fedmeta.clients.app` only unpacks and packs messages around it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context
+from torch import Tensor, nn
+
+from fedmeta import config as C
+from fedmeta import meta
+from fedmeta.config import EvalConfig, LocalMOMLConfig, PerFedAvgConfig
+from fedmeta.data import ClientData
+from fedmeta.meta import Params
+
+
+def select_device(override: str | None = None) -> torch.device:
+    """The best device available (CUDA when present, else CPU) unless ``override`` names one."""
+    if override:
+        return torch.device(override)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def round_generator(seed: int, partition_id: int, server_round: int, purpose: int) -> torch.Generator:
+    """A CPU generator for one client, round and purpose (0 = train, 1 = evaluate), independent of
+    which process or node serves the client: batches are reproducible by partition."""
+    state = np.random.SeedSequence([seed, partition_id, server_round, purpose]).generate_state(1, np.uint64)[0]
+    return torch.Generator().manual_seed(int(state))
+
+
+class ContextMemory:
+    """The personalized model u kept in ``context.state`` (LocalMOML's memory).
+
+    One load/save pair so that a disk-backed store can replace it. ``load`` returns ``None`` on a
+    client's first round (nothing stored yet). The round in which u was written is stored beside
+    it, so a client can tell how old its memory is.
+    """
+
+    def load(self, context: Context, device: torch.device) -> Params | None:
+        if C.PERSONALIZED_MODEL not in context.state:
+            return None
+        record = context.state[C.PERSONALIZED_MODEL]
+        return {k: v.to(device) for k, v in record.to_torch_state_dict().items()}
+
+    def save(self, context: Context, params: Params, server_round: int) -> None:
+        context.state[C.PERSONALIZED_MODEL] = ArrayRecord({k: v.detach().cpu() for k, v in params.items()})
+        context.state[C.MEMORY_META] = ConfigRecord({C.SERVER_ROUND: server_round})
+
+    def clear(self, context: Context) -> None:
+        for key in (C.PERSONALIZED_MODEL, C.MEMORY_META):
+            if key in context.state:
+                del context.state[key]
+
+    def written_in_round(self, context: Context) -> int | None:
+        if C.MEMORY_META not in context.state:
+            return None
+        return int(context.state[C.MEMORY_META][C.SERVER_ROUND])
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    meta_model: Params
+    personalized_model: Params | None
+    stats: meta.RoundStats
+
+
+class MetaClient:
+    """One client's local meta-learning on its own data.
+
+    Parameters
+    ----------
+    model
+        The architecture (its parameter values are ignored: the meta-model arrives each round).
+    criterion
+        Per-batch loss ``criterion(outputs, targets)``.
+    data
+        The client's train/test data (moved to ``device`` once, here).
+    device
+        Where the computation runs.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        criterion: Callable[[Tensor, Tensor], Tensor],
+        data: ClientData,
+        device: torch.device,
+    ) -> None:
+        self.model = model.to(device)
+        self.loss = meta.make_loss(self.model, criterion)
+        self.data = data.to(device)
+        self.device = device
+        self._names = {k: (tuple(v.shape), v.dtype) for k, v in self.model.named_parameters()}
+
+    def params_from(self, state: dict[str, Tensor]) -> Params:
+        """Move received arrays to the device, after checking names and shapes against the model."""
+        if set(state) != set(self._names):
+            raise ValueError(f"received arrays {sorted(state)} do not match the model's parameters {sorted(self._names)}")
+        out = {}
+        for k, (shape, dtype) in self._names.items():
+            if tuple(state[k].shape) != shape:
+                raise ValueError(f"received array {k!r} has shape {tuple(state[k].shape)}, the model expects {shape}")
+            out[k] = state[k].to(device=self.device, dtype=dtype)
+        return out
+
+    def train_per_fedavg(self, w: Params, hp: PerFedAvgConfig, gen: torch.Generator) -> TrainResult:
+        """tau Per-FedAvg steps from the received meta-model (per-fedavg.txt Algorithm 1)."""
+        w, stats = meta.per_fedavg_round(
+            self.loss,
+            w,
+            lambda k: self.data.sample(k, gen),
+            local_steps=hp.local_steps,
+            batch_size=hp.batch_size,
+            inner_lr=hp.inner_lr,
+            meta_lr=hp.meta_lr,
+            hessian=meta.hessian_correction(hp.hessian_mode),
+        )
+        return TrainResult(w, None, stats)
+
+    def train_local_moml(self, w: Params, u: Params | None, hp: LocalMOMLConfig, gen: torch.Generator) -> TrainResult:
+        """H LocalMOML steps (localmoml Algorithm 3). ``u`` is the kept memory or ``None`` (reset)."""
+        if hp.memory_policy == "reset":
+            u = None
+        w, u, stats = meta.local_moml_round(
+            self.loss,
+            w,
+            u,
+            lambda k: self.data.sample(k, gen),
+            local_steps=hp.local_steps,
+            batch_size=hp.batch_size,
+            init_batch_size=hp.init_batch_size,
+            inner_lr=hp.inner_lr,
+            lr=hp.lr,
+            momentum=hp.momentum,
+            hessian=meta.hessian_correction(hp.hessian_mode),
+        )
+        return TrainResult(w, u, stats)
+
+    def evaluate(self, w: Params, ev: EvalConfig, gen: torch.Generator) -> dict[str, float]:
+        """Personalized evaluation without leakage.
+
+        Fine-tune the received meta-model ``eval_steps`` times with step size alpha on a support set
+        drawn from the client's **train** split only, then score on the **test** split. The test
+        split is read only by :func:`fedmeta.meta.score`, after adaptation.
+        """
+        if ev.eval_shots:
+            support = self.data.sample(ev.eval_shots, gen)
+        else:
+            support = (self.data.x_train, self.data.y_train)
+        adapted = meta.fine_tune(self.loss, w, support, ev.inner_lr, ev.eval_steps)
+        test = (self.data.x_test, self.data.y_test)
+        before = meta.score(self.loss, self.model, w, test)
+        after = meta.score(self.loss, self.model, adapted, test)
+        out = {C.LOSS_BEFORE: before.loss, C.LOSS_AFTER: after.loss}
+        if not np.isnan(after.accuracy):
+            out.update({C.ACC_BEFORE: before.accuracy, C.ACC_AFTER: after.accuracy})
+        return out

@@ -1,0 +1,164 @@
+"""One experiment's configuration: a frozen dataclass, parsed once, with the defaults in one place.
+
+The same keys (kebab-case) are accepted from ``[tool.flwr.app.config]`` / ``flwr run
+--run-config`` and, with dashes, from the command line (``--num-rounds 100``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, fields
+from typing import Any, Mapping
+
+from torch import nn
+
+from fedmeta import config as C
+from fedmeta.models import MODELS
+
+DATASET_MODELS = {"fashion-mnist": "mlp-40-40", "sinewave": "sine-mlp"}
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """A federated meta-learning experiment on Flower's simulation engine."""
+
+    algorithm: str = C.LOCAL_MOML
+    """``per-fedavg`` or ``local-moml``."""
+    dataset: str = "fashion-mnist"
+    """``fashion-mnist`` (Fallah split) or ``sinewave`` (one task per client)."""
+    model: str = ""
+    """Model name (``mlp-40-40``, ``mlp-80-60-elu``, ``sine-mlp``); empty: the dataset's default."""
+    num_clients: int = 50
+    """n: virtual clients (simulated SuperNodes), one partition each."""
+    clients_per_round: int = 10
+    """B: clients per round (cross-device); 0 means all n (cross-silo)."""
+    num_rounds: int = 300
+    """Communication rounds."""
+    local_steps: int = 4
+    """tau (Per-FedAvg) / H (LocalMOML): local steps per round."""
+    inner_lr: float = 0.05
+    """alpha: adaptation step size (training and personalized evaluation)."""
+    meta_lr: float = 0.05
+    """Per-FedAvg's beta: local meta step size."""
+    lr: float = 0.05
+    """LocalMOML's eta: local meta step size."""
+    momentum: float = 0.5
+    """LocalMOML's beta in (0, 1]."""
+    batch_size: int = 5
+    """K: samples per batch (each of the three independent batches)."""
+    init_batch_size: int = 5
+    """K0: samples for LocalMOML's memory reset."""
+    hessian_mode: str = "exact"
+    """``exact`` or ``first_order``."""
+    memory_policy: str = ""
+    """LocalMOML memory: ``keep`` / ``reset``; empty: keep for cross-silo, reset for cross-device."""
+    eval_steps: int = 1
+    """Personalized evaluation: fine-tuning steps on the client's train split."""
+    eval_shots: int = 0
+    """Personalized evaluation: support-set size (0 = whole train split)."""
+    evaluate_every: int = 50
+    """Evaluate all clients every this many rounds (and after the last)."""
+    a_train: int = 68
+    """Fallah split parameter a for the train split."""
+    a_test: int = 34
+    """Fallah split parameter a for the test split."""
+    seed: int = 0
+    """Seeds the initial model, client sampling and every client's batch sampling."""
+    num_cpus: float = 1.0
+    """CPUs per simulated client (Ray actor); 2 cores / 1.0 = 2 clients in parallel."""
+    num_gpus: float = 0.0
+    """GPUs per simulated client (fractions allowed, e.g. 0.25)."""
+    device: str = ""
+    """Force the clients' device (``cpu``, ``cuda``); empty: CUDA when available, else CPU."""
+    results_dir: str = "results"
+    """Where the results JSON is written."""
+
+    def __post_init__(self) -> None:
+        def bad(name: str, allowed: str) -> ValueError:
+            return ValueError(f"{name.replace('_', '-')} must be {allowed}, got {getattr(self, name)!r}")
+
+        if self.algorithm not in C.ALGORITHM_CONFIGS:
+            raise bad("algorithm", f"one of {sorted(C.ALGORITHM_CONFIGS)}")
+        if self.dataset not in DATASET_MODELS:
+            raise bad("dataset", f"one of {sorted(DATASET_MODELS)}")
+        if self.model and self.model not in MODELS:
+            raise bad("model", f"one of {sorted(MODELS)}")
+        if self.num_clients < 2 or (self.dataset == "fashion-mnist" and self.num_clients % 2):
+            raise bad("num_clients", "an integer >= 2 (even for the Fallah split)")
+        if not 0 <= self.clients_per_round <= self.num_clients:
+            raise bad("clients_per_round", f"in [0, {self.num_clients}] (0 = all clients)")
+        for name in ("num_rounds",):
+            if getattr(self, name) < 1:
+                raise bad(name, "an integer >= 1")
+        if self.evaluate_every < 0:
+            raise bad("evaluate_every", "an integer >= 0")
+        if not self.num_cpus > 0 or self.num_gpus < 0:
+            raise bad("num_cpus" if not self.num_cpus > 0 else "num_gpus", "> 0 (num-cpus) / >= 0 (num-gpus)")
+        if self.memory_policy not in ("", *C.MEMORY_POLICIES):
+            raise bad("memory_policy", f"empty or one of {list(C.MEMORY_POLICIES)}")
+        self.strategy_kwargs()  # the algorithm's own validation, before any work starts
+
+    # --- parsing -------------------------------------------------------------------------------
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> "ExperimentConfig":
+        """Parse kebab-case (or snake_case) keys; unknown keys fail with the nearest valid key."""
+        known = {f.name: f for f in fields(cls)}
+        kwargs: dict[str, Any] = {}
+        for key, value in values.items():
+            name = key.replace("-", "_")
+            if name not in known:
+                options = [k.replace("_", "-") for k in known]
+                near = difflib.get_close_matches(key.replace("_", "-"), options, n=1)
+                hint = f"; did you mean {near[0]!r}?" if near else ""
+                raise ValueError(f"unknown config key {key!r}{hint} (valid keys: {', '.join(sorted(options))})")
+            kwargs[name] = _coerce(name, value, type(getattr(cls, name)))
+        return cls(**kwargs)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k.replace("_", "-"): v for k, v in dataclasses.asdict(self).items()}
+
+    def replace(self, **changes: Any) -> "ExperimentConfig":
+        return dataclasses.replace(self, **changes)
+
+    # --- what the experiment is made of ---------------------------------------------------------
+    @property
+    def model_name(self) -> str:
+        return self.model or DATASET_MODELS[self.dataset]
+
+    @property
+    def criterion(self):
+        return nn.functional.mse_loss if self.dataset == "sinewave" else nn.functional.cross_entropy
+
+    def strategy_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of the fedmeta strategy for this experiment."""
+        hp_cls = C.ALGORITHM_CONFIGS[self.algorithm]
+        hp = {f: getattr(self, f) for f in C.field_names(hp_cls) if f != "memory_policy"}
+        if self.algorithm == C.LOCAL_MOML:
+            hp["memory_policy"] = self.memory_policy or None
+        hp_cls(**{k: v for k, v in hp.items() if v is not None})  # validate now
+        return dict(
+            num_clients=self.num_clients,
+            clients_per_round=self.clients_per_round or None,
+            seed=self.seed,
+            eval_steps=self.eval_steps,
+            eval_shots=self.eval_shots,
+            evaluate_every=self.evaluate_every,
+            **hp,
+        )
+
+
+def _coerce(name: str, value: Any, kind: type) -> Any:
+    """Values from the command line arrive as strings; ints must not silently become floats."""
+    try:
+        if kind is bool:
+            return value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes")
+        if kind is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(value) if not isinstance(value, str) else int(value, 10)
+        if kind is float:
+            return float(value)
+        return str(value)
+    except ValueError:
+        raise ValueError(f"{name.replace('_', '-')} must be a {kind.__name__}, got {value!r}") from None

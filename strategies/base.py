@@ -1,0 +1,244 @@
+"""What Per-FedAvg and LocalMOML share on the server: partition-keyed sampling, hyper-parameters in
+the train config, the papers' uniform average, and personalized-evaluation aggregation."""
+
+from __future__ import annotations
+
+import logging
+import time
+from logging import INFO
+from typing import Any, ClassVar, Iterable
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg, Result
+
+from fedmeta import config as C
+from fedmeta.config import EvalConfig, field_names
+from fedmeta.strategies.aggregation import average_arrays, average_metrics, distribution, sample_partitions
+
+logger = logging.getLogger("fedmeta")
+
+WEIGHTINGS = ("uniform", "examples")
+EVAL_KEYS = (C.ACC_BEFORE, C.ACC_AFTER, C.LOSS_BEFORE, C.LOSS_AFTER)
+
+
+def _require(name: str, ok: bool, allowed: str, value: Any) -> None:
+    if not ok:
+        raise ValueError(f"{name} must be {allowed}, got {value!r}")
+
+
+class MetaStrategy(FedAvg):
+    """Base of the fedmeta strategies (see :class:`~fedmeta.strategies.PerFedAvg`).
+
+    Parameters
+    ----------
+    num_clients
+        n: the number of clients (nodes, one partition each, partition ids ``0..n-1``). The strategy
+        waits for all of them before the first round (at most ``node_wait_timeout`` seconds).
+    clients_per_round
+        B: ``None`` for cross-silo (every client every round) or ``1 <= B <= n`` for cross-device
+        (exactly B clients per round, sampled by partition from a generator seeded by ``seed``).
+    seed
+        Seeds client sampling and is sent to the clients, which seed their batch sampling from it.
+    weighting
+        ``"uniform"`` (the papers' average over sampled clients) or ``"examples"`` (weighted by
+        ``num-examples``, Flower's default).
+    eval_steps, eval_shots
+        Personalized evaluation protocol: fine-tuning steps k and support-set size (0 = the client's
+        whole train split). Defaults: one step on the train split (per-fedavg.txt Section 5);
+        ``eval_steps=10, eval_shots=5`` is the LocalMOML paper's protocol (Section 6.2).
+    evaluate_every
+        Run personalized evaluation on all clients every this many rounds and after the last
+        round; 0 disables it.
+    node_wait_timeout
+        Seconds to wait for the n nodes to connect before failing (Flower's own sampling waits forever).
+    **kwargs
+        Algorithm hyper-parameters (fields of :attr:`hparams_cls`), then Flower ``FedAvg`` arguments.
+    """
+
+    hparams_cls: ClassVar[type]
+
+    def __init__(
+        self,
+        *,
+        num_clients: int,
+        clients_per_round: int | None = None,
+        seed: int = 0,
+        weighting: str = "uniform",
+        eval_steps: int = 1,
+        eval_shots: int = 0,
+        evaluate_every: int = 1,
+        node_wait_timeout: float = 600.0,
+        **kwargs: Any,
+    ) -> None:
+        _require("num_clients", isinstance(num_clients, int) and num_clients >= 1, "an integer >= 1", num_clients)
+        if clients_per_round is not None:
+            ok = isinstance(clients_per_round, int) and 1 <= clients_per_round <= num_clients
+            _require("clients_per_round (B)", ok, f"None (all clients) or an integer in [1, {num_clients}]", clients_per_round)
+        _require("weighting", weighting in WEIGHTINGS, f"one of {list(WEIGHTINGS)}", weighting)
+        _require("evaluate_every", isinstance(evaluate_every, int) and evaluate_every >= 0, "an integer >= 0", evaluate_every)
+        _require("node_wait_timeout", node_wait_timeout > 0, "> 0 seconds", node_wait_timeout)
+        hp_fields = field_names(self.hparams_cls)
+        self.hparams = self.hparams_cls(**{k: kwargs.pop(k) for k in list(kwargs) if k in hp_fields})
+        self.eval_config = EvalConfig(inner_lr=self.hparams.inner_lr, eval_steps=eval_steps, eval_shots=eval_shots)
+        self.num_clients = num_clients
+        self.clients_per_round = clients_per_round
+        self.seed = seed
+        self.weighting = weighting
+        self.evaluate_every = evaluate_every
+        self.node_wait_timeout = node_wait_timeout
+        per_round = num_clients if clients_per_round is None else clients_per_round
+        kwargs.setdefault("min_available_nodes", num_clients)
+        super().__init__(
+            fraction_train=1.0,
+            fraction_evaluate=1.0 if evaluate_every else 0.0,
+            min_train_nodes=per_round,
+            min_evaluate_nodes=num_clients if evaluate_every else 0,
+            **kwargs,
+        )
+        self.num_rounds: int | None = None
+        self._node_to_partition: dict[int, int] = {}
+        self.client_eval: dict[int, dict[int, dict[str, float]]] = {}
+        """Per round, per partition: the personalized-evaluation metrics each client reported."""
+
+    # ------------------------------------------------------------------------------------------
+    @property
+    def cross_device(self) -> bool:
+        return self.clients_per_round is not None and self.clients_per_round < self.num_clients
+
+    def summary(self) -> None:
+        mode = f"cross-device, B={self.clients_per_round} of n={self.num_clients}" if self.cross_device else f"cross-silo, n={self.num_clients}"
+        log(INFO, "\t├──> %s: %s", type(self).__name__, mode)
+        log(INFO, "\t│\t├── hyper-parameters: %s", self.hparams.to_wire())
+        log(INFO, "\t│\t├── evaluation: %s every %d rounds", self.eval_config.to_wire(), self.evaluate_every)
+        log(INFO, "\t│\t└── seed %d, %s average", self.seed, self.weighting)
+        super().summary()
+
+    def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3, **kwargs: Any) -> Result:
+        self.num_rounds = num_rounds
+        return super().start(grid, initial_arrays, num_rounds, **kwargs)
+
+    # --- sampling by partition -----------------------------------------------------------------
+    def partition_nodes(self, grid: Grid) -> dict[int, int]:
+        """``partition-id -> node id`` for the connected nodes, asking new nodes with a ``query``.
+
+        Flower's node ids are random per run, so the strategy samples partitions and maps them to
+        nodes. Waits up to ``node_wait_timeout`` for all n nodes.
+        """
+        deadline = time.monotonic() + self.node_wait_timeout
+        while True:
+            node_ids = set(grid.get_node_ids())
+            if len(node_ids) >= self.num_clients:
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"only {len(node_ids)} of num_clients={self.num_clients} nodes connected after {self.node_wait_timeout:.0f} s"
+                )
+            time.sleep(0.2)
+        unknown = sorted(node_ids - set(self._node_to_partition))
+        if unknown:
+            queries = [
+                Message(RecordDict({self.configrecord_key: ConfigRecord({})}), dst_node_id=n, message_type=MessageType.QUERY)
+                for n in unknown
+            ]
+            for reply in grid.send_and_receive(queries, timeout=self.node_wait_timeout):
+                node = reply.metadata.src_node_id
+                if reply.has_error():
+                    raise RuntimeError(f"node {node} did not report its {C.PARTITION_ID}: {reply.error.reason}")
+                self._node_to_partition[node] = int(reply.content["metrics"][C.PARTITION_ID])
+        mapping: dict[int, int] = {}
+        for node, pid in self._node_to_partition.items():
+            if node not in node_ids:
+                continue
+            if not 0 <= pid < self.num_clients or pid in mapping:
+                raise RuntimeError(f"node {node} reports {C.PARTITION_ID}={pid}: ids must be distinct in [0, {self.num_clients - 1}]")
+            mapping[pid] = node
+        missing = sorted(set(range(self.num_clients)) - set(mapping))
+        if missing:
+            raise RuntimeError(f"no connected node serves partitions {missing}")
+        return mapping
+
+    def sample(self, server_round: int) -> list[int]:
+        """The partitions that train in ``server_round`` (see :func:`sample_partitions`)."""
+        return sample_partitions(self.num_clients, self.clients_per_round, self.seed, server_round)
+
+    # --- train -------------------------------------------------------------------------------
+    def train_config(self, server_round: int, config: ConfigRecord) -> ConfigRecord:
+        """The user's config plus the algorithm's keys (which take precedence). A copy: Flower's
+        ``FedAvg`` writes ``server-round`` into the caller's record in place."""
+        return ConfigRecord(
+            {
+                **dict(config),
+                **self.hparams.to_wire(),
+                C.ALGORITHM: self.hparams.algorithm,
+                C.SEED: self.seed,
+                C.SERVER_ROUND: server_round,
+            }
+        )
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        nodes = self.partition_nodes(grid)
+        parts = self.sample(server_round)
+        logger.debug("round %d: training partitions %s", server_round, parts)
+        record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: self.train_config(server_round, config)})
+        return self._construct_messages(record, [nodes[p] for p in parts], MessageType.TRAIN)
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
+        valid, errors = self._check_and_log_replies(replies, is_train=True)
+        if not valid:
+            logger.warning("round %d: no valid train replies (%d failures); the global model is unchanged", server_round, len(errors))
+            return None, None
+        contents = [m.content for m in valid]
+        if self.weighting == "uniform":
+            weights = [1.0] * len(contents)
+        else:
+            weights = [float(c.metric_records[next(iter(c.metric_records))][self.weighted_by_key]) for c in contents]
+        arrays = average_arrays([next(iter(c.array_records.values())) for c in contents], weights)
+        metric_records = [next(iter(c.metric_records.values())) for c in contents]
+        metrics = average_metrics(metric_records, weights, skip=(C.PARTITION_ID,))
+        metrics["num-clients"] = len(valid)
+        metrics["num-failures"] = len(errors)
+        return arrays, metrics
+
+    # --- personalized evaluation ---------------------------------------------------------------
+    def evaluates_in(self, server_round: int) -> bool:
+        if not self.evaluate_every:
+            return False
+        return server_round % self.evaluate_every == 0 or server_round == self.num_rounds
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        if not self.evaluates_in(server_round):
+            return []
+        nodes = self.partition_nodes(grid)
+        cfg = ConfigRecord({**dict(config), **self.eval_config.to_wire(), C.SEED: self.seed, C.SERVER_ROUND: server_round})
+        record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: cfg})
+        return self._construct_messages(record, [nodes[p] for p in sorted(nodes)], MessageType.EVALUATE)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        valid, errors = self._check_and_log_replies(list(replies), is_train=False)
+        if not valid:
+            return None
+        per_client = {}
+        for m in valid:
+            rec = next(iter(m.content.metric_records.values()))
+            per_client[int(rec[C.PARTITION_ID])] = {k: float(rec[k]) for k in EVAL_KEYS if k in rec}
+        self.client_eval[server_round] = dict(sorted(per_client.items()))
+        out: dict[str, float | int] = {"num-clients": len(valid), "num-failures": len(errors)}
+        for key in EVAL_KEYS:
+            values = [v[key] for v in per_client.values() if key in v]
+            if values:
+                d = distribution(values)
+                out[key] = d["mean"]
+                out[f"{key}-std"] = d["std"]
+                out[f"{key}-p10"] = d["p10"]
+        metrics = MetricRecord(out)
+        if C.ACC_AFTER in metrics:
+            logger.info(
+                "round %s/%s: personalized accuracy %.4f +- %.4f (before adaptation %.4f), %d clients",
+                server_round, self.num_rounds, metrics[C.ACC_AFTER], metrics[f"{C.ACC_AFTER}-std"], metrics[C.ACC_BEFORE], len(valid),
+            )
+        else:
+            logger.info("round %s/%s: personalized loss %.4f (before %.4f)", server_round, self.num_rounds, metrics[C.LOSS_AFTER], metrics[C.LOSS_BEFORE])
+        return metrics

@@ -1,0 +1,44 @@
+"""LocalMOML (memory-based MAML with local updates), localmoml Algorithm 3."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fedmeta.config import LocalMOMLConfig
+from fedmeta.strategies.base import MetaStrategy
+
+
+class LocalMOML(MetaStrategy):
+    """LocalMOML as a Flower Message-API strategy.
+
+    Each sampled client keeps a personalized model u (its memory) and runs H local steps of
+
+        ``u <- (1 - beta) u + beta (w - alpha grad f(w; S1))``        (eq. 7)
+        ``w <- w - eta (I - alpha H(w; S2)) grad f(u; S3)``          (eq. 8, Algorithm 3 line 11)
+
+    and the server averages the returned meta-models uniformly (line 15).
+
+    Keys sent in the train ``ConfigRecord`` (the client must honor all of them):
+
+    ``algorithm`` = ``"local-moml"``; ``inner-lr`` (alpha); ``lr`` (eta); ``momentum`` (LocalMOML's
+    beta, in (0, 1]); ``local-steps`` (H); ``batch-size`` (K, for each of S1, S2, S3);
+    ``init-batch-size`` (K0, for S0); ``hessian-mode``; ``memory-policy`` (``keep``: start the
+    round from the u the client ended its last participating round with, line 7; ``reset``:
+    start from ``w - alpha grad f(w; S0)``, line 5 -- also a client's first round under ``keep``);
+    ``seed`` and ``server-round``.
+
+    ``memory_policy`` defaults to ``keep`` for cross-silo and ``reset`` for cross-device
+    (Section 5.1). Other hyper-parameters are the fields of :class:`fedmeta.config.LocalMOMLConfig`.
+
+    Example
+    -------
+    >>> strategy = LocalMOML(num_clients=50, clients_per_round=10, inner_lr=0.01, lr=0.05, momentum=0.5)
+    """
+
+    hparams_cls = LocalMOMLConfig
+
+    def __init__(self, *, num_clients: int, clients_per_round: int | None = None, memory_policy: str | None = None, **kwargs: Any) -> None:
+        if memory_policy is None:
+            cross_device = clients_per_round is not None and clients_per_round != num_clients
+            memory_policy = "reset" if cross_device else "keep"
+        super().__init__(num_clients=num_clients, clients_per_round=clients_per_round, memory_policy=memory_policy, **kwargs)
