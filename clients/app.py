@@ -87,8 +87,14 @@ def make_client_app(
         client, pid = build(context)
         w = client.params_from(msg.content["arrays"].to_torch_state_dict())
         gen = round_generator(int(cfg.get(C.SEED, 0)), pid, server_round, 0)
+        memory_round = -1
         if isinstance(hp, LocalMOMLConfig):
-            u = store.load(context, client.device) if hp.memory_policy == "keep" else None
+            u = None
+            if hp.memory_policy == "keep":
+                u = store.load(context, client.device)
+                memory_round = -1 if u is None else store.written_in_round(context)
+            else:
+                store.clear(context)
             result = client.train_local_moml(w, u, hp, gen)
             if hp.memory_policy == "keep":
                 store.save(context, result.personalized_model, server_round)
@@ -104,6 +110,7 @@ def make_client_app(
                 C.NUM_HVPS: s.num_hvps,
                 C.TRAIN_LOSS: s.last_loss,
                 C.PARTITION_ID: pid,
+                C.MEMORY_ROUND: memory_round,
             }
         )
         arrays = ArrayRecord({k: v.detach().cpu() for k, v in result.meta_model.items()})

@@ -39,6 +39,7 @@ NUM_GRADIENTS = "num-gradients"  # gradient evaluations this round
 NUM_HVPS = "num-hvps"  # Hessian-vector products this round
 TRAIN_LOSS = "train-loss"
 PARTITION_ID = "partition-id"
+MEMORY_ROUND = "memory-round"  # round the loaded memory u was written in; -1: none (first round or reset)
 LOSS_BEFORE = "loss-before"
 LOSS_AFTER = "loss-after"
 ACC_BEFORE = "accuracy-before"

@@ -62,6 +62,7 @@ def run_server(grid: Grid, cfg: ExperimentConfig) -> dict[str, Any]:
     results = {
         "config": cfg.to_dict(),
         "seconds": seconds,
+        "round_seconds": strategy.round_seconds,
         "train": {r: _scalars(m) for r, m in result.train_metrics_clientapp.items()},
         "evaluate": evals,
         "clients": strategy.client_eval.get(last, {}) if last else {},

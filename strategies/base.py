@@ -101,6 +101,11 @@ class MetaStrategy(FedAvg):
         self._node_to_partition: dict[int, int] = {}
         self.client_eval: dict[int, dict[int, dict[str, float]]] = {}
         """Per round, per partition: the personalized-evaluation metrics each client reported."""
+        self.client_train: dict[int, dict[int, dict[str, float]]] = {}
+        """Per round, per partition: the train metrics each client reported."""
+        self.round_seconds: dict[int, float] = {}
+        """Per round: wall time from configuring training to aggregating it."""
+        self._round_started = 0.0
 
     # ------------------------------------------------------------------------------------------
     @property
@@ -178,6 +183,7 @@ class MetaStrategy(FedAvg):
         )
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        self._round_started = time.perf_counter()
         nodes = self.partition_nodes(grid)
         parts = self.sample(server_round)
         logger.debug("round %d: training partitions %s", server_round, parts)
@@ -197,9 +203,16 @@ class MetaStrategy(FedAvg):
             weights = [float(c.metric_records[next(iter(c.metric_records))][self.weighted_by_key]) for c in contents]
         arrays = average_arrays([next(iter(c.array_records.values())) for c in contents], weights)
         metric_records = [next(iter(c.metric_records.values())) for c in contents]
-        metrics = average_metrics(metric_records, weights, skip=(C.PARTITION_ID,))
+        metrics = average_metrics(metric_records, weights, skip=(C.PARTITION_ID, C.MEMORY_ROUND))
         metrics["num-clients"] = len(valid)
         metrics["num-failures"] = len(errors)
+        self.client_train[server_round] = {
+            int(r[C.PARTITION_ID]): {k: float(v) for k, v in r.items()} for r in metric_records if C.PARTITION_ID in r
+        }
+        self.round_seconds[server_round] = time.perf_counter() - self._round_started
+        if self.num_rounds and server_round % max(1, self.num_rounds // 10) == 0:
+            logger.info("round %d/%s: train loss %.4f, %d clients, %.2f s", server_round, self.num_rounds,
+                        metrics.get(C.TRAIN_LOSS, float("nan")), len(valid), self.round_seconds[server_round])
         return arrays, metrics
 
     # --- personalized evaluation ---------------------------------------------------------------
