@@ -33,11 +33,11 @@ class ExperimentConfig:
     """n: virtual clients (simulated SuperNodes), one partition each."""
     clients_per_round: int = 10
     """B: clients per round (cross-device); 0 means all n (cross-silo)."""
-    num_rounds: int = 300
+    num_rounds: int = 500
     """Communication rounds."""
     local_steps: int = 4
     """tau (Per-FedAvg) / H (LocalMOML): local steps per round."""
-    inner_lr: float = 0.05
+    inner_lr: float = 0.01
     """alpha: adaptation step size (training and personalized evaluation)."""
     meta_lr: float = 0.05
     """Per-FedAvg's beta: local meta step size."""

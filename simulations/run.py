@@ -54,7 +54,8 @@ def simulate(cfg: ExperimentConfig, *, verbose: bool = False) -> dict[str, Any]:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fedmeta-sim", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="fedmeta-sim", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     p.add_argument("--algorithms", default=f"{C.LOCAL_MOML},{C.PER_FEDAVG}", help="comma-separated algorithms to run")
     p.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
     defaults = ExperimentConfig()

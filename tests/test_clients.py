@@ -1,0 +1,121 @@
+"""The client: memory store, device choice, personalized evaluation without leakage, reply contract."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from fedmeta import config as C
+from fedmeta import meta
+from fedmeta.clients import ContextMemory, MetaClient, make_client_app, select_device
+from fedmeta.config import EvalConfig
+from fedmeta.data import ClientData
+from fedmeta.models import mlp
+
+
+def _context(pid: int = 0) -> Context:
+    return Context(run_id=1, node_id=11, node_config={C.PARTITION_ID: pid, "num-partitions": 2}, state=RecordDict(), run_config={})
+
+
+def _data(seed: int = 0) -> ClientData:
+    g = torch.Generator().manual_seed(seed)
+    return ClientData(
+        x_train=torch.randn(40, 4, generator=g), y_train=torch.randint(0, 3, (40,), generator=g),
+        x_test=torch.randn(20, 4, generator=g), y_test=torch.randint(0, 3, (20,), generator=g),
+    )
+
+
+def _model():
+    return mlp((4, 8, 3))
+
+
+def test_context_memory_is_a_noop_on_first_round_and_round_trips_exactly():
+    ctx, store = _context(), ContextMemory()
+    assert store.load(ctx, torch.device("cpu")) is None and store.written_in_round(ctx) is None
+    u = {"a": torch.randn(3, 2), "b": torch.randn(5)}
+    store.save(ctx, u, server_round=7)
+    back = store.load(ctx, torch.device("cpu"))
+    assert all(torch.equal(back[k], u[k]) for k in u) and store.written_in_round(ctx) == 7
+    store.clear(ctx)
+    assert store.load(ctx, torch.device("cpu")) is None
+
+
+def test_device_selection():
+    assert select_device("cpu") == torch.device("cpu")
+    assert select_device().type == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def test_personalized_evaluation_adapts_on_train_only_and_scores_on_test(monkeypatch):
+    data = _data()
+    client = MetaClient(_model(), torch.nn.functional.cross_entropy, data, torch.device("cpu"))
+    w = meta.params_of(_model())
+    seen = []
+    real_fine_tune = meta.fine_tune
+
+    def spy(f, params, support, inner_lr, steps):
+        seen.append(support)
+        return real_fine_tune(f, params, support, inner_lr, steps)
+
+    monkeypatch.setattr(meta, "fine_tune", spy)
+    client.evaluate(w, EvalConfig(inner_lr=0.1, eval_steps=2, eval_shots=0), torch.Generator().manual_seed(0))
+    assert seen[-1][0] is client.data.x_train and seen[-1][1] is client.data.y_train
+    client.evaluate(w, EvalConfig(inner_lr=0.1, eval_steps=10, eval_shots=5), torch.Generator().manual_seed(0))
+    xs = seen[-1][0]
+    assert xs.shape[0] == 5
+    assert all(any(torch.equal(x, t) for t in data.x_train) for x in xs)
+    assert not any(any(torch.equal(x, t) for t in data.x_test) for x in xs)
+
+
+def test_evaluation_scores_the_fine_tuned_model_on_the_test_split():
+    data = _data()
+    client = MetaClient(_model(), torch.nn.functional.cross_entropy, data, torch.device("cpu"))
+    w = meta.params_of(_model())
+    out = client.evaluate(w, EvalConfig(inner_lr=0.5, eval_steps=3, eval_shots=0), torch.Generator())
+    adapted = meta.fine_tune(client.loss, w, (data.x_train, data.y_train), 0.5, 3)
+    expected = meta.score(client.loss, client.model, adapted, (data.x_test, data.y_test))
+    assert out[C.ACC_AFTER] == pytest.approx(expected.accuracy) and out[C.LOSS_AFTER] == pytest.approx(expected.loss)
+    before = meta.score(client.loss, client.model, w, (data.x_test, data.y_test))
+    assert out[C.LOSS_BEFORE] == pytest.approx(before.loss)
+
+
+def _train_message(cfg: dict) -> Message:
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    arrays = ArrayRecord({k: Array(v.detach().numpy()) for k, v in _model().state_dict().items()})
+    return Message(RecordDict({"arrays": arrays, "config": ConfigRecord(cfg)}), dst_node_id=11, message_type=MessageType.TRAIN)
+
+
+def test_train_handler_reply_contract_and_memory():
+    app = make_client_app(_model, lambda pid: _data(pid))
+    ctx = _context()
+    cfg = {C.ALGORITHM: "local-moml", C.SERVER_ROUND: 3, C.SEED: 1, **C.LocalMOMLConfig(local_steps=2, memory_policy="keep").to_wire()}
+    reply = app(_train_message(cfg), ctx)
+    assert not reply.has_error()
+    m = reply.content["metrics"]
+    assert m[C.NUM_EXAMPLES] == 40 and m[C.NUM_SAMPLES] == 5 + 2 * 3 * 5 and m[C.NUM_GRADIENTS] == 1 + 2 * 2 and m[C.NUM_HVPS] == 2
+    assert m[C.MEMORY_ROUND] == -1 and m[C.PARTITION_ID] == 0
+    assert set(reply.content["arrays"]) == set(_model().state_dict())
+    assert ContextMemory().written_in_round(ctx) == 3
+    cfg[C.SERVER_ROUND] = 5
+    assert app(_train_message(cfg), ctx).content["metrics"][C.MEMORY_ROUND] == 3
+
+
+def test_train_handler_rejects_bad_config_before_work():
+    app = make_client_app(_model, lambda pid: _data(pid))
+    cfg = {C.ALGORITHM: "local-moml", C.SERVER_ROUND: 1, **C.LocalMOMLConfig().to_wire(), C.MOMENTUM: 2.0}
+    with pytest.raises(ValueError, match="momentum"):
+        app(_train_message(cfg), _context())
+    with pytest.raises(ValueError, match="algorithm"):
+        app(_train_message({C.ALGORITHM: "fedsgd", C.SERVER_ROUND: 1}), _context())
+
+
+def test_received_arrays_must_match_the_model():
+    client = MetaClient(_model(), torch.nn.functional.cross_entropy, _data(), torch.device("cpu"))
+    good = {k: v.detach() for k, v in _model().state_dict().items()}
+    with pytest.raises(ValueError, match="do not match"):
+        client.params_from({**good, "extra": torch.zeros(1)})
+    bad = dict(good)
+    bad["0.weight"] = torch.zeros(2, 2)
+    with pytest.raises(ValueError, match="shape"):
+        client.params_from(bad)

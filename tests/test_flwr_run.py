@@ -1,0 +1,88 @@
+"""`flwr run .` against Flower's auto-started local simulation SuperLink (a real subprocess tree)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.ray
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _pids_mentioning(text: str) -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            try:
+                if text in (entry / "cmdline").read_bytes().decode(errors="replace"):
+                    pids.append(int(entry.name))
+            except OSError:
+                continue
+    return pids
+
+
+def _stop_all(text: str) -> None:
+    """Stop every process whose command line names our private FLWR_HOME (the detached SuperLink and its superexec)."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in _pids_mentioning(text):
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + 10
+        while _pids_mentioning(text) and time.monotonic() < deadline:
+            time.sleep(0.2)
+
+
+def test_flwr_run_with_the_app_declared_in_pyproject(tmp_path):
+    home = tmp_path / "flwr-home"
+    results = tmp_path / "results"
+    env = {
+        **os.environ,
+        "FLWR_HOME": str(home),
+        "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(_free_port()),
+        "FLWR_LOCAL_CONTROL_API_PORT": str(_free_port()),
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
+    run_config = f'num-clients=4 clients-per-round=2 num-rounds=2 evaluate-every=2 results-dir="{results}"'
+    try:
+        proc = subprocess.run(
+            ["flwr", "run", str(ROOT), "--run-config", run_config, "--federation-config", "num-supernodes=4", "--stream"],
+            env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600,
+        )
+    finally:
+        _stop_all(str(home))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert not _pids_mentioning(str(home))
+    res = json.loads((results / "local-moml-fashion-mnist-n4-seed0.json").read_text())
+    assert sorted(res["train"], key=int) == ["1", "2"]
+    assert res["final_round"] == 2 and len(res["clients"]) == 4
+
+
+def test_pyproject_app_config_lists_every_experiment_key_with_its_default():
+    import tomllib
+
+    from fedmeta.simulations.config import ExperimentConfig
+
+    app_config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    defaults = ExperimentConfig().to_dict()
+    assert set(app_config) == set(defaults)
+    demo = {"num-clients", "clients-per-round", "num-rounds", "evaluate-every"}  # a small flwr-run demo
+    assert {k: v for k, v in app_config.items() if k not in demo} == {k: v for k, v in defaults.items() if k not in demo}
+    ExperimentConfig.from_mapping(app_config)

@@ -1,0 +1,143 @@
+"""Whole runs through Flower's simulation engine on Ray, with a few virtual clients."""
+
+from __future__ import annotations
+
+import json
+import logging
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ArrayRecord, Context
+from flwr.serverapp import Grid, ServerApp
+
+from fedmeta import config as C
+from fedmeta.clients.client import MetaClient, round_generator
+from fedmeta.config import LocalMOMLConfig
+from fedmeta.data import fallah_partitions
+from fedmeta.models import build_model
+from fedmeta.simulations import run as sim_run
+from fedmeta.simulations.apps import build_client_app, initial_model
+from fedmeta.simulations.config import ExperimentConfig
+from fedmeta.strategies import LocalMOML
+from fedmeta.strategies.aggregation import average_arrays, sample_partitions
+
+pytestmark = pytest.mark.ray
+
+N, B, ROUNDS, SEED = 6, 2, 8, 4
+CFG = ExperimentConfig(num_clients=N, clients_per_round=B, num_rounds=ROUNDS, local_steps=2, inner_lr=0.05, lr=0.1,
+                       momentum=0.5, seed=SEED, evaluate_every=0)
+
+
+def simulate_strategy(strategy: LocalMOML, cfg: ExperimentConfig):
+    """Run ``strategy`` in a user-written ServerApp against the fedmeta ClientApp on Ray."""
+    from flwr.simulation import run_simulation
+
+    box = {}
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        box["result"] = strategy.start(grid=grid, initial_arrays=ArrayRecord(initial_model(cfg).state_dict()), num_rounds=cfg.num_rounds)
+
+    logging.getLogger("flwr").setLevel(logging.ERROR)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        run_simulation(
+            server_app=app,
+            client_app=build_client_app(cfg),
+            num_supernodes=cfg.num_clients,
+            backend_config={"client_resources": {"num_cpus": 1}, "init_args": {"logging_level": "ERROR", "log_to_driver": False}},
+        )
+    return box["result"]
+
+
+def replay(cfg: ExperimentConfig, hp: LocalMOMLConfig) -> dict[str, np.ndarray]:
+    """The same run in one process: sampling, batches and memory handled by hand, no Flower."""
+    parts = fallah_partitions("fashion-mnist", cfg.num_clients, cfg.a_train, cfg.a_test, cfg.seed)
+    model = build_model(cfg.model_name)
+    w = {k: v.detach() for k, v in initial_model(cfg).named_parameters()}
+    memory: dict[int, dict] = {}
+    for r in range(1, cfg.num_rounds + 1):
+        outs = []
+        for pid in sample_partitions(cfg.num_clients, cfg.clients_per_round, cfg.seed, r):
+            client = MetaClient(model, torch.nn.functional.cross_entropy, parts[pid], torch.device("cpu"))
+            res = client.train_local_moml(w, memory.get(pid), hp, round_generator(cfg.seed, pid, r, 0))
+            if hp.memory_policy == "keep":
+                memory[pid] = res.personalized_model
+            outs.append(ArrayRecord({k: v for k, v in res.meta_model.items()}))
+        avg = average_arrays(outs, [1.0] * len(outs))
+        w = {k: torch.from_numpy(avg[k].numpy().copy()) for k in w}
+    return {k: v.numpy() for k, v in w.items()}
+
+
+def last_participation_before(r: int, pid: int) -> int:
+    for q in range(r - 1, 0, -1):
+        if pid in sample_partitions(N, B, SEED, q):
+            return q
+    return -1
+
+
+def assert_same_model(result, expected: dict[str, np.ndarray]) -> None:
+    for k, v in expected.items():
+        np.testing.assert_allclose(result.arrays[k].numpy(), v, rtol=1e-5, atol=1e-6)
+
+
+def assert_different_model(result, other: dict[str, np.ndarray]) -> None:
+    assert max(float(np.abs(result.arrays[k].numpy() - v).max()) for k, v in other.items()) > 1e-4
+
+
+def test_keep_memory_persists_across_rounds_in_which_the_client_was_not_sampled():
+    strategy = LocalMOML(**{**CFG.strategy_kwargs(), "memory_policy": "keep"})
+    result = simulate_strategy(strategy, CFG)
+
+    gaps = []
+    for r, clients in strategy.client_train.items():
+        assert sorted(clients) == sample_partitions(N, B, SEED, r)
+        for pid, metrics in clients.items():
+            prev = last_participation_before(r, pid)
+            assert metrics[C.MEMORY_ROUND] == prev  # u is exactly the one written in its last participating round
+            if prev > 0:
+                gaps.append(r - prev)
+    assert max(gaps) >= 2, "the schedule must include a client that skipped rounds"
+
+    hp = strategy.hparams
+    assert_same_model(result, replay(CFG, hp))
+    assert_different_model(result, replay(CFG, hp.replace(memory_policy="reset")))
+
+
+def test_reset_memory_is_rebuilt_every_round():
+    strategy = LocalMOML(**CFG.strategy_kwargs())  # cross-device default: reset
+    assert strategy.hparams.memory_policy == "reset"
+    result = simulate_strategy(strategy, CFG)
+    assert all(m[C.MEMORY_ROUND] == -1 for clients in strategy.client_train.values() for m in clients.values())
+    assert_same_model(result, replay(CFG, strategy.hparams))
+    assert_different_model(result, replay(CFG, strategy.hparams.replace(memory_policy="keep")))
+
+
+def test_default_experiment_smoke_run(tmp_path, capsys):
+    code = sim_run.main([
+        "--num-clients", "6", "--clients-per-round", "3", "--num-rounds", "3", "--evaluate-every", "3",
+        "--results-dir", str(tmp_path),
+    ])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "local-moml" in out and "per-fedavg" in out and "Personalized accuracy" in out
+    for algo in ("local-moml", "per-fedavg"):
+        res = json.loads((tmp_path / f"{algo}-fashion-mnist-n6-seed0.json").read_text())
+        assert res["config"]["algorithm"] == algo
+        assert sorted(res["train"], key=int) == ["1", "2", "3"]
+        assert all(m["num-clients"] == 3 for m in res["train"].values())
+        assert len(res["clients"]) == 6  # every client evaluated after the last round
+        assert 0.0 <= res["final"][C.ACC_AFTER] <= 1.0
+        assert res["final"][C.ACC_AFTER + "-std"] >= 0.0
+
+
+def test_bad_cli_input_fails_before_any_work(capsys):
+    assert sim_run.main(["--momentum", "1.5"]) == 2
+    assert "momentum" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # no silent prefix matching of flags
+        sim_run.main(["--num-round", "3"])
+    with pytest.raises(ValueError, match="did you mean 'num-rounds'"):
+        ExperimentConfig.from_mapping({"num-round": 3})

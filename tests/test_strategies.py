@@ -1,0 +1,226 @@
+"""Strategies with mocked replies and hand-worked expectations (Prepare / Execute / Assert)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from fedmeta import config as C
+from fedmeta.strategies import LocalMOML, PerFedAvg
+from fedmeta.strategies.aggregation import average_arrays, sample_partitions
+
+
+@pytest.fixture(autouse=True)
+def _task_identity():
+    # Instruction messages need the process-global task identity outside a running app.
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+
+
+class FakeGrid:
+    """Duck-typed Grid: nodes with random-looking ids that answer the partition query."""
+
+    def __init__(self, num_nodes: int, offset: int = 7000):
+        self.node_to_pid = {offset + 13 * p: p for p in reversed(range(num_nodes))}
+        self.sent: list[list[Message]] = []
+
+    def get_node_ids(self):
+        return set(self.node_to_pid)
+
+    def send_and_receive(self, messages, timeout=None):
+        messages = list(messages)
+        self.sent.append(messages)
+        out = []
+        for m in messages:
+            assert m.metadata.message_type == MessageType.QUERY
+            pid = self.node_to_pid[m.metadata.dst_node_id]
+            out.append(Message(RecordDict({"metrics": MetricRecord({C.PARTITION_ID: pid})}), reply_to=m))
+        return out
+
+
+def reply(to: Message, w: np.ndarray, pid: int, num_examples: int, loss: float) -> Message:
+    content = RecordDict(
+        {
+            "arrays": ArrayRecord({"w": Array(w.astype(np.float32))}),
+            "metrics": MetricRecord({C.NUM_EXAMPLES: num_examples, C.TRAIN_LOSS: loss, C.PARTITION_ID: pid}),
+        }
+    )
+    return Message(content, reply_to=to)
+
+
+def train_messages(strategy, grid, server_round=1):
+    arrays = ArrayRecord({"w": Array(np.zeros(2, np.float32))})
+    return list(strategy.configure_train(server_round, arrays, ConfigRecord({"user-key": 3}), grid))
+
+
+def test_uniform_average_of_replies_is_the_papers_mean():
+    grid = FakeGrid(3)
+    strategy = PerFedAvg(num_clients=3, inner_lr=0.02, meta_lr=0.1)
+    msgs = train_messages(strategy, grid)
+    replies = [
+        reply(msgs[0], np.array([1.0, 2.0]), 0, 10, 1.0),
+        reply(msgs[1], np.array([3.0, 4.0]), 1, 30, 2.0),
+        reply(msgs[2], np.array([5.0, 9.0]), 2, 60, 3.0),
+    ]
+    arrays, metrics = strategy.aggregate_train(1, replies)
+    np.testing.assert_allclose(arrays["w"].numpy(), [3.0, 5.0])  # (1+3+5)/3, (2+4+9)/3
+    assert metrics[C.TRAIN_LOSS] == pytest.approx(2.0)
+    assert metrics["num-clients"] == 3 and metrics["num-failures"] == 0
+
+
+def test_example_weighted_average_and_failures_are_skipped():
+    grid = FakeGrid(3)
+    strategy = PerFedAvg(num_clients=3, weighting="examples")
+    msgs = train_messages(strategy, grid)
+    replies = [
+        reply(msgs[0], np.array([1.0, 2.0]), 0, 10, 1.0),
+        reply(msgs[1], np.array([3.0, 4.0]), 1, 30, 2.0),
+        Message(Error(code=2, reason="client failed"), reply_to=msgs[2]),
+    ]
+    arrays, metrics = strategy.aggregate_train(1, replies)
+    np.testing.assert_allclose(arrays["w"].numpy(), [(10 * 1 + 30 * 3) / 40, (10 * 2 + 30 * 4) / 40])
+    assert metrics[C.TRAIN_LOSS] == pytest.approx((10 * 1 + 30 * 2) / 40)
+    assert metrics["num-failures"] == 1
+
+
+def test_all_failed_round_keeps_the_model():
+    grid = FakeGrid(2)
+    strategy = LocalMOML(num_clients=2)
+    msgs = train_messages(strategy, grid)
+    arrays, metrics = strategy.aggregate_train(1, [Message(Error(code=2, reason="x"), reply_to=m) for m in msgs])
+    assert arrays is None and metrics is None
+
+
+def test_train_config_carries_the_algorithm_keys_and_does_not_mutate_the_callers_record():
+    grid = FakeGrid(4)
+    strategy = LocalMOML(num_clients=4, clients_per_round=2, inner_lr=0.03, lr=0.2, momentum=0.7, local_steps=3, batch_size=6,
+                         init_batch_size=8, hessian_mode="first_order", seed=5)
+    user = ConfigRecord({"user-key": 3})
+    msgs = list(strategy.configure_train(2, ArrayRecord({"w": Array(np.zeros(2, np.float32))}), user, grid))
+    cfg = msgs[0].content["config"]
+    assert dict(user) == {"user-key": 3}
+    assert cfg[C.ALGORITHM] == "local-moml" and cfg[C.SERVER_ROUND] == 2 and cfg[C.SEED] == 5 and cfg["user-key"] == 3
+    assert (cfg[C.INNER_LR], cfg[C.LR], cfg[C.MOMENTUM], cfg[C.LOCAL_STEPS]) == (0.03, 0.2, 0.7, 3)
+    assert (cfg[C.BATCH_SIZE], cfg[C.INIT_BATCH_SIZE], cfg[C.HESSIAN_MODE]) == (6, 8, "first_order")
+    assert cfg[C.MEMORY_POLICY] == "reset"  # cross-device default
+    assert LocalMOML(num_clients=4).hparams.memory_policy == "keep"  # cross-silo default
+    assert LocalMOML(num_clients=4, clients_per_round=2, memory_policy="keep").hparams.memory_policy == "keep"
+
+
+def test_cross_device_sends_exactly_b_messages_to_the_sampled_partitions():
+    grid = FakeGrid(10)
+    strategy = PerFedAvg(num_clients=10, clients_per_round=3, seed=11)
+    pid_of = grid.node_to_pid
+    for rnd in range(1, 6):
+        msgs = train_messages(strategy, grid, rnd)
+        pids = sorted(pid_of[m.metadata.dst_node_id] for m in msgs)
+        assert len(msgs) == 3 and pids == sample_partitions(10, 3, 11, rnd)
+    # the partition query is sent once, not every round
+    assert len(grid.sent) == 1
+
+
+def test_sampling_is_reproducible_by_partition_across_runs_with_different_node_ids():
+    a = PerFedAvg(num_clients=20, clients_per_round=5, seed=3)
+    b = PerFedAvg(num_clients=20, clients_per_round=5, seed=3)
+    grid_a, grid_b = FakeGrid(20, offset=100), FakeGrid(20, offset=999_999)
+    for rnd in range(1, 8):
+        pa = sorted(grid_a.node_to_pid[m.metadata.dst_node_id] for m in train_messages(a, grid_a, rnd))
+        pb = sorted(grid_b.node_to_pid[m.metadata.dst_node_id] for m in train_messages(b, grid_b, rnd))
+        assert pa == pb
+    draws = {tuple(sample_partitions(20, 5, 3, r)) for r in range(1, 30)}
+    assert len(draws) > 20  # rounds differ
+    assert sample_partitions(20, 5, 3, 1) != sample_partitions(20, 5, 4, 1)  # seeds differ
+    assert sample_partitions(20, None, 3, 1) == list(range(20))
+
+
+def test_evaluation_aggregates_mean_std_p10_over_clients_and_respects_evaluate_every():
+    grid = FakeGrid(4)
+    strategy = PerFedAvg(num_clients=4, evaluate_every=2)
+    strategy.num_rounds = 5
+    arrays = ArrayRecord({"w": Array(np.zeros(2, np.float32))})
+    assert list(strategy.configure_evaluate(1, arrays, ConfigRecord({}), grid)) == []
+    msgs = list(strategy.configure_evaluate(2, arrays, ConfigRecord({}), grid))
+    assert len(msgs) == 4
+    assert msgs[0].content["config"][C.EVAL_STEPS] == 1 and msgs[0].content["config"][C.EVAL_SHOTS] == 0
+    assert len(list(strategy.configure_evaluate(5, arrays, ConfigRecord({}), grid))) == 4  # last round
+    accs = [0.5, 0.7, 0.9, 1.0]
+    replies = []
+    for m in msgs:
+        pid = grid.node_to_pid[m.metadata.dst_node_id]
+        rec = MetricRecord({C.NUM_EXAMPLES: 10, C.PARTITION_ID: pid, C.ACC_BEFORE: 0.1, C.ACC_AFTER: accs[pid],
+                            C.LOSS_BEFORE: 2.0, C.LOSS_AFTER: 1.0})
+        replies.append(Message(RecordDict({"metrics": rec}), reply_to=m))
+    out = strategy.aggregate_evaluate(2, replies)
+    assert out[C.ACC_AFTER] == pytest.approx(np.mean(accs))
+    assert out[C.ACC_AFTER + "-std"] == pytest.approx(np.std(accs))
+    assert out[C.ACC_AFTER + "-p10"] == pytest.approx(np.percentile(accs, 10))
+    assert strategy.client_eval[2][3][C.ACC_AFTER] == 1.0
+
+
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        (dict(inner_lr=-0.1), "inner_lr"),
+        (dict(meta_lr=0.0), "meta_lr"),
+        (dict(local_steps=0), "local_steps"),
+        (dict(batch_size=0), "batch_size"),
+        (dict(hessian_mode="second"), "hessian_mode"),
+        (dict(clients_per_round=0), "clients_per_round"),
+        (dict(clients_per_round=11), "clients_per_round"),
+        (dict(weighting="median"), "weighting"),
+    ],
+)
+def test_per_fedavg_rejects_bad_hyperparameters_naming_them(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        PerFedAvg(num_clients=10, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        (dict(momentum=0.0), "momentum"),
+        (dict(momentum=1.5), "momentum"),
+        (dict(lr=-1.0), "lr"),
+        (dict(init_batch_size=0), "init_batch_size"),
+        (dict(memory_policy="forget"), "memory_policy"),
+        (dict(local_steps=2.5), "local_steps"),
+    ],
+)
+def test_local_moml_rejects_bad_hyperparameters_naming_them(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        LocalMOML(num_clients=10, **kwargs)
+
+
+def test_momentum_error_states_the_allowed_range():
+    with pytest.raises(ValueError, match=r"in \(0, 1\]"):
+        LocalMOML(num_clients=10, momentum=0.0)
+
+
+def test_partition_query_errors_are_clear():
+    class BadGrid(FakeGrid):
+        def send_and_receive(self, messages, timeout=None):
+            return [Message(RecordDict({"metrics": MetricRecord({C.PARTITION_ID: 0})}), reply_to=m) for m in messages]
+
+    strategy = PerFedAvg(num_clients=2)
+    with pytest.raises(RuntimeError, match="partition-id=0"):
+        train_messages(strategy, BadGrid(2))
+
+
+def test_waiting_for_nodes_times_out_with_a_message():
+    class Empty(FakeGrid):
+        def get_node_ids(self):
+            return set()
+
+    strategy = PerFedAvg(num_clients=3, node_wait_timeout=0.3)
+    with pytest.raises(RuntimeError, match="only 0 of num_clients=3"):
+        train_messages(strategy, Empty(3))
+
+
+def test_average_arrays_keeps_dtype_and_checks_input():
+    recs = [ArrayRecord({"a": Array(np.array([1, 2], np.float32))}), ArrayRecord({"a": Array(np.array([2, 4], np.float32))})]
+    out = average_arrays(recs, [1.0, 3.0])
+    assert out["a"].numpy().dtype == np.float32
+    np.testing.assert_allclose(out["a"].numpy(), [1.75, 3.5])
+    with pytest.raises(ValueError):
+        average_arrays(recs, [0.0, 0.0])
