@@ -71,6 +71,17 @@ class TrainResult:
     personalized_model: Params | None
     stats: meta.RoundStats
 
+    def check_finite(self) -> "TrainResult":
+        """Refuse to hand back a diverged model: the caller's memory and the global model stay as they were."""
+        for name, params in (("meta-model", self.meta_model), ("personalized model", self.personalized_model or {})):
+            bad = [k for k, v in params.items() if not bool(torch.isfinite(v).all())]
+            if bad:
+                raise FloatingPointError(
+                    f"local training diverged: the {name} has non-finite values in {bad} "
+                    f"(last loss {self.stats.last_loss}); lower lr / meta-lr / inner-lr"
+                )
+        return self
+
 
 class MetaClient:
     """One client's local meta-learning on its own data.
@@ -123,7 +134,7 @@ class MetaClient:
             meta_lr=hp.meta_lr,
             hessian=meta.hessian_correction(hp.hessian_mode),
         )
-        return TrainResult(w, None, stats)
+        return TrainResult(w, None, stats).check_finite()
 
     def train_local_moml(self, w: Params, u: Params | None, hp: LocalMOMLConfig, gen: torch.Generator) -> TrainResult:
         """H LocalMOML steps (localmoml Algorithm 3). ``u`` is the kept memory or ``None`` (reset)."""
@@ -142,7 +153,7 @@ class MetaClient:
             momentum=hp.momentum,
             hessian=meta.hessian_correction(hp.hessian_mode),
         )
-        return TrainResult(w, u, stats)
+        return TrainResult(w, u, stats).check_finite()
 
     def evaluate(self, w: Params, ev: EvalConfig, gen: torch.Generator) -> dict[str, float]:
         """Personalized evaluation without leakage.

@@ -119,3 +119,16 @@ def test_received_arrays_must_match_the_model():
     bad["0.weight"] = torch.zeros(2, 2)
     with pytest.raises(ValueError, match="shape"):
         client.params_from(bad)
+
+
+def test_a_diverged_client_raises_instead_of_returning_a_poisoned_model():
+    app = make_client_app(_model, lambda pid: _data(pid))
+    ctx = _context()
+    ok = {C.ALGORITHM: "local-moml", C.SERVER_ROUND: 1, **C.LocalMOMLConfig(memory_policy="keep").to_wire()}
+    app(_train_message(ok), ctx)
+    kept = ContextMemory().load(ctx, torch.device("cpu"))
+    diverging = {**ok, C.SERVER_ROUND: 2, C.LR: 1e30, C.INNER_LR: 1e30, C.LOCAL_STEPS: 5}
+    with pytest.raises(FloatingPointError, match="diverged"):
+        app(_train_message(diverging), ctx)
+    after = ContextMemory().load(ctx, torch.device("cpu"))
+    assert all(torch.equal(after[k], kept[k]) for k in kept) and ContextMemory().written_in_round(ctx) == 1
