@@ -362,6 +362,7 @@ def run(budget: Budget, quick: bool, results_dir: str) -> dict[str, Any]:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer repeats and rounds: a smoke test of about a minute")
+    parser.add_argument("--out", type=Path, default=RESULTS_PATH, help=f"where to write the JSON (default: {RESULTS_PATH})")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     # As simulate() does: build_strategy() would log Flower's "evaluation skipped" warning.
@@ -369,9 +370,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench_meta_step-") as results_dir:
         report = run(QUICK if args.quick else FULL, args.quick, results_dir)
     print(table(report))
-    RESULTS_PATH.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS_PATH.write_text(json.dumps(report, indent=1) + "\n")
-    print(f"\nfigures written to {RESULTS_PATH}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=1) + "\n")
+    print(f"\nfigures written to {args.out}")
     return 0
 
 

@@ -196,13 +196,14 @@ class MetaStrategy(FedAvg):
         if not valid:
             logger.warning("round %d: no valid train replies (%d failures); the global model is unchanged", server_round, len(errors))
             return None, None
-        contents = [m.content for m in valid]
+        # Flower's reply check guarantees exactly one ArrayRecord and one MetricRecord per reply.
+        array_records = [next(iter(m.content.array_records.values())) for m in valid]
+        metric_records = [next(iter(m.content.metric_records.values())) for m in valid]
         if self.weighting == "uniform":
-            weights = [1.0] * len(contents)
+            weights = [1.0] * len(valid)
         else:
-            weights = [float(c.metric_records[next(iter(c.metric_records))][self.weighted_by_key]) for c in contents]
-        arrays = average_arrays([next(iter(c.array_records.values())) for c in contents], weights)
-        metric_records = [next(iter(c.metric_records.values())) for c in contents]
+            weights = [float(r[self.weighted_by_key]) for r in metric_records]
+        arrays = average_arrays(array_records, weights)
         metrics = average_metrics(metric_records, weights, skip=(C.PARTITION_ID, C.MEMORY_ROUND))
         metrics["num-clients"] = len(valid)
         metrics["num-failures"] = len(errors)
