@@ -44,7 +44,7 @@ from fedmeta import config as C
 from fedmeta import meta
 from fedmeta.clients.client import MetaClient, round_generator
 from fedmeta.config import LocalMOMLConfig
-from fedmeta.data import ClientData, fallah_partitions
+from fedmeta.data import ClientData, partitions
 from fedmeta.meta import Params
 from fedmeta.simulations.apps import build_strategy, initial_model
 from fedmeta.simulations.config import ExperimentConfig
@@ -205,9 +205,9 @@ def bare_loop_round_seconds(cfg: ExperimentConfig, hp: LocalMOMLConfig, num_roun
         Seconds of rounds ``1..num_rounds``.
     """
     model = initial_model(cfg)
-    partitions = fallah_partitions(cfg.dataset, cfg.num_clients, cfg.a_train, cfg.a_test, cfg.seed)
+    client_parts = partitions(cfg.dataset, **cfg.data_kwargs())
     # One module serves every client: its parameter values are never read (functional_call).
-    clients = [MetaClient(model, cfg.criterion, data, torch.device("cpu")) for data in partitions]
+    clients = [MetaClient(model, cfg.criterion, data, torch.device("cpu")) for data in client_parts]
     w = meta.params_of(model)
     memories: list[Params | None] = [None] * len(clients)
     seconds = []
@@ -300,7 +300,7 @@ def run(budget: Budget, quick: bool, results_dir: str) -> dict[str, Any]:
         evaluate_every=0,
         results_dir=results_dir,
     )
-    data = fallah_partitions(cfg.dataset, cfg.num_clients, cfg.a_train, cfg.a_test, cfg.seed)[0]
+    data = partitions(cfg.dataset, **cfg.data_kwargs())[0]
 
     calls = meta_step_calls(cfg, data)
     timings = bench_interleaved({f"{alg}/{mode}": fn for (alg, mode), fn in calls.items()}, budget)

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from fedmeta import config as C
 from fedmeta.clients.client import ContextMemory, MetaClient, round_generator, select_device
-from fedmeta.config import EvalConfig, LocalMOMLConfig, PerFedAvgConfig
+from fedmeta.config import EvalConfig
 from fedmeta.data import ClientData, client_data
 
 DataFn = Callable[[int], ClientData]
@@ -87,20 +87,14 @@ def make_client_app(
         client, pid = build(context)
         w = client.params_from(msg.content["arrays"].to_torch_state_dict())
         gen = round_generator(int(cfg.get(C.SEED, 0)), pid, server_round, 0)
-        memory_round = -1
-        if isinstance(hp, LocalMOMLConfig):
-            u = None
-            if hp.memory_policy == "keep":
-                u = store.load(context, client.device)
-                memory_round = -1 if u is None else store.written_in_round(context)
-            else:
-                store.clear(context)
-            result = client.train_local_moml(w, u, hp, gen)
-            if hp.memory_policy == "keep":
-                store.save(context, result.personalized_model, server_round)
-        else:
-            assert isinstance(hp, PerFedAvgConfig)
-            result = client.train_per_fedavg(w, hp, gen)
+        keep = getattr(hp, "memory_policy", None) == "keep"
+        u = store.load(context, client.device) if keep else None
+        memory_round = store.written_in_round(context) if u is not None else -1
+        if not keep:
+            store.clear(context)
+        result = client.train(w, hp, u, gen)
+        if keep:
+            store.save(context, result.personalized_model, server_round)
         s = result.stats
         metrics = MetricRecord(
             {

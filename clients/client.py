@@ -7,8 +7,9 @@ Flower-free on purpose except for the memory store, which speaks ``context.state
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Union
 
 import numpy as np
 import torch
@@ -17,9 +18,12 @@ from torch import Tensor, nn
 
 from fedmeta import config as C
 from fedmeta import meta
-from fedmeta.config import EvalConfig, LocalMOMLConfig, PerFedAvgConfig
+from fedmeta.config import EvalConfig, FedAvgConfig, LocalMOMLConfig, PerFedAvgConfig
 from fedmeta.data import ClientData
 from fedmeta.meta import Params
+
+
+AlgorithmConfig = Union[FedAvgConfig, PerFedAvgConfig, LocalMOMLConfig]
 
 
 def select_device(override: str | None = None) -> torch.device:
@@ -121,6 +125,22 @@ class MetaClient:
                 raise ValueError(f"received array {k!r} has shape {tuple(state[k].shape)}, the model expects {shape}")
             out[k] = state[k].to(device=self.device, dtype=dtype)
         return out
+
+    def train(self, w: Params, hp: AlgorithmConfig, u: Params | None, gen: torch.Generator) -> TrainResult:
+        """One local round of the algorithm ``hp`` configures; ``u`` is the kept memory, if any."""
+        trainer = {
+            FedAvgConfig: self.train_fedavg,
+            PerFedAvgConfig: self.train_per_fedavg,
+            LocalMOMLConfig: functools.partial(self.train_local_moml, u=u),
+        }[type(hp)]
+        return trainer(w=w, hp=hp, gen=gen)
+
+    def train_fedavg(self, w: Params, hp: FedAvgConfig, gen: torch.Generator) -> TrainResult:
+        """tau local SGD steps (the FedAvg baseline)."""
+        w, stats = meta.sgd_round(
+            self.loss, w, lambda k: self.data.sample(k, gen), local_steps=hp.local_steps, batch_size=hp.batch_size, lr=hp.lr
+        )
+        return TrainResult(w, None, stats).check_finite()
 
     def train_per_fedavg(self, w: Params, hp: PerFedAvgConfig, gen: torch.Generator) -> TrainResult:
         """tau Per-FedAvg steps from the received meta-model (per-fedavg.txt Algorithm 1)."""

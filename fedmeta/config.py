@@ -49,6 +49,7 @@ ACC_AFTER = "accuracy-after"
 PERSONALIZED_MODEL = "personalized-model"  # LocalMOML memory u (ArrayRecord)
 MEMORY_META = "personalized-model-meta"  # ConfigRecord: round the memory was written in
 
+FEDAVG = "fedavg"
 PER_FEDAVG = "per-fedavg"
 LOCAL_MOML = "local-moml"
 MEMORY_POLICIES = ("keep", "reset")
@@ -92,6 +93,29 @@ class _Wire:
 
     def replace(self, **changes: Any):
         return dataclasses.replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class FedAvgConfig(_Wire):
+    """FedAvg client hyper-parameters (the baseline of per-fedavg.txt Section 5): tau SGD steps."""
+
+    inner_lr: float = 0.01
+    """alpha: step size of personalized evaluation's fine-tuning (not used in training) (>= 0)."""
+    lr: float = 0.001
+    """Local SGD step size (> 0)."""
+    local_steps: int = 1
+    """tau: local SGD steps per round (>= 1)."""
+    batch_size: int = 5
+    """Samples per SGD step (>= 1)."""
+
+    algorithm: ClassVar[str] = FEDAVG
+    KEYS: ClassVar[dict[str, str]] = {"inner_lr": INNER_LR, "lr": LR, "local_steps": LOCAL_STEPS, "batch_size": BATCH_SIZE}
+
+    def __post_init__(self) -> None:
+        _finite_nonneg("inner_lr (alpha)", self.inner_lr)
+        _finite_positive("lr", self.lr)
+        _positive_int("local_steps (tau)", self.local_steps)
+        _positive_int("batch_size", self.batch_size)
 
 
 @dataclass(frozen=True)
@@ -196,7 +220,8 @@ class EvalConfig(_Wire):
         _nonneg_int("eval_shots", self.eval_shots)
 
 
-ALGORITHM_CONFIGS: dict[str, type[PerFedAvgConfig] | type[LocalMOMLConfig]] = {
+ALGORITHM_CONFIGS: dict[str, type[FedAvgConfig] | type[PerFedAvgConfig] | type[LocalMOMLConfig]] = {
+    FEDAVG: FedAvgConfig,
     PER_FEDAVG: PerFedAvgConfig,
     LOCAL_MOML: LocalMOMLConfig,
 }

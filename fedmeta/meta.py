@@ -282,6 +282,24 @@ def local_moml_round(
     )
 
 
+def sgd_round(
+    f: LossFn,
+    w: Params,
+    sample: Sampler,
+    *,
+    local_steps: int,
+    batch_size: int,
+    lr: float,
+) -> tuple[Params, RoundStats]:
+    """FedAvg's local update (McMahan et al. 2017; per-fedavg.txt Section 3): ``tau`` SGD steps."""
+    w = {k: v.detach() for k, v in w.items()}
+    for _ in range(local_steps):
+        batch = sample(batch_size)
+        w = {k: v.detach() for k, v in adapt(f, w, batch, lr).items()}
+    loss = float(f(w, *batch).detach())
+    return w, RoundStats(num_samples=batch_size * local_steps, num_gradients=local_steps, num_hvps=0, last_loss=loss)
+
+
 # ----------------------------------------------------------------------------------------------
 # Personalized evaluation
 

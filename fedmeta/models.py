@@ -1,17 +1,24 @@
-"""The papers' models, as plain ``nn.Module`` s (used through ``torch.func.functional_call``)."""
+"""The papers' models and a small CNN, as plain ``nn.Module`` s (used through ``torch.func.functional_call``).
+
+Image models take ``[N, C, H, W]`` inputs; the MLPs flatten them first. No model has buffers
+(no BatchNorm running statistics), so a model is fully described by its parameter dict.
+"""
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 from torch import nn
 
+ImageShape = tuple[int, ...]
+
 
 def mlp(sizes: tuple[int, ...], activation: type[nn.Module] = nn.ReLU) -> nn.Sequential:
-    """Fully connected network ``sizes[0] -> ... -> sizes[-1]`` with ``activation`` between layers."""
+    """``Flatten`` then a fully connected network ``sizes[0] -> ... -> sizes[-1]``."""
     if len(sizes) < 2 or any(s < 1 for s in sizes):
         raise ValueError(f"sizes must hold at least two positive layer widths, got {sizes}")
-    layers: list[nn.Module] = []
+    layers: list[nn.Module] = [nn.Flatten()]
     for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:])):
         if i:
             layers.append(activation())
@@ -19,31 +26,48 @@ def mlp(sizes: tuple[int, ...], activation: type[nn.Module] = nn.ReLU) -> nn.Seq
     return nn.Sequential(*layers)
 
 
-def mlp_40_40() -> nn.Sequential:
-    """784-40-40-10 ReLU MLP, localmoml Section 6.2 (image classification)."""
-    return mlp((784, 40, 40, 10), nn.ReLU)
+def mlp_40_40(input_shape: ImageShape = (1, 28, 28), num_classes: int = 10) -> nn.Sequential:
+    """d-40-40-C ReLU MLP (784-40-40-10 on MNIST-like data), localmoml Section 6.2."""
+    return mlp((math.prod(input_shape), 40, 40, num_classes), nn.ReLU)
 
 
-def mlp_80_60_elu() -> nn.Sequential:
-    """784-80-60-10 ELU MLP, per-fedavg.txt Section 5."""
-    return mlp((784, 80, 60, 10), nn.ELU)
+def mlp_80_60_elu(input_shape: ImageShape = (1, 28, 28), num_classes: int = 10) -> nn.Sequential:
+    """d-80-60-C ELU MLP (784-80-60-10 on MNIST-like data), per-fedavg.txt Section 5."""
+    return mlp((math.prod(input_shape), 80, 60, num_classes), nn.ELU)
 
 
-def sine_mlp() -> nn.Sequential:
+def sine_mlp(input_shape: ImageShape = (1,), num_classes: int = 1) -> nn.Sequential:
     """1-40-40-1 ReLU MLP, localmoml Section 6.1 (sinewave regression, after Finn et al. 2017)."""
-    return mlp((1, 40, 40, 1), nn.ReLU)
+    return mlp((math.prod(input_shape), 40, 40, num_classes), nn.ReLU)
 
 
-MODELS: dict[str, Callable[[], nn.Module]] = {
+def cnn(input_shape: ImageShape = (3, 32, 32), num_classes: int = 10) -> nn.Sequential:
+    """A small conv net for CIFAR: 2 x [conv 5x5, ReLU, max-pool 2] (32, 64 channels), FC 128, FC C.
+
+    The papers use MLPs; this is the usual small CIFAR baseline (as in McMahan et al. 2017). It
+    has no BatchNorm, so second-order meta-gradients need no running statistics.
+    """
+    c, h, w = input_shape
+    flat = 64 * (h // 4) * (w // 4)
+    return nn.Sequential(
+        nn.Conv2d(c, 32, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(32, 64, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(flat, 128), nn.ReLU(), nn.Linear(128, num_classes),
+    )  # fmt: skip
+
+
+MODELS: dict[str, Callable[..., nn.Module]] = {
     "mlp-40-40": mlp_40_40,
     "mlp-80-60-elu": mlp_80_60_elu,
     "sine-mlp": sine_mlp,
+    "cnn": cnn,
 }
 
 
-def build_model(name: str) -> nn.Module:
-    """Construct a model by name; ``ValueError`` lists the allowed names."""
+def build_model(name: str, input_shape: ImageShape = (1, 28, 28), num_classes: int = 10) -> nn.Module:
+    """Construct a model by name for inputs of ``input_shape`` and ``num_classes`` outputs."""
     try:
-        return MODELS[name]()
+        factory = MODELS[name]
     except KeyError:
         raise ValueError(f"model must be one of {sorted(MODELS)}, got {name!r}") from None
+    return factory(input_shape, num_classes)

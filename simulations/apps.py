@@ -7,6 +7,7 @@ same apps for ``flwr run .``: they read the config from ``context.run_config``.
 
 from __future__ import annotations
 
+import csv
 import functools
 import json
 import logging
@@ -19,22 +20,23 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
-from fedmeta.clients import fashion_mnist_data, make_client_app, sinewave_data
-from fedmeta.models import build_model
+from fedmeta.clients import make_client_app
+from fedmeta.data import client_data
+from fedmeta import config as C
 from fedmeta.simulations.config import ExperimentConfig
-from fedmeta.strategies import LocalMOML, PerFedAvg
+from fedmeta.strategies import FedAvg, LocalMOML, PerFedAvg
 from fedmeta.strategies.base import MetaStrategy
 
 logger = logging.getLogger("fedmeta")
 
-STRATEGIES: dict[str, type[MetaStrategy]] = {"per-fedavg": PerFedAvg, "local-moml": LocalMOML}
+STRATEGIES: dict[str, type[MetaStrategy]] = {C.FEDAVG: FedAvg, C.PER_FEDAVG: PerFedAvg, C.LOCAL_MOML: LocalMOML}
 
 
 def initial_model(cfg: ExperimentConfig) -> torch.nn.Module:
     """The initial meta-model, seeded from ``cfg.seed`` without touching the caller's global RNG."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
-        return build_model(cfg.model_name)
+        return cfg.build_model()
 
 
 def build_strategy(cfg: ExperimentConfig) -> MetaStrategy:
@@ -65,17 +67,40 @@ def run_server(grid: Grid, cfg: ExperimentConfig) -> dict[str, Any]:
         "round_seconds": strategy.round_seconds,
         "train": {r: _scalars(m) for r, m in result.train_metrics_clientapp.items()},
         "evaluate": evals,
+        "new_clients": list(strategy.new_clients),
+        "trained_partitions": {r: sorted(c) for r, c in strategy.client_train.items()},
         "clients": strategy.client_eval.get(last, {}) if last else {},
         "final": evals[last] if last else {},
         "final_round": last,
     }
     out = Path(cfg.results_dir)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / f"{cfg.algorithm}-{cfg.dataset}-n{cfg.num_clients}-seed{cfg.seed}.json"
+    stem = out / f"{cfg.algorithm}-{cfg.dataset}-n{cfg.num_clients}-seed{cfg.seed}"
+    path = stem.with_suffix(".json")
     path.write_text(json.dumps(results, indent=1, default=str))
+    write_client_csv(stem.with_suffix(".csv"), strategy)
     results["path"] = str(path)
     logger.info("results written to %s", path)
     return results
+
+
+CSV_COLUMNS = ("round", "client", "split", C.ACC_BEFORE, C.ACC_AFTER, C.LOSS_BEFORE, C.LOSS_AFTER)
+
+
+def write_client_csv(path: Path, strategy: MetaStrategy) -> None:
+    """Every client's personalized-evaluation scores, one row per evaluation round and client.
+
+    ``split`` is ``train-clients`` for clients that took part in training and ``new-clients``
+    for the held-out ones (new-client adaptation).
+    """
+    new = set(strategy.new_clients)
+    with path.open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(CSV_COLUMNS)
+        for rnd, clients in sorted(strategy.client_eval.items()):
+            for pid, m in clients.items():
+                split = "new-clients" if pid in new else "train-clients"
+                writer.writerow([rnd, pid, split, *(m.get(k, "") for k in CSV_COLUMNS[3:])])
 
 
 def build_server_app(cfg: ExperimentConfig, sink: Callable[[dict[str, Any]], None] | None = None) -> ServerApp:
@@ -91,11 +116,8 @@ def build_server_app(cfg: ExperimentConfig, sink: Callable[[dict[str, Any]], Non
 
 
 def build_client_app(cfg: ExperimentConfig) -> ClientApp:
-    if cfg.dataset == "sinewave":
-        data_fn = sinewave_data(cfg.num_clients, cfg.seed)
-    else:
-        data_fn = fashion_mnist_data(cfg.num_clients, cfg.a_train, cfg.a_test, cfg.seed)
-    return make_client_app(functools.partial(build_model, cfg.model_name), data_fn, cfg.criterion, device=cfg.device or None)
+    data_fn = functools.partial(client_data, cfg.dataset, **cfg.data_kwargs())
+    return make_client_app(cfg.build_model, data_fn, cfg.criterion, device=cfg.device or None)
 
 
 # --- `flwr run .` ------------------------------------------------------------------------------

@@ -14,9 +14,16 @@ from typing import Any, Mapping
 from torch import nn
 
 from fedmeta import config as C
-from fedmeta.models import MODELS
+from fedmeta.data import IMAGE_SHAPES, NUM_CLASSES
+from fedmeta.models import MODELS, build_model
+from fedmeta.strategies.aggregation import holdout_partitions
 
-DATASET_MODELS = {"fashion-mnist": "mlp-40-40", "sinewave": "sine-mlp"}
+DATASET_MODELS = {"fashion-mnist": "mlp-40-40", "mnist": "mlp-40-40", "cifar10": "cnn", "cifar100": "cnn", "sinewave": "sine-mlp"}
+"""The default model of each dataset (the papers' MLPs; a small CNN for CIFAR)."""
+PARTITIONS = ("fallah", "dirichlet", "pathological")
+EVAL_PROTOCOLS = {"one-step": (1, 0), "5-shot-10-step": (10, 5)}
+"""Named personalized-evaluation protocols: (fine-tuning steps, support-set size; 0 = whole train split).
+``one-step``: per-fedavg.txt Section 5; ``5-shot-10-step``: localmoml Section 6.2."""
 
 
 @dataclass(frozen=True)
@@ -24,15 +31,37 @@ class ExperimentConfig:
     """A federated meta-learning experiment on Flower's simulation engine."""
 
     algorithm: str = C.LOCAL_MOML
-    """``per-fedavg`` or ``local-moml``."""
+    """``fedavg``, ``per-fedavg`` or ``local-moml``."""
     dataset: str = "fashion-mnist"
-    """``fashion-mnist`` (Fallah split) or ``sinewave`` (one task per client)."""
+    """``fashion-mnist``, ``mnist``, ``cifar10``, ``cifar100`` (20 superclasses) or ``sinewave``."""
+    partition: str = "fallah"
+    """Image datasets: ``fallah`` (per-fedavg.txt Section 5), ``dirichlet`` or ``pathological``."""
+    a_train: int = 68
+    """Fallah split parameter a for the train split."""
+    a_test: int = 0
+    """Fallah split parameter a for the test split; 0: the paper's value (34; 15 for CIFAR-100, localmoml Section 6.2)."""
+    dirichlet_alpha: float = 0.5
+    """Dirichlet partition: concentration of each client's class proportions."""
+    classes_per_client: int = 2
+    """Pathological partition: classes per client."""
+    train_per_client: int = 300
+    """Dirichlet / pathological partitions: train samples per client."""
+    test_per_client: int = 100
+    """Dirichlet / pathological partitions: test samples per client."""
+    data_dir: str = ""
+    """Data directory (default: ``FEDMETA_DATA`` or the cache directory)."""
+    download: bool = False
+    """Let torchvision download missing data sets (needs internet)."""
     model: str = ""
-    """Model name (``mlp-40-40``, ``mlp-80-60-elu``, ``sine-mlp``); empty: the dataset's default."""
+    """Model name (``mlp-40-40``, ``mlp-80-60-elu``, ``sine-mlp``, ``cnn``); empty: the dataset's default."""
     num_clients: int = 50
-    """n: virtual clients (simulated SuperNodes), one partition each."""
+    """n: training clients (simulated SuperNodes), one partition each."""
+    num_new_clients: int = 0
+    """Held-out clients (extra SuperNodes) that never train and are scored by new-client adaptation."""
     clients_per_round: int = 10
-    """B: clients per round (cross-device); 0 means all n (cross-silo)."""
+    """B: clients per round (cross-device); 0 means all n (cross-silo). With sampling-groups G > 1: B' per group."""
+    sampling_groups: int = 1
+    """G > 1: stratified sampling of B' clients from each of G groups (localmoml Section 6.2: 4 GPUs)."""
     num_rounds: int = 500
     """Communication rounds."""
     local_steps: int = 4
@@ -53,16 +82,14 @@ class ExperimentConfig:
     """``exact`` or ``first_order``."""
     memory_policy: str = ""
     """LocalMOML memory: ``keep`` / ``reset``; empty: keep for cross-silo, reset for cross-device."""
+    eval_protocol: str = ""
+    """Named protocol (``one-step`` or ``5-shot-10-step``); overrides eval-steps / eval-shots."""
     eval_steps: int = 1
     """Personalized evaluation: fine-tuning steps on the client's train split."""
     eval_shots: int = 0
     """Personalized evaluation: support-set size (0 = whole train split)."""
     evaluate_every: int = 50
     """Evaluate all clients every this many rounds (and after the last)."""
-    a_train: int = 68
-    """Fallah split parameter a for the train split."""
-    a_test: int = 34
-    """Fallah split parameter a for the test split."""
     seed: int = 0
     """Seeds the initial model, client sampling and every client's batch sampling."""
     num_cpus: float = 1.0
@@ -84,8 +111,15 @@ class ExperimentConfig:
             raise bad("dataset", f"one of {sorted(DATASET_MODELS)}")
         if self.model and self.model not in MODELS:
             raise bad("model", f"one of {sorted(MODELS)}")
-        if self.num_clients < 2 or (self.dataset == "fashion-mnist" and self.num_clients % 2):
-            raise bad("num_clients", "an integer >= 2 (even for the Fallah split)")
+        if self.partition not in PARTITIONS:
+            raise bad("partition", f"one of {list(PARTITIONS)}")
+        if self.eval_protocol and self.eval_protocol not in EVAL_PROTOCOLS:
+            raise bad("eval_protocol", f"empty or one of {sorted(EVAL_PROTOCOLS)}")
+        if self.num_new_clients < 0:
+            raise bad("num_new_clients", "an integer >= 0")
+        fallah = self.dataset != "sinewave" and self.partition == "fallah"
+        if self.num_clients < 1 or (fallah and (self.num_clients + self.num_new_clients) % 2):
+            raise bad("num_clients", "an integer >= 1 (num-clients + num-new-clients even for the Fallah split)")
         if not 0 <= self.clients_per_round <= self.num_clients:
             raise bad("clients_per_round", f"in [0, {self.num_clients}] (0 = all clients)")
         for name in ("num_rounds",):
@@ -127,6 +161,41 @@ class ExperimentConfig:
         return self.model or DATASET_MODELS[self.dataset]
 
     @property
+    def num_partitions(self) -> int:
+        """Simulated SuperNodes: the training clients plus the held-out new clients."""
+        return self.num_clients + self.num_new_clients
+
+    @property
+    def eval_setting(self) -> tuple[int, int]:
+        """(fine-tuning steps, support-set size) of personalized evaluation."""
+        return EVAL_PROTOCOLS[self.eval_protocol] if self.eval_protocol else (self.eval_steps, self.eval_shots)
+
+    def data_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of :func:`fedmeta.data.client_data` (besides the partition id)."""
+        if self.dataset == "sinewave":
+            return dict(num_clients=self.num_partitions, seed=self.seed)
+        params: dict[str, Any] = {
+            "fallah": dict(a_train=self.a_train, **({"a_test": self.a_test} if self.a_test else {})),
+            "dirichlet": dict(alpha=self.dirichlet_alpha, train_per_client=self.train_per_client, test_per_client=self.test_per_client),
+            "pathological": dict(classes_per_client=self.classes_per_client, train_per_client=self.train_per_client,
+                                 test_per_client=self.test_per_client),
+        }[self.partition]
+        return dict(num_clients=self.num_partitions, seed=self.seed, partition=self.partition, root=self.data_dir or None,
+                    download=self.download, **params)
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return (1,) if self.dataset == "sinewave" else IMAGE_SHAPES[self.dataset]
+
+    @property
+    def num_classes(self) -> int:
+        """Model outputs: classes (superclasses for CIFAR-100), or 1 for regression."""
+        return 1 if self.dataset == "sinewave" else NUM_CLASSES[self.dataset]
+
+    def build_model(self) -> nn.Module:
+        return build_model(self.model_name, self.input_shape, self.num_classes)
+
+    @property
     def criterion(self):
         return nn.functional.mse_loss if self.dataset == "sinewave" else nn.functional.cross_entropy
 
@@ -137,12 +206,15 @@ class ExperimentConfig:
         if self.algorithm == C.LOCAL_MOML:
             hp["memory_policy"] = self.memory_policy or None
         hp_cls(**{k: v for k, v in hp.items() if v is not None})  # validate now
+        eval_steps, eval_shots = self.eval_setting
         return dict(
-            num_clients=self.num_clients,
+            num_clients=self.num_partitions,
+            new_clients=holdout_partitions(self.num_partitions, self.num_new_clients, self.seed),
             clients_per_round=self.clients_per_round or None,
+            sampling_groups=self.sampling_groups,
             seed=self.seed,
-            eval_steps=self.eval_steps,
-            eval_shots=self.eval_shots,
+            eval_steps=eval_steps,
+            eval_shots=eval_shots,
             evaluate_every=self.evaluate_every,
             **hp,
         )

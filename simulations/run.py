@@ -40,7 +40,7 @@ def simulate(cfg: ExperimentConfig, *, verbose: bool = False) -> dict[str, Any]:
         run_simulation(
             server_app=build_server_app(cfg, sink=box.update),
             client_app=build_client_app(cfg),
-            num_supernodes=cfg.num_clients,
+            num_supernodes=cfg.num_partitions,
             backend_name="ray",
             backend_config={
                 "client_resources": {"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus},
@@ -68,17 +68,22 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _table(rows: list[dict[str, Any]]) -> str:
-    head = f"{'algorithm':<12} {'rounds':>6} {'acc before':>11} {'acc after (mean +- std)':>24} {'p10':>7} {'seconds':>8}"
+    new = any(f"new-{C.ACC_AFTER}" in r["final"] for r in rows)
+    head = f"{'algorithm':<12} {'rounds':>6} {'acc before':>11} {'acc after (mean +- std)':>24} {'p10':>7}"
+    head += f" {'new: before':>11} {'new: after':>10}" * new + f" {'seconds':>8}"
     lines = [head, "-" * len(head)]
     for r in rows:
         f = r["final"]
+        name = f"{r['config']['algorithm']:<12} {r['final_round']:>6}"
         if C.ACC_AFTER in f:
-            lines.append(
-                f"{r['config']['algorithm']:<12} {r['final_round']:>6} {f[C.ACC_BEFORE]:>11.4f} "
-                f"{f[C.ACC_AFTER]:>14.4f} +- {f[C.ACC_AFTER + '-std']:.4f} {f[C.ACC_AFTER + '-p10']:>7.4f} {r['seconds']:>8.1f}"
-            )
+            line = f"{name} {f[C.ACC_BEFORE]:>11.4f} {f[C.ACC_AFTER]:>14.4f} +- {f[C.ACC_AFTER + '-std']:.4f} {f[C.ACC_AFTER + '-p10']:>7.4f}"
+            if new:
+                line += f" {f.get('new-' + C.ACC_BEFORE, float('nan')):>11.4f} {f.get('new-' + C.ACC_AFTER, float('nan')):>10.4f}"
+            lines.append(f"{line} {r['seconds']:>8.1f}")
         elif f:
-            lines.append(f"{r['config']['algorithm']:<12} {r['final_round']:>6}  loss before {f[C.LOSS_BEFORE]:.4f} after {f[C.LOSS_AFTER]:.4f} {r['seconds']:>8.1f}")
+            lines.append(f"{name}  loss before {f[C.LOSS_BEFORE]:.4f} after {f[C.LOSS_AFTER]:.4f} {r['seconds']:>8.1f}")
+    if any(r["config"]["algorithm"] == C.FEDAVG for r in rows):
+        lines.append("(fedavg: 'acc before' is FedAvg, 'acc after' is FedAvg + fine-tune)")
     return "\n".join(lines)
 
 

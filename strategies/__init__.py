@@ -1,7 +1,8 @@
 """Server side of fedmeta: Flower Message-API strategies (subclasses of ``flwr.serverapp.strategy.FedAvg``)."""
 
 from fedmeta.strategies.base import MetaStrategy
+from fedmeta.strategies.fedavg import FedAvg
 from fedmeta.strategies.local_moml import LocalMOML
 from fedmeta.strategies.per_fedavg import PerFedAvg
 
-__all__ = ["LocalMOML", "MetaStrategy", "PerFedAvg"]
+__all__ = ["FedAvg", "LocalMOML", "MetaStrategy", "PerFedAvg"]

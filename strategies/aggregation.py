@@ -23,6 +23,35 @@ def sample_partitions(num_clients: int, clients_per_round: int | None, seed: int
     return sorted(int(i) for i in rng.choice(num_clients, size=clients_per_round, replace=False))
 
 
+def sample_grouped(num_clients: int, groups: int, per_group: int, seed: int, server_round: int) -> list[int]:
+    """Stratified cross-device sampling: ``per_group`` clients from each of ``groups`` groups.
+
+    Clients ``0..num_clients-1`` are split into ``groups`` contiguous, near-equal groups, as the
+    LocalMOML experiments split 50 tasks over 4 GPUs that each sample B' of the tasks they own
+    (localmoml Section 6.2). Each group draws from its own stream seeded by
+    ``(seed, server_round, group)``; ``B = groups * per_group`` clients train per round.
+    """
+    chosen: list[int] = []
+    for g, members in enumerate(np.array_split(np.arange(num_clients), groups)):
+        if not 1 <= per_group <= len(members):
+            raise ValueError(f"per_group must be in [1, {len(members)}] (group {g} has {len(members)} clients), got {per_group}")
+        rng = np.random.default_rng([seed, server_round, g])
+        chosen.extend(int(i) for i in rng.choice(members, size=per_group, replace=False))
+    return sorted(chosen)
+
+
+def holdout_partitions(num_partitions: int, num_new: int, seed: int) -> list[int]:
+    """``num_new`` partitions, drawn once from a generator seeded by ``seed``, that never train.
+
+    Drawn at random rather than taking the last ids, so that splits whose client types depend on
+    the id (the Fallah split's balanced first half, skewed second half) hold out both types.
+    """
+    if not 0 <= num_new < num_partitions:
+        raise ValueError(f"num_new must be in [0, {num_partitions - 1}], got {num_new}")
+    rng = np.random.default_rng([seed, 2**31 - 1])  # a stream apart from the per-round sampling
+    return sorted(int(i) for i in rng.choice(num_partitions, size=num_new, replace=False))
+
+
 def average_arrays(records: Sequence[ArrayRecord], weights: Sequence[float]) -> ArrayRecord:
     """``sum_i weights_i * records_i / sum_i weights_i``, key by key, accumulated in float64.
 

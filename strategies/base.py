@@ -11,11 +11,12 @@ from typing import Any, ClassVar, Iterable
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg, Result
+from flwr.serverapp.strategy import FedAvg as FlowerFedAvg
+from flwr.serverapp.strategy import Result
 
 from fedmeta import config as C
 from fedmeta.config import EvalConfig, field_names
-from fedmeta.strategies.aggregation import average_arrays, average_metrics, distribution, sample_partitions
+from fedmeta.strategies.aggregation import average_arrays, average_metrics, distribution, sample_grouped, sample_partitions
 
 logger = logging.getLogger("fedmeta")
 
@@ -28,17 +29,37 @@ def _require(name: str, ok: bool, allowed: str, value: Any) -> None:
         raise ValueError(f"{name} must be {allowed}, got {value!r}")
 
 
-class MetaStrategy(FedAvg):
+def summarize(per_client: Iterable[dict[str, float]]) -> dict[str, float]:
+    """Mean, std and 10th percentile across clients of every evaluation metric."""
+    rows = list(per_client)
+    out = {}
+    for key in EVAL_KEYS:
+        values = [r[key] for r in rows if key in r]
+        if values:
+            d = distribution(values)
+            out.update({key: d["mean"], f"{key}-std": d["std"], f"{key}-p10": d["p10"]})
+    return out
+
+
+class MetaStrategy(FlowerFedAvg):
     """Base of the fedmeta strategies (see :class:`~fedmeta.strategies.PerFedAvg`).
 
     Parameters
     ----------
     num_clients
-        n: the number of clients (nodes, one partition each, partition ids ``0..n-1``). The strategy
-        waits for all of them before the first round (at most ``node_wait_timeout`` seconds).
+        The number of clients (nodes, one partition each, partition ids ``0..num_clients-1``). The
+        strategy waits for all of them before the first round (at most ``node_wait_timeout`` s).
     clients_per_round
-        B: ``None`` for cross-silo (every client every round) or ``1 <= B <= n`` for cross-device
-        (exactly B clients per round, sampled by partition from a generator seeded by ``seed``).
+        B: ``None`` for cross-silo (every training client every round) or ``1 <= B <= n`` for
+        cross-device (exactly B clients per round, sampled by partition from a generator seeded
+        by ``seed``), where n is the number of training clients.
+    sampling_groups
+        With ``G > 1``: stratified sampling, ``clients_per_round`` clients from each of G
+        contiguous groups of training clients (:func:`sample_grouped`; localmoml Section 6.2's
+        4 GPUs sampling B' tasks each), so ``G * clients_per_round`` clients train per round.
+    new_clients
+        Partition ids held out of training: they never train and are scored with the same
+        personalized evaluation ("new-client adaptation"), reported under ``new-`` keys.
     seed
         Seeds client sampling and is sent to the clients, which seed their batch sampling from it.
     weighting
@@ -64,6 +85,8 @@ class MetaStrategy(FedAvg):
         *,
         num_clients: int,
         clients_per_round: int | None = None,
+        sampling_groups: int = 1,
+        new_clients: Iterable[int] = (),
         seed: int = 0,
         weighting: str = "uniform",
         eval_steps: int = 1,
@@ -73,9 +96,19 @@ class MetaStrategy(FedAvg):
         **kwargs: Any,
     ) -> None:
         _require("num_clients", isinstance(num_clients, int) and num_clients >= 1, "an integer >= 1", num_clients)
-        if clients_per_round is not None:
-            ok = isinstance(clients_per_round, int) and 1 <= clients_per_round <= num_clients
-            _require("clients_per_round (B)", ok, f"None (all clients) or an integer in [1, {num_clients}]", clients_per_round)
+        new = sorted(set(new_clients))
+        ok = all(isinstance(p, int) and 0 <= p < num_clients for p in new) and len(new) < num_clients
+        _require("new_clients", ok, f"distinct partition ids in [0, {num_clients - 1}], leaving at least one training client", list(new_clients))
+        n_train = num_clients - len(new)
+        ok = isinstance(sampling_groups, int) and 1 <= sampling_groups <= n_train
+        _require("sampling_groups", ok, f"an integer in [1, {n_train}] (the training clients)", sampling_groups)
+        if sampling_groups > 1:
+            smallest = n_train // sampling_groups
+            ok = isinstance(clients_per_round, int) and 1 <= clients_per_round <= smallest
+            _require("clients_per_round (B' per group)", ok, f"an integer in [1, {smallest}] with {sampling_groups} groups", clients_per_round)
+        elif clients_per_round is not None:
+            ok = isinstance(clients_per_round, int) and 1 <= clients_per_round <= n_train
+            _require("clients_per_round (B)", ok, f"None (all clients) or an integer in [1, {n_train}]", clients_per_round)
         _require("weighting", weighting in WEIGHTINGS, f"one of {list(WEIGHTINGS)}", weighting)
         _require("evaluate_every", isinstance(evaluate_every, int) and evaluate_every >= 0, "an integer >= 0", evaluate_every)
         _require("node_wait_timeout", node_wait_timeout > 0, "> 0 seconds", node_wait_timeout)
@@ -83,12 +116,15 @@ class MetaStrategy(FedAvg):
         self.hparams = self.hparams_cls(**{k: kwargs.pop(k) for k in list(kwargs) if k in hp_fields})
         self.eval_config = EvalConfig(inner_lr=self.hparams.inner_lr, eval_steps=eval_steps, eval_shots=eval_shots)
         self.num_clients = num_clients
+        self.new_clients = tuple(new)
+        self.train_clients = tuple(p for p in range(num_clients) if p not in set(new))
         self.clients_per_round = clients_per_round
+        self.sampling_groups = sampling_groups
         self.seed = seed
         self.weighting = weighting
         self.evaluate_every = evaluate_every
         self.node_wait_timeout = node_wait_timeout
-        per_round = num_clients if clients_per_round is None else clients_per_round
+        per_round = n_train if clients_per_round is None else clients_per_round * sampling_groups
         kwargs.setdefault("min_available_nodes", num_clients)
         super().__init__(
             fraction_train=1.0,
@@ -110,11 +146,14 @@ class MetaStrategy(FedAvg):
     # ------------------------------------------------------------------------------------------
     @property
     def cross_device(self) -> bool:
-        return self.clients_per_round is not None and self.clients_per_round < self.num_clients
+        return self.clients_per_round is not None and self.clients_per_round * self.sampling_groups < len(self.train_clients)
 
     def summary(self) -> None:
-        mode = f"cross-device, B={self.clients_per_round} of n={self.num_clients}" if self.cross_device else f"cross-silo, n={self.num_clients}"
-        log(INFO, "\t├──> %s: %s", type(self).__name__, mode)
+        n = len(self.train_clients)
+        mode = f"cross-device, B={self.clients_per_round} of n={n}" if self.cross_device else f"cross-silo, n={n}"
+        if self.sampling_groups > 1:
+            mode = f"cross-device, B'={self.clients_per_round} from each of {self.sampling_groups} groups of n={n}"
+        log(INFO, "\t├──> %s: %s, %d new (held-out) clients", type(self).__name__, mode, len(self.new_clients))
         log(INFO, "\t│\t├── hyper-parameters: %s", self.hparams.to_wire())
         log(INFO, "\t│\t├── evaluation: %s every %d rounds", self.eval_config.to_wire(), self.evaluate_every)
         log(INFO, "\t│\t└── seed %d, %s average", self.seed, self.weighting)
@@ -166,7 +205,12 @@ class MetaStrategy(FedAvg):
 
     def sample(self, server_round: int) -> list[int]:
         """The partitions that train in ``server_round`` (see :func:`sample_partitions`)."""
-        return sample_partitions(self.num_clients, self.clients_per_round, self.seed, server_round)
+        n = len(self.train_clients)
+        if self.sampling_groups > 1:
+            picks = sample_grouped(n, self.sampling_groups, self.clients_per_round, self.seed, server_round)
+        else:
+            picks = sample_partitions(n, self.clients_per_round, self.seed, server_round)
+        return [self.train_clients[i] for i in picks]
 
     # --- train -------------------------------------------------------------------------------
     def train_config(self, server_round: int, config: ConfigRecord) -> ConfigRecord:
@@ -239,20 +283,21 @@ class MetaStrategy(FedAvg):
             rec = next(iter(m.content.metric_records.values()))
             per_client[int(rec[C.PARTITION_ID])] = {k: float(rec[k]) for k in EVAL_KEYS if k in rec}
         self.client_eval[server_round] = dict(sorted(per_client.items()))
-        out: dict[str, float | int] = {"num-clients": len(valid), "num-failures": len(errors)}
-        for key in EVAL_KEYS:
-            values = [v[key] for v in per_client.values() if key in v]
-            if values:
-                d = distribution(values)
-                out[key] = d["mean"]
-                out[f"{key}-std"] = d["std"]
-                out[f"{key}-p10"] = d["p10"]
+        new = set(self.new_clients)
+        out: dict[str, float | int] = {"num-clients": sum(p not in new for p in per_client), "num-failures": len(errors)}
+        out.update(summarize(v for p, v in per_client.items() if p not in new))
+        if new:
+            out["new-num-clients"] = sum(p in new for p in per_client)
+            out.update({f"new-{k}": v for k, v in summarize(v for p, v in per_client.items() if p in new).items()})
         metrics = MetricRecord(out)
         if C.ACC_AFTER in metrics:
             logger.info(
                 "round %s/%s: personalized accuracy %.4f +- %.4f (before adaptation %.4f), %d clients",
-                server_round, self.num_rounds, metrics[C.ACC_AFTER], metrics[f"{C.ACC_AFTER}-std"], metrics[C.ACC_BEFORE], len(valid),
+                server_round, self.num_rounds, metrics[C.ACC_AFTER], metrics[f"{C.ACC_AFTER}-std"], metrics[C.ACC_BEFORE], out["num-clients"],
             )
+            if f"new-{C.ACC_AFTER}" in metrics:
+                logger.info("    new clients: personalized accuracy %.4f (before adaptation %.4f), %d clients",
+                            metrics[f"new-{C.ACC_AFTER}"], metrics[f"new-{C.ACC_BEFORE}"], out["new-num-clients"])
         else:
             logger.info("round %s/%s: personalized loss %.4f (before %.4f)", server_round, self.num_rounds, metrics[C.LOSS_AFTER], metrics[C.LOSS_BEFORE])
         return metrics

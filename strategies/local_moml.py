@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Iterable
 
 from fedmeta.config import LocalMOMLConfig
 from fedmeta.strategies.base import MetaStrategy
@@ -37,8 +37,20 @@ class LocalMOML(MetaStrategy):
 
     hparams_cls = LocalMOMLConfig
 
-    def __init__(self, *, num_clients: int, clients_per_round: int | None = None, memory_policy: str | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *,
+        num_clients: int,
+        clients_per_round: int | None = None,
+        new_clients: Iterable[int] = (),
+        memory_policy: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        new_clients = tuple(new_clients)
         if memory_policy is None:
-            cross_device = clients_per_round is not None and clients_per_round != num_clients
+            num_train = num_clients - len(set(new_clients))
+            cross_device = clients_per_round is not None and clients_per_round * kwargs.get("sampling_groups", 1) < num_train
             memory_policy = "reset" if cross_device else "keep"
-        super().__init__(num_clients=num_clients, clients_per_round=clients_per_round, memory_policy=memory_policy, **kwargs)
+        super().__init__(
+            num_clients=num_clients, clients_per_round=clients_per_round, new_clients=new_clients, memory_policy=memory_policy, **kwargs
+        )

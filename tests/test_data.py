@@ -1,55 +1,80 @@
-"""Tests of fedmeta.data: the Fallah et al. split, Fashion-MNIST files, samplers, sinewave tasks."""
+"""Tests of fedmeta.data: image loaders (on generated torchvision-format fixtures), the Fallah,
+Dirichlet and pathological partitions, real Fashion-MNIST, samplers and sinewave tasks."""
 
 from __future__ import annotations
 
-import gzip
 import math
 import os
-import struct
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from fixtures_data import (
+    decode,
+    patch_cifar_md5,
+    write_cifar10,
+    write_cifar100,
+    write_idx_dataset,
+)
+from torchvision import datasets as tvd
 
 from fedmeta import data
 from fedmeta.data import (
+    DATASETS,
+    IMAGE_SHAPES,
+    NUM_CLASSES,
+    PARTITION_DEFAULTS,
     ClientData,
     SinewaveData,
     client_data,
+    dirichlet_plans,
     fallah_class_plan,
     fallah_class_roles,
     fallah_partitions,
+    fallah_plans,
     fallah_split,
-    fallah_split_with_plan,
+    load_dataset,
     load_fashion_mnist,
+    locate_dataset,
     locate_fashion_mnist,
+    partition_indices,
+    partitions,
+    pathological_classes,
+    pathological_plans,
     sinewave_tasks,
+    split_by_plan,
 )
 
 FIRST = set(range(5))
 LAST = set(range(5, 10))
 
 
-def synthetic_labels(per_class: int = 200, num_classes: int = 10) -> np.ndarray:
+def synthetic_labels(per_class: int = 200, num_classes: int = 10, seed: int = 123) -> np.ndarray:
     labels = np.repeat(np.arange(num_classes), per_class)
-    return np.random.default_rng(123).permutation(labels)
+    return np.random.default_rng(seed).permutation(labels)
 
 
-def check_composition(labels_per_client: list[np.ndarray], a: int) -> list[tuple[int, int]]:
+def counts_of(labels: np.ndarray) -> dict[int, int]:
+    return dict(Counter(int(c) for c in labels))
+
+
+def check_composition(
+    labels_per_client: list[np.ndarray], a: int, num_classes: int = 10
+) -> list[tuple[int, int]]:
     """Assert the per-fedavg Section 5 composition; return each skewed client's (first, last)."""
-    n = len(labels_per_client)
+    n, h = len(labels_per_client), num_classes // 2
     skewed = []
     for i, labels in enumerate(labels_per_client):
-        counts = Counter(int(c) for c in labels)
+        counts = counts_of(labels)
         if i < n // 2:
-            assert counts == {c: a for c in FIRST}, f"balanced client {i}: {counts}"
+            assert counts == {c: a for c in range(h)}, f"balanced client {i}: {counts}"
         else:
-            assert sorted(counts.values()) == [a // 2, 2 * a], f"skewed client {i}: {counts}"
+            assert len(counts) == 2 and sorted(counts.values()) == [a // 2, 2 * a], f"skewed {i}: {counts}"
             first = next(c for c, k in counts.items() if k == a // 2)
             last = next(c for c, k in counts.items() if k == 2 * a)
-            assert first in FIRST and last in LAST, f"skewed client {i}: {counts}"
+            assert first < h <= last < num_classes, f"skewed client {i}: {counts}"
             skewed.append((first, last))
     return skewed
 
@@ -57,6 +82,10 @@ def check_composition(labels_per_client: list[np.ndarray], a: int) -> list[tuple
 def assert_disjoint(parts: list[np.ndarray]) -> None:
     allidx = np.concatenate(parts)
     assert len(np.unique(allidx)) == len(allidx)
+
+
+def same_split(a: tuple[list[np.ndarray], ...], b: tuple[list[np.ndarray], ...]) -> bool:
+    return all(len(x) == len(y) and all(np.array_equal(u, v) for u, v in zip(x, y)) for x, y in zip(a, b))
 
 
 # --------------------------------------------------------------------------- Fallah split
@@ -96,22 +125,44 @@ def test_fallah_split_deterministic_per_seed():
     assert not all(np.array_equal(x, y) for x, y in zip(a, c))
 
 
-def test_fallah_plan_shared_between_train_and_test():
-    roles = fallah_class_roles(10, np.random.default_rng(3))
-    train = [r.counts(6) for r in roles]
-    test = [r.counts(2) for r in roles]
+def test_fallah_plans_share_roles_between_train_and_test():
+    train, test = fallah_plans(10, np.random.default_rng(3), a_train=6, a_test=2)
     assert [set(p) for p in train] == [set(p) for p in test]
-    assert fallah_class_plan(10, 6, np.random.default_rng(3)) == train
-    parts = fallah_split_with_plan(synthetic_labels(), test, np.random.default_rng(0))
+    assert train == fallah_class_plan(10, 6, np.random.default_rng(3))
+    roles = fallah_class_roles(10, np.random.default_rng(3))
+    assert test == [r.counts(2) for r in roles]
+    parts = split_by_plan(synthetic_labels(), test, np.random.default_rng(0))
     assert [len(p) for p in parts] == [sum(p.values()) for p in test]
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_fallah_twenty_classes_train_and_test(seed):
+    # CIFAR-100's 20 superclasses: first 10 vs last 10; the paper's odd test a = 15 gives a//2 = 7.
+    y_train, y_test = synthetic_labels(300, 20, seed=1), synthetic_labels(250, 20, seed=2)
+    n, a_train, a_test = 30, 10, 15
+    train, test = partition_indices(
+        "fallah", y_train, y_test, n, np.random.default_rng(seed), 20, a_train=a_train, a_test=a_test
+    )
+    assert_disjoint(train)
+    assert_disjoint(test)
+    train_skewed = check_composition([y_train[p] for p in train], a_train, 20)
+    test_skewed = check_composition([y_test[p] for p in test], a_test, 20)
+    assert train_skewed == test_skewed
+    assert {f for f, _ in train_skewed} == set(range(10))  # 15 skewed clients cover all 10
+    assert {l for _, l in train_skewed} == set(range(10, 20))
+    assert [len(p) for p in test[n // 2 :]] == [7 + 30] * (n // 2)
+    again = partition_indices(
+        "fallah", y_train, y_test, n, np.random.default_rng(seed), 20, a_train=a_train, a_test=a_test
+    )
+    assert same_split((train, test), again)
 
 
 @pytest.mark.parametrize(
     ("num_clients", "a", "field"),
-    [(9, 6, "num_clients"), (0, 6, "num_clients"), (10, 5, "a"), (10, 0, "a")],
+    [(9, 6, "num_clients"), (0, 6, "num_clients"), (10, 1, "a"), (10, 0, "a"), (10, 2.0, "a")],
 )
 def test_fallah_split_rejects_bad_parameters(num_clients, a, field):
-    with pytest.raises(ValueError, match=rf"^{field} .*even integer >= 2"):
+    with pytest.raises(ValueError, match=rf"^{field} must be an (even )?integer >= 2"):
         fallah_split(synthetic_labels(), num_clients, a, np.random.default_rng(0))
 
 
@@ -119,32 +170,195 @@ def test_fallah_split_too_few_samples_names_class():
     labels = synthetic_labels(per_class=200)
     labels[np.flatnonzero(labels == 2)[10:]] = 7  # leave class 2 with 10 samples
     # balanced clients need 5 * 6 = 30 samples of class 2 alone.
-    with pytest.raises(ValueError, match=r"class 2 .*needs \d+ but only 10 are available"):
+    msg = r"class 2 has too few samples .*needs \d+ but only 10 are available"
+    with pytest.raises(ValueError, match=msg):
         fallah_split(labels, 10, 6, np.random.default_rng(0))
 
 
-# --------------------------------------------------------------------------- IDX files
+# --------------------------------------------------------------------------- Dirichlet partition
 
 
-def write_idx(path: Path, array: np.ndarray) -> None:
-    magic = 0x00000800 | array.ndim  # 0x08: unsigned byte
-    header = struct.pack(">I", magic) + struct.pack(f">{array.ndim}I", *array.shape)
-    with gzip.open(path, "wb") as f:
-        f.write(header + array.astype(np.uint8).tobytes())
-
-
-def write_fake_fashion_mnist(directory: Path, n_train: int = 12, n_test: int = 6) -> dict:
-    directory.mkdir(parents=True, exist_ok=True)
+def test_largest_remainder_rounding():
     rng = np.random.default_rng(0)
-    arrays = {
-        "train-images-idx3-ubyte": rng.integers(0, 256, size=(n_train, 28, 28), dtype=np.uint8),
-        "train-labels-idx1-ubyte": rng.integers(0, 10, size=n_train, dtype=np.uint8),
-        "t10k-images-idx3-ubyte": rng.integers(0, 256, size=(n_test, 28, 28), dtype=np.uint8),
-        "t10k-labels-idx1-ubyte": rng.integers(0, 10, size=n_test, dtype=np.uint8),
-    }
-    for name, arr in arrays.items():
-        write_idx(directory / f"{name}.gz", arr)
-    return arrays
+    for _ in range(200):
+        p = rng.dirichlet(np.full(7, 0.3))
+        total = int(rng.integers(1, 500))
+        counts = data._largest_remainder(p, total)
+        assert counts.sum() == total and counts.min() >= 0
+        assert np.all(np.abs(counts - p * total) < 1)
+    assert data._largest_remainder(np.array([0.5, 0.25, 0.25]), 3).tolist() == [1, 1, 1]
+    assert data._largest_remainder(np.array([0.5, 0.3, 0.2]), 4).tolist() == [2, 1, 1]
+    assert data._largest_remainder(np.array([0.5, 0.5]), 1).tolist() == [1, 0]  # ties: lower class
+
+
+def test_dirichlet_sizes_disjoint_matched_train_test():
+    y_train, y_test = synthetic_labels(400), synthetic_labels(150, seed=4)
+    n, n_tr, n_te = 20, 120, 40
+    train, test = partition_indices(
+        "dirichlet", y_train, y_test, n, np.random.default_rng(0), alpha=0.5,
+        train_per_client=n_tr, test_per_client=n_te,
+    )
+    assert [len(p) for p in train] == [n_tr] * n and [len(p) for p in test] == [n_te] * n
+    assert_disjoint(train)
+    assert_disjoint(test)
+    for tr, te in zip(train, test):
+        f_tr = np.bincount(y_train[tr], minlength=10) / n_tr
+        f_te = np.bincount(y_test[te], minlength=10) / n_te
+        # Both are the largest-remainder rounding of the same proportions p_i.
+        assert np.all(np.abs(f_tr - f_te) < 1 / n_tr + 1 / n_te)
+    # The plans say the same thing as the drawn labels.
+    plan_tr, plan_te = dirichlet_plans(
+        n, np.random.default_rng(0), alpha=0.5, train_per_client=n_tr, test_per_client=n_te
+    )
+    assert [counts_of(y_train[p]) for p in train] == plan_tr
+    assert [counts_of(y_test[p]) for p in test] == plan_te
+
+
+def test_dirichlet_alpha_controls_skew_and_seed_determinism():
+    def classes_per_client(alpha: float) -> float:
+        plans, _ = dirichlet_plans(200, np.random.default_rng(1), alpha=alpha, train_per_client=100)
+        return float(np.mean([len(p) for p in plans]))
+
+    assert classes_per_client(0.05) < 3 < 9.5 < classes_per_client(100.0)
+    near_uniform, _ = dirichlet_plans(50, np.random.default_rng(2), alpha=1e4, train_per_client=100)
+    assert all(set(p.values()) == {10} for p in near_uniform)
+
+    a = dirichlet_plans(10, np.random.default_rng(5))
+    assert a == dirichlet_plans(10, np.random.default_rng(5))
+    assert a != dirichlet_plans(10, np.random.default_rng(6))
+    assert sum(a[0][0].values()) == PARTITION_DEFAULTS["dirichlet"]["train_per_client"]
+
+
+@pytest.mark.parametrize(
+    ("kw", "field"),
+    [
+        ({"alpha": 0}, "alpha"),
+        ({"alpha": -1.0}, "alpha"),
+        ({"alpha": math.inf}, "alpha"),
+        ({"alpha": "1"}, "alpha"),
+        ({"train_per_client": 0}, "train_per_client"),
+        ({"test_per_client": 2.5}, "test_per_client"),
+        ({"train_per_client": True}, "train_per_client"),
+        ({"num_clients": 0}, "num_clients"),
+    ],
+)
+def test_dirichlet_rejects_bad_parameters(kw, field):
+    kw = {"num_clients": 4, **kw}
+    with pytest.raises(ValueError, match=rf"^{field} must be"):
+        dirichlet_plans(rng=np.random.default_rng(0), **kw)
+
+
+def test_dirichlet_class_running_out_names_class_and_split():
+    y_train = synthetic_labels(100)
+    y_test = synthetic_labels(100, seed=9)
+    y_test[np.flatnonzero(y_test == 3)[5:]] = 4  # class 3 keeps 5 test samples
+    msg = r"class 3 has too few samples in the test split: .*needs 20 but only 5"
+    with pytest.raises(ValueError, match=msg):
+        # alpha -> infinity: every client has exactly 1 test sample of each class; 20 clients.
+        partition_indices("dirichlet", y_train, y_test, 20, np.random.default_rng(0), alpha=1e6,
+                          train_per_client=10, test_per_client=10)
+
+
+# --------------------------------------------------------------------------- pathological partition
+
+
+@pytest.mark.parametrize(("n", "c", "num_classes"), [(50, 2, 10), (7, 3, 10), (13, 4, 20), (5, 10, 10)])
+def test_pathological_classes_distinct_and_balanced(n, c, num_classes):
+    classes = pathological_classes(n, c, np.random.default_rng(0), num_classes)
+    assert len(classes) == n
+    assert all(len(set(cs)) == c and all(0 <= k < num_classes for k in cs) for cs in classes)
+    usage = np.bincount(np.concatenate(classes), minlength=num_classes)
+    assert usage.max() - usage.min() <= 1
+    assert usage.sum() == n * c
+
+
+def test_pathological_partition_composition():
+    y_train, y_test = synthetic_labels(300), synthetic_labels(100, seed=4)
+    n, c, n_tr, n_te = 20, 3, 61, 20  # 61 // 3 = 20, 20 // 3 = 6 per class
+    train, test = partition_indices(
+        "pathological", y_train, y_test, n, np.random.default_rng(0),
+        classes_per_client=c, train_per_client=n_tr, test_per_client=n_te,
+    )
+    assert_disjoint(train)
+    assert_disjoint(test)
+    expected = pathological_classes(n, c, np.random.default_rng(0))
+    for tr, te, cs in zip(train, test, expected):
+        assert counts_of(y_train[tr]) == dict.fromkeys(cs, 20)
+        assert counts_of(y_test[te]) == dict.fromkeys(cs, 6)
+    # Clients differ: not every client holds the same pair of classes.
+    assert len(set(expected)) > 1
+    again = partition_indices(
+        "pathological", y_train, y_test, n, np.random.default_rng(0),
+        classes_per_client=c, train_per_client=n_tr, test_per_client=n_te,
+    )
+    other = partition_indices(
+        "pathological", y_train, y_test, n, np.random.default_rng(1),
+        classes_per_client=c, train_per_client=n_tr, test_per_client=n_te,
+    )
+    assert same_split((train, test), again)
+    assert not same_split((train, test), other)
+
+
+@pytest.mark.parametrize(
+    ("kw", "match"),
+    [
+        ({"classes_per_client": 0}, r"^classes_per_client must be an integer in \[1, 10\]"),
+        ({"classes_per_client": 11}, r"^classes_per_client must be an integer in \[1, 10\]"),
+        ({"classes_per_client": 3, "train_per_client": 2}, r"^train_per_client must be an integer >= 3"),
+        ({"classes_per_client": 2, "test_per_client": 1}, r"^test_per_client must be an integer >= 2"),
+        ({"num_clients": 0}, r"^num_clients must be an integer >= 1"),
+    ],
+)
+def test_pathological_rejects_bad_parameters(kw, match):
+    kw = {"num_clients": 4, **kw}
+    with pytest.raises(ValueError, match=match):
+        pathological_plans(rng=np.random.default_rng(0), **kw)
+
+
+def test_pathological_plans_match_classes():
+    train, test = pathological_plans(6, np.random.default_rng(2), classes_per_client=2)
+    classes = pathological_classes(6, 2, np.random.default_rng(2))
+    assert train == [dict.fromkeys(cs, 150) for cs in classes]
+    assert test == [dict.fromkeys(cs, 50) for cs in classes]
+
+
+# --------------------------------------------------------------------------- partition parameters
+
+
+def test_partition_indices_rejects_unknown_partition_and_parameters():
+    y = synthetic_labels(50)
+    rng = np.random.default_rng(0)
+    msg = "partition must be one of 'fallah', 'dirichlet', 'pathological', got 'iid'"
+    with pytest.raises(ValueError, match=msg):
+        partition_indices("iid", y, y, 4, rng)
+    msg = "unknown parameter 'beta' of partition 'dirichlet'; allowed: alpha, train_per_client, test_per_client"
+    with pytest.raises(ValueError, match=msg):
+        partition_indices("dirichlet", y, y, 4, rng, beta=1.0)
+    with pytest.raises(ValueError, match="unknown parameter 'a_train' of partition 'pathological'"):
+        partition_indices("pathological", y, y, 4, rng, a_train=4)
+    msg = "unknown parameter 'alpha' of partition 'fallah'; allowed: a_train, a_test"
+    with pytest.raises(ValueError, match=msg):
+        partition_indices("fallah", y, y, 4, rng, alpha=4)
+
+
+def test_partitions_validates_before_touching_the_disk(tmp_path):
+    empty = tmp_path / "empty"
+    with pytest.raises(ValueError, match="^alpha must be"):
+        partitions("cifar10", "dirichlet", 4, root=empty, alpha=-1)
+    with pytest.raises(ValueError, match="^a_test must be an integer >= 2"):
+        partitions("mnist", "fallah", 4, root=empty, a_test=1)
+    with pytest.raises(ValueError, match="^num_clients must be an even integer"):
+        partitions("mnist", "fallah", 5, root=empty)
+    with pytest.raises(ValueError, match="unknown parameter 'a' of partition 'fallah'"):
+        client_data("mnist", 0, 4, 0, root=empty, a=3)
+    msg = "^dataset must be one of 'mnist', 'fashion-mnist', 'cifar10', 'cifar100', got 'cifar-10'"
+    with pytest.raises(ValueError, match=msg):
+        partitions("cifar-10", root=empty)
+    with pytest.raises(FileNotFoundError, match="mnist"):
+        partitions("mnist", "pathological", 4, root=empty)
+
+
+# --------------------------------------------------------------------------- loaders on fixtures
 
 
 @pytest.fixture
@@ -154,34 +368,238 @@ def no_system_data(monkeypatch, tmp_path):
     monkeypatch.setenv("FEDMETA_CACHE", str(tmp_path / "cache"))
 
 
-@pytest.mark.parametrize("subdir", ["", "FashionMNIST/raw"])
-def test_locate_decompresses_and_torchvision_loads(tmp_path, no_system_data, subdir):
-    from torchvision.datasets import FashionMNIST
+@pytest.fixture
+def mnist_root(tmp_path):
+    root = tmp_path / "mnist-root"
+    return root, write_idx_dataset(root / "MNIST" / "raw")
 
+
+@pytest.fixture
+def cifar10_root(tmp_path, monkeypatch):
+    root = tmp_path / "cifar10-root"
+    arrays = write_cifar10(root)
+    patch_cifar_md5(monkeypatch, tvd.CIFAR10, root)
+    return root, arrays
+
+
+@pytest.fixture
+def cifar100_root(tmp_path, monkeypatch):
+    root = tmp_path / "cifar100-root"
+    arrays = write_cifar100(root)
+    patch_cifar_md5(monkeypatch, tvd.CIFAR100, root)
+    return root, arrays
+
+
+def test_dataset_tables():
+    assert DATASETS == ("mnist", "fashion-mnist", "cifar10", "cifar100", "sinewave")
+    assert IMAGE_SHAPES == {
+        "mnist": (1, 28, 28), "fashion-mnist": (1, 28, 28), "cifar10": (3, 32, 32), "cifar100": (3, 32, 32)
+    }
+    assert NUM_CLASSES == {"mnist": 10, "fashion-mnist": 10, "cifar10": 10, "cifar100": 20}
+
+
+def test_load_mnist_raw_idx(mnist_root, no_system_data):
+    root, arrays = mnist_root
+    x_train, y_train, x_test, y_test = load_dataset("mnist", root)
+    assert x_train.shape == (120, 1, 28, 28) and x_test.shape == (60, 1, 28, 28)
+    assert x_train.dtype == torch.uint8 and y_train.dtype == y_test.dtype == torch.int64
+    assert np.array_equal(x_train[:, 0].numpy(), arrays["train_images"])
+    assert np.array_equal(x_test[:, 0].numpy(), arrays["test_images"])
+    assert np.array_equal(y_train.numpy(), arrays["train_labels"])
+    assert np.array_equal(y_test.numpy(), arrays["test_labels"])
+    assert load_dataset("mnist", root)[0] is x_train  # cached per process and directory
+    assert torch.equal(tvd.MNIST(root, train=False).data, x_test[:, 0])
+
+
+def test_load_mnist_decompresses_gz_from_root(tmp_path, no_system_data):
     root = tmp_path / "root"
-    arrays = write_fake_fashion_mnist(root / subdir)
+    arrays = write_idx_dataset(root, compress=True)
+    assert locate_dataset("mnist", root) == root
+    for name in data.IDX_FILES:
+        assert (root / "MNIST" / "raw" / name).is_file()
+    assert not list((root / "MNIST" / "raw").glob(".*.tmp"))
+    x_train, y_train, _, _ = load_dataset("mnist", root)
+    assert np.array_equal(x_train[:, 0].numpy(), arrays["train_images"])
+    assert np.array_equal(y_train.numpy(), arrays["train_labels"])
+
+
+def test_load_cifar10_pixels_and_labels(cifar10_root, no_system_data):
+    root, arrays = cifar10_root
+    x_train, y_train, x_test, y_test = load_dataset("cifar10", root)
+    assert x_train.shape == (120, 3, 32, 32) and x_test.shape == (60, 3, 32, 32)
+    assert x_train.dtype == torch.uint8 and y_train.dtype == torch.int64
+    # The pickles store CHW rows; torchvision keeps HWC; we return CHW.
+    assert np.array_equal(x_train.numpy(), arrays["x_train"].reshape(-1, 3, 32, 32))
+    assert np.array_equal(x_test.numpy(), arrays["x_test"].reshape(-1, 3, 32, 32))
+    hwc = tvd.CIFAR10(root, train=True).data
+    assert hwc.shape == (120, 32, 32, 3)
+    assert np.array_equal(x_train.permute(0, 2, 3, 1).numpy(), hwc)
+    assert np.array_equal(y_train.numpy(), arrays["y_train"])
+    assert np.array_equal(y_test.numpy(), arrays["y_test"])
+
+
+def test_load_cifar100_coarse_labels(cifar100_root, no_system_data):
+    root, arrays = cifar100_root
+    x_train, y_train, x_test, y_test = load_dataset("cifar100", root)
+    assert x_train.shape == (240, 3, 32, 32) and x_test.shape == (120, 3, 32, 32)
+    assert x_train.dtype == torch.uint8 and y_test.dtype == torch.int64
+    assert np.array_equal(y_train.numpy(), arrays["y_train"])
+    assert np.array_equal(y_test.numpy(), arrays["y_test"])
+    assert set(y_train.tolist()) == set(range(20))
+    # torchvision's own targets are the fine labels, which we do not return.
+    assert tvd.CIFAR100(root, train=True).targets == arrays["fine_train"].tolist()
+    assert not np.array_equal(arrays["fine_train"], arrays["y_train"])
+    assert np.array_equal(x_test.numpy(), arrays["x_test"].reshape(-1, 3, 32, 32))
+    assert np.array_equal(x_train.permute(0, 2, 3, 1).numpy(), tvd.CIFAR100(root, train=True).data)
+
+
+def test_cifar_integrity_is_checked(tmp_path, no_system_data):
+    # Without the md5 patch torchvision's real checksums do not match the fixture: rejected.
+    root = tmp_path / "corrupt"
+    write_cifar10(root)
+    with pytest.raises(RuntimeError, match=rf"cifar10 files in {root}.*corrupted.*download=True"):
+        load_dataset("cifar10", root)
+
+
+@pytest.mark.parametrize(
+    ("name", "looked_in"),
+    [
+        ("mnist", "MNIST/raw"),
+        ("fashion-mnist", "FashionMNIST/raw"),
+        ("cifar10", "cifar-10-batches-py"),
+        ("cifar100", "cifar-100-python"),
+    ],
+)
+def test_missing_data_message(tmp_path, no_system_data, name, looked_in):
+    root = tmp_path / "empty"
+    with pytest.raises(FileNotFoundError) as err:
+        load_dataset(name, root)
+    msg = str(err.value)
+    assert msg.startswith(f"{name} not found")
+    assert str(root / looked_in) in msg
+    assert "FEDMETA_DATA" in msg and "download=True" in msg
+    assert ("apt-get install dataset-fashion-mnist" in msg) == (name == "fashion-mnist")
+
+
+def test_root_from_environment(cifar10_root, tmp_path, monkeypatch, no_system_data):
+    root, _ = cifar10_root
+    with pytest.raises(FileNotFoundError, match=str(tmp_path / "cache")):
+        load_dataset("cifar10")  # FEDMETA_CACHE
+    monkeypatch.setenv("FEDMETA_DATA", str(root))
+    assert locate_dataset("cifar10") == root
+    assert load_dataset("cifar10")[0].shape == (120, 3, 32, 32)
+
+
+def test_download_is_passed_to_torchvision(tmp_path, monkeypatch, no_system_data):
+    calls = []
+
+    def fake_mnist_download(self):
+        calls.append(self.raw_folder)
+        write_idx_dataset(Path(self.raw_folder))
+
+    def fake_cifar_download(self):
+        calls.append(self.root)
+        write_cifar10(Path(self.root))
+        patch_cifar_md5(monkeypatch, tvd.CIFAR10, Path(self.root))
+
+    monkeypatch.setattr(tvd.MNIST, "download", fake_mnist_download)
+    monkeypatch.setattr(tvd.CIFAR10, "download", fake_cifar_download)
+    root = tmp_path / "dl"
+    with pytest.raises(FileNotFoundError):
+        load_dataset("mnist", root)
+    assert calls == []
+    assert load_dataset("mnist", root, download=True)[0].shape == (120, 1, 28, 28)
+    assert load_dataset("cifar10", root, download=True)[2].shape == (60, 3, 32, 32)
+    assert calls == [str(root / "MNIST" / "raw"), str(root)]
+    load_dataset("mnist", root, download=True)  # present now: no second download
+    assert len(calls) == 2
+
+
+# --------------------------------------------------------------------------- partitions on fixtures
+
+
+SMALL_PARAMS = {
+    "fallah": lambda c: {"a_train": 4, "a_test": 2},
+    "dirichlet": lambda c: {"alpha": 1e4, "train_per_client": 2 * c, "test_per_client": c},
+    "pathological": lambda c: {"classes_per_client": 2, "train_per_client": 4, "test_per_client": 2},
+}
+
+
+@pytest.mark.parametrize("partition", ["fallah", "dirichlet", "pathological"])
+@pytest.mark.parametrize("name", ["mnist", "cifar10", "cifar100"])
+def test_partitions_on_fixtures(request, no_system_data, name, partition):
+    root, _ = request.getfixturevalue(f"{name}_root")
+    n, num_classes = 4, NUM_CLASSES[name]
+    params = SMALL_PARAMS[partition](num_classes)
+    clients = partitions(name, partition, n, seed=0, root=root, **params)
+    assert len(clients) == n
+    x_train, y_train, x_test, y_test = load_dataset(name, root)
+    expected = partition_indices(
+        partition, y_train.numpy(), y_test.numpy(), n, np.random.default_rng(0), num_classes, **params
+    )
+    seen_train, seen_test = [], []
+    for c, tr, te in zip(clients, *expected):
+        for x, y, full_x, full_y, idx, split, seen in (
+            (c.x_train, c.y_train, x_train, y_train, tr, 0, seen_train),
+            (c.x_test, c.y_test, x_test, y_test, te, 1, seen_test),
+        ):
+            assert x.shape == (len(idx), *IMAGE_SHAPES[name]) and x.dtype == torch.float32
+            assert y.dtype == torch.int64 and 0.0 <= x.min() and x.max() <= 1.0
+            rows, splits = decode(x)
+            assert (splits == split).all()  # train rows from the train files, test from test
+            assert np.array_equal(rows, idx)
+            assert torch.equal(y, full_y[torch.from_numpy(rows)])
+            assert torch.equal(x, full_x[torch.from_numpy(rows)].float() / 255)
+            seen.append(rows)
+        assert set(c.y_train.tolist()) == set(c.y_test.tolist())  # same classes in both splits
+    assert_disjoint(seen_train)
+    assert_disjoint(seen_test)
+    if partition == "fallah":
+        check_composition([c.y_train.numpy() for c in clients], 4, num_classes)
+        check_composition([c.y_test.numpy() for c in clients], 2, num_classes)
+    assert partitions(name, partition, n, seed=0, root=root, **params) is clients  # cached
+    assert client_data(name, 2, n, 0, partition=partition, root=root, **params) is clients[2]
+    other = partitions(name, partition, n, seed=1, root=root, **params)
+    assert any(not torch.equal(a.x_train, b.x_train) for a, b in zip(clients, other))
+
+
+def test_fallah_partitions_wrapper_and_cifar100_default_a_test(cifar100_root, no_system_data):
+    root, _ = cifar100_root
+    # CIFAR-100's default a_test is the paper's 15 (localmoml Section 6.2): the fixture's 6 test
+    # images per superclass are too few for 2 balanced clients x 15.
+    msg = r"class \d+ has too few samples in the test split: the partition needs 3\d but only 6"
+    with pytest.raises(ValueError, match=msg):
+        fallah_partitions("cifar100", 4, 4, root=root)
+    clients = fallah_partitions("cifar100", 4, 4, 2, seed=3, root=root)
+    assert clients is partitions("cifar100", "fallah", 4, 3, root, a_train=4, a_test=2)
+    assert [c.num_train for c in clients] == [40, 40, 10, 10]
+
+
+# --------------------------------------------------------------------------- Fashion-MNIST files
+
+
+@pytest.mark.parametrize("subdir", ["", "FashionMNIST/raw"])
+def test_locate_fashion_mnist_decompresses_and_loads(tmp_path, no_system_data, subdir):
+    root = tmp_path / "root"
+    arrays = write_idx_dataset(root / subdir, compress=True)
     assert locate_fashion_mnist(root) == root
-    for name in data.FASHION_MNIST_FILES:
+    for name in data.IDX_FILES:
         assert (root / "FashionMNIST" / "raw" / name).is_file()
     assert not list((root / "FashionMNIST" / "raw").glob(".*.tmp"))
 
-    train = FashionMNIST(root, train=True, download=False)
-    assert train.data.shape == (12, 28, 28)
-    assert np.array_equal(train.data.numpy(), arrays["train-images-idx3-ubyte"])
-    assert np.array_equal(train.targets.numpy(), arrays["train-labels-idx1-ubyte"])
+    train = tvd.FashionMNIST(root, train=True, download=False)
+    assert np.array_equal(train.data.numpy(), arrays["train_images"])
 
     x_train, y_train, x_test, y_test = load_fashion_mnist(root)
-    assert x_train.shape == (12, 784) and x_test.shape == (6, 784)
-    assert x_train.dtype == torch.float32 and y_train.dtype == torch.int64
-    assert 0.0 <= x_train.min() and x_train.max() <= 1.0
-    expected = arrays["t10k-images-idx3-ubyte"].reshape(6, -1) / 255.0
-    assert torch.allclose(x_test, torch.from_numpy(expected).float())
-    assert np.array_equal(y_test.numpy(), arrays["t10k-labels-idx1-ubyte"])
+    assert x_train.shape == (120, 1, 28, 28) and x_test.shape == (60, 1, 28, 28)
+    assert x_train.dtype == torch.uint8 and y_train.dtype == torch.int64
+    assert np.array_equal(x_test[:, 0].numpy(), arrays["test_images"])
+    assert np.array_equal(y_test.numpy(), arrays["test_labels"])
 
 
 def test_locate_uses_system_dir_into_cache(tmp_path, no_system_data, monkeypatch):
     system = tmp_path / "system"
-    write_fake_fashion_mnist(system)
+    write_idx_dataset(system, compress=True)
     monkeypatch.setattr(data, "SYSTEM_FASHION_MNIST_DIR", system)
     root = locate_fashion_mnist()
     assert root == tmp_path / "cache"
@@ -189,6 +607,9 @@ def test_locate_uses_system_dir_into_cache(tmp_path, no_system_data, monkeypatch
     # FEDMETA_DATA takes precedence over the cache.
     monkeypatch.setenv("FEDMETA_DATA", str(tmp_path / "data"))
     assert locate_fashion_mnist() == tmp_path / "data"
+    # MNIST has no system package to fall back on.
+    with pytest.raises(FileNotFoundError, match="mnist not found"):
+        locate_dataset("mnist")
 
 
 def test_locate_missing_files_raises(tmp_path, no_system_data):
@@ -227,26 +648,38 @@ def test_fallah_partitions_fashion_mnist(fashion_cache):
     for i, c in enumerate(clients):
         size = 5 if i < n // 2 else 2.5
         assert c.num_train == size * a_train and len(c.x_test) == size * a_test
-        assert c.x_train.shape[1] == 784 and c.x_train.dtype == torch.float32
+        assert c.x_train.shape[1:] == (1, 28, 28) and c.x_train.dtype == torch.float32
         assert 0.0 <= c.x_train.min() and c.x_train.max() <= 1.0
 
     # Train rows come from the 60k training split and test rows from the 10k test split,
     # and no two clients share a sample.
     x_train, y_train, x_test, y_test = load_fashion_mnist()
-    assert x_train.shape == (60000, 784) and x_test.shape == (10000, 784)
-    rng = np.random.default_rng(0)
-    roles = fallah_class_roles(n, rng)
-    train_idx = fallah_split_with_plan(y_train.numpy(), [r.counts(a_train) for r in roles], rng)
-    test_idx = fallah_split_with_plan(y_test.numpy(), [r.counts(a_test) for r in roles], rng)
+    assert x_train.shape == (60000, 1, 28, 28) and x_test.shape == (10000, 1, 28, 28)
+    assert x_train.dtype == torch.uint8
+    train_idx, test_idx = partition_indices(
+        "fallah", y_train.numpy(), y_test.numpy(), n, np.random.default_rng(0), a_train=a_train, a_test=a_test
+    )
     assert_disjoint(train_idx)
     assert_disjoint(test_idx)
     for c, tr, te in zip(clients, train_idx, test_idx):
-        assert torch.equal(c.x_train, x_train[torch.from_numpy(tr)])
-        assert torch.equal(c.x_test, x_test[torch.from_numpy(te)])
+        assert torch.equal(c.x_train, x_train[torch.from_numpy(tr)].float() / 255)
+        assert torch.equal(c.x_test, x_test[torch.from_numpy(te)].float() / 255)
 
     assert client_data("fashion-mnist", 3, n, 0) is clients[3]  # cached
+    assert client_data("fashion-mnist", 3, n, 0, partition="fallah", a_train=68) is clients[3]
     other = fallah_partitions("fashion-mnist", n, a_train, a_test, seed=1)
     assert not torch.equal(other[0].x_train, clients[0].x_train)
+
+
+@pytest.mark.parametrize("partition", ["dirichlet", "pathological"])
+def test_default_partitions_fashion_mnist(fashion_cache, partition):
+    clients = partitions("fashion-mnist", partition)
+    assert len(clients) == 50
+    assert all(c.num_train == 300 and len(c.y_test) == 100 for c in clients)
+    for c in clients:
+        assert set(c.y_train.tolist()) >= set(c.y_test.tolist())
+    if partition == "pathological":
+        assert all(len(set(c.y_train.tolist())) == 2 for c in clients)
 
 
 # --------------------------------------------------------------------------- client_data
@@ -257,8 +690,8 @@ def test_client_data_validation():
         client_data("sinewave", 5, 5, 0)
     with pytest.raises(ValueError, match="partition_id"):
         client_data("sinewave", -1, 5, 0)
-    with pytest.raises(ValueError, match="'fashion-mnist', 'sinewave'"):
-        client_data("mnist", 0, 5, 0)
+    with pytest.raises(ValueError, match="'cifar100', 'sinewave', got 'emnist'"):
+        client_data("emnist", 0, 5, 0)
     with pytest.raises(ValueError, match="'fashion-mnist'"):
         fallah_partitions("cifar-10")
     task = client_data("sinewave", 7, 25, 0)

@@ -15,8 +15,7 @@ from flwr.serverapp import Grid, ServerApp
 from fedmeta import config as C
 from fedmeta.clients.client import MetaClient, round_generator
 from fedmeta.config import LocalMOMLConfig
-from fedmeta.data import fallah_partitions
-from fedmeta.models import build_model
+from fedmeta.data import partitions
 from fedmeta.simulations import run as sim_run
 from fedmeta.simulations.apps import build_client_app, initial_model
 from fedmeta.simulations.config import ExperimentConfig
@@ -55,8 +54,8 @@ def simulate_strategy(strategy: LocalMOML, cfg: ExperimentConfig):
 
 def replay(cfg: ExperimentConfig, hp: LocalMOMLConfig) -> dict[str, np.ndarray]:
     """The same run in one process: sampling, batches and memory handled by hand, no Flower."""
-    parts = fallah_partitions("fashion-mnist", cfg.num_clients, cfg.a_train, cfg.a_test, cfg.seed)
-    model = build_model(cfg.model_name)
+    parts = partitions(cfg.dataset, **cfg.data_kwargs())
+    model = cfg.build_model()
     w = {k: v.detach() for k, v in initial_model(cfg).named_parameters()}
     memory: dict[int, dict] = {}
     for r in range(1, cfg.num_rounds + 1):

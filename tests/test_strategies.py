@@ -224,3 +224,32 @@ def test_average_arrays_keeps_dtype_and_checks_input():
     np.testing.assert_allclose(out["a"].numpy(), [1.75, 3.5])
     with pytest.raises(ValueError):
         average_arrays(recs, [0.0, 0.0])
+
+
+def test_grouped_sampling_takes_b_prime_from_each_group():
+    from fedmeta.strategies.aggregation import sample_grouped
+
+    groups = [list(range(0, 13)), list(range(13, 26)), list(range(26, 38)), list(range(38, 50))]  # np.array_split(50, 4)
+    for rnd in range(1, 20):
+        picks = sample_grouped(50, 4, 5, seed=1, server_round=rnd)
+        assert len(picks) == 20 and len(set(picks)) == 20
+        assert all(sum(p in g for p in picks) == 5 for g in groups)
+    assert sample_grouped(50, 4, 1, 1, 3) == sample_grouped(50, 4, 1, 1, 3)
+    with pytest.raises(ValueError, match="per_group"):
+        sample_grouped(50, 4, 13, 1, 1)
+
+
+def test_strategy_with_groups_and_new_clients_samples_only_training_partitions():
+    grid = FakeGrid(10)
+    strategy = LocalMOML(num_clients=10, new_clients=[2, 7], clients_per_round=2, sampling_groups=2, seed=0)
+    assert strategy.hparams.memory_policy == "reset" and strategy.train_clients == (0, 1, 3, 4, 5, 6, 8, 9)
+    for rnd in range(1, 10):
+        pids = sorted(grid.node_to_pid[m.metadata.dst_node_id] for m in train_messages(strategy, grid, rnd))
+        assert len(pids) == 4 and not {2, 7} & set(pids)
+        assert sum(p in (0, 1, 3, 4) for p in pids) == 2  # two from each group of training clients
+    with pytest.raises(ValueError, match="new_clients"):
+        PerFedAvg(num_clients=3, new_clients=[0, 1, 2])
+    with pytest.raises(ValueError, match="clients_per_round"):
+        PerFedAvg(num_clients=10, new_clients=[0], clients_per_round=10)
+    with pytest.raises(ValueError, match="B' per group"):
+        PerFedAvg(num_clients=10, clients_per_round=6, sampling_groups=2)
