@@ -10,7 +10,8 @@ H in {4, 10}, B' in {1, 5} tasks sampled on each of 4 groups, 5-shot / 10-step e
 LocalMOML's momentum tuned on the first seed.
 
 Every run goes through Flower's simulation engine (:func:`fedmeta.simulations.run.simulate`).
-The summary (markdown), the plots (PNG) and every run's results land in ``--out``.
+The summary (markdown) and the plots (PNG) land in ``--out`` (``docs/results/<name>``), every
+run's results JSON and per-client CSV in ``--runs`` (``results/reproduce/<name>``).
 """
 
 from __future__ import annotations
@@ -176,11 +177,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                                 allow_abbrev=False)
     p.add_argument("name", choices=sorted(REPRODUCTIONS))
     p.add_argument("--quick", action="store_true", help="a reduced budget that finishes in under 10 minutes on 2 cores")
-    p.add_argument("--out", default="results/reproduce", help="output directory (default: results/reproduce/<name>)")
+    p.add_argument("--out", default="docs/results", help="where the summary and plots go (default: docs/results/<name>)")
+    p.add_argument("--runs", default="results/reproduce", help="where every run's results go (default: results/reproduce/<name>)")
     args = p.parse_args(argv)
     experiment, full, quick = REPRODUCTIONS[args.name]
     budget = quick if args.quick else full
-    out = Path(args.out) / (args.name + ("-quick" if args.quick else ""))
+    tag = args.name + ("-quick" if args.quick else "")
+    out, runs_dir = Path(args.out) / tag, Path(args.runs) / tag
     out.mkdir(parents=True, exist_ok=True)
     logging.basicConfig(format="%(asctime)s %(message)s", datefmt="%H:%M:%S", level=logging.WARNING, stream=sys.stdout)
 
@@ -192,7 +195,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         nonlocal count
         count += 1
         t0 = time.perf_counter()
-        res = simulate(cfg.replace(results_dir=str(out / "runs" / f"{count:03d}")))
+        res = simulate(cfg.replace(results_dir=str(runs_dir / f"{count:03d}")))
         print(f"[{count}] {cfg.algorithm} H/tau={cfg.local_steps} B={cfg.clients_per_round} momentum={cfg.momentum} seed={cfg.seed}: "
               f"acc before {res['final'].get(C.ACC_BEFORE, float('nan')):.4f} after {res['final'].get(C.ACC_AFTER, float('nan')):.4f} "
               f"({time.perf_counter() - t0:.0f} s)", flush=True)
@@ -206,7 +209,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     text = f"## {args.name}{' (quick budget)' if args.quick else ''}\n\n`{command}`: {count} simulations, {minutes:.1f} min wall time.\n\n{summary}"
     text += "\n" + "\n".join(f"![{f.stem}]({f.name})" for f in figures) + "\n"
     (out / "summary.md").write_text(text)
-    (out / "runs.json").write_text(json.dumps({k: [r["path"] for r in v] for k, v in runs.items()}, indent=1))
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    (runs_dir / "runs.json").write_text(json.dumps({k: [r["path"] for r in v] for k, v in runs.items()}, indent=1))
     print()
     print(text)
     return 0
