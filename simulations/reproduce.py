@@ -97,7 +97,7 @@ TABLE3_BASE = ExperimentConfig(
     dataset="fashion-mnist", num_clients=50, a_train=68, a_test=34, model="mlp-40-40", inner_lr=0.001, batch_size=5,
     init_batch_size=5, meta_lr=0.05, lr=0.05, hessian_mode="exact", sampling_groups=4, eval_protocol="5-shot-10-step",
 )  # fmt: skip
-TABLE3_FULL = Budget(rounds=200, evaluate_every=50, seeds=(0, 1, 2), cells=((4, 1), (4, 5), (10, 1), (10, 5)), momenta=(0.1, 0.5, 0.9))
+TABLE3_FULL = Budget(rounds=150, evaluate_every=50, seeds=(0, 1, 2), cells=((4, 1), (4, 5), (10, 1), (10, 5)), momenta=(0.1, 0.5, 0.9))
 TABLE3_QUICK = Budget(rounds=100, evaluate_every=50, seeds=(0, 1, 2), cells=((4, 5),), momenta=(0.5,))
 
 
