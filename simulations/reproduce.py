@@ -117,7 +117,7 @@ def table3(budget: Budget, run: Callable[[ExperimentConfig], dict[str, Any]]) ->
         lm = [_acc(r, C.ACC_AFTER) for r in runs[f"{C.LOCAL_MOML} ({label})"]]
         lines.append(f"| {h} | {bp} ({4 * bp}) | {_mean_std(pf)} | {_mean_std(lm)} | {best:g} of {list(budget.momenta)} | "
                      f"{'yes' if np.mean(lm) > np.mean(pf) else 'no'} |")
-    head = (f"Fashion-MNIST, Fallah split n=50 (a=68 / 34), MLP 784-40-40-10, alpha=0.001, K=K0=5, eta=beta=0.05, exact Hessian, "
+    head = (f"Fashion-MNIST, Fallah split n=50 (a=68 / 34), MLP 784-40-40-10, alpha=0.001, K=K0=5, step size 0.05 (LocalMOML eta, Per-FedAvg beta), exact Hessian, "
             f"4 groups sampling B' clients each, 5-shot / 10-step evaluation, {budget.rounds} rounds, seeds {list(budget.seeds)}; "
             f"accuracy (%) mean ± std over seeds of the mean over the 50 clients.")
     return head + "\n\n" + "\n".join(lines) + "\n", runs
