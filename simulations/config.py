@@ -120,6 +120,10 @@ class ExperimentConfig:
         fallah = self.dataset != "sinewave" and self.partition == "fallah"
         if self.num_clients < 1 or (fallah and (self.num_clients + self.num_new_clients) % 2):
             raise bad("num_clients", "an integer >= 1 (num-clients + num-new-clients even for the Fallah split)")
+        if not 1 <= self.sampling_groups <= self.num_clients:
+            raise bad("sampling_groups", f"in [1, {self.num_clients}]")
+        if self.sampling_groups > 1 and not 1 <= self.clients_per_round <= self.num_clients // self.sampling_groups:
+            raise bad("clients_per_round", f"in [1, {self.num_clients // self.sampling_groups}] (clients per group) with {self.sampling_groups} groups")
         if not 0 <= self.clients_per_round <= self.num_clients:
             raise bad("clients_per_round", f"in [0, {self.num_clients}] (0 = all clients)")
         for name in ("num_rounds",):

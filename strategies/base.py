@@ -1,5 +1,6 @@
-"""What Per-FedAvg and LocalMOML share on the server: partition-keyed sampling, hyper-parameters in
-the train config, the papers' uniform average, and personalized-evaluation aggregation."""
+"""What fedmeta's strategies (Per-FedAvg, LocalMOML, the FedAvg baseline) share on the server:
+partition-keyed sampling, hyper-parameters in the train config, the papers' uniform average, and
+personalized-evaluation aggregation (including held-out new clients)."""
 
 from __future__ import annotations
 

@@ -150,3 +150,11 @@ def test_new_clients_never_train_and_are_scored_by_adaptation(tmp_path):
     assert {(int(r["round"]), r["split"]) for r in rows} == {(2, "train-clients"), (2, "new-clients"), (4, "train-clients"), (4, "new-clients")}
     assert sorted(int(r["client"]) for r in rows if r["split"] == "new-clients" and r["round"] == "4") == new
     assert json.loads((tmp_path / "fedavg-fashion-mnist-n4-seed0.json").read_text())["new_clients"] == new
+
+
+def test_experiment_config_checks_grouped_sampling_before_any_work():
+    with pytest.raises(ValueError, match="clients-per-round"):
+        ExperimentConfig(num_clients=50, sampling_groups=4, clients_per_round=13)
+    with pytest.raises(ValueError, match="sampling-groups"):
+        ExperimentConfig(num_clients=4, sampling_groups=5, clients_per_round=1)
+    assert ExperimentConfig(num_clients=50, sampling_groups=4, clients_per_round=12).strategy_kwargs()["sampling_groups"] == 4
