@@ -133,6 +133,11 @@ REPRODUCTIONS = {
 # plots
 
 
+def _seed_mean(evals: list[dict[int, Any]], rounds: list[int], key: str) -> np.ndarray:
+    """``key`` per evaluation round, averaged over seeds."""
+    return np.mean([[ev[k][key] for k in rounds] for ev in evals], axis=0)
+
+
 def plot(runs: dict[str, list[dict[str, Any]]], out: Path) -> list[Path]:
     """Accuracy vs round (mean over seeds) and the per-client accuracy distribution after adaptation."""
     import matplotlib
@@ -144,13 +149,9 @@ def plot(runs: dict[str, list[dict[str, Any]]], out: Path) -> list[Path]:
     for label, rs in runs.items():
         evals = [{int(k): v for k, v in r["evaluate"].items()} for r in rs]
         rounds = sorted(evals[0])
-
-        def curve(key: str) -> np.ndarray:
-            return np.mean([[ev[k][key] for k in rounds] for ev in evals], axis=0)
-
-        ax.plot(rounds, curve(C.ACC_AFTER), marker="o", label=f"{label} + adaptation")
+        ax.plot(rounds, _seed_mean(evals, rounds, C.ACC_AFTER), marker="o", label=f"{label} + adaptation")
         if label.startswith(C.FEDAVG):
-            ax.plot(rounds, curve(C.ACC_BEFORE), linestyle="--", marker=".", label=f"{label}, no adaptation")
+            ax.plot(rounds, _seed_mean(evals, rounds, C.ACC_BEFORE), linestyle="--", marker=".", label=f"{label}, no adaptation")
     ax.set(xlabel="round", ylabel="personalized test accuracy (mean over clients and seeds)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
