@@ -17,6 +17,7 @@ run's results JSON and per-client CSV in ``--runs`` (``results/reproduce/<name>`
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import sys
@@ -60,7 +61,7 @@ FIG1_BASE = ExperimentConfig(
     dataset="fashion-mnist", num_clients=10, a_train=68, a_test=34, model="mlp-80-60-elu", inner_lr=0.01,
     meta_lr=0.001, lr=0.001, batch_size=50, hessian_mode="first_order", eval_protocol="one-step",
 )  # fmt: skip
-FIG1_FULL = Budget(rounds=1000, evaluate_every=100, seeds=(0, 1, 2), cells=((10, 2), (10, 5), (4, 5)))
+FIG1_FULL = Budget(rounds=1000, evaluate_every=100, seeds=(0, 1, 2), cells=((10, 2), (10, 5), (4, 2)))
 FIG1_QUICK = Budget(rounds=150, evaluate_every=50, seeds=(0, 1, 2), cells=((10, 5),))
 
 
@@ -173,6 +174,21 @@ def plot(runs: dict[str, list[dict[str, Any]]], out: Path) -> list[Path]:
     return [curves, dist]
 
 
+def _run_key(cfg: ExperimentConfig) -> str:
+    return json.dumps({k: v for k, v in cfg.to_dict().items() if k != "results-dir"}, sort_keys=True)
+
+
+def _finished_runs(runs_dir: Path) -> dict[str, dict[str, Any]]:
+    """Results already in ``runs_dir``, keyed by their configuration (without the results directory)."""
+    found = {}
+    for path in sorted(runs_dir.glob("*/*.json")):
+        res = json.loads(path.read_text())
+        if isinstance(res, dict) and "config" in res and "final" in res:
+            res["path"] = str(path)
+            found[_run_key(ExperimentConfig.from_mapping(res["config"]))] = res
+    return found
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="fedmeta-reproduce", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 allow_abbrev=False)
@@ -190,16 +206,23 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from fedmeta.simulations.run import simulate
 
-    count = 0
+    count = reused = 0
+    finished = _finished_runs(runs_dir)
 
     def run(cfg: ExperimentConfig) -> dict[str, Any]:
-        nonlocal count
+        nonlocal count, reused
         count += 1
         t0 = time.perf_counter()
-        res = simulate(cfg.replace(results_dir=str(runs_dir / f"{count:03d}")))
+        key = _run_key(cfg)
+        if key in finished:  # the same run finished before: reuse it (an interrupted command resumes)
+            res, how = finished[key], "reused"
+            reused += 1
+        else:
+            run_dir = runs_dir / hashlib.sha1(key.encode()).hexdigest()[:12]
+            res, how = simulate(cfg.replace(results_dir=str(run_dir))), "ran"
         print(f"[{count}] {cfg.algorithm} H/tau={cfg.local_steps} B={cfg.clients_per_round} momentum={cfg.momentum} seed={cfg.seed}: "
               f"acc before {res['final'].get(C.ACC_BEFORE, float('nan')):.4f} after {res['final'].get(C.ACC_AFTER, float('nan')):.4f} "
-              f"({time.perf_counter() - t0:.0f} s)", flush=True)
+              f"({how}, {time.perf_counter() - t0:.0f} s)", flush=True)
         return res
 
     t0 = time.perf_counter()
@@ -207,7 +230,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     minutes = (time.perf_counter() - t0) / 60
     figures = plot(runs, out)
     command = f"fedmeta-reproduce {args.name}" + (" --quick" if args.quick else "")
-    text = f"## {args.name}{' (quick budget)' if args.quick else ''}\n\n`{command}`: {count} simulations, {minutes:.1f} min wall time.\n\n{summary}"
+    text = f"## {args.name}{' (quick budget)' if args.quick else ''}\n\n`{command}`: {count} simulations, {minutes:.1f} min wall time"
+    text += f" for the {count - reused} not reused from an earlier, interrupted invocation" if reused else ""
+    text += f".\n\n{summary}"
     text += "\n" + "\n".join(f"![{f.stem}]({f.name})" for f in figures) + "\n"
     (out / "summary.md").write_text(text)
     runs_dir.mkdir(parents=True, exist_ok=True)

@@ -42,7 +42,7 @@ def test_table3_tunes_momentum_on_the_first_seed_only():
 
 
 @pytest.mark.ray
-def test_reproduce_command_end_to_end_with_a_tiny_budget(tmp_path, monkeypatch):
+def test_reproduce_command_end_to_end_with_a_tiny_budget(tmp_path, monkeypatch, capsys):
     tiny = Budget(rounds=2, evaluate_every=2, seeds=(0,), cells=((2, 5),))
     monkeypatch.setitem(reproduce.REPRODUCTIONS, "per-fedavg-fig1", (reproduce.fig1, tiny, tiny))
     assert reproduce.main(["per-fedavg-fig1", "--quick", "--out", str(tmp_path), "--runs", str(tmp_path / "runs")]) == 0
@@ -52,3 +52,9 @@ def test_reproduce_command_end_to_end_with_a_tiny_budget(tmp_path, monkeypatch):
     for png in ("accuracy_vs_round.png", "client_accuracy_distribution.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (tmp_path / "runs" / "per-fedavg-fig1-quick" / "runs.json").exists()
+    capsys.readouterr()
+    # Run again: every finished run is reused, none simulated again, and the summary is the same.
+    assert reproduce.main(["per-fedavg-fig1", "--quick", "--out", str(tmp_path), "--runs", str(tmp_path / "runs")]) == 0
+    log = capsys.readouterr().out
+    assert log.count("(reused,") == 2 and "(ran," not in log
+    assert (out / "summary.md").read_text().split("\n\n", 2)[2] == text.split("\n\n", 2)[2]
