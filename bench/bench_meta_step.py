@@ -167,7 +167,7 @@ def meta_step_calls(cfg: ExperimentConfig, data: ClientData) -> dict[tuple[str, 
     batches = tuple(data.sample(cfg.batch_size, gen) for _ in range(3))
     pf = build_strategy(cfg.replace(algorithm=C.PER_FEDAVG)).hparams
     lm = build_strategy(cfg.replace(algorithm=C.LOCAL_MOML)).hparams
-    u = meta.local_moml_init_memory(f, w, s0, lm.inner_lr)
+    u = meta.local_moml_init_memory(f, w, [s0], lm.inner_lr)
 
     def per_fedavg(hessian: meta.HessianCorrection) -> Callable[[], object]:
         return lambda: meta.per_fedavg_step(f, w, batches, pf.inner_lr, pf.meta_lr, hessian)
@@ -176,7 +176,7 @@ def meta_step_calls(cfg: ExperimentConfig, data: ClientData) -> dict[tuple[str, 
         return lambda: meta.local_moml_step(f, w, u, batches, lm.inner_lr, lm.lr, lm.momentum, hessian)
 
     step = {C.PER_FEDAVG: per_fedavg, C.LOCAL_MOML: local_moml}
-    return {(alg, mode): step[alg](meta.hessian_correction(mode)) for alg in ALGORITHMS for mode in MODES}
+    return {(alg, mode): step[alg](meta.meta_gradient(mode)) for alg in ALGORITHMS for mode in MODES}
 
 
 # --------------------------------------------------------------------------- part 2: one round
@@ -273,7 +273,7 @@ def table(report: dict[str, Any]) -> str:
     lines += [
         "",
         f"2. LocalMOML round: n={cfg['num-clients']} cross-silo, H={cfg['local-steps']}, K={cfg['batch-size']}, "
-        f"{cfg['hessian-mode']}, no evaluation; median of steady rounds",
+        f"{cfg['meta-gradient']}, no evaluation; median of steady rounds",
         f"{'path':<34} {'rounds':>7} {'s / round':>10} {'client-steps/s':>15}",
     ]
     for name, part in (("bare loop (in-process, 1 thread)", bare), ("simulate() (Flower + Ray)", sim)):
@@ -296,7 +296,7 @@ def run(budget: Budget, quick: bool, results_dir: str) -> dict[str, Any]:
         num_rounds=budget.sim_rounds,
         local_steps=4,
         batch_size=5,
-        hessian_mode="exact",
+        meta_gradient="exact",
         evaluate_every=0,
         results_dir=results_dir,
     )

@@ -102,6 +102,7 @@ def make_client_app(
                 C.NUM_SAMPLES: s.num_samples,
                 C.NUM_GRADIENTS: s.num_gradients,
                 C.NUM_HVPS: s.num_hvps,
+                C.NUM_LOSS_EVALS: s.num_loss_evals,
                 C.TRAIN_LOSS: s.last_loss,
                 C.PARTITION_ID: pid,
                 C.MEMORY_ROUND: memory_round,

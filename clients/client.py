@@ -40,6 +40,13 @@ def round_generator(seed: int, partition_id: int, server_round: int, purpose: in
     return torch.Generator().manual_seed(int(state))
 
 
+def directions_generator(gen: torch.Generator) -> torch.Generator:
+    """A generator for the random directions of ``ggs`` / ``zeroth_order``, derived from the batch
+    generator's seed without drawing from it, so that switching estimators leaves the batches alone."""
+    state = np.random.SeedSequence([gen.initial_seed(), 2]).generate_state(1, np.uint64)[0]
+    return torch.Generator().manual_seed(int(state))
+
+
 class ContextMemory:
     """The personalized model u kept in ``context.state`` (LocalMOML's memory).
 
@@ -143,7 +150,7 @@ class MetaClient:
         return TrainResult(w, None, stats).check_finite()
 
     def train_per_fedavg(self, w: Params, hp: PerFedAvgConfig, gen: torch.Generator) -> TrainResult:
-        """tau Per-FedAvg steps from the received meta-model (per-fedavg.txt Algorithm 1)."""
+        """tau Per-FedAvg steps from the received meta-model (per-fedavg.txt Algorithm 1), N-step inner loop."""
         w, stats = meta.per_fedavg_round(
             self.loss,
             w,
@@ -152,7 +159,9 @@ class MetaClient:
             batch_size=hp.batch_size,
             inner_lr=hp.inner_lr,
             meta_lr=hp.meta_lr,
-            hessian=meta.hessian_correction(hp.hessian_mode),
+            estimator=hp.estimator(),
+            inner_steps=hp.inner_steps,
+            gen=directions_generator(gen),
         )
         return TrainResult(w, None, stats).check_finite()
 
@@ -171,7 +180,9 @@ class MetaClient:
             inner_lr=hp.inner_lr,
             lr=hp.lr,
             momentum=hp.momentum,
-            hessian=meta.hessian_correction(hp.hessian_mode),
+            estimator=hp.estimator(),
+            inner_steps=hp.inner_steps,
+            gen=directions_generator(gen),
         )
         return TrainResult(w, u, stats).check_finite()
 

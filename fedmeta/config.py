@@ -14,7 +14,7 @@ import math
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar, Mapping
 
-from fedmeta.meta import HESSIAN_MODES
+from fedmeta import meta
 
 # --- train/evaluate ConfigRecord keys (server -> client) -------------------------------------
 ALGORITHM = "algorithm"
@@ -27,7 +27,10 @@ MOMENTUM = "momentum"
 LOCAL_STEPS = "local-steps"
 BATCH_SIZE = "batch-size"
 INIT_BATCH_SIZE = "init-batch-size"
-HESSIAN_MODE = "hessian-mode"
+META_GRADIENT = "meta-gradient"
+INNER_STEPS = "inner-steps"
+DELTA = "delta"
+NUM_DIRECTIONS = "num-directions"
 MEMORY_POLICY = "memory-policy"
 EVAL_STEPS = "eval-steps"
 EVAL_SHOTS = "eval-shots"
@@ -37,6 +40,7 @@ NUM_EXAMPLES = "num-examples"  # size of the client's train split (Flower's weig
 NUM_SAMPLES = "num-samples"  # samples drawn this round
 NUM_GRADIENTS = "num-gradients"  # gradient evaluations this round
 NUM_HVPS = "num-hvps"  # Hessian-vector products this round
+NUM_LOSS_EVALS = "num-loss-evals"  # forward-only loss evaluations this round (zeroth_order)
 TRAIN_LOSS = "train-loss"
 PARTITION_ID = "partition-id"
 MEMORY_ROUND = "memory-round"  # round the loaded memory u was written in; -1: none (first round or reset)
@@ -119,7 +123,36 @@ class FedAvgConfig(_Wire):
 
 
 @dataclass(frozen=True)
-class PerFedAvgConfig(_Wire):
+class _Estimator:
+    """The meta-gradient estimator fields shared by Per-FedAvg and LocalMOML (fedmeta.meta.meta_gradient)."""
+
+    inner_steps: int = 1
+    """N: inner SGD steps of the adaptation, multistep-maml-ggs eq. (6) (>= 1; 1 is the papers' setting)."""
+    meta_gradient: str = "exact"
+    """Estimator of the meta-gradient: ``exact`` (HVPs through the inner loop), ``first_order``,
+    ``hessian_free`` (finite differences, per-fedavg eq. 119), ``ggs`` (eq. 18), ``zeroth_order``
+    (eq. 17) or ``fo_muml`` (fo-muml Algorithm 3)."""
+    delta: float = 1e-3
+    """Finite-difference step (``hessian_free``) or smoothing radius (``ggs``, ``zeroth_order``) (> 0)."""
+    num_directions: int = 10
+    """U: Gaussian vectors per Hessian estimate (``ggs``, ``zeroth_order``) (>= 1)."""
+
+    ESTIMATOR_KEYS: ClassVar[dict[str, str]] = {
+        "inner_steps": INNER_STEPS,
+        "meta_gradient": META_GRADIENT,
+        "delta": DELTA,
+        "num_directions": NUM_DIRECTIONS,
+    }
+
+    def _check_estimator(self) -> None:
+        meta.check_meta_gradient(self.meta_gradient, self.inner_steps, self.delta, self.num_directions)
+
+    def estimator(self) -> meta.MetaGradient:
+        return meta.meta_gradient(self.meta_gradient, delta=self.delta, num_directions=self.num_directions)
+
+
+@dataclass(frozen=True)
+class PerFedAvgConfig(_Estimator, _Wire):
     """Per-FedAvg client hyper-parameters (per-fedavg.txt Algorithm 1, eqs. 8-9)."""
 
     inner_lr: float = 0.01
@@ -130,16 +163,13 @@ class PerFedAvgConfig(_Wire):
     """tau: local meta steps per round (>= 1)."""
     batch_size: int = 5
     """|D| = |D'| = |D''|: samples in each of the three independent batches (>= 1)."""
-    hessian_mode: str = "exact"
-    """``exact`` (double-backward HVP) or ``first_order`` (eq. 23)."""
-
     algorithm: ClassVar[str] = PER_FEDAVG
     KEYS: ClassVar[dict[str, str]] = {
         "inner_lr": INNER_LR,
         "meta_lr": META_LR,
         "local_steps": LOCAL_STEPS,
         "batch_size": BATCH_SIZE,
-        "hessian_mode": HESSIAN_MODE,
+        **_Estimator.ESTIMATOR_KEYS,
     }
 
     def __post_init__(self) -> None:
@@ -147,11 +177,11 @@ class PerFedAvgConfig(_Wire):
         _finite_positive("meta_lr (Per-FedAvg beta)", self.meta_lr)
         _positive_int("local_steps (tau)", self.local_steps)
         _positive_int("batch_size", self.batch_size)
-        _check("hessian_mode", self.hessian_mode in HESSIAN_MODES, f"one of {sorted(HESSIAN_MODES)}", self.hessian_mode)
+        self._check_estimator()
 
 
 @dataclass(frozen=True)
-class LocalMOMLConfig(_Wire):
+class LocalMOMLConfig(_Estimator, _Wire):
     """LocalMOML client hyper-parameters (localmoml Algorithm 3, eqs. 7-8)."""
 
     inner_lr: float = 0.01
@@ -166,8 +196,6 @@ class LocalMOMLConfig(_Wire):
     """K: samples in each of S1, S2, S3 (>= 1)."""
     init_batch_size: int = 5
     """K0: samples in S0 for the memory reset, Algorithm 3 line 5 (>= 1)."""
-    hessian_mode: str = "exact"
-    """``exact`` (double-backward HVP) or ``first_order``."""
     memory_policy: str = "keep"
     """``keep``: u carries over from the client's last participating round (line 7, cross-silo);
     ``reset``: u restarts from ``w - alpha grad f(w; S0)`` every round (line 5, cross-device)."""
@@ -180,8 +208,8 @@ class LocalMOMLConfig(_Wire):
         "local_steps": LOCAL_STEPS,
         "batch_size": BATCH_SIZE,
         "init_batch_size": INIT_BATCH_SIZE,
-        "hessian_mode": HESSIAN_MODE,
         "memory_policy": MEMORY_POLICY,
+        **_Estimator.ESTIMATOR_KEYS,
     }
 
     def __post_init__(self) -> None:
@@ -193,7 +221,7 @@ class LocalMOMLConfig(_Wire):
         _positive_int("local_steps (H)", self.local_steps)
         _positive_int("batch_size (K)", self.batch_size)
         _positive_int("init_batch_size (K0)", self.init_batch_size)
-        _check("hessian_mode", self.hessian_mode in HESSIAN_MODES, f"one of {sorted(HESSIAN_MODES)}", self.hessian_mode)
+        self._check_estimator()
         _check("memory_policy", self.memory_policy in MEMORY_POLICIES, f"one of {list(MEMORY_POLICIES)}", self.memory_policy)
 
 

@@ -13,12 +13,19 @@ Notation (papers in ``shared/papers``):
 * ``lr`` -- LocalMOML's eta (localmoml Algorithm 3, line 11): the local meta step size.
 * ``momentum`` -- LocalMOML's beta (localmoml eq. 7): the weight of the fresh adapted model in
   the personalized-model average. Not a step size.
+* ``inner_steps`` -- N (multistep-maml-ggs.txt eq. 6): inner SGD steps of the adaptation.
+* ``meta_gradient`` -- the estimator of the meta-gradient (:func:`meta_gradient`): ``exact``
+  (Hessian-vector products), ``first_order`` (FO-MAML), ``hessian_free`` (Per-FedAvg's finite
+  differences), ``ggs`` (gradient-based Gaussian smoothing), ``zeroth_order`` (ES-MAML-style),
+  ``fo_muml`` (FO-MuML's anchored inner loop, first order).
+* ``delta``, ``num_directions`` -- the finite-difference step / smoothing radius and U.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Callable, Protocol, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -76,51 +83,334 @@ def hvp(f: LossFn, params: Params, v: Params, batch: Batch) -> Params:
     return hv
 
 
+def dot(u: Params, v: Params) -> Tensor:
+    """``<u, v>`` summed over all leaves (a 0-d tensor)."""
+    return sum((u[k] * v[k]).sum() for k in u)
+
+
+def gaussian_like(params: Params, gen: torch.Generator) -> Params:
+    """A standard Gaussian vector with the shapes of ``params``, drawn from ``gen``.
+
+    Drawn on the generator's device (clients use CPU generators) and moved to the parameters', so
+    the same seed gives the same directions on CPU and CUDA.
+    """
+    return {
+        k: torch.randn(v.shape, generator=gen, dtype=v.dtype, device=gen.device).to(v.device) for k, v in params.items()
+    }
+
+
+@dataclass(frozen=True)
+class Cost:
+    """Oracle calls, for fair comparisons between estimators (reported to the server)."""
+
+    gradients: int = 0
+    hvps: int = 0
+    loss_evals: int = 0
+    """Forward-only loss evaluations (the zeroth-order estimator)."""
+
+    def __add__(self, other: "Cost") -> "Cost":
+        return Cost(self.gradients + other.gradients, self.hvps + other.hvps, self.loss_evals + other.loss_evals)
+
+    def __mul__(self, n: int) -> "Cost":
+        return Cost(self.gradients * n, self.hvps * n, self.loss_evals * n)
+
+
 class HessianCorrection(Protocol):
-    """Estimator of ``(I - alpha * H(w; batch)) g``, the Hessian factor of a meta-gradient."""
+    """Estimator of ``(I - alpha * H(w; batch)) v``: one factor of the meta-gradient product (eq. 8).
+
+    ``gen`` feeds the random directions of the stochastic estimators (``ggs``, ``zeroth_order``);
+    the deterministic ones ignore it.
+    """
 
     name: str
-    hvps_per_call: int
-    """Hessian-vector products one call costs (reported to the server)."""
+    cost: Cost
+    """Oracle calls of one ``__call__``."""
 
-    def __call__(self, f: LossFn, w: Params, g: Params, batch: Batch, inner_lr: float) -> Params: ...
+    def __call__(
+        self, f: LossFn, w: Params, v: Params, batch: Batch, inner_lr: float, gen: torch.Generator | None = None
+    ) -> Params: ...
 
 
 @dataclass(frozen=True)
 class ExactHessian:
-    """``g - alpha * H(w; batch) g`` with an exact HVP (per-fedavg.txt eq. 9, localmoml eq. 8)."""
+    """``v - alpha * H(w; batch) v`` with an exact double-backward HVP (per-fedavg.txt eq. 9, localmoml eq. 8)."""
 
     name: str = "exact"
-    hvps_per_call: int = 1
+    cost: Cost = Cost(hvps=1)
 
-    def __call__(self, f: LossFn, w: Params, g: Params, batch: Batch, inner_lr: float) -> Params:
-        return axpy(-inner_lr, hvp(f, w, g, batch), g)
+    def __call__(self, f, w, v, batch, inner_lr, gen=None):
+        return axpy(-inner_lr, hvp(f, w, v, batch), v)
 
 
 @dataclass(frozen=True)
 class FirstOrder:
-    """Drop the Hessian term: ``(I - alpha H) g ~= g`` (per-fedavg.txt eq. 23, FO-MAML).
+    """Drop the Hessian term: ``(I - alpha H) v ~= v`` (per-fedavg.txt eqs. 23 and 112, FO-MAML).
 
-    The batch for the Hessian is still drawn by the callers so that switching modes does not
+    The Hessian batches are still drawn by the callers, so that switching estimators does not
     change the random stream of the other batches.
     """
 
     name: str = "first_order"
-    hvps_per_call: int = 0
+    cost: Cost = Cost()
 
-    def __call__(self, f: LossFn, w: Params, g: Params, batch: Batch, inner_lr: float) -> Params:
+    def __call__(self, f, w, v, batch, inner_lr, gen=None):
+        return v
+
+
+@dataclass(frozen=True)
+class FiniteDifference:
+    """Per-FedAvg's Hessian-free HVP, per-fedavg.txt Appendix G eqs. (117)-(119)::
+
+        H(w; D'') v ~= [grad f(w + delta v; D'') - grad f(w - delta v; D'')] / (2 delta)
+
+    with ``v`` the (unnormalised) vector being multiplied, as in eq. (119). The central difference
+    has error ``O(rho delta^2 ||v||^3)`` on a loss with Lipschitz Hessian (``rho delta ||v||^2``
+    as stated for eq. 117). On ReLU/max-pool networks the loss is only piecewise smooth: the two
+    points can sit on different sides of a kink and the difference is then far from ``H v``
+    (tests/test_estimators.py measures both cases).
+    """
+
+    delta: float = 1e-3
+    name: str = "hessian_free"
+    cost: Cost = Cost(gradients=2)
+
+    def __call__(self, f, w, v, batch, inner_lr, gen=None):
+        plus = gradient(f, axpy(self.delta, v, w), batch)
+        minus = gradient(f, axpy(-self.delta, v, w), batch)
+        return {k: v[k] - inner_lr * (plus[k] - minus[k]) / (2 * self.delta) for k in v}
+
+
+@dataclass(frozen=True)
+class GaussianSmoothing:
+    """GGS Hessian estimator, multistep-maml-ggs.txt eq. (18), applied to ``v`` without forming H::
+
+        H v = (1/U) sum_u [grad f(w + delta u; D) - grad f(w; D)] <u, v> / delta,   u ~ N(0, I)
+
+    ``E[H] = Hessian of the Gaussian-smoothed loss``: exact on quadratics, ``O(delta)`` off
+    otherwise (Proposition 6). The paper draws the batch for ``w + delta u`` "under" the perturbed
+    parameters, which matters in RL; for supervised data the distribution does not depend on the
+    parameters, so we evaluate both gradients on the same batch ``D`` (common random numbers, the
+    finite-sum case of its Appendix E), which removes the ``6 d sigma_g^2 / (delta^2 D)`` variance
+    term of Proposition 7.
+    """
+
+    delta: float = 1e-3
+    num_directions: int = 10
+    name: str = "ggs"
+
+    @property
+    def cost(self) -> Cost:
+        return Cost(gradients=self.num_directions + 1)
+
+    def __call__(self, f, w, v, batch, inner_lr, gen=None):
+        if gen is None:
+            raise ValueError("meta_gradient='ggs' draws random directions: pass a torch.Generator as gen")
+        g0 = gradient(f, w, batch)
+        acc = {k: torch.zeros_like(t) for k, t in v.items()}
+        for _ in range(self.num_directions):
+            u = gaussian_like(w, gen)
+            g = gradient(f, axpy(self.delta, u, w), batch)
+            c = dot(u, v) / (self.delta * self.num_directions)
+            acc = {k: acc[k] + c * (g[k] - g0[k]) for k in acc}
+        return axpy(-inner_lr, acc, v)
+
+
+@dataclass(frozen=True)
+class ZerothOrder:
+    """Zeroth-order (ES-MAML-style) Hessian estimator, multistep-maml-ggs.txt eq. (17)::
+
+        H v = (1/U) sum_u (Delta_{+} + Delta_{-}) / (2 delta^2) u <u, v>,
+        Delta_{+-} = f(w +- delta u; D) - f(w; D),   u ~ N(0, I)
+
+    Forward passes only. In expectation it is the smoothed Hessian plus ``Tr(H)/2 * I``
+    (Proposition 5): a constant bias that does not vanish as ``delta -> 0``. Provided for
+    comparison, as in the paper. Same batch for all three losses (see :class:`GaussianSmoothing`).
+    """
+
+    delta: float = 1e-3
+    num_directions: int = 10
+    name: str = "zeroth_order"
+
+    @property
+    def cost(self) -> Cost:
+        return Cost(loss_evals=2 * self.num_directions + 1)
+
+    def __call__(self, f, w, v, batch, inner_lr, gen=None):
+        if gen is None:
+            raise ValueError("meta_gradient='zeroth_order' draws random directions: pass a torch.Generator as gen")
+        with torch.no_grad():
+            l0 = f(w, *batch)
+            acc = {k: torch.zeros_like(t) for k, t in v.items()}
+            for _ in range(self.num_directions):
+                u = gaussian_like(w, gen)
+                second = f(axpy(self.delta, u, w), *batch) + f(axpy(-self.delta, u, w), *batch) - 2 * l0
+                c = second / (2 * self.delta**2) * dot(u, v) / self.num_directions
+                acc = {k: acc[k] + c * u[k] for k in acc}
+        return axpy(-inner_lr, acc, v)
+
+
+# ----------------------------------------------------------------------------------------------
+# Multi-step inner loop and the meta-gradient (multistep-maml-ggs.txt Section 2.2)
+
+
+@dataclass(frozen=True)
+class MetaGradient:
+    """How a client computes the meta-gradient of ``L(w) = f(w_N(w); T)``: the ``meta_gradient`` setting.
+
+    Two parts vary: the inner loop that produces ``w_N`` from ``w`` and the estimator of each
+    ``(I - alpha H)`` factor.
+
+    * Inner loop (``anchored=False``), multistep-maml-ggs.txt eq. (6)::
+
+          w_{j+1} = w_j - alpha grad f(w_j; S_j),   j = 0..N-1,   w_0 = w
+
+    * FO-MuML's inner loop (``anchored=True``), fo-muml Algorithm 3 line 7, every step restarts
+      from the meta-model ``x`` (a fixed-point iteration towards the Moreau-envelope point
+      ``z(x)``, Lemma 2)::
+
+          z_{l+1} = x - alpha grad f(z_l; S_l),   l = 0..s-1,   z_0 = x
+
+    * Meta-gradient, eq. (8)::
+
+          G = prod_{j=0}^{N-1} (I - alpha H(w_j; D_j)) grad f(w_N; T)
+
+      evaluated right to left (``j = N-1`` first): reverse-mode accumulation along the stored
+      trajectory, which is exactly backpropagation through the unrolled loop when the Hessian
+      batches ``D_j`` equal the ``S_j``, but lets them be independent as in the resampling case.
+      Only the N+1 iterates are stored; each HVP's graph is freed before the next.
+
+    With ``N = 1`` and ``correction=ExactHessian()`` this is Per-FedAvg's eq. (9).
+    """
+
+    name: str
+    correction: HessianCorrection
+    anchored: bool = False
+
+    def trajectory(self, f: LossFn, w: Params, batches: Sequence[Batch], inner_lr: float) -> list[Params]:
+        """``[w_0, ..., w_N]`` for the N inner batches ``S_j`` (eq. 6, or Algorithm 3 line 7 when anchored)."""
+        traj = [w]
+        for batch in batches:
+            z = traj[-1]
+            step = gradient(f, z, batch)
+            base = w if self.anchored else z
+            traj.append({k: (base[k] - inner_lr * step[k]).detach() for k in w})
+        return traj
+
+    def backward(
+        self,
+        f: LossFn,
+        trajectory: Sequence[Params],
+        g: Params,
+        hessian_batches: Sequence[Batch],
+        inner_lr: float,
+        gen: torch.Generator | None = None,
+    ) -> Params:
+        """``prod_j (I - alpha H(w_j; D_j)) g`` applied to ``g = grad f(w_N; T)`` (eqs. 3, 8, 19)."""
+        if self.anchored:  # FO-MuML: the outer step uses grad f(z_s) as is (Algorithm 3 line 11)
+            return g
+        for j in reversed(range(len(trajectory) - 1)):
+            g = {k: v.detach() for k, v in self.correction(f, trajectory[j], g, hessian_batches[j], inner_lr, gen).items()}
         return g
 
+    def cost(self, inner_steps: int) -> Cost:
+        """Oracle calls of one meta-gradient: N inner gradients, the outer gradient, N corrections."""
+        corrections = Cost() if self.anchored else self.correction.cost * inner_steps
+        return Cost(gradients=inner_steps + 1) + corrections
 
-HESSIAN_MODES: dict[str, HessianCorrection] = {"exact": ExactHessian(), "first_order": FirstOrder()}
+
+META_GRADIENTS = ("exact", "first_order", "hessian_free", "ggs", "zeroth_order", "fo_muml")
+"""Values of the ``meta_gradient`` setting."""
 
 
-def hessian_correction(mode: str) -> HessianCorrection:
-    """Look up a Hessian mode by name; ``ValueError`` lists the allowed names."""
-    try:
-        return HESSIAN_MODES[mode]
-    except KeyError:
-        raise ValueError(f"hessian_mode must be one of {sorted(HESSIAN_MODES)}, got {mode!r}") from None
+def check_meta_gradient(meta_gradient: str, inner_steps: int, delta: float, num_directions: int) -> None:
+    """Validate an estimator setting; ``ValueError`` names the field and its allowed range."""
+    if meta_gradient not in META_GRADIENTS:
+        raise ValueError(f"meta_gradient must be one of {list(META_GRADIENTS)}, got {meta_gradient!r}")
+    if not (isinstance(inner_steps, int) and not isinstance(inner_steps, bool) and inner_steps >= 1):
+        raise ValueError(f"inner_steps (N) must be an integer >= 1, got {inner_steps!r}")
+    ok = isinstance(delta, (int, float)) and not isinstance(delta, bool) and math.isfinite(delta) and delta > 0
+    if not ok:
+        raise ValueError(f"delta (finite-difference / smoothing radius) must be a finite number > 0, got {delta!r}")
+    ok = isinstance(num_directions, int) and not isinstance(num_directions, bool) and num_directions >= 1
+    if not ok:
+        raise ValueError(
+            f"num_directions (U, Gaussian vectors per Hessian estimate) must be an integer >= 1, got {num_directions!r}"
+        )
+
+
+def meta_gradient(name: str = "exact", *, delta: float = 1e-3, num_directions: int = 10) -> MetaGradient:
+    """Build the estimator named ``name`` (one of :data:`META_GRADIENTS`).
+
+    Parameters
+    ----------
+    delta
+        ``hessian_free``: the finite-difference step (per-fedavg eq. 119); ``ggs``/``zeroth_order``:
+        the Gaussian smoothing radius (multistep-maml-ggs eqs. 17-18). Ignored by the others.
+    num_directions
+        U, Gaussian vectors per Hessian estimate (``ggs``, ``zeroth_order``).
+    """
+    check_meta_gradient(name, 1, delta, num_directions)
+    correction: HessianCorrection = {
+        "exact": lambda: ExactHessian(),
+        "first_order": lambda: FirstOrder(),
+        "hessian_free": lambda: FiniteDifference(delta=delta),
+        "ggs": lambda: GaussianSmoothing(delta=delta, num_directions=num_directions),
+        "zeroth_order": lambda: ZerothOrder(delta=delta, num_directions=num_directions),
+        "fo_muml": lambda: FirstOrder(),
+    }[name]()
+    return MetaGradient(name=name, correction=correction, anchored=name == "fo_muml")
+
+
+EXACT = meta_gradient("exact")
+FIRST_ORDER = meta_gradient("first_order")
+
+
+@dataclass(frozen=True)
+class MetaBatches:
+    """The independent batches of one meta-gradient (multistep-maml-ggs.txt Section 2.2).
+
+    ``inner``: ``S_0..S_{N-1}`` (eq. 6); ``outer``: ``T`` for ``grad f(w_N; T)``;
+    ``hessian``: ``D_0..D_{N-1}`` for the ``(I - alpha H)`` factors (eq. 8).
+    """
+
+    inner: tuple[Batch, ...]
+    outer: Batch
+    hessian: tuple[Batch, ...]
+
+    def __post_init__(self) -> None:
+        if len(self.inner) < 1 or len(self.hessian) != len(self.inner):
+            raise ValueError(
+                f"need N >= 1 inner batches and as many Hessian batches, got {len(self.inner)} and {len(self.hessian)}"
+            )
+
+    @classmethod
+    def draw(cls, sample: Sampler, inner_steps: int, batch_size: int) -> "MetaBatches":
+        """Fresh batches in a fixed order: inner, outer, Hessian (for N=1: Per-FedAvg's D, D', D'')."""
+        inner = tuple(sample(batch_size) for _ in range(inner_steps))
+        outer = sample(batch_size)
+        return cls(inner, outer, tuple(sample(batch_size) for _ in range(inner_steps)))
+
+
+def maml_gradient(
+    f: LossFn, w: Params, batches: MetaBatches, inner_lr: float, estimator: MetaGradient, gen: torch.Generator | None = None
+) -> tuple[Params, Params]:
+    """The N-step meta-gradient ``G(w)`` of eq. (8) (or FO-MuML's ``grad f(z_s)``) and ``w_N``."""
+    traj = estimator.trajectory(f, w, batches.inner, inner_lr)
+    g = gradient(f, traj[-1], batches.outer)
+    return estimator.backward(f, traj, g, batches.hessian, inner_lr, gen), traj[-1]
+
+
+def _as_meta_batches(batches: MetaBatches | tuple[Batch, Batch, Batch]) -> MetaBatches:
+    if isinstance(batches, MetaBatches):
+        return batches
+    d, d_prime, d_second = batches
+    return MetaBatches((d,), d_prime, (d_second,))
+
+
+def _as_estimator(estimator: MetaGradient | HessianCorrection) -> MetaGradient:
+    if isinstance(estimator, MetaGradient):
+        return estimator
+    return MetaGradient(name=estimator.name, correction=estimator)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -130,63 +420,78 @@ def hessian_correction(mode: str) -> HessianCorrection:
 def per_fedavg_step(
     f: LossFn,
     w: Params,
-    batches: tuple[Batch, Batch, Batch],
+    batches: MetaBatches | tuple[Batch, Batch, Batch],
     inner_lr: float,
     meta_lr: float,
-    hessian: HessianCorrection,
+    estimator: MetaGradient | HessianCorrection,
+    gen: torch.Generator | None = None,
 ) -> Params:
-    """One local Per-FedAvg step, per-fedavg.txt eqs. (8)-(9).
+    """One local Per-FedAvg step, per-fedavg.txt eqs. (8)-(9), with an N-step inner loop.
 
-    ``w <- w - beta * (I - alpha * H(w; D'')) grad f(w - alpha * grad f(w; D); D')``
+    ``w <- w - beta * prod_j (I - alpha H(w_j; D_j)) grad f(w_N; T)``  (multistep-maml-ggs eq. 8)
+
+    For ``N = 1`` and batches ``(D, D', D'')`` this is eq. (9):
+    ``w <- w - beta (I - alpha H(w; D'')) grad f(w - alpha grad f(w; D); D')``.
 
     Parameters
     ----------
     batches
-        The three independent batches ``(D, D', D'')``.
+        :class:`MetaBatches`, or the three independent batches ``(D, D', D'')`` for ``N = 1``.
     inner_lr
         alpha.
     meta_lr
         Per-FedAvg's beta (local meta step size).
-    hessian
-        Estimator of the ``(I - alpha H)`` factor (exact or first-order, eq. 23).
+    estimator
+        The meta-gradient estimator (:func:`meta_gradient`), or a bare ``(I - alpha H)`` estimator.
+    gen
+        Random directions of ``ggs`` / ``zeroth_order``.
     """
-    d, d_prime, d_second = batches
-    w_tilde = adapt(f, w, d, inner_lr)
-    g = gradient(f, w_tilde, d_prime)
-    return axpy(-meta_lr, hessian(f, w, g, d_second, inner_lr), w)
+    est = _as_estimator(estimator)
+    g, _ = maml_gradient(f, w, _as_meta_batches(batches), inner_lr, est, gen)
+    return axpy(-meta_lr, g, w)
 
 
 # ----------------------------------------------------------------------------------------------
 # LocalMOML (Wang et al.), Algorithm 3
 
 
-def local_moml_init_memory(f: LossFn, w: Params, batch: Batch, inner_lr: float) -> Params:
-    """Reset of the personalized model, localmoml Algorithm 3 line 5: ``u = w - alpha grad f(w; S0)``."""
-    return adapt(f, w, batch, inner_lr)
+def local_moml_init_memory(
+    f: LossFn, w: Params, batches: Sequence[Batch], inner_lr: float, estimator: MetaGradient = EXACT
+) -> Params:
+    """Reset of the personalized model, localmoml Algorithm 3 line 5: ``u = w - alpha grad f(w; S0)``.
+
+    ``batches`` holds ``S0``; with N of them the memory starts from the same N-step inner loop
+    ``w_N(w; S0_0..S0_{N-1})`` that the meta step uses (eq. 6; FO-MuML's loop when anchored).
+    """
+    return estimator.trajectory(f, w, batches, inner_lr)[-1]
 
 
 def local_moml_step(
     f: LossFn,
     w: Params,
     u: Params,
-    batches: tuple[Batch, Batch, Batch],
+    batches: MetaBatches | tuple[Batch, Batch, Batch],
     inner_lr: float,
     lr: float,
     momentum: float,
-    hessian: HessianCorrection,
+    estimator: MetaGradient | HessianCorrection,
+    gen: torch.Generator | None = None,
 ) -> tuple[Params, Params]:
-    """One local LocalMOML step, localmoml eqs. (7)-(8) and Algorithm 3 lines 10-11.
+    """One local LocalMOML step, localmoml eqs. (7)-(8) and Algorithm 3 lines 10-11, N-step inner loop.
 
-    ``u <- (1 - beta) u + beta (w - alpha grad f(w; S1))``                 (7)
-    ``Delta = (I - alpha H(w; S2)) grad f(u; S3)``                        (8)
+    ``u <- (1 - beta) u + beta w_N(w; S1)``                                (7)
+    ``Delta = prod_j (I - alpha H(w_j; S2_j)) grad f(u; S3)``              (8)
     ``w <- w - eta * Delta``
+
+    For ``N = 1``, ``w_N = w - alpha grad f(w; S1)`` and this is eqs. (7)-(8) as written.
 
     Parameters
     ----------
     u
         The personalized model (the memory) before this step.
     batches
-        ``(S1, S2, S3)``.
+        :class:`MetaBatches` with ``inner = S1``, ``outer = S3``, ``hessian = S2``; or the tuple
+        ``(S1, S2, S3)`` for ``N = 1``.
     lr
         eta, the local meta step size.
     momentum
@@ -197,10 +502,16 @@ def local_moml_step(
     -------
     (w, u) after the step.
     """
-    s1, s2, s3 = batches
-    u = lerp(u, adapt(f, w, s1, inner_lr), momentum)
-    g = gradient(f, u, s3)
-    return axpy(-lr, hessian(f, w, g, s2, inner_lr), w), u
+    if isinstance(batches, MetaBatches):
+        mb = batches
+    else:
+        s1, s2, s3 = batches
+        mb = MetaBatches((s1,), s3, (s2,))
+    est = _as_estimator(estimator)
+    traj = est.trajectory(f, w, mb.inner, inner_lr)
+    u = lerp(u, traj[-1], momentum)
+    g = gradient(f, u, mb.outer)
+    return axpy(-lr, est.backward(f, traj, g, mb.hessian, inner_lr, gen), w), u
 
 
 # ----------------------------------------------------------------------------------------------
@@ -215,6 +526,11 @@ class RoundStats:
     num_gradients: int
     num_hvps: int
     last_loss: float
+    num_loss_evals: int = 0
+
+
+def _detached(p: Params) -> Params:
+    return {k: v.detach() for k, v in p.items()}
 
 
 def per_fedavg_round(
@@ -226,19 +542,27 @@ def per_fedavg_round(
     batch_size: int,
     inner_lr: float,
     meta_lr: float,
-    hessian: HessianCorrection,
+    estimator: MetaGradient | HessianCorrection = EXACT,
+    inner_steps: int = 1,
+    gen: torch.Generator | None = None,
 ) -> tuple[Params, RoundStats]:
-    """``tau = local_steps`` Per-FedAvg steps (Algorithm 1 inner loop), fresh batches each step."""
-    w = {k: v.detach() for k, v in w.items()}
+    """``tau = local_steps`` Per-FedAvg steps (Algorithm 1 inner loop), fresh batches each step.
+
+    Each step draws ``2N + 1`` batches of ``batch_size`` (:meth:`MetaBatches.draw`).
+    """
+    est = _as_estimator(estimator)
+    w = _detached(w)
     for _ in range(local_steps):
-        batches = (sample(batch_size), sample(batch_size), sample(batch_size))
-        w = {k: v.detach() for k, v in per_fedavg_step(f, w, batches, inner_lr, meta_lr, hessian).items()}
-    loss = float(f(w, *batches[1]).detach())
+        batches = MetaBatches.draw(sample, inner_steps, batch_size)
+        w = _detached(per_fedavg_step(f, w, batches, inner_lr, meta_lr, est, gen))
+    loss = float(f(w, *batches.outer).detach())
+    cost = est.cost(inner_steps) * local_steps
     return w, RoundStats(
-        num_samples=3 * batch_size * local_steps,
-        num_gradients=2 * local_steps,
-        num_hvps=hessian.hvps_per_call * local_steps,
+        num_samples=(2 * inner_steps + 1) * batch_size * local_steps,
+        num_gradients=cost.gradients,
+        num_hvps=cost.hvps,
         last_loss=loss,
+        num_loss_evals=cost.loss_evals,
     )
 
 
@@ -254,31 +578,39 @@ def local_moml_round(
     inner_lr: float,
     lr: float,
     momentum: float,
-    hessian: HessianCorrection,
+    estimator: MetaGradient | HessianCorrection = EXACT,
+    inner_steps: int = 1,
+    gen: torch.Generator | None = None,
 ) -> tuple[Params, Params, RoundStats]:
     """``H = local_steps`` LocalMOML steps (Algorithm 3 lines 4-12).
 
-    ``u=None`` rebuilds the memory from ``w - alpha grad f(w; S0)`` with ``init_batch_size``
-    (K0) samples (line 5, the ``reset`` policy and a client's first round); otherwise the given
-    ``u`` (``keep`` policy, line 7) is the value the first momentum update (7) starts from.
+    ``u=None`` rebuilds the memory from the N-step inner loop on ``N`` fresh batches of
+    ``init_batch_size`` (K0) samples (line 5, the ``reset`` policy and a client's first round);
+    otherwise the given ``u`` (``keep`` policy, line 7) is the value the first momentum update
+    (7) starts from.
     """
-    w = {k: v.detach() for k, v in w.items()}
-    samples, grads = 0, 0
+    est = _as_estimator(estimator)
+    w = _detached(w)
+    samples, cost = 0, Cost()
     if u is None:
-        u = local_moml_init_memory(f, w, sample(init_batch_size), inner_lr)
-        samples, grads = init_batch_size, 1
-    u = {k: v.detach() for k, v in u.items()}
+        s0 = [sample(init_batch_size) for _ in range(inner_steps)]
+        u = local_moml_init_memory(f, w, s0, inner_lr, est)
+        samples, cost = init_batch_size * inner_steps, Cost(gradients=inner_steps)
+    u = _detached(u)
     for _ in range(local_steps):
-        batches = (sample(batch_size), sample(batch_size), sample(batch_size))
-        w, u = local_moml_step(f, w, u, batches, inner_lr, lr, momentum, hessian)
-        w = {k: v.detach() for k, v in w.items()}
-        u = {k: v.detach() for k, v in u.items()}
-    loss = float(f(u, *batches[2]).detach())
+        inner = tuple(sample(batch_size) for _ in range(inner_steps))
+        hessian = tuple(sample(batch_size) for _ in range(inner_steps))
+        batches = MetaBatches(inner, sample(batch_size), hessian)  # draw order S1, S2, S3 as in Algorithm 3
+        w, u = local_moml_step(f, w, u, batches, inner_lr, lr, momentum, est, gen)
+        w, u = _detached(w), _detached(u)
+    loss = float(f(u, *batches.outer).detach())
+    cost = cost + est.cost(inner_steps) * local_steps
     return w, u, RoundStats(
-        num_samples=samples + 3 * batch_size * local_steps,
-        num_gradients=grads + 2 * local_steps,
-        num_hvps=hessian.hvps_per_call * local_steps,
+        num_samples=samples + (2 * inner_steps + 1) * batch_size * local_steps,
+        num_gradients=cost.gradients,
+        num_hvps=cost.hvps,
         last_loss=loss,
+        num_loss_evals=cost.loss_evals,
     )
 
 
@@ -292,10 +624,10 @@ def sgd_round(
     lr: float,
 ) -> tuple[Params, RoundStats]:
     """FedAvg's local update (McMahan et al. 2017; per-fedavg.txt Section 3): ``tau`` SGD steps."""
-    w = {k: v.detach() for k, v in w.items()}
+    w = _detached(w)
     for _ in range(local_steps):
         batch = sample(batch_size)
-        w = {k: v.detach() for k, v in adapt(f, w, batch, lr).items()}
+        w = _detached(adapt(f, w, batch, lr))
     loss = float(f(w, *batch).detach())
     return w, RoundStats(num_samples=batch_size * local_steps, num_gradients=local_steps, num_hvps=0, last_loss=loss)
 

@@ -78,8 +78,14 @@ class ExperimentConfig:
     """K: samples per batch (each of the three independent batches)."""
     init_batch_size: int = 5
     """K0: samples for LocalMOML's memory reset."""
-    hessian_mode: str = "exact"
-    """``exact`` or ``first_order``."""
+    inner_steps: int = 1
+    """N: inner SGD steps of the adaptation (multistep-maml-ggs eq. 6)."""
+    meta_gradient: str = "exact"
+    """Meta-gradient estimator: exact, first_order, hessian_free, ggs, zeroth_order or fo_muml."""
+    delta: float = 1e-3
+    """Finite-difference step (hessian_free) / Gaussian smoothing radius (ggs, zeroth_order)."""
+    num_directions: int = 10
+    """U: Gaussian vectors per Hessian estimate (ggs, zeroth_order)."""
     memory_policy: str = ""
     """LocalMOML memory: ``keep`` / ``reset``; empty: keep for cross-silo, reset for cross-device."""
     eval_protocol: str = ""

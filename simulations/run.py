@@ -105,7 +105,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for cfg in configs:
         mode = f"B={cfg.clients_per_round} of n={cfg.num_clients}" if cfg.clients_per_round else f"all n={cfg.num_clients}"
         print(f"== {cfg.algorithm} on {cfg.dataset} ({mode}, {cfg.num_rounds} rounds, H/tau={cfg.local_steps}, "
-              f"K={cfg.batch_size}, hessian={cfg.hessian_mode}, seed={cfg.seed})", flush=True)
+              f"K={cfg.batch_size}, meta-gradient={cfg.meta_gradient}, seed={cfg.seed})", flush=True)
         t0 = time.perf_counter()
         res = simulate(cfg, verbose=args.verbose)
         print(f"   done in {time.perf_counter() - t0:.1f} s (incl. Ray start-up), results: {res['path']}", flush=True)

@@ -16,13 +16,17 @@ class LocalMOML(MetaStrategy):
         ``u <- (1 - beta) u + beta (w - alpha grad f(w; S1))``        (eq. 7)
         ``w <- w - eta (I - alpha H(w; S2)) grad f(u; S3)``          (eq. 8, Algorithm 3 line 11)
 
-    and the server averages the returned meta-models uniformly (line 15).
+    and the server averages the returned meta-models uniformly (line 15). With ``inner_steps`` N > 1
+    the adapted model in (7) is the N-step inner loop ``w_N(w; S1_0..S1_{N-1})`` (multistep-maml-ggs
+    eq. 6) and the Hessian factor of (8) is ``prod_j (I - alpha H(w_j; S2_j))``, estimated as
+    ``meta_gradient`` says (as for :class:`PerFedAvg`).
 
     Keys sent in the train ``ConfigRecord`` (the client must honor all of them):
 
     ``algorithm`` = ``"local-moml"``; ``inner-lr`` (alpha); ``lr`` (eta); ``momentum`` (LocalMOML's
     beta, in (0, 1]); ``local-steps`` (H); ``batch-size`` (K, for each of S1, S2, S3);
-    ``init-batch-size`` (K0, for S0); ``hessian-mode``; ``memory-policy`` (``keep``: start the
+    ``init-batch-size`` (K0, for S0); ``inner-steps``, ``meta-gradient``, ``delta``,
+    ``num-directions`` (as for :class:`PerFedAvg`); ``memory-policy`` (``keep``: start the
     round from the u the client ended its last participating round with, line 7; ``reset``:
     start from ``w - alpha grad f(w; S0)``, line 5 -- also a client's first round under ``keep``);
     ``seed`` and ``server-round``.

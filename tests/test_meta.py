@@ -67,7 +67,7 @@ def test_local_moml_step_matches_closed_form(gen):
 def test_local_moml_reset_memory_is_one_adaptation_step(gen):
     w = torch.randn(D, generator=gen, dtype=torch.float64)
     a0, b0 = random_quadratic(gen)
-    u = meta.local_moml_init_memory(quad_loss, {"w": w}, (a0, b0), 0.2)
+    u = meta.local_moml_init_memory(quad_loss, {"w": w}, [(a0, b0)], 0.2)
     torch.testing.assert_close(u["w"], w - 0.2 * (a0 @ w - b0), atol=1e-12, rtol=0)
 
 
@@ -159,7 +159,7 @@ def test_local_moml_round_memory_policies(gen):
     model = _tiny_mlp()
     f = meta.make_loss(model, nn.functional.cross_entropy)
     w = meta.params_of(model)
-    kw = dict(local_steps=3, batch_size=4, init_batch_size=6, inner_lr=0.1, lr=0.05, momentum=0.4, hessian=ExactHessian())
+    kw = dict(local_steps=3, batch_size=4, init_batch_size=6, inner_lr=0.1, lr=0.05, momentum=0.4, estimator=ExactHessian())
 
     # reset (u=None): the first draw is S0 with K0 samples and u starts from w - alpha grad f(w; S0)
     draws = []
@@ -172,7 +172,7 @@ def test_local_moml_round_memory_policies(gen):
 
     w1, u1, stats = meta.local_moml_round(f, w, None, recording, **kw)
     assert [len(b[1]) for b in draws] == [6] + [4] * 9
-    u = meta.local_moml_init_memory(f, w, draws[0], 0.1)
+    u = meta.local_moml_init_memory(f, w, [draws[0]], 0.1)
     ww = w
     for h in range(3):
         ww, u = meta.local_moml_step(f, ww, u, tuple(draws[1 + 3 * h : 4 + 3 * h]), 0.1, 0.05, 0.4, ExactHessian())
@@ -197,10 +197,10 @@ def test_functions_do_not_mutate_inputs(gen):
     f = meta.make_loss(model, nn.functional.cross_entropy)
     w = meta.params_of(model)
     before = _flat(w).clone()
-    meta.per_fedavg_round(f, w, _sampler(gen), local_steps=2, batch_size=3, inner_lr=0.1, meta_lr=0.1, hessian=ExactHessian())
+    meta.per_fedavg_round(f, w, _sampler(gen), local_steps=2, batch_size=3, inner_lr=0.1, meta_lr=0.1, estimator=ExactHessian())
     meta.local_moml_round(
         f, w, None, _sampler(gen), local_steps=2, batch_size=3, init_batch_size=3, inner_lr=0.1, lr=0.1,
-        momentum=0.5, hessian=ExactHessian(),
+        momentum=0.5, estimator=ExactHessian(),
     )
     assert torch.equal(_flat(w), before)
 
@@ -216,5 +216,5 @@ def test_fine_tune_is_repeated_adaptation(gen):
 
 
 def test_unknown_hessian_mode_is_rejected():
-    with pytest.raises(ValueError, match="hessian_mode"):
-        meta.hessian_correction("second_order")
+    with pytest.raises(ValueError, match="meta_gradient"):
+        meta.meta_gradient("second_order")

@@ -27,7 +27,7 @@ def test_fig1_grid_and_ordering():
     assert {(c.algorithm, c.local_steps, c.clients_per_round) for c in log} == {
         (a, t, b) for a in (C.FEDAVG, C.PER_FEDAVG) for t, b in ((10, 2), (4, 5))
     }
-    assert all(c.model == "mlp-80-60-elu" and c.num_clients == 10 and c.hessian_mode == "first_order" and c.num_rounds == 7 for c in log)
+    assert all(c.model == "mlp-80-60-elu" and c.num_clients == 10 and c.meta_gradient == "first_order" and c.num_rounds == 7 for c in log)
     assert summary.count("| holds |") == 2 and "50.00 ± 0.00 | 70.00 ± 0.00 | 80.00 ± 0.00" in summary
 
 

@@ -95,14 +95,14 @@ def test_all_failed_round_keeps_the_model():
 def test_train_config_carries_the_algorithm_keys_and_does_not_mutate_the_callers_record():
     grid = FakeGrid(4)
     strategy = LocalMOML(num_clients=4, clients_per_round=2, inner_lr=0.03, lr=0.2, momentum=0.7, local_steps=3, batch_size=6,
-                         init_batch_size=8, hessian_mode="first_order", seed=5)
+                         init_batch_size=8, meta_gradient="first_order", seed=5)
     user = ConfigRecord({"user-key": 3})
     msgs = list(strategy.configure_train(2, ArrayRecord({"w": Array(np.zeros(2, np.float32))}), user, grid))
     cfg = msgs[0].content["config"]
     assert dict(user) == {"user-key": 3}
     assert cfg[C.ALGORITHM] == "local-moml" and cfg[C.SERVER_ROUND] == 2 and cfg[C.SEED] == 5 and cfg["user-key"] == 3
     assert (cfg[C.INNER_LR], cfg[C.LR], cfg[C.MOMENTUM], cfg[C.LOCAL_STEPS]) == (0.03, 0.2, 0.7, 3)
-    assert (cfg[C.BATCH_SIZE], cfg[C.INIT_BATCH_SIZE], cfg[C.HESSIAN_MODE]) == (6, 8, "first_order")
+    assert (cfg[C.BATCH_SIZE], cfg[C.INIT_BATCH_SIZE], cfg[C.META_GRADIENT]) == (6, 8, "first_order")
     assert cfg[C.MEMORY_POLICY] == "reset"  # cross-device default
     assert LocalMOML(num_clients=4).hparams.memory_policy == "keep"  # cross-silo default
     assert LocalMOML(num_clients=4, clients_per_round=2, memory_policy="keep").hparams.memory_policy == "keep"
@@ -165,7 +165,7 @@ def test_evaluation_aggregates_mean_std_p10_over_clients_and_respects_evaluate_e
         (dict(meta_lr=0.0), "meta_lr"),
         (dict(local_steps=0), "local_steps"),
         (dict(batch_size=0), "batch_size"),
-        (dict(hessian_mode="second"), "hessian_mode"),
+        (dict(meta_gradient="second"), "meta_gradient"),
         (dict(clients_per_round=0), "clients_per_round"),
         (dict(clients_per_round=11), "clients_per_round"),
         (dict(weighting="median"), "weighting"),
