@@ -132,8 +132,9 @@ class _Estimator:
     """Estimator of the meta-gradient: ``exact`` (HVPs through the inner loop), ``first_order``,
     ``hessian_free`` (finite differences, per-fedavg eq. 119), ``ggs`` (eq. 18), ``zeroth_order``
     (eq. 17) or ``fo_muml`` (fo-muml Algorithm 3)."""
-    delta: float = 1e-3
-    """Finite-difference step (``hessian_free``) or smoothing radius (``ggs``, ``zeroth_order``) (> 0)."""
+    delta: float = 1e-5
+    """Finite-difference step of ``hessian_free`` (per-fedavg eq. 119) or smoothing radius of
+    ``ggs`` / ``zeroth_order`` (eqs. 17-18) (> 0). See :data:`fedmeta.meta.DEFAULT_DELTA`."""
     num_directions: int = 10
     """U: Gaussian vectors per Hessian estimate (``ggs``, ``zeroth_order``) (>= 1)."""
 

@@ -82,7 +82,7 @@ class ExperimentConfig:
     """N: inner SGD steps of the adaptation (multistep-maml-ggs eq. 6)."""
     meta_gradient: str = "exact"
     """Meta-gradient estimator: exact, first_order, hessian_free, ggs, zeroth_order or fo_muml."""
-    delta: float = 1e-3
+    delta: float = 1e-5
     """Finite-difference step (hessian_free) / Gaussian smoothing radius (ggs, zeroth_order)."""
     num_directions: int = 10
     """U: Gaussian vectors per Hessian estimate (ggs, zeroth_order)."""

@@ -27,18 +27,19 @@ class PerFedAvg(MetaStrategy):
     per step: S_0..S_{N-1}, T, D_0..D_{N-1}; for N = 1 these are D, D', D''); ``inner-steps`` (N);
     ``meta-gradient`` (``exact``: Hessian-vector products; ``first_order``: drop ``alpha H``,
     eq. 23; ``hessian_free``: finite differences, eq. 119; ``ggs``; ``zeroth_order``;
-    ``fo_muml``: FO-MuML's anchored inner loop, fo-muml Algorithm 3); ``delta``;
-    ``num-directions`` (U); ``seed`` and ``server-round`` (for reproducible batch sampling).
+    ``fo_muml``: FO-MuML's anchored inner loop, fo-muml Algorithm 3); ``delta``
+    (finite-difference step / smoothing radius); ``num-directions`` (U); ``seed`` and ``server-round`` (for reproducible batch sampling).
 
     Hyper-parameters are keyword arguments named as the fields of
     :class:`fedmeta.config.PerFedAvgConfig` (``inner_lr``, ``meta_lr``, ``local_steps``,
-    ``batch_size``, ``inner_steps``, ``meta_gradient``, ``delta``, ``num_directions``); sampling and evaluation arguments are those of
+    ``batch_size``, ``inner_steps``, ``meta_gradient``, ``delta``,
+    ``num_directions``); sampling and evaluation arguments are those of
     :class:`fedmeta.strategies.base.MetaStrategy`.
 
     Example
     -------
     >>> strategy = PerFedAvg(num_clients=50, clients_per_round=10, inner_lr=0.01, meta_lr=0.001)
-    >>> ggs = PerFedAvg(num_clients=50, inner_steps=3, meta_gradient="ggs", delta=1e-3, num_directions=10)
+    >>> ggs = PerFedAvg(num_clients=50, inner_steps=3, meta_gradient="ggs", delta=1e-5, num_directions=10)
     """
 
     hparams_cls = PerFedAvgConfig

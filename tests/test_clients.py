@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
@@ -132,3 +133,47 @@ def test_a_diverged_client_raises_instead_of_returning_a_poisoned_model():
         app(_train_message(diverging), ctx)
     after = ContextMemory().load(ctx, torch.device("cpu"))
     assert all(torch.equal(after[k], kept[k]) for k in kept) and ContextMemory().written_in_round(ctx) == 1
+
+
+@pytest.mark.parametrize(
+    "name, grads_per_step, hvps_per_step, losses_per_step",
+    [  # N = 2 inner steps, U = 3 directions; per meta-step: N inner gradients + 1 outer + N corrections
+        ("exact", 3, 2, 0),
+        ("first_order", 3, 0, 0),
+        ("hessian_free", 3 + 2 * 2, 0, 0),
+        ("ggs", 3 + 2 * (3 + 1), 0, 0),
+        ("zeroth_order", 3, 0, 2 * (2 * 3 + 1)),
+        ("fo_muml", 3, 0, 0),
+    ],
+)
+def test_train_handler_runs_every_estimator_and_reports_its_work(name, grads_per_step, hvps_per_step, losses_per_step):
+    app = make_client_app(_model, lambda pid: _data(pid))
+    est = dict(inner_steps=2, meta_gradient=name, num_directions=3)
+    for hp, init in ((C.PerFedAvgConfig(local_steps=2, **est), (0, 0)), (C.LocalMOMLConfig(local_steps=2, memory_policy="reset", **est), (5 * 2, 2))):
+        cfg = {C.ALGORITHM: hp.algorithm, C.SERVER_ROUND: 1, C.SEED: 3, **hp.to_wire()}
+        torch.manual_seed(0)  # _train_message draws a fresh model: the same one both times
+        reply = app(_train_message(cfg), _context())
+        assert not reply.has_error()
+        m = reply.content["metrics"]
+        assert m[C.NUM_SAMPLES] == init[0] + 2 * (2 * 2 + 1) * 5
+        assert (m[C.NUM_GRADIENTS], m[C.NUM_HVPS], m[C.NUM_LOSS_EVALS]) == (
+            init[1] + 2 * grads_per_step, 2 * hvps_per_step, 2 * losses_per_step)
+        torch.manual_seed(0)
+        again = app(_train_message(cfg), _context())  # same seed, round and partition: same model (directions too)
+        for k in reply.content["arrays"]:
+            np.testing.assert_array_equal(reply.content["arrays"][k].numpy(), again.content["arrays"][k].numpy())
+
+
+def test_switching_estimators_does_not_change_the_batches(monkeypatch):
+    """The random directions come from their own generator: exact and ggs see the same S, T, D batches."""
+    client = MetaClient(_model(), torch.nn.functional.cross_entropy, _data(), torch.device("cpu"))
+    w = meta.params_of(_model())
+    original = type(client.data).sample
+    seen: dict[str, list] = {}
+    for name in ("exact", "ggs"):
+        draws = seen.setdefault(name, [])
+        monkeypatch.setattr(type(client.data), "sample", lambda self, k, g, _d=draws: _d.append(original(self, k, g)) or _d[-1])
+        hp = C.PerFedAvgConfig(local_steps=2, inner_steps=2, meta_gradient=name)
+        client.train_per_fedavg(w, hp, torch.Generator().manual_seed(9))
+    assert len(seen["exact"]) == len(seen["ggs"]) == 2 * 5
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(seen["exact"], seen["ggs"]))

@@ -140,3 +140,19 @@ def test_bad_cli_input_fails_before_any_work(capsys):
         sim_run.main(["--num-round", "3"])
     with pytest.raises(ValueError, match="did you mean 'num-rounds'"):
         ExperimentConfig.from_mapping({"num-round": 3})
+
+
+def test_the_estimator_setting_reaches_the_clients_through_the_engine():
+    """GGS with N=2 inner steps, set in the experiment config, is what the simulated clients run."""
+    # delta=1e-2: the gradient difference divides float32 round-off (threads differ between Ray workers
+    # and this process) by delta only 100x, so the replay can match to 1e-5
+    cfg = CFG.replace(num_rounds=3, inner_steps=2, meta_gradient="ggs", num_directions=3, delta=1e-2)
+    strategy = LocalMOML(**{**cfg.strategy_kwargs(), "memory_policy": "keep"})
+    assert (strategy.hparams.meta_gradient, strategy.hparams.inner_steps, strategy.hparams.num_directions) == ("ggs", 2, 3)
+    result = simulate_strategy(strategy, cfg)
+    for clients in strategy.client_train.values():
+        for m in clients.values():
+            init = 2 if m[C.MEMORY_ROUND] == -1 else 0  # the memory's N-step start
+            assert m[C.NUM_GRADIENTS] == init + cfg.local_steps * (2 + 1 + 2 * (3 + 1))
+    assert_same_model(result, replay(cfg, strategy.hparams))
+    assert_different_model(result, replay(cfg, strategy.hparams.replace(meta_gradient="exact")))

@@ -253,3 +253,29 @@ def test_strategy_with_groups_and_new_clients_samples_only_training_partitions()
         PerFedAvg(num_clients=10, new_clients=[0], clients_per_round=10)
     with pytest.raises(ValueError, match="B' per group"):
         PerFedAvg(num_clients=10, clients_per_round=6, sampling_groups=2)
+
+
+@pytest.mark.parametrize(
+    "strategy_cls, kwargs, name",
+    [
+        (PerFedAvg, dict(meta_gradient="ggs", num_directions=0), "num_directions"),
+        (PerFedAvg, dict(meta_gradient="hessian_free", delta=0.0), "delta"),
+        (PerFedAvg, dict(meta_gradient="ggs", delta=-1e-3), "delta"),
+        (PerFedAvg, dict(inner_steps=0), "inner_steps"),
+        (LocalMOML, dict(meta_gradient="zeroth_order", num_directions=2.5), "num_directions"),
+        (LocalMOML, dict(inner_steps=-1), "inner_steps"),
+        (LocalMOML, dict(meta_gradient="hessian"), "meta_gradient"),
+    ],
+)
+def test_estimator_settings_are_validated_at_construction(strategy_cls, kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        strategy_cls(num_clients=10, **kwargs)
+
+
+@pytest.mark.parametrize("name", ["exact", "first_order", "hessian_free", "ggs", "zeroth_order", "fo_muml"])
+def test_every_estimator_is_selectable_from_the_constructors_and_travels_in_the_config(name):
+    for strategy_cls in (PerFedAvg, LocalMOML):
+        strategy = strategy_cls(num_clients=10, inner_steps=3, meta_gradient=name, num_directions=4, delta=1e-2)
+        wire = strategy.hparams.to_wire()
+        assert (wire[C.META_GRADIENT], wire[C.INNER_STEPS], wire[C.NUM_DIRECTIONS], wire[C.DELTA]) == (name, 3, 4, 1e-2)
+        assert type(strategy.hparams).from_wire(wire).estimator().name == name
