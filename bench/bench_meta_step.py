@@ -40,6 +40,7 @@ from typing import Any, Callable, Sequence
 import flwr
 import torch
 
+from timing import bench_interleaved  # bench/timing.py (the script's folder is on sys.path)
 from fedmeta import config as C
 from fedmeta import meta
 from fedmeta.clients.client import MetaClient, round_generator
@@ -73,68 +74,6 @@ class Budget:
 
 FULL = Budget(warmup=3, repeats=7, min_repeat_seconds=0.05, sim_rounds=4, bare_rounds=8)
 QUICK = Budget(warmup=1, repeats=3, min_repeat_seconds=0.05, sim_rounds=2, bare_rounds=2)
-
-
-@dataclass(frozen=True)
-class Timing:
-    """Per-call wall time of one function, in milliseconds."""
-
-    min_ms: float
-    median_ms: float
-    calls_per_repeat: int
-    repeats: int
-
-
-# --------------------------------------------------------------------------- timing harness
-
-
-def _seconds(fn: Callable[[], object], calls: int) -> float:
-    t0 = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    return time.perf_counter() - t0
-
-
-def calls_per_repeat(fn: Callable[[], object], min_seconds: float) -> int:
-    """The smallest power of two of calls of ``fn`` that lasts at least ``min_seconds``."""
-    calls = 1
-    while _seconds(fn, calls) < min_seconds:
-        calls *= 2
-    return calls
-
-
-def bench_interleaved(fns: dict[str, Callable[[], object]], budget: Budget) -> dict[str, Timing]:
-    """Time several functions, alternating between them repeat by repeat.
-
-    Parameters
-    ----------
-    fns
-        ``name -> fn``; each ``fn()`` is one call to time.
-    budget
-        Warm-up calls, repeats, and the minimum duration of one repeat.
-
-    Returns
-    -------
-    dict[str, Timing]
-        Per name, min and median over the repeats of (repeat time / calls in the repeat).
-    """
-    for fn in fns.values():
-        for _ in range(budget.warmup):
-            fn()
-    calls = {name: calls_per_repeat(fn, budget.min_repeat_seconds) for name, fn in fns.items()}
-    per_call: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(budget.repeats):
-        for name, fn in fns.items():
-            per_call[name].append(_seconds(fn, calls[name]) / calls[name])
-    return {
-        name: Timing(
-            min_ms=1e3 * min(t),
-            median_ms=1e3 * statistics.median(t),
-            calls_per_repeat=calls[name],
-            repeats=budget.repeats,
-        )
-        for name, t in per_call.items()
-    }
 
 
 # --------------------------------------------------------------------------- part 1: one meta-step
@@ -303,7 +242,10 @@ def run(budget: Budget, quick: bool, results_dir: str) -> dict[str, Any]:
     data = partitions(cfg.dataset, **cfg.data_kwargs())[0]
 
     calls = meta_step_calls(cfg, data)
-    timings = bench_interleaved({f"{alg}/{mode}": fn for (alg, mode), fn in calls.items()}, budget)
+    timings = bench_interleaved(
+        {f"{alg}/{mode}": fn for (alg, mode), fn in calls.items()},
+        warmup=budget.warmup, repeats=budget.repeats, min_repeat_seconds=budget.min_repeat_seconds,
+    )
     ms = {alg: {mode: asdict(timings[f"{alg}/{mode}"]) for mode in MODES} for alg in ALGORITHMS}
     ratios = {
         alg: {stat: ms[alg]["exact"][f"{stat}_ms"] / ms[alg]["first_order"][f"{stat}_ms"] for stat in ("min", "median")}
