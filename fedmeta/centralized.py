@@ -138,8 +138,10 @@ class SineRegression:
     def init_params(self, gen: torch.Generator) -> Params:
         params = {}
         for name, p in self.network.named_parameters():
-            fan_in = p.shape[1] if p.dim() == 2 else 1
-            params[name] = torch.randn(p.shape, generator=gen) * math.sqrt(2.0 / fan_in) if p.dim() == 2 else torch.zeros(p.shape)
+            if p.dim() == 2:  # a weight, [fan_out, fan_in]
+                params[name] = torch.randn(p.shape, generator=gen) * math.sqrt(2.0 / p.shape[1])
+            else:
+                params[name] = torch.zeros(p.shape)
         return params
 
     def loss(self, params: Params, x: Tensor, y: Tensor) -> Tensor:
