@@ -47,8 +47,9 @@ MODELS = {
 
 def relative_errors(name: str, dtype: torch.dtype, n: int, seed: int, k: int = 10, alpha: float = 0.01) -> list[float]:
     sizes, act, loss = MODELS[name]
-    torch.manual_seed(seed)  # only to initialise the module; the batches use an explicit generator
-    model = _mlp(sizes, act).to(dtype)
+    with torch.random.fork_rng():  # nn.Linear initialises from the global RNG; leave it as it was
+        torch.manual_seed(seed)
+        model = _mlp(sizes, act).to(dtype)
     gen = torch.Generator().manual_seed(seed)
 
     def batch():
