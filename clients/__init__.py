@@ -1,6 +1,18 @@
-"""Client side of fedmeta: a stateful meta-learning client and its Flower ``ClientApp`` factory."""
+"""Client side of fedmeta: a stateful meta-learning client, its memory stores and its Flower ``ClientApp`` factory."""
 
 from fedmeta.clients.app import fashion_mnist_data, make_client_app, sinewave_data
-from fedmeta.clients.client import ContextMemory, MetaClient, select_device
+from fedmeta.clients.client import MetaClient, select_device
+from fedmeta.clients.memory import ContextMemory, DiskMemory, MemoryFileError, file_digest, params_digest
 
-__all__ = ["ContextMemory", "MetaClient", "fashion_mnist_data", "make_client_app", "select_device", "sinewave_data"]
+__all__ = [
+    "ContextMemory",
+    "DiskMemory",
+    "MemoryFileError",
+    "MetaClient",
+    "fashion_mnist_data",
+    "file_digest",
+    "make_client_app",
+    "params_digest",
+    "select_device",
+    "sinewave_data",
+]

@@ -5,13 +5,15 @@ Message contract (what a third-party client must honor is listed in the README):
 * ``query`` -> reply ``MetricRecord({"partition-id": ...})`` so the strategy can sample by partition.
 * ``train`` -> ``{"arrays": meta-model, "config": ConfigRecord}``; reply with the new local meta-model
   under ``"arrays"`` and a ``MetricRecord`` under ``"metrics"`` holding ``num-examples``,
-  ``num-samples``, ``num-gradients``, ``num-hvps``, ``train-loss`` and ``partition-id``.
+  ``num-samples``, ``num-gradients``, ``num-hvps``, ``num-loss-evals``, ``train-loss``,
+  ``partition-id``, ``memory-round`` and ``memory-digest``.
 * ``evaluate`` -> personalized evaluation; reply ``MetricRecord`` under ``"metrics"``.
 """
 
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 from typing import Callable
 
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
@@ -19,7 +21,8 @@ from flwr.clientapp import ClientApp
 from torch import Tensor, nn
 
 from fedmeta import config as C
-from fedmeta.clients.client import ContextMemory, MetaClient, round_generator, select_device
+from fedmeta.clients.client import MetaClient, round_generator, select_device
+from fedmeta.clients.memory import ContextMemory, DiskMemory, Memory, params_digest, partition_id
 from fedmeta.config import EvalConfig
 from fedmeta.data import ClientData, client_data
 
@@ -30,14 +33,10 @@ DEVICE_NODE_CONFIG = "device"
 """Optional node-config key overriding the device (e.g. ``cpu`` or ``cuda:1``)."""
 
 
-def partition_id(context: Context) -> int:
-    try:
-        return int(context.node_config[C.PARTITION_ID])
-    except KeyError:
-        raise ValueError(
-            f"node_config has no {C.PARTITION_ID!r}: start the SuperNode with "
-            f"--node-config '{C.PARTITION_ID}=<i> num-partitions=<n>'"
-        ) from None
+def node_memory(context: Context) -> Memory:
+    """The node's default store of u: on disk under node-config ``memory-dir`` if set, else ``context.state``."""
+    root = str(context.node_config.get(C.MEMORY_DIR, ""))
+    return DiskMemory(Path(root)) if root else ContextMemory()
 
 
 def make_client_app(
@@ -46,7 +45,7 @@ def make_client_app(
     criterion: Callable[[Tensor, Tensor], Tensor] = nn.functional.cross_entropy,
     *,
     device: str | None = None,
-    memory: ContextMemory | None = None,
+    memory: Memory | None = None,
 ) -> ClientApp:
     """Build the fedmeta ``ClientApp``.
 
@@ -62,9 +61,11 @@ def make_client_app(
     device
         Force a device; default: node-config ``device`` if set, else CUDA when available, else CPU.
     memory
-        Store of the personalized model; default ``context.state`` (:class:`ContextMemory`).
+        Store of the personalized model u. Default, chosen per message: :class:`DiskMemory` under the
+        node-config directory ``memory-dir`` when the SuperNode sets one (u then survives a SuperNode
+        restart; give an absolute path, a relative one resolves against the ClientApp process's working
+        directory), else ``context.state`` (:class:`ContextMemory`, the simulation default).
     """
-    store = memory or ContextMemory()
     app = ClientApp()
 
     def build(context: Context) -> tuple[MetaClient, int]:
@@ -88,8 +89,10 @@ def make_client_app(
         w = client.params_from(msg.content["arrays"].to_torch_state_dict())
         gen = round_generator(int(cfg.get(C.SEED, 0)), pid, server_round, 0)
         keep = getattr(hp, "memory_policy", None) == "keep"
-        u = store.load(context, client.device) if keep else None
+        store = memory if memory is not None else node_memory(context)
+        u = store.load(context, client.device, expected=client.param_spec) if keep else None
         memory_round = store.written_in_round(context) if u is not None else -1
+        memory_digest = params_digest(u) if u is not None else -1  # before training can touch u
         if not keep:
             store.clear(context)
         result = client.train(w, hp, u, gen)
@@ -106,6 +109,7 @@ def make_client_app(
                 C.TRAIN_LOSS: s.last_loss,
                 C.PARTITION_ID: pid,
                 C.MEMORY_ROUND: memory_round,
+                C.MEMORY_DIGEST: memory_digest,
             }
         )
         arrays = ArrayRecord({k: v.detach().cpu() for k, v in result.meta_model.items()})

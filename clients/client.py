@@ -1,8 +1,9 @@
 """The meta-learning client: what one client does with the meta-model it receives.
 
-Flower-free on purpose except for the memory store, which speaks ``context.state`` records:
-:class:`MetaClient` takes parameter dicts and returns parameter dicts and plain numbers; the
-``ClientApp`` in :mod:`fedmeta.clients.app` only unpacks and packs messages around it.
+:class:`MetaClient` is Flower-free on purpose: it takes parameter dicts and returns parameter dicts
+and plain numbers; the ``ClientApp`` in :mod:`fedmeta.clients.app` only unpacks and packs messages
+around it. The memory stores, which speak ``context.state`` or the node's disk, live in
+:mod:`fedmeta.clients.memory` (``ContextMemory`` is re-exported here for older imports).
 """
 
 from __future__ import annotations
@@ -13,11 +14,11 @@ from typing import Callable, Union
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context
 from torch import Tensor, nn
 
 from fedmeta import config as C
 from fedmeta import meta
+from fedmeta.clients.memory import ContextMemory, ParamSpec  # noqa: F401  (ContextMemory: re-exported)
 from fedmeta.config import EvalConfig, FedAvgConfig, LocalMOMLConfig, PerFedAvgConfig
 from fedmeta.data import ClientData
 from fedmeta.meta import Params
@@ -45,35 +46,6 @@ def directions_generator(gen: torch.Generator) -> torch.Generator:
     generator's seed without drawing from it, so that switching estimators leaves the batches alone."""
     state = np.random.SeedSequence([gen.initial_seed(), 2]).generate_state(1, np.uint64)[0]
     return torch.Generator().manual_seed(int(state))
-
-
-class ContextMemory:
-    """The personalized model u kept in ``context.state`` (LocalMOML's memory).
-
-    One load/save pair so that a disk-backed store can replace it. ``load`` returns ``None`` on a
-    client's first round (nothing stored yet). The round in which u was written is stored beside
-    it, so a client can tell how old its memory is.
-    """
-
-    def load(self, context: Context, device: torch.device) -> Params | None:
-        if C.PERSONALIZED_MODEL not in context.state:
-            return None
-        record = context.state[C.PERSONALIZED_MODEL]
-        return {k: v.to(device) for k, v in record.to_torch_state_dict().items()}
-
-    def save(self, context: Context, params: Params, server_round: int) -> None:
-        context.state[C.PERSONALIZED_MODEL] = ArrayRecord({k: v.detach().cpu() for k, v in params.items()})
-        context.state[C.MEMORY_META] = ConfigRecord({C.SERVER_ROUND: server_round})
-
-    def clear(self, context: Context) -> None:
-        for key in (C.PERSONALIZED_MODEL, C.MEMORY_META):
-            if key in context.state:
-                del context.state[key]
-
-    def written_in_round(self, context: Context) -> int | None:
-        if C.MEMORY_META not in context.state:
-            return None
-        return int(context.state[C.MEMORY_META][C.SERVER_ROUND])
 
 
 @dataclass(frozen=True)
@@ -120,14 +92,17 @@ class MetaClient:
         self.loss = meta.make_loss(self.model, criterion)
         self.data = data.to(device)
         self.device = device
-        self._names = {k: (tuple(v.shape), v.dtype) for k, v in self.model.named_parameters()}
+        self.param_spec: ParamSpec = {k: (tuple(v.shape), v.dtype) for k, v in self.model.named_parameters()}
+        """Name -> (shape, dtype) of the model's parameters: what received arrays and a stored u must fit."""
 
     def params_from(self, state: dict[str, Tensor]) -> Params:
         """Move received arrays to the device, after checking names and shapes against the model."""
-        if set(state) != set(self._names):
-            raise ValueError(f"received arrays {sorted(state)} do not match the model's parameters {sorted(self._names)}")
+        if set(state) != set(self.param_spec):
+            raise ValueError(
+                f"received arrays {sorted(state)} do not match the model's parameters {sorted(self.param_spec)}"
+            )
         out = {}
-        for k, (shape, dtype) in self._names.items():
+        for k, (shape, dtype) in self.param_spec.items():
             if tuple(state[k].shape) != shape:
                 raise ValueError(f"received array {k!r} has shape {tuple(state[k].shape)}, the model expects {shape}")
             out[k] = state[k].to(device=self.device, dtype=dtype)

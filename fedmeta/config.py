@@ -44,10 +44,14 @@ NUM_LOSS_EVALS = "num-loss-evals"  # forward-only loss evaluations this round (z
 TRAIN_LOSS = "train-loss"
 PARTITION_ID = "partition-id"
 MEMORY_ROUND = "memory-round"  # round the loaded memory u was written in; -1: none (first round or reset)
+MEMORY_DIGEST = "memory-digest"  # fedmeta.clients.memory.params_digest of the u the round started from; -1: none
 LOSS_BEFORE = "loss-before"
 LOSS_AFTER = "loss-after"
 ACC_BEFORE = "accuracy-before"
 ACC_AFTER = "accuracy-after"
+
+# --- node-config keys (SuperNode --node-config) -----------------------------------------------
+MEMORY_DIR = "memory-dir"  # keep the memory u on disk under this directory (DiskMemory), not in context.state
 
 # --- context.state keys ----------------------------------------------------------------------
 PERSONALIZED_MODEL = "personalized-model"  # LocalMOML memory u (ArrayRecord)
