@@ -30,3 +30,9 @@ bench-estimators: $(STAMP)
 
 clean:
 	rm -rf $(VENV) results build *.egg-info
+
+# flwr 1.39 (the last release whose SuperNodes talk gRPC) in its own venv, sharing torch & co. with
+# $(VENV) through a .pth file; cached by a stamp (tests/test_deploy_grpc.py builds it when missing).
+.PHONY: build/flwr139
+build/flwr139: $(STAMP)
+	$(PY) scripts/build_flwr_venv.py --flwr 1.39.0 --dest build/flwr139

@@ -10,6 +10,7 @@ from logging import INFO
 from typing import Any, ClassVar, Iterable
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.common.constant import ErrorCode
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg as FlowerFedAvg
@@ -138,8 +139,9 @@ class MetaStrategy(FlowerFedAvg):
         self._node_to_partition: dict[int, int] = {}
         self.client_eval: dict[int, dict[int, dict[str, float]]] = {}
         """Per round, per partition: the personalized-evaluation metrics each client reported."""
-        self.client_train: dict[int, dict[int, dict[str, float]]] = {}
-        """Per round, per partition: the train metrics each client reported."""
+        self.client_train: dict[int, dict[int, dict[str, float | int]]] = {}
+        """Per round, per partition: the train metrics each client reported (ints such as
+        ``memory-round`` and ``memory-digest`` kept exact)."""
         self.round_seconds: dict[int, float] = {}
         """Per round: wall time from configuring training to aggregating it."""
         self._round_started = 0.0
@@ -169,40 +171,60 @@ class MetaStrategy(FlowerFedAvg):
         """``partition-id -> node id`` for the connected nodes, asking new nodes with a ``query``.
 
         Flower's node ids are random per run, so the strategy samples partitions and maps them to
-        nodes. Waits up to ``node_wait_timeout`` for all n nodes.
+        nodes. Waits up to ``node_wait_timeout`` until every one of the n partitions is served by a
+        connected node.
+
+        A SuperNode that restarts (deployment) registers under a new node id. Its partition then
+        moves to the new node: a node that left ``grid.get_node_ids()`` is forgotten, and when a
+        newly queried node reports a partition that an already known node serves, the newer node
+        takes it over (the old one stops receiving messages; a warning is logged). Two *new* nodes
+        reporting the same partition are a misconfiguration and raise ``RuntimeError``, as does a
+        ``query`` that the client answers with an error. A query that fails because the node
+        disappeared (Flower's node-unavailable error) is retried on the next poll.
         """
         deadline = time.monotonic() + self.node_wait_timeout
         while True:
             node_ids = set(grid.get_node_ids())
-            if len(node_ids) >= self.num_clients:
-                break
+            for gone in set(self._node_to_partition) - node_ids:
+                del self._node_to_partition[gone]
+            unknown = sorted(node_ids - set(self._node_to_partition))
+            if unknown and len(node_ids) >= self.num_clients:
+                self._query_partitions(grid, unknown, max(1.0, deadline - time.monotonic()))
+            mapping = {pid: node for node, pid in self._node_to_partition.items() if node in node_ids}
+            missing = sorted(set(range(self.num_clients)) - set(mapping))
+            if not missing:
+                return mapping
             if time.monotonic() > deadline:
                 raise RuntimeError(
-                    f"only {len(node_ids)} of num_clients={self.num_clients} nodes connected after {self.node_wait_timeout:.0f} s"
+                    f"only {len(mapping)} of num_clients={self.num_clients} nodes connected after "
+                    f"{self.node_wait_timeout:.0f} s (no connected node serves partitions {missing})"
                 )
             time.sleep(0.2)
-        unknown = sorted(node_ids - set(self._node_to_partition))
-        if unknown:
-            queries = [
-                Message(RecordDict({self.configrecord_key: ConfigRecord({})}), dst_node_id=n, message_type=MessageType.QUERY)
-                for n in unknown
-            ]
-            for reply in grid.send_and_receive(queries, timeout=self.node_wait_timeout):
-                node = reply.metadata.src_node_id
-                if reply.has_error():
-                    raise RuntimeError(f"node {node} did not report its {C.PARTITION_ID}: {reply.error.reason}")
-                self._node_to_partition[node] = int(reply.content["metrics"][C.PARTITION_ID])
-        mapping: dict[int, int] = {}
-        for node, pid in self._node_to_partition.items():
-            if node not in node_ids:
-                continue
-            if not 0 <= pid < self.num_clients or pid in mapping:
+
+    def _query_partitions(self, grid: Grid, nodes: list[int], timeout: float) -> None:
+        """Ask ``nodes`` for their ``partition-id``; a reported partition moves to its newest node."""
+        queries = [
+            Message(RecordDict({self.configrecord_key: ConfigRecord({})}), dst_node_id=n, message_type=MessageType.QUERY)
+            for n in nodes
+        ]
+        reported: dict[int, int] = {}
+        for reply in grid.send_and_receive(queries, timeout=timeout):
+            node = reply.metadata.src_node_id
+            if reply.has_error():
+                if reply.error.code == ErrorCode.NODE_UNAVAILABLE:
+                    # The node left between listing and query; the SuperLink answers for it.
+                    logger.warning("a node left before reporting its %s; waiting for it to come back", C.PARTITION_ID)
+                    continue
+                raise RuntimeError(f"node {node} did not report its {C.PARTITION_ID}: {reply.error.reason}")
+            pid = int(reply.content["metrics"][C.PARTITION_ID])
+            if not 0 <= pid < self.num_clients or pid in reported.values():
                 raise RuntimeError(f"node {node} reports {C.PARTITION_ID}={pid}: ids must be distinct in [0, {self.num_clients - 1}]")
-            mapping[pid] = node
-        missing = sorted(set(range(self.num_clients)) - set(mapping))
-        if missing:
-            raise RuntimeError(f"no connected node serves partitions {missing}")
-        return mapping
+            reported[node] = pid
+        for node, pid in reported.items():
+            for old in [n for n, p in self._node_to_partition.items() if p == pid]:
+                logger.warning("node %d now serves %s=%d (was node %d: restarted or replaced)", node, C.PARTITION_ID, pid, old)
+                del self._node_to_partition[old]
+            self._node_to_partition[node] = pid
 
     def sample(self, server_round: int) -> list[int]:
         """The partitions that train in ``server_round`` (see :func:`sample_partitions`)."""
@@ -249,11 +271,14 @@ class MetaStrategy(FlowerFedAvg):
         else:
             weights = [float(r[self.weighted_by_key]) for r in metric_records]
         arrays = average_arrays(array_records, weights)
-        metrics = average_metrics(metric_records, weights, skip=(C.PARTITION_ID, C.MEMORY_ROUND))
+        # Identifiers, not quantities: averaging a partition id, a round number or a digest means nothing.
+        metrics = average_metrics(metric_records, weights, skip=(C.PARTITION_ID, C.MEMORY_ROUND, C.MEMORY_DIGEST))
         metrics["num-clients"] = len(valid)
         metrics["num-failures"] = len(errors)
         self.client_train[server_round] = {
-            int(r[C.PARTITION_ID]): {k: float(v) for k, v in r.items()} for r in metric_records if C.PARTITION_ID in r
+            # ints stay ints: a 60-bit memory-digest does not survive a float
+            int(r[C.PARTITION_ID]): {k: v if isinstance(v, int) else float(v) for k, v in r.items()}
+            for r in metric_records if C.PARTITION_ID in r
         }
         self.round_seconds[server_round] = time.perf_counter() - self._round_started
         if self.num_rounds and server_round % max(1, self.num_rounds // 10) == 0:

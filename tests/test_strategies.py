@@ -279,3 +279,91 @@ def test_every_estimator_is_selectable_from_the_constructors_and_travels_in_the_
         wire = strategy.hparams.to_wire()
         assert (wire[C.META_GRADIENT], wire[C.INNER_STEPS], wire[C.NUM_DIRECTIONS], wire[C.DELTA]) == (name, 3, 4, 1e-2)
         assert type(strategy.hparams).from_wire(wire).estimator().name == name
+
+
+# --- node replacement (a SuperNode that restarts gets a new node id) ----------------------------------
+
+
+def _train_targets(strategy, grid, server_round):
+    """partition -> node id of the train messages of ``server_round``."""
+    return {grid.node_to_pid[m.metadata.dst_node_id]: m.metadata.dst_node_id for m in train_messages(strategy, grid, server_round)}
+
+
+def test_a_restarted_node_takes_over_its_partition_and_only_it_is_queried():
+    grid = FakeGrid(3)
+    strategy = LocalMOML(num_clients=3)
+    first = _train_targets(strategy, grid, 1)
+    old = first[1]
+    del grid.node_to_pid[old]  # SuperNode 1 stops (it deregisters) ...
+    grid.node_to_pid[99] = 1  # ... and restarts under a new node id
+    queried_before = len(grid.sent)
+    second = _train_targets(strategy, grid, 2)
+    assert second == {0: first[0], 1: 99, 2: first[2]}
+    assert [m.metadata.dst_node_id for m in grid.sent[queried_before]] == [99]  # only the newcomer is asked
+
+
+def test_a_crashed_node_still_listed_is_replaced_by_its_restarted_successor():
+    # After a crash (SIGKILL) the SuperLink lists the dead node until its heartbeats are overdue; the
+    # restarted node reports the same partition and takes it over.
+    grid = FakeGrid(3)
+    strategy = LocalMOML(num_clients=3)
+    first = _train_targets(strategy, grid, 1)
+    grid.node_to_pid[99] = 1  # the old node for partition 1 is still listed
+    msgs = train_messages(strategy, grid, 2)
+    targets = sorted(m.metadata.dst_node_id for m in msgs)
+    assert targets == sorted([first[0], 99, first[2]]) and first[1] not in targets
+
+
+def test_a_node_that_vanishes_before_its_query_is_answered_is_waited_for():
+    class Flaky(FakeGrid):
+        """On the first query the node of partition 2 leaves (the SuperLink answers for it with a
+        node-unavailable error) and comes back as node 77."""
+
+        left = False
+
+        def send_and_receive(self, messages, timeout=None):
+            messages = list(messages)
+            if self.left:
+                return super().send_and_receive(messages)
+            self.left = True
+            old = next(n for n, p in self.node_to_pid.items() if p == 2)
+            replies = super().send_and_receive([m for m in messages if m.metadata.dst_node_id != old])
+            del self.node_to_pid[old]
+            self.node_to_pid[77] = 2
+            lost = next(m for m in messages if m.metadata.dst_node_id == old)
+            return replies + [Message(Error(code=5, reason="Node Unavailable"), reply_to=lost)]
+
+    grid = Flaky(3)
+    strategy = LocalMOML(num_clients=3, node_wait_timeout=5)
+    msgs = train_messages(strategy, grid)
+    assert sorted(grid.node_to_pid[m.metadata.dst_node_id] for m in msgs) == [0, 1, 2]
+    assert 77 in {m.metadata.dst_node_id for m in msgs}
+
+
+def test_a_query_the_client_fails_still_raises():
+    class Failing(FakeGrid):
+        def send_and_receive(self, messages, timeout=None):
+            return [Message(Error(code=2, reason="boom"), reply_to=m) for m in messages]
+
+    strategy = LocalMOML(num_clients=2, node_wait_timeout=5)
+    with pytest.raises(RuntimeError, match="did not report its partition-id: boom"):
+        train_messages(strategy, Failing(2))
+
+
+def test_memory_ids_are_kept_per_client_and_not_averaged():
+    grid = FakeGrid(2)
+    strategy = LocalMOML(num_clients=2)
+    msgs = train_messages(strategy, grid)
+    digests = {0: 2**59 + 1, 1: -1}
+    replies = []
+    for m, pid in zip(msgs, (grid.node_to_pid[m.metadata.dst_node_id] for m in msgs)):
+        content = RecordDict({
+            "arrays": ArrayRecord({"w": Array(np.zeros(2, np.float32))}),
+            "metrics": MetricRecord({C.NUM_EXAMPLES: 10, C.TRAIN_LOSS: 1.0, C.PARTITION_ID: pid,
+                                     C.MEMORY_ROUND: 3 if pid == 0 else -1, C.MEMORY_DIGEST: digests[pid]}),
+        })
+        replies.append(Message(content, reply_to=m))
+    _, metrics = strategy.aggregate_train(1, replies)
+    assert C.MEMORY_DIGEST not in metrics and C.MEMORY_ROUND not in metrics
+    assert strategy.client_train[1][0][C.MEMORY_DIGEST] == 2**59 + 1  # exact: not squeezed through a float
+    assert isinstance(strategy.client_train[1][0][C.MEMORY_ROUND], int)
