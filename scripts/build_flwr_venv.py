@@ -71,15 +71,24 @@ def stamp_key(flwr: str) -> dict:
     }
 
 
+# Inherited from a caller (a test process, an activated venv), these would make pip and the new
+# interpreter see the main venv's packages -- flwr 1.41 among them -- ahead of the venv's own.
+_ISOLATING_VARS = ("PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP", "VIRTUAL_ENV", "PIP_TARGET", "PIP_PREFIX", "PIP_USER")
+
+
+def _clean_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k not in _ISOLATING_VARS}
+
+
 def _run(cmd: list[str], log) -> None:
     print("+", " ".join(cmd), file=log, flush=True)
-    subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT)
+    subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT, env=_clean_env())
 
 
 def _venv_site_packages(dest: Path) -> Path:
     out = subprocess.run(
         [str(dest / "bin" / "python"), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-        check=True, capture_output=True, text=True,
+        check=True, capture_output=True, text=True, env=_clean_env(),
     )
     return Path(out.stdout.strip())
 
@@ -94,7 +103,7 @@ def verify(dest: Path, flwr: str) -> None:
         "import grpc, google.protobuf\n"
         "print(flwr.__version__, torch.__version__, grpc.__file__)\n"
     )
-    subprocess.run([str(dest / "bin" / "python"), "-c", code], check=True, cwd="/")
+    subprocess.run([str(dest / "bin" / "python"), "-c", code], check=True, cwd="/", env=_clean_env())
 
 
 def build(flwr: str, dest: Path, *, force: bool = False, log=sys.stderr) -> Path:

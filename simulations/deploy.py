@@ -121,7 +121,7 @@ def flwr_version(bin_dir: str | Path) -> str:
     python = Path(bin_dir) / "python"
     code = "import importlib.metadata as m; print(m.version('flwr'))"
     try:
-        out = subprocess.run([str(python), "-c", code], capture_output=True, text=True, timeout=120, check=True)
+        out = subprocess.run([str(python), "-c", code], capture_output=True, text=True, timeout=120, check=True, env=clean_environ())
     except (OSError, subprocess.CalledProcessError) as err:
         detail = getattr(err, "stderr", "") or err
         raise DeploymentError(f"cannot read the flwr version of {python}: {detail}") from None
@@ -294,6 +294,16 @@ def flwr_run_command(
     if run_config:
         cmd += ["--run-config", config_arg(run_config)]
     return cmd
+
+
+ISOLATING_VARS = ("PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP", "PYTHONNOUSERSITE", "VIRTUAL_ENV")
+"""Variables that would make a started process import another environment's packages (e.g. flwr
+1.41 from the launcher's venv inside a flwr 1.39 SuperNode): dropped from every child's environment."""
+
+
+def clean_environ() -> dict[str, str]:
+    """The launcher's environment without :data:`ISOLATING_VARS`."""
+    return {k: v for k, v in os.environ.items() if k not in ISOLATING_VARS}
 
 
 def shell_line(argv: Sequence[str], env: Mapping[str, str] | None = None) -> str:
@@ -622,7 +632,7 @@ class LocalDeployment:
             fh.write(f"\n### {time.strftime('%H:%M:%S')} {shell_line(argv)}\n")
             fh.flush()
             popen = subprocess.Popen(
-                argv, env={**os.environ, **env}, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                argv, env={**clean_environ(), **env}, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 cwd=self.workdir, start_new_session=True,
             )
         logger.info("started %s (pid %d): %s", name, popen.pid, shell_line(argv))

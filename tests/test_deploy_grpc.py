@@ -20,7 +20,8 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
+
+from fedmeta.simulations.deploy import clean_environ
 
 ROOT = Path(__file__).resolve().parents[1]
 FLWR = "1.39.0"
@@ -94,7 +95,8 @@ def test_flwr139_venv_is_cached_and_has_its_own_flwr_and_grpc(flwr139_bin):
         "from fedmeta.simulations.apps import server_app, client_app\n"
         "print(flwr.__version__, md.version('flwr'), grpc.__file__, google.protobuf.__file__, torch.__file__, fedmeta.__file__, sep='|')\n"
     )
-    out = subprocess.run([str(flwr139_bin / "python"), "-c", code], capture_output=True, text=True, cwd="/", timeout=300)
+    out = subprocess.run([str(flwr139_bin / "python"), "-c", code], capture_output=True, text=True, cwd="/", timeout=300,
+                         env=clean_environ())  # Ray, started by earlier tests, exports PYTHONPATH
     assert out.returncode == 0, out.stderr
     version, dist_version, grpc_file, pb_file, torch_file, fedmeta_file = out.stdout.strip().split("|")
     venv = str(flwr139_bin.parent)
