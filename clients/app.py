@@ -13,6 +13,8 @@ Message contract (what a third-party client must honor is listed in the README):
 from __future__ import annotations
 
 import functools
+import os
+import tempfile
 from pathlib import Path
 from typing import Callable
 
@@ -21,8 +23,11 @@ from flwr.clientapp import ClientApp
 from torch import Tensor, nn
 
 from fedmeta import config as C
-from fedmeta.clients.client import MetaClient, round_generator, select_device
-from fedmeta.clients.memory import ContextMemory, DiskMemory, Memory, params_digest, partition_id
+from fedmeta.batched import weighted_mean
+from fedmeta.clients.client import ClientGroup, MetaClient, hosted_clients, round_generator, select_device
+from fedmeta.clients.memory import (
+    ContextMemory, DiskMemory, Memory, MemoryBank, bank_path, experiment_key, params_digest, partition_id,
+)
 from fedmeta.config import EvalConfig
 from fedmeta.data import ClientData, client_data
 
@@ -30,6 +35,10 @@ DataFn = Callable[[int], ClientData]
 """``data_fn(partition_id) -> ClientData``: one client's train/test data."""
 
 DEVICE_NODE_CONFIG = "device"
+MEMORY_DIR_ENV = "FEDMETA_MEMORY_DIR"
+"""Environment variable: where multi-client nodes keep their memory banks when no ``memory-dir`` is set."""
+PER_CLIENT_TRAIN = (C.NUM_EXAMPLES, C.NUM_SAMPLES, C.NUM_GRADIENTS, C.NUM_HVPS, C.NUM_LOSS_EVALS, C.TRAIN_LOSS, C.MEMORY_ROUND)
+"""Train metrics a multi-client node reports per client (lists under ``per-client-<key>``)."""
 """Optional node-config key overriding the device (e.g. ``cpu`` or ``cuda:1``)."""
 
 
@@ -39,6 +48,32 @@ def node_memory(context: Context) -> Memory:
     return DiskMemory(Path(root)) if root else ContextMemory()
 
 
+def node_clients(context: Context, num_clients: int) -> list[int]:
+    """The clients this node hosts: block ``partition-id`` of ``num-partitions`` (:func:`hosted_clients`);
+    a node without ``num-partitions`` in its node config hosts the one client ``partition-id``."""
+    pid = partition_id(context)
+    if "num-partitions" not in context.node_config:
+        return [pid]
+    return hosted_clients(pid, int(context.node_config["num-partitions"]), num_clients)
+
+
+def default_memory_root() -> Path:
+    """``$FEDMETA_MEMORY_DIR``, else ``<tmp>/fedmeta-memory-<uid>`` (simulations set a temporary one)."""
+    env = os.environ.get(MEMORY_DIR_ENV, "")
+    return Path(env) if env else Path(tempfile.gettempdir()) / f"fedmeta-memory-{os.getuid()}"
+
+
+def _requested_clients(cfg, context: Context) -> tuple[list[int], list[int]]:
+    """The clients a multi-client message asks for, checked against those the node hosts."""
+    num_clients = int(cfg[C.NUM_CLIENTS])
+    hosted = node_clients(context, num_clients)
+    ids = [int(i) for i in cfg[C.CLIENT_IDS]]
+    foreign = sorted(set(ids) - set(hosted))
+    if foreign or len(set(ids)) != len(ids) or not ids:
+        raise ValueError(f"{C.CLIENT_IDS} must be distinct clients of this node ({hosted[0]}..{hosted[-1]}), got {ids}")
+    return ids, hosted
+
+
 def make_client_app(
     model_fn: Callable[[], nn.Module],
     data_fn: DataFn,
@@ -46,6 +81,9 @@ def make_client_app(
     *,
     device: str | None = None,
     memory: Memory | None = None,
+    chunk_size: int = 100,
+    vectorize: str = "auto",
+    memory_dir: str | None = None,
 ) -> ClientApp:
     """Build the fedmeta ``ClientApp``.
 
@@ -65,6 +103,20 @@ def make_client_app(
         node-config directory ``memory-dir`` when the SuperNode sets one (u then survives a SuperNode
         restart; give an absolute path, a relative one resolves against the ClientApp process's working
         directory), else ``context.state`` (:class:`ContextMemory`, the simulation default).
+        For nodes hosting one client.
+    chunk_size, vectorize
+        Multi-client nodes: clients per vectorized call and ``auto`` / ``vmap`` / ``loop``
+        (:mod:`fedmeta.batched`).
+    memory_dir
+        Multi-client nodes keep their clients' memories in a :class:`MemoryBank` under node-config
+        ``memory-dir`` (each save flushed to disk), else this directory, else
+        :func:`default_memory_root` (saves left to the page cache: they survive a killed process,
+        not a power cut).
+
+    A node hosts several clients when its node config's ``num-partitions`` is smaller than the
+    number of clients the strategy announces (``num_nodes`` of the strategy): messages then carry
+    ``client-ids``, the node trains them together and replies with their average (see the README's
+    message contract).
     """
     app = ClientApp()
 
@@ -73,9 +125,60 @@ def make_client_app(
         dev = select_device(device or str(context.node_config.get(DEVICE_NODE_CONFIG, "")) or None)
         return MetaClient(model_fn(), criterion, data_fn(pid), dev), pid
 
+    def build_group(context: Context) -> ClientGroup:
+        dev = select_device(device or str(context.node_config.get(DEVICE_NODE_CONFIG, "")) or None)
+        return ClientGroup(model_fn(), criterion, data_fn, dev, chunk_size=chunk_size, vectorize=vectorize)
+
+    def bank_for(context: Context, group: ClientGroup, hosted: list[int]) -> MemoryBank:
+        node_dir = str(context.node_config.get(C.MEMORY_DIR, ""))
+        root = node_dir or memory_dir or str(default_memory_root())
+        nodes = int(context.node_config.get("num-partitions", 1))
+        path = bank_path(Path(root), experiment_key(context), partition_id(context), nodes)
+        # A SuperNode's memory-dir is meant to survive power loss: flush each save to disk. A
+        # simulation's bank only has to survive its processes (the page cache does that).
+        return MemoryBank(path, hosted, group.param_spec, sync=bool(node_dir))
+
     @app.query()
     def query(msg: Message, context: Context) -> Message:
-        return Message(RecordDict({"metrics": MetricRecord({C.PARTITION_ID: partition_id(context)})}), reply_to=msg)
+        metrics: dict = {C.PARTITION_ID: partition_id(context)}
+        cfg = msg.content.config_records.get("config")
+        if cfg is not None and C.NUM_CLIENTS in cfg:
+            metrics[C.CLIENT_IDS] = node_clients(context, int(cfg[C.NUM_CLIENTS]))
+        return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+
+    def train_group(msg: Message, context: Context, cfg, hp) -> Message:
+        ids, hosted = _requested_clients(cfg, context)
+        group = build_group(context)
+        w = group.params_from(msg.content["arrays"].to_torch_state_dict())
+        keep = getattr(hp, "memory_policy", None) == "keep"
+        u, rounds = None, [-1] * len(ids)
+        if keep:
+            bank = bank_for(context, group, hosted)
+            u, rounds = bank.load(ids, group.device)
+        result = group.train(w, hp, ids, int(cfg.get(C.SEED, 0)), int(cfg[C.SERVER_ROUND]), u, [r >= 0 for r in rounds])
+        if keep:
+            bank.save(ids, result.personalized_models, int(cfg[C.SERVER_ROUND]))
+            bank.close()
+        examples = result.num_examples
+        weights = examples if str(cfg.get(C.WEIGHTING, "uniform")) == "examples" else [1.0] * len(ids)
+        per_client = {
+            C.NUM_EXAMPLES: examples,
+            C.NUM_SAMPLES: [s.num_samples for s in result.stats],
+            C.NUM_GRADIENTS: [s.num_gradients for s in result.stats],
+            C.NUM_HVPS: [s.num_hvps for s in result.stats],
+            C.NUM_LOSS_EVALS: [s.num_loss_evals for s in result.stats],
+            C.TRAIN_LOSS: [float(s.last_loss) for s in result.stats],
+            C.MEMORY_ROUND: [int(r) for r in rounds],
+        }
+        metrics = MetricRecord({
+            C.NUM_EXAMPLES: sum(examples),
+            C.PARTITION_ID: partition_id(context),
+            C.CLIENT_IDS: ids,
+            **{C.PER_CLIENT + k: v for k, v in per_client.items()},
+        })
+        mean = weighted_mean(result.meta_models, weights)
+        arrays = ArrayRecord({k: v.detach().cpu() for k, v in mean.items()})
+        return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
@@ -84,6 +187,8 @@ def make_client_app(
         if algorithm not in C.ALGORITHM_CONFIGS:
             raise ValueError(f"config {C.ALGORITHM!r} must be one of {sorted(C.ALGORITHM_CONFIGS)}, got {algorithm!r}")
         hp = C.ALGORITHM_CONFIGS[algorithm].from_wire(cfg)  # validates before any work
+        if C.CLIENT_IDS in cfg:
+            return train_group(msg, context, cfg, hp)
         server_round = int(cfg[C.SERVER_ROUND])
         client, pid = build(context)
         w = client.params_from(msg.content["arrays"].to_torch_state_dict())
@@ -119,11 +224,33 @@ def make_client_app(
     def evaluate(msg: Message, context: Context) -> Message:
         cfg = msg.content["config"]
         ev = EvalConfig.from_wire(cfg)
+        if C.CLIENT_IDS in cfg:
+            return evaluate_group(msg, context, cfg, ev)
         client, pid = build(context)
         w = client.params_from(msg.content["arrays"].to_torch_state_dict())
         gen = round_generator(int(cfg.get(C.SEED, 0)), pid, int(cfg.get(C.SERVER_ROUND, 0)), 1)
         scores = client.evaluate(w, ev, gen)
         metrics = MetricRecord({C.NUM_EXAMPLES: int(client.data.y_test.shape[0]), C.PARTITION_ID: pid, **scores})
+        return Message(RecordDict({"metrics": metrics}), reply_to=msg)
+
+    def evaluate_group(msg: Message, context: Context, cfg, ev: EvalConfig) -> Message:
+        ids, _ = _requested_clients(cfg, context)
+        group = build_group(context)
+        w = group.params_from(msg.content["arrays"].to_torch_state_dict())
+        rows, sizes = [], []
+        for c in ids:
+            client = group.client(c)
+            gen = round_generator(int(cfg.get(C.SEED, 0)), c, int(cfg.get(C.SERVER_ROUND, 0)), 1)
+            rows.append(client.evaluate(w, ev, gen))
+            sizes.append(int(client.data.y_test.shape[0]))
+        keys = [k for k in rows[0] if all(k in r for r in rows)]
+        metrics = MetricRecord({
+            C.NUM_EXAMPLES: sum(sizes),
+            C.PARTITION_ID: partition_id(context),
+            C.CLIENT_IDS: ids,
+            C.PER_CLIENT + C.NUM_EXAMPLES: sizes,
+            **{C.PER_CLIENT + k: [float(r[k]) for r in rows] for k in keys},
+        })
         return Message(RecordDict({"metrics": metrics}), reply_to=msg)
 
     return app

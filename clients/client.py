@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from fedmeta import config as C
-from fedmeta import meta
+from fedmeta import batched, meta
 from fedmeta.clients.memory import ContextMemory, ParamSpec  # noqa: F401  (ContextMemory: re-exported)
 from fedmeta.config import EvalConfig, FedAvgConfig, LocalMOMLConfig, PerFedAvgConfig
 from fedmeta.data import ClientData
@@ -46,6 +46,18 @@ def directions_generator(gen: torch.Generator) -> torch.Generator:
     generator's seed without drawing from it, so that switching estimators leaves the batches alone."""
     state = np.random.SeedSequence([gen.initial_seed(), 2]).generate_state(1, np.uint64)[0]
     return torch.Generator().manual_seed(int(state))
+
+
+def params_from(state: dict[str, Tensor], spec: ParamSpec, device: torch.device) -> Params:
+    """Received arrays moved to ``device``, after checking their names and shapes against ``spec``."""
+    if set(state) != set(spec):
+        raise ValueError(f"received arrays {sorted(state)} do not match the model's parameters {sorted(spec)}")
+    out = {}
+    for k, (shape, dtype) in spec.items():
+        if tuple(state[k].shape) != shape:
+            raise ValueError(f"received array {k!r} has shape {tuple(state[k].shape)}, the model expects {shape}")
+        out[k] = state[k].to(device=device, dtype=dtype)
+    return out
 
 
 @dataclass(frozen=True)
@@ -97,16 +109,7 @@ class MetaClient:
 
     def params_from(self, state: dict[str, Tensor]) -> Params:
         """Move received arrays to the device, after checking names and shapes against the model."""
-        if set(state) != set(self.param_spec):
-            raise ValueError(
-                f"received arrays {sorted(state)} do not match the model's parameters {sorted(self.param_spec)}"
-            )
-        out = {}
-        for k, (shape, dtype) in self.param_spec.items():
-            if tuple(state[k].shape) != shape:
-                raise ValueError(f"received array {k!r} has shape {tuple(state[k].shape)}, the model expects {shape}")
-            out[k] = state[k].to(device=self.device, dtype=dtype)
-        return out
+        return params_from(state, self.param_spec, self.device)
 
     def train(self, w: Params, hp: AlgorithmConfig, u: Params | None, gen: torch.Generator) -> TrainResult:
         """One local round of the algorithm ``hp`` configures; ``u`` is the kept memory, if any."""
@@ -180,3 +183,130 @@ class MetaClient:
         if not np.isnan(after.accuracy):
             out.update({C.ACC_BEFORE: before.accuracy, C.ACC_AFTER: after.accuracy})
         return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Multi-client nodes
+
+
+def hosted_clients(node: int, num_nodes: int, num_clients: int) -> list[int]:
+    """The clients node ``node`` of ``num_nodes`` hosts: contiguous, near-equal blocks of ``0..n-1``.
+
+    ``num_nodes == num_clients`` gives one client per node (client id = partition id).
+    """
+    if not (isinstance(num_clients, int) and num_clients >= 1):
+        raise ValueError(f"num-clients must be an integer >= 1, got {num_clients!r}")
+    if not 1 <= num_nodes <= num_clients:
+        raise ValueError(f"num-partitions (nodes) must be in [1, num-clients={num_clients}], got {num_nodes}")
+    if not 0 <= node < num_nodes:
+        raise ValueError(f"partition-id must be in [0, {num_nodes - 1}], got {node}")
+    return [int(i) for i in np.array_split(np.arange(num_clients), num_nodes)[node]]
+
+
+@dataclass(frozen=True)
+class GroupTrainResult:
+    """A node's clients after one round: stacked models (leading client axis) and per-client stats."""
+
+    meta_models: Params
+    personalized_models: Params | None
+    stats: list[meta.RoundStats]
+    num_examples: list[int]
+    """Each client's training-set size (``num-examples``)."""
+
+
+class ClientGroup:
+    """The clients one node hosts, trained together (:mod:`fedmeta.batched`).
+
+    Each client keeps its own data, batches and random stream (:func:`round_generator` of its own
+    id), so a client's local model is the one :class:`MetaClient` would compute alone, to float
+    round-off; only the execution is shared.
+
+    Parameters
+    ----------
+    model, criterion, device
+        As for :class:`MetaClient`.
+    data_fn
+        ``client_id -> ClientData``.
+    chunk_size, vectorize
+        Clients per vectorized call, and ``auto`` / ``vmap`` / ``loop`` (:mod:`fedmeta.batched`).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        criterion: Callable[[Tensor, Tensor], Tensor],
+        data_fn: Callable[[int], ClientData],
+        device: torch.device,
+        *,
+        chunk_size: int = 100,
+        vectorize: str = "auto",
+    ) -> None:
+        batched.check_vectorize(vectorize, chunk_size)
+        self.model = model.to(device)
+        self.criterion = criterion
+        self.loss = meta.make_loss(self.model, criterion)
+        self.data_fn = data_fn
+        self.device = device
+        self.chunk_size = chunk_size
+        self.vectorize = vectorize
+        self.param_spec: ParamSpec = {k: (tuple(v.shape), v.dtype) for k, v in self.model.named_parameters()}
+
+    def params_from(self, state: dict[str, Tensor]) -> Params:
+        """Received arrays on the device, checked against the model (as :meth:`MetaClient.params_from`)."""
+        return params_from(state, self.param_spec, self.device)
+
+    def client(self, client_id: int) -> MetaClient:
+        """One hosted client on its own (the loop path, FedAvg and evaluation)."""
+        return MetaClient(self.model, self.criterion, self.data_fn(client_id), self.device)
+
+    def train(
+        self,
+        w: Params,
+        hp: AlgorithmConfig,
+        client_ids: list[int],
+        seed: int,
+        server_round: int,
+        u: Params | None = None,
+        has_memory: list[bool] | None = None,
+    ) -> GroupTrainResult:
+        """One local round of every client in ``client_ids`` from the meta-model ``w``.
+
+        ``u`` / ``has_memory``: the clients' kept LocalMOML memories, stacked, and which rows hold one.
+        """
+        datas = [self.data_fn(c).to(self.device) for c in client_ids]
+        examples = [d.num_train for d in datas]
+        gens = [round_generator(seed, c, server_round, 0) for c in client_ids]
+        samplers = [functools.partial(d.sample, generator=g) for d, g in zip(datas, gens)]
+        if isinstance(hp, FedAvgConfig):
+            outs = [
+                meta.sgd_round(self.loss, w, s, local_steps=hp.local_steps, batch_size=hp.batch_size, lr=hp.lr)
+                for s in samplers
+            ]
+            result = GroupTrainResult(batched.stack([o[0] for o in outs]), None, [o[1] for o in outs], examples)
+        else:
+            common = dict(
+                local_steps=hp.local_steps, batch_size=hp.batch_size, inner_lr=hp.inner_lr, estimator=hp.estimator(),
+                inner_steps=hp.inner_steps, direction_gens=[directions_generator(g) for g in gens],
+                chunk_size=self.chunk_size, vectorize=self.vectorize,
+            )
+            if isinstance(hp, PerFedAvgConfig):
+                models, stats = batched.per_fedavg_rounds(self.loss, w, samplers, gens, meta_lr=hp.meta_lr, **common)
+                result = GroupTrainResult(models, None, stats, examples)
+            else:
+                if hp.memory_policy == "reset" or has_memory is None:
+                    u, has_memory = None, [False] * len(client_ids)
+                models, memories, stats = batched.local_moml_rounds(
+                    self.loss, w, u, has_memory, samplers, gens, init_batch_size=hp.init_batch_size, lr=hp.lr,
+                    momentum=hp.momentum, **common,
+                )
+                result = GroupTrainResult(models, memories, stats, examples)
+        for name, params in (("meta-model", result.meta_models), ("personalized model", result.personalized_models or {})):
+            for k, v in params.items():
+                bad = (~torch.isfinite(v.reshape(v.shape[0], -1))).any(1)
+                if bool(bad.any()):
+                    who = [client_ids[i] for i in torch.nonzero(bad).flatten().tolist()]
+                    raise FloatingPointError(
+                        f"local training diverged: the {name} of clients {who} has non-finite values in {k!r}; "
+                        "lower lr / meta-lr / inner-lr"
+                    )
+        return result

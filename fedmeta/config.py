@@ -50,6 +50,12 @@ LOSS_AFTER = "loss-after"
 ACC_BEFORE = "accuracy-before"
 ACC_AFTER = "accuracy-after"
 
+# --- multi-client nodes (one node hosts a group of clients) --------------------------------------
+CLIENT_IDS = "client-ids"  # train/evaluate config (multi-client nodes): the node's clients to run; reply: the clients that ran
+NUM_CLIENTS = "num-clients"  # query config: the number of clients n, so a node can tell which clients it hosts
+WEIGHTING = "weighting"  # train config (multi-client nodes): how the node averages its clients' models
+PER_CLIENT = "per-client-"  # reply prefix (multi-client nodes): per-client lists aligned with client-ids
+
 # --- node-config keys (SuperNode --node-config) -----------------------------------------------
 MEMORY_DIR = "memory-dir"  # keep the memory u on disk under this directory (DiskMemory), not in context.state
 

@@ -79,7 +79,7 @@ def hvp(f: LossFn, params: Params, v: Params, batch: Batch) -> Params:
     symmetric this is ``H v``. The Hessian is never materialised.
     """
     _, vjp_fn = vjp(lambda p: grad(f)(p, *batch), params)
-    (hv,) = vjp_fn(v)
+    (hv,) = vjp_fn({k: v[k] for k in params})  # the cotangent's key order must match the parameters'
     return hv
 
 

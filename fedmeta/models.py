@@ -31,6 +31,17 @@ def mlp_40_40(input_shape: ImageShape = (1, 28, 28), num_classes: int = 10) -> n
     return mlp((math.prod(input_shape), 40, 40, num_classes), nn.ReLU)
 
 
+def mlp_100(input_shape: ImageShape = (1, 28, 28), num_classes: int = 10) -> nn.Sequential:
+    """d-100-C ReLU MLP (784-100-10 on MNIST-like data), PFLlib's ``DNN(1*28*28, 100)``.
+
+    The model of PFLlib's Per-FedAvg (``-algo PerAvg -m DNN``) MNIST-family examples
+    (``system/flcore/trainmodel/models.py``: ``fc1`` d-100, ReLU, ``fc`` 100-C). PFLlib ends
+    with ``log_softmax``; this model returns logits, which gives the same cross-entropy loss
+    and predictions (``log_softmax`` of log-probabilities is the identity).
+    """
+    return mlp((math.prod(input_shape), 100, num_classes), nn.ReLU)
+
+
 def mlp_80_60_elu(input_shape: ImageShape = (1, 28, 28), num_classes: int = 10) -> nn.Sequential:
     """d-80-60-C ELU MLP (784-80-60-10 on MNIST-like data), per-fedavg.txt Section 5."""
     return mlp((math.prod(input_shape), 80, 60, num_classes), nn.ELU)
@@ -58,6 +69,7 @@ def cnn(input_shape: ImageShape = (3, 32, 32), num_classes: int = 10) -> nn.Sequ
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "mlp-40-40": mlp_40_40,
+    "mlp-100": mlp_100,
     "mlp-80-60-elu": mlp_80_60_elu,
     "sine-mlp": sine_mlp,
     "cnn": cnn,

@@ -118,7 +118,8 @@ def build_server_app(cfg: ExperimentConfig, sink: Callable[[dict[str, Any]], Non
 
 def build_client_app(cfg: ExperimentConfig) -> ClientApp:
     data_fn = functools.partial(client_data, cfg.dataset, **cfg.data_kwargs())
-    return make_client_app(cfg.build_model, data_fn, cfg.criterion, device=cfg.device or None)
+    return make_client_app(cfg.build_model, data_fn, cfg.criterion, device=cfg.device or None, chunk_size=cfg.chunk_size,
+                           vectorize=cfg.vectorize, memory_dir=cfg.memory_dir or None)
 
 
 # --- `flwr run .` ------------------------------------------------------------------------------

@@ -106,6 +106,15 @@ class ExperimentConfig:
     """Force the clients' device (``cpu``, ``cuda``); empty: CUDA when available, else CPU."""
     results_dir: str = "results"
     """Where the results JSON is written."""
+    num_nodes: int = 0
+    """Simulated SuperNodes. 0: one per client. Fewer than the clients: each node hosts a block of
+    clients and trains its sampled clients together (vectorized, :mod:`fedmeta.batched`)."""
+    chunk_size: int = 100
+    """Multi-client nodes: clients per vectorized call (bounds memory)."""
+    vectorize: str = "auto"
+    """Multi-client nodes: ``auto`` (vmap, loop where vmap cannot), ``vmap`` or ``loop``."""
+    memory_dir: str = ""
+    """Multi-client nodes: directory of the clients' memory banks; empty: a temporary directory per run."""
 
     def __post_init__(self) -> None:
         def bad(name: str, allowed: str) -> ValueError:
@@ -139,6 +148,11 @@ class ExperimentConfig:
             raise bad("evaluate_every", "an integer >= 0")
         if not self.num_cpus > 0 or self.num_gpus < 0:
             raise bad("num_cpus" if not self.num_cpus > 0 else "num_gpus", "> 0 (num-cpus) / >= 0 (num-gpus)")
+        if not 0 <= self.num_nodes <= self.num_partitions:
+            raise bad("num_nodes", f"in [0, {self.num_partitions}] (0 = one node per client; clients incl. new clients)")
+        from fedmeta.batched import check_vectorize
+
+        check_vectorize(self.vectorize, self.chunk_size)
         if self.memory_policy not in ("", *C.MEMORY_POLICIES):
             raise bad("memory_policy", f"empty or one of {list(C.MEMORY_POLICIES)}")
         self.strategy_kwargs()  # the algorithm's own validation, before any work starts
@@ -172,8 +186,13 @@ class ExperimentConfig:
 
     @property
     def num_partitions(self) -> int:
-        """Simulated SuperNodes: the training clients plus the held-out new clients."""
+        """All clients (data partitions): the training clients plus the held-out new clients."""
         return self.num_clients + self.num_new_clients
+
+    @property
+    def num_supernodes(self) -> int:
+        """Simulated SuperNodes: ``num_nodes``, or one per client."""
+        return self.num_nodes or self.num_partitions
 
     @property
     def eval_setting(self) -> tuple[int, int]:
@@ -219,6 +238,7 @@ class ExperimentConfig:
         eval_steps, eval_shots = self.eval_setting
         return dict(
             num_clients=self.num_partitions,
+            num_nodes=self.num_supernodes,
             new_clients=holdout_partitions(self.num_partitions, self.num_new_clients, self.seed),
             clients_per_round=self.clients_per_round or None,
             sampling_groups=self.sampling_groups,

@@ -763,8 +763,11 @@ class LocalDeployment:
         results = Path(values.get("results-dir") or self.workdir / "runs" / f"run-{len(self.runs) + 1}")
         values["results-dir"] = str(results.resolve())
         cfg = ExperimentConfig.from_mapping({**app_config(self.project_dir), **values})
-        if cfg.num_partitions != self.nodes:
-            raise ValueError(f"num-clients + num-new-clients = {cfg.num_partitions}, but the deployment has {self.nodes} SuperNodes")
+        if cfg.num_supernodes != self.nodes:
+            raise ValueError(
+                f"the run needs {cfg.num_supernodes} SuperNodes (num-nodes, or num-clients + num-new-clients when "
+                f"num-nodes = 0), but the deployment has {self.nodes}"
+            )
         # Send each value with the type its field has, as flwr checks it against pyproject's type.
         typed = cfg.to_dict()
         return {k: typed[k] for k in values}

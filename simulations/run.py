@@ -10,9 +10,11 @@ K = 5, exact Hessian, and prints a comparison table. Every field of
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
+import tempfile
 import time
 from dataclasses import fields
 from typing import Any, Sequence
@@ -27,20 +29,31 @@ def simulate(cfg: ExperimentConfig, *, verbose: bool = False) -> dict[str, Any]:
     """Run one experiment with ``flwr.simulation.run_simulation`` and return its results."""
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+    logging.getLogger("flwr").setLevel(logging.INFO if verbose else logging.ERROR)
+    box: dict[str, Any] = {}
+    with contextlib.ExitStack() as stack:
+        client_cfg = cfg
+        if cfg.num_nodes and not cfg.memory_dir:  # multi-client nodes: memory banks for this run only
+            client_cfg = cfg.replace(memory_dir=stack.enter_context(tempfile.TemporaryDirectory(prefix="fedmeta-memory-")))
+        _run(cfg, client_cfg, box, verbose)
+    if not box:
+        raise RuntimeError("the simulation ended without results (see the log above)")
+    return box
+
+
+def _run(cfg: ExperimentConfig, client_cfg: ExperimentConfig, box: dict[str, Any], verbose: bool) -> None:
     import warnings
 
     from flwr.simulation import run_simulation
 
     from fedmeta.simulations.apps import build_client_app, build_server_app
 
-    logging.getLogger("flwr").setLevel(logging.INFO if verbose else logging.ERROR)
-    box: dict[str, Any] = {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         run_simulation(
             server_app=build_server_app(cfg, sink=box.update),
-            client_app=build_client_app(cfg),
-            num_supernodes=cfg.num_partitions,
+            client_app=build_client_app(client_cfg),
+            num_supernodes=cfg.num_supernodes,
             backend_name="ray",
             backend_config={
                 "client_resources": {"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus},
@@ -48,9 +61,6 @@ def simulate(cfg: ExperimentConfig, *, verbose: bool = False) -> dict[str, Any]:
             },
             verbose_logging=verbose,
         )
-    if not box:
-        raise RuntimeError("the simulation ended without results (see the log above)")
-    return box
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -74,7 +84,7 @@ def _table(rows: list[dict[str, Any]]) -> str:
     lines = [head, "-" * len(head)]
     for r in rows:
         f = r["final"]
-        name = f"{r['config']['algorithm']:<12} {r['final_round']:>6}"
+        name = f"{r['config']['algorithm']:<12} {r['final_round'] or 0:>6}"
         if C.ACC_AFTER in f:
             line = f"{name} {f[C.ACC_BEFORE]:>11.4f} {f[C.ACC_AFTER]:>14.4f} +- {f[C.ACC_AFTER + '-std']:.4f} {f[C.ACC_AFTER + '-p10']:>7.4f}"
             if new:
@@ -82,6 +92,8 @@ def _table(rows: list[dict[str, Any]]) -> str:
             lines.append(f"{line} {r['seconds']:>8.1f}")
         elif f:
             lines.append(f"{name}  loss before {f[C.LOSS_BEFORE]:.4f} after {f[C.LOSS_AFTER]:.4f} {r['seconds']:>8.1f}")
+        else:
+            lines.append(f"{r['config']['algorithm']:<12} {r['config']['num-rounds']:>6}  (no evaluation) {r['seconds']:>8.1f}")
     if any(r["config"]["algorithm"] == C.FEDAVG for r in rows):
         lines.append("(fedavg: 'acc before' is FedAvg, 'acc after' is FedAvg + fine-tune)")
     return "\n".join(lines)

@@ -49,8 +49,14 @@ class MetaStrategy(FlowerFedAvg):
     Parameters
     ----------
     num_clients
-        The number of clients (nodes, one partition each, partition ids ``0..num_clients-1``). The
-        strategy waits for all of them before the first round (at most ``node_wait_timeout`` s).
+        n, the number of clients (client ids ``0..num_clients-1``). The strategy waits until every
+        client is served by a connected node before the first round (at most ``node_wait_timeout`` s).
+    num_nodes
+        The number of nodes (SuperNodes) serving them. ``None``: one node per client (the node's
+        ``partition-id`` is its client id). Fewer nodes than clients: each node hosts a contiguous
+        block of clients (node ``partition-id`` ``i`` of ``num-partitions`` ``M`` hosts block ``i``)
+        and trains the ones sampled in a round together (:mod:`fedmeta.batched`); sampling stays over
+        clients and the average stays the papers' average over clients.
     clients_per_round
         B: ``None`` for cross-silo (every training client every round) or ``1 <= B <= n`` for
         cross-device (exactly B clients per round, sampled by partition from a generator seeded
@@ -86,6 +92,7 @@ class MetaStrategy(FlowerFedAvg):
         self,
         *,
         num_clients: int,
+        num_nodes: int | None = None,
         clients_per_round: int | None = None,
         sampling_groups: int = 1,
         new_clients: Iterable[int] = (),
@@ -98,6 +105,10 @@ class MetaStrategy(FlowerFedAvg):
         **kwargs: Any,
     ) -> None:
         _require("num_clients", isinstance(num_clients, int) and num_clients >= 1, "an integer >= 1", num_clients)
+        if num_nodes is None:
+            num_nodes = num_clients
+        ok = isinstance(num_nodes, int) and not isinstance(num_nodes, bool) and 1 <= num_nodes <= num_clients
+        _require("num_nodes", ok, f"None (one node per client) or an integer in [1, num_clients={num_clients}]", num_nodes)
         new = sorted(set(new_clients))
         ok = all(isinstance(p, int) and 0 <= p < num_clients for p in new) and len(new) < num_clients
         _require("new_clients", ok, f"distinct partition ids in [0, {num_clients - 1}], leaving at least one training client", list(new_clients))
@@ -118,6 +129,7 @@ class MetaStrategy(FlowerFedAvg):
         self.hparams = self.hparams_cls(**{k: kwargs.pop(k) for k in list(kwargs) if k in hp_fields})
         self.eval_config = EvalConfig(inner_lr=self.hparams.inner_lr, eval_steps=eval_steps, eval_shots=eval_shots)
         self.num_clients = num_clients
+        self.num_nodes = num_nodes
         self.new_clients = tuple(new)
         self.train_clients = tuple(p for p in range(num_clients) if p not in set(new))
         self.clients_per_round = clients_per_round
@@ -127,16 +139,17 @@ class MetaStrategy(FlowerFedAvg):
         self.evaluate_every = evaluate_every
         self.node_wait_timeout = node_wait_timeout
         per_round = n_train if clients_per_round is None else clients_per_round * sampling_groups
-        kwargs.setdefault("min_available_nodes", num_clients)
+        kwargs.setdefault("min_available_nodes", num_nodes)
         super().__init__(
             fraction_train=1.0,
             fraction_evaluate=1.0 if evaluate_every else 0.0,
-            min_train_nodes=per_round,
-            min_evaluate_nodes=num_clients if evaluate_every else 0,
+            min_train_nodes=min(per_round, num_nodes),
+            min_evaluate_nodes=num_nodes if evaluate_every else 0,
             **kwargs,
         )
         self.num_rounds: int | None = None
         self._node_to_partition: dict[int, int] = {}
+        self._node_clients: dict[int, tuple[int, ...]] = {}
         self.client_eval: dict[int, dict[int, dict[str, float]]] = {}
         """Per round, per partition: the personalized-evaluation metrics each client reported."""
         self.client_train: dict[int, dict[int, dict[str, float | int]]] = {}
@@ -148,12 +161,19 @@ class MetaStrategy(FlowerFedAvg):
 
     # ------------------------------------------------------------------------------------------
     @property
+    def multi_client(self) -> bool:
+        """Whether nodes host several clients (messages then carry ``client-ids``)."""
+        return self.num_nodes < self.num_clients
+
+    @property
     def cross_device(self) -> bool:
         return self.clients_per_round is not None and self.clients_per_round * self.sampling_groups < len(self.train_clients)
 
     def summary(self) -> None:
         n = len(self.train_clients)
         mode = f"cross-device, B={self.clients_per_round} of n={n}" if self.cross_device else f"cross-silo, n={n}"
+        if self.multi_client:
+            mode += f" on {self.num_nodes} multi-client nodes"
         if self.sampling_groups > 1:
             mode = f"cross-device, B'={self.clients_per_round} from each of {self.sampling_groups} groups of n={n}"
         log(INFO, "\t├──> %s: %s, %d new (held-out) clients", type(self).__name__, mode, len(self.new_clients))
@@ -168,46 +188,50 @@ class MetaStrategy(FlowerFedAvg):
 
     # --- sampling by partition -----------------------------------------------------------------
     def partition_nodes(self, grid: Grid) -> dict[int, int]:
-        """``partition-id -> node id`` for the connected nodes, asking new nodes with a ``query``.
+        """``client id -> node id`` for the connected nodes, asking new nodes with a ``query``.
 
-        Flower's node ids are random per run, so the strategy samples partitions and maps them to
-        nodes. Waits up to ``node_wait_timeout`` until every one of the n partitions is served by a
-        connected node.
+        Flower's node ids are random per run, so the strategy samples clients and maps them to
+        nodes. A node reports its ``partition-id`` and, when it hosts several clients, their
+        ``client-ids`` (the query tells it ``num-clients``). Waits up to ``node_wait_timeout`` until
+        every one of the n clients is served by a connected node.
 
         A SuperNode that restarts (deployment) registers under a new node id. Its partition then
         moves to the new node: a node that left ``grid.get_node_ids()`` is forgotten, and when a
         newly queried node reports a partition that an already known node serves, the newer node
         takes it over (the old one stops receiving messages; a warning is logged). Two *new* nodes
-        reporting the same partition are a misconfiguration and raise ``RuntimeError``, as does a
-        ``query`` that the client answers with an error. A query that fails because the node
-        disappeared (Flower's node-unavailable error) is retried on the next poll.
+        reporting the same partition, or nodes reporting overlapping clients, are a
+        misconfiguration and raise ``RuntimeError``, as does a ``query`` that the client answers
+        with an error. A query that fails because the node disappeared (Flower's node-unavailable
+        error) is retried on the next poll.
         """
         deadline = time.monotonic() + self.node_wait_timeout
         while True:
             node_ids = set(grid.get_node_ids())
             for gone in set(self._node_to_partition) - node_ids:
                 del self._node_to_partition[gone]
+                self._node_clients.pop(gone, None)
             unknown = sorted(node_ids - set(self._node_to_partition))
-            if unknown and len(node_ids) >= self.num_clients:
+            if unknown and len(node_ids) >= self.num_nodes:
                 self._query_partitions(grid, unknown, max(1.0, deadline - time.monotonic()))
-            mapping = {pid: node for node, pid in self._node_to_partition.items() if node in node_ids}
+            mapping = {c: node for node, ids in self._node_clients.items() if node in node_ids for c in ids}
             missing = sorted(set(range(self.num_clients)) - set(mapping))
             if not missing:
                 return mapping
             if time.monotonic() > deadline:
                 raise RuntimeError(
-                    f"only {len(mapping)} of num_clients={self.num_clients} nodes connected after "
-                    f"{self.node_wait_timeout:.0f} s (no connected node serves partitions {missing})"
+                    f"only {len(mapping)} of num_clients={self.num_clients} clients are served by the "
+                    f"{len(node_ids)} connected nodes after {self.node_wait_timeout:.0f} s (missing clients {missing[:20]})"
                 )
             time.sleep(0.2)
 
     def _query_partitions(self, grid: Grid, nodes: list[int], timeout: float) -> None:
-        """Ask ``nodes`` for their ``partition-id``; a reported partition moves to its newest node."""
+        """Ask ``nodes`` for their ``partition-id`` (and clients); a reported partition moves to its newest node."""
+        query = ConfigRecord({C.NUM_CLIENTS: self.num_clients})
         queries = [
-            Message(RecordDict({self.configrecord_key: ConfigRecord({})}), dst_node_id=n, message_type=MessageType.QUERY)
+            Message(RecordDict({self.configrecord_key: query}), dst_node_id=n, message_type=MessageType.QUERY)
             for n in nodes
         ]
-        reported: dict[int, int] = {}
+        reported: dict[int, tuple[int, tuple[int, ...]]] = {}
         for reply in grid.send_and_receive(queries, timeout=timeout):
             node = reply.metadata.src_node_id
             if reply.has_error():
@@ -216,15 +240,30 @@ class MetaStrategy(FlowerFedAvg):
                     logger.warning("a node left before reporting its %s; waiting for it to come back", C.PARTITION_ID)
                     continue
                 raise RuntimeError(f"node {node} did not report its {C.PARTITION_ID}: {reply.error.reason}")
-            pid = int(reply.content["metrics"][C.PARTITION_ID])
-            if not 0 <= pid < self.num_clients or pid in reported.values():
-                raise RuntimeError(f"node {node} reports {C.PARTITION_ID}={pid}: ids must be distinct in [0, {self.num_clients - 1}]")
-            reported[node] = pid
-        for node, pid in reported.items():
+            rec = reply.content["metrics"]
+            pid = int(rec[C.PARTITION_ID])
+            ids = tuple(int(i) for i in rec[C.CLIENT_IDS]) if C.CLIENT_IDS in rec else (pid,)
+            if not 0 <= pid < self.num_nodes or pid in [p for p, _ in reported.values()]:
+                raise RuntimeError(
+                    f"node {node} reports {C.PARTITION_ID}={pid}: ids must be distinct in [0, {self.num_nodes - 1}] "
+                    f"(num_nodes={self.num_nodes})"
+                )
+            if not ids or not all(0 <= c < self.num_clients for c in ids):
+                raise RuntimeError(f"node {node} reports clients {list(ids)[:20]} outside [0, {self.num_clients - 1}]")
+            reported[node] = (pid, ids)
+        for node, (pid, ids) in reported.items():
             for old in [n for n, p in self._node_to_partition.items() if p == pid]:
                 logger.warning("node %d now serves %s=%d (was node %d: restarted or replaced)", node, C.PARTITION_ID, pid, old)
                 del self._node_to_partition[old]
+                self._node_clients.pop(old, None)
+            overlap = {c for n, other in self._node_clients.items() for c in other} & set(ids)
+            if overlap:
+                raise RuntimeError(
+                    f"node {node} ({C.PARTITION_ID}={pid}) reports clients {sorted(overlap)[:20]} that another node "
+                    f"serves: check num-partitions on every node (num_nodes={self.num_nodes})"
+                )
             self._node_to_partition[node] = pid
+            self._node_clients[node] = ids
 
     def sample(self, server_round: int) -> list[int]:
         """The partitions that train in ``server_round`` (see :func:`sample_partitions`)."""
@@ -254,8 +293,37 @@ class MetaStrategy(FlowerFedAvg):
         nodes = self.partition_nodes(grid)
         parts = self.sample(server_round)
         logger.debug("round %d: training partitions %s", server_round, parts)
-        record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: self.train_config(server_round, config)})
-        return self._construct_messages(record, [nodes[p] for p in parts], MessageType.TRAIN)
+        train_config = self.train_config(server_round, config)
+        if not self.multi_client:
+            record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: train_config})
+            return self._construct_messages(record, [nodes[p] for p in parts], MessageType.TRAIN)
+        return self._group_messages(arrays, train_config, nodes, parts, MessageType.TRAIN)
+
+    def _group_messages(
+        self, arrays: ArrayRecord, config: ConfigRecord, nodes: dict[int, int], clients: list[int], message_type: str
+    ) -> list[Message]:
+        """One message per node that hosts any of ``clients``, naming them under ``client-ids``."""
+        by_node: dict[int, list[int]] = {}
+        for c in clients:
+            by_node.setdefault(nodes[c], []).append(c)
+        messages = []
+        for node, ids in by_node.items():
+            cfg = ConfigRecord({**dict(config), C.CLIENT_IDS: ids, C.NUM_CLIENTS: self.num_clients, C.WEIGHTING: self.weighting})
+            record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: cfg})
+            messages.append(Message(content=record, message_type=message_type, dst_node_id=node))
+        return messages
+
+    @staticmethod
+    def client_rows(record: MetricRecord) -> list[dict[str, Any]]:
+        """One reply's metrics per client: a multi-client node's ``per-client-`` lists, or the record itself."""
+        if C.CLIENT_IDS not in record:
+            return [dict(record)]
+        ids = list(record[C.CLIENT_IDS])
+        keys = [k for k in record if k.startswith(C.PER_CLIENT)]
+        bad = [k for k in keys if not isinstance(record[k], list) or len(record[k]) != len(ids)]
+        if bad:
+            raise ValueError(f"reply lists {bad} do not have one value per client of {C.CLIENT_IDS} ({len(ids)})")
+        return [{C.PARTITION_ID: c, **{k[len(C.PER_CLIENT):]: record[k][i] for k in keys}} for i, c in enumerate(ids)]
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
@@ -265,20 +333,25 @@ class MetaStrategy(FlowerFedAvg):
             return None, None
         # Flower's reply check guarantees exactly one ArrayRecord and one MetricRecord per reply.
         array_records = [next(iter(m.content.array_records.values())) for m in valid]
-        metric_records = [next(iter(m.content.metric_records.values())) for m in valid]
+        rows_per_reply = [self.client_rows(next(iter(m.content.metric_records.values()))) for m in valid]
+        rows = [r for rr in rows_per_reply for r in rr]
+        # A multi-client node's arrays are its clients' average: weight it by its clients (uniform)
+        # or by their examples, so the result is the average over clients.
         if self.weighting == "uniform":
-            weights = [1.0] * len(valid)
+            weights = [float(len(rr)) for rr in rows_per_reply]
+            row_weights = [1.0] * len(rows)
         else:
-            weights = [float(r[self.weighted_by_key]) for r in metric_records]
+            weights = [sum(float(r[self.weighted_by_key]) for r in rr) for rr in rows_per_reply]
+            row_weights = [float(r[self.weighted_by_key]) for r in rows]
         arrays = average_arrays(array_records, weights)
         # Identifiers, not quantities: averaging a partition id, a round number or a digest means nothing.
-        metrics = average_metrics(metric_records, weights, skip=(C.PARTITION_ID, C.MEMORY_ROUND, C.MEMORY_DIGEST))
-        metrics["num-clients"] = len(valid)
+        metrics = average_metrics([MetricRecord(r) for r in rows], row_weights, skip=(C.PARTITION_ID, C.MEMORY_ROUND, C.MEMORY_DIGEST))
+        metrics["num-clients"] = len(rows)
         metrics["num-failures"] = len(errors)
         self.client_train[server_round] = {
             # ints stay ints: a 60-bit memory-digest does not survive a float
             int(r[C.PARTITION_ID]): {k: v if isinstance(v, int) else float(v) for k, v in r.items()}
-            for r in metric_records if C.PARTITION_ID in r
+            for r in rows if C.PARTITION_ID in r
         }
         self.round_seconds[server_round] = time.perf_counter() - self._round_started
         if self.num_rounds and server_round % max(1, self.num_rounds // 10) == 0:
@@ -297,6 +370,8 @@ class MetaStrategy(FlowerFedAvg):
             return []
         nodes = self.partition_nodes(grid)
         cfg = ConfigRecord({**dict(config), **self.eval_config.to_wire(), C.SEED: self.seed, C.SERVER_ROUND: server_round})
+        if self.multi_client:
+            return self._group_messages(arrays, cfg, nodes, sorted(nodes), MessageType.EVALUATE)
         record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: cfg})
         return self._construct_messages(record, [nodes[p] for p in sorted(nodes)], MessageType.EVALUATE)
 
@@ -306,8 +381,8 @@ class MetaStrategy(FlowerFedAvg):
             return None
         per_client = {}
         for m in valid:
-            rec = next(iter(m.content.metric_records.values()))
-            per_client[int(rec[C.PARTITION_ID])] = {k: float(rec[k]) for k in EVAL_KEYS if k in rec}
+            for rec in self.client_rows(next(iter(m.content.metric_records.values()))):
+                per_client[int(rec[C.PARTITION_ID])] = {k: float(rec[k]) for k in EVAL_KEYS if k in rec}
         self.client_eval[server_round] = dict(sorted(per_client.items()))
         new = set(self.new_clients)
         out: dict[str, float | int] = {"num-clients": sum(p not in new for p in per_client), "num-failures": len(errors)}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -43,6 +44,7 @@ from fedmeta.data import (
     partitions,
     pathological_classes,
     pathological_plans,
+    sinewave_task,
     sinewave_tasks,
     split_by_plan,
 )
@@ -86,6 +88,16 @@ def assert_disjoint(parts: list[np.ndarray]) -> None:
 
 def same_split(a: tuple[list[np.ndarray], ...], b: tuple[list[np.ndarray], ...]) -> bool:
     return all(len(x) == len(y) and all(np.array_equal(u, v) for u, v in zip(x, y)) for x, y in zip(a, b))
+
+
+def assert_bit_equal(a: ClientData, b: ClientData) -> None:
+    """Same tensors bit for bit: dtypes, shapes, order and float bit patterns."""
+    for name in ("x_train", "y_train", "x_test", "y_test"):
+        u, v = getattr(a, name), getattr(b, name)
+        assert u.dtype == v.dtype and u.shape == v.shape and u.device == v.device, name
+        if u.is_floating_point():
+            u, v = u.view(torch.int32), v.view(torch.int32)
+        assert torch.equal(u, v), name
 
 
 # --------------------------------------------------------------------------- Fallah split
@@ -558,9 +570,88 @@ def test_partitions_on_fixtures(request, no_system_data, name, partition):
         check_composition([c.y_train.numpy() for c in clients], 4, num_classes)
         check_composition([c.y_test.numpy() for c in clients], 2, num_classes)
     assert partitions(name, partition, n, seed=0, root=root, **params) is clients  # cached
-    assert client_data(name, 2, n, 0, partition=partition, root=root, **params) is clients[2]
+    for pid in range(n):  # one client built alone == the same client of partitions()
+        one = client_data(name, pid, n, 0, partition=partition, root=root, **params)
+        assert_bit_equal(one, clients[pid])
+        assert one is client_data(name, pid, n, 0, partition=partition, root=root, **params)
     other = partitions(name, partition, n, seed=1, root=root, **params)
     assert any(not torch.equal(a.x_train, b.x_train) for a, b in zip(clients, other))
+
+
+def test_client_data_materializes_only_the_requested_client(mnist_root, no_system_data, monkeypatch):
+    root, _ = mnist_root
+    kw = {"partition": "pathological", "root": root, "train_per_client": 4, "test_per_client": 2}
+    partitions.cache_clear()
+    built = []
+    real = data._materialize
+    monkeypatch.setattr(data, "_materialize", lambda *a: built.append(a) or real(*a))
+    one = client_data("mnist", 3, 6, 0, **kw)
+    assert [(len(b[2]), len(b[3])) for b in built] == [(4, 2)]  # client 3's rows only
+    assert data._partitions.cache_info().currsize == 0  # partitions() never ran
+    assert client_data("mnist", 3, 6, 0, **kw) is one and len(built) == 1  # cached
+    other = client_data("mnist", 4, 6, 0, **kw)
+    assert len(built) == 2
+    assert client_data.cache_info().maxsize == data.CLIENT_CACHE_SIZE == 256
+    # partitions() reuses the cached index plan and gives bit-identical tensors.
+    clients = partitions("mnist", "pathological", 6, 0, root, train_per_client=4, test_per_client=2)
+    assert data._partition_plan.cache_info().misses == 1
+    assert_bit_equal(one, clients[3])
+    assert_bit_equal(other, clients[4])
+    assert one is not clients[3]
+    partitions.cache_clear()  # empties client_data's cache too
+    assert client_data("mnist", 3, 6, 0, **kw) is not one
+
+
+def test_client_data_validates_before_touching_the_disk(tmp_path):
+    empty = tmp_path / "empty"
+    with pytest.raises(ValueError, match=r"^test_per_client must be an integer >= 2"):
+        client_data("mnist", 0, 4, 0, partition="pathological", root=empty, test_per_client=1)
+    with pytest.raises(ValueError, match=r"^alpha must be a finite number > 0"):
+        client_data("cifar10", 0, 4, 0, partition="dirichlet", root=empty, alpha=0)
+    with pytest.raises(ValueError, match=r"^num_clients must be an even integer"):
+        client_data("mnist", 0, 5, 0, root=empty)
+    with pytest.raises(ValueError, match=r"^partition_id must be in \[0, 3\] \(num_clients=4\)"):
+        client_data("mnist", 4, 4, 0, root=empty)
+    with pytest.raises(ValueError, match=r"^partition_id must be in \[0, 3\]"):
+        client_data("mnist", 1.0, 4, 0, root=empty)
+    # Accepted parameters are remembered (by value and type: True is not 1).
+    for _ in range(2):
+        with pytest.raises(FileNotFoundError, match="mnist not found"):
+            client_data("mnist", 0, 4, 0, partition="dirichlet", root=empty, train_per_client=1)
+    with pytest.raises(ValueError, match=r"^train_per_client must be an integer >= 1"):
+        client_data("mnist", 0, 4, 0, partition="dirichlet", root=empty, train_per_client=True)
+
+
+def test_plans_scale_to_10000_clients():
+    # Fashion-MNIST's class sizes: 6000 training and 1000 test samples per class.
+    y_train, y_test = synthetic_labels(6000), synthetic_labels(1000, seed=5)
+    n = 10_000
+    start = time.perf_counter()
+    train, test = partition_indices(
+        "pathological", y_train, y_test, n, np.random.default_rng(0),
+        classes_per_client=1, train_per_client=5, test_per_client=1,
+    )  # fmt: skip
+    assert [len(p) for p in train] == [5] * n and [len(p) for p in test] == [1] * n
+    assert_disjoint(train)
+    assert np.array_equal(np.sort(np.concatenate(test)), np.arange(len(y_test)))  # all used
+    assert all(y_test[te[0]] == y_train[tr[0]] for tr, te in zip(train, test))
+    # Two classes per client need >= 2 test samples each: 2000 clients per class x 1 > 1000.
+    pathological_plans(n, np.random.default_rng(0), classes_per_client=2, train_per_client=4, test_per_client=2)
+    with pytest.raises(ValueError, match=r"too few samples in the test split: the partition needs 2000 but only 1000"):
+        partition_indices(
+            "pathological", y_train, y_test, n, np.random.default_rng(0),
+            classes_per_client=2, train_per_client=4, test_per_client=2,
+        )  # fmt: skip
+    # Dirichlet: 5 training samples per client fit; 1 test sample per client takes the whole test
+    # split, which random class proportions cannot match class by class.
+    rng = np.random.default_rng(0)
+    train_plan, test_plan = dirichlet_plans(n, rng, alpha=0.5, train_per_client=5, test_per_client=1)
+    parts = split_by_plan(y_train, train_plan, rng)
+    assert [len(p) for p in parts] == [5] * n
+    assert_disjoint(parts)
+    with pytest.raises(ValueError, match="too few samples in the test split"):
+        split_by_plan(y_test, test_plan, rng, "the test split")
+    assert time.perf_counter() - start < 10  # about 1 s; quadratic in n would take minutes
 
 
 def test_fallah_partitions_wrapper_and_cifar100_default_a_test(cifar100_root, no_system_data):
@@ -665,8 +756,9 @@ def test_fallah_partitions_fashion_mnist(fashion_cache):
         assert torch.equal(c.x_train, x_train[torch.from_numpy(tr)].float() / 255)
         assert torch.equal(c.x_test, x_test[torch.from_numpy(te)].float() / 255)
 
-    assert client_data("fashion-mnist", 3, n, 0) is clients[3]  # cached
-    assert client_data("fashion-mnist", 3, n, 0, partition="fallah", a_train=68) is clients[3]
+    one = client_data("fashion-mnist", 3, n, 0)
+    assert_bit_equal(one, clients[3])
+    assert client_data("fashion-mnist", 3, n, 0, partition="fallah", a_train=68) is one  # cached
     other = fallah_partitions("fashion-mnist", n, a_train, a_test, seed=1)
     assert not torch.equal(other[0].x_train, clients[0].x_train)
 
@@ -680,6 +772,54 @@ def test_default_partitions_fashion_mnist(fashion_cache, partition):
         assert set(c.y_train.tolist()) >= set(c.y_test.tolist())
     if partition == "pathological":
         assert all(len(set(c.y_train.tolist())) == 2 for c in clients)
+    for pid in (0, 17, 49):
+        assert_bit_equal(client_data("fashion-mnist", pid, 50, 0, partition=partition), clients[pid])
+
+
+def test_client_data_10000_clients_fashion_mnist(fashion_cache):
+    n = 10_000
+    params = {"classes_per_client": 1, "train_per_client": 5, "test_per_client": 1}
+    partitions.cache_clear()
+    start = time.perf_counter()
+    clients = {pid: client_data("fashion-mnist", pid, n, 0, partition="pathological", **params) for pid in (0, 1, n - 1)}
+    elapsed = time.perf_counter() - start
+    assert data._partitions.cache_info().currsize == 0
+    x_train, y_train, x_test, y_test = load_fashion_mnist()
+    train_idx, test_idx = partition_indices(
+        "pathological", y_train.numpy(), y_test.numpy(), n, np.random.default_rng(0), **params
+    )
+    for pid, c in clients.items():
+        tr, te = torch.from_numpy(train_idx[pid]), torch.from_numpy(test_idx[pid])
+        expected = ClientData(x_train[tr].float() / 255, y_train[tr], x_test[te].float() / 255, y_test[te])
+        assert_bit_equal(c, expected)
+        assert c.num_train == 5 and len(c.y_test) == 1 and len(set(c.y_train.tolist())) == 1
+    assert elapsed < 30  # about 1 s: data set, plan, three clients
+
+
+def test_pathological_20_clients_pfllib_workload_fashion_mnist(fashion_cache):
+    # The PFLlib comparison: 2 classes per client, 20 clients, so 4 clients per class.
+    _, y_train, _, y_test = load_fashion_mnist()
+    y_train, y_test = y_train.numpy(), y_test.numpy()
+
+    def split(train_per_client, test_per_client):
+        return partition_indices(
+            "pathological", y_train, y_test, 20, np.random.default_rng(0), classes_per_client=2,
+            train_per_client=train_per_client, test_per_client=test_per_client,
+        )  # fmt: skip
+
+    train, test = split(2625, 500)
+    assert [len(p) for p in train] == [2624] * 20  # rounded down to 1312 per class
+    assert [len(p) for p in test] == [500] * 20
+    c = client_data("fashion-mnist", 7, 20, 0, partition="pathological", train_per_client=2625, test_per_client=500)
+    assert sorted(Counter(c.y_train.tolist()).values()) == [1312, 1312]
+    assert sorted(Counter(c.y_test.tolist()).values()) == [250, 250]
+    # Largest sizes that fit: 4 x 1500 of 6000 training and 4 x 250 of 1000 test samples per class.
+    train, test = split(3001, 501)
+    assert {len(p) for p in train} == {3000} and {len(p) for p in test} == {500}
+    with pytest.raises(ValueError, match=r"train split: the partition needs 6004 but only 6000"):
+        split(3002, 500)
+    with pytest.raises(ValueError, match=r"test split: the partition needs 1004 but only 1000"):
+        split(2625, 502)
 
 
 # --------------------------------------------------------------------------- client_data
@@ -768,6 +908,31 @@ def test_sinewave_extra_tasks_and_determinism():
     assert tasks[30].amplitude != other[30].amplitude
     # A task does not depend on how many tasks were requested.
     assert torch.equal(sinewave_tasks(3, seed=3)[2].x_test, tasks[2].x_test)
+
+
+def test_sinewave_task_alone_equals_the_full_list():
+    tasks = sinewave_tasks(40, seed=3)
+    for i in (0, 24, 25, 39):
+        for one in (sinewave_task(i, 40, 3), client_data("sinewave", i, 40, 3)):
+            assert (one.amplitude, one.phase) == (tasks[i].amplitude, tasks[i].phase)
+            assert_bit_equal(one, tasks[i])
+    small = client_data("sinewave", 2, 40, 3, train_points=4, test_points=7)
+    assert small.x_train.shape == (4, 1) and small.x_test.shape == (7, 1)
+    assert torch.equal(small.x_train, sinewave_tasks(3, 3, train_points=4, test_points=7)[2].x_train)
+    with pytest.raises(ValueError, match=r"^task must be an integer in \[0, 39\], got 40"):
+        sinewave_task(40, 40, 3)
+    with pytest.raises(ValueError, match="train_points"):
+        sinewave_task(0, 40, 3, train_points=0)
+
+
+def test_sinewave_10000_tasks_one_at_a_time_is_cheap():
+    start = time.perf_counter()
+    last = [client_data("sinewave", i, 10_000, 0) for i in range(9_990, 10_000)]
+    assert time.perf_counter() - start < 2  # milliseconds; sinewave_tasks(10_000) takes ~1 s
+    rng = np.random.default_rng(0)
+    amplitudes = rng.uniform(1.0, 5.0, size=10_000 - 25)
+    phases = rng.uniform(math.pi / 5, math.pi, size=10_000 - 25)
+    assert [(t.amplitude, t.phase) for t in last] == list(zip(amplitudes[-10:], phases[-10:]))
 
 
 def test_sinewave_sample_is_online_and_exact():

@@ -9,17 +9,18 @@ from torch import nn
 from fedmeta import meta
 from fedmeta.models import MODELS, build_model
 
+SIZES = [
+    ("mlp-40-40", (1, 28, 28), 10, 784 * 40 + 40 + 40 * 40 + 40 + 40 * 10 + 10),
+    ("mlp-100", (1, 28, 28), 10, 784 * 100 + 100 + 100 * 10 + 10),
+    ("mlp-100", (3, 32, 32), 20, 3072 * 100 + 100 + 100 * 20 + 20),
+    ("mlp-80-60-elu", (1, 28, 28), 10, 784 * 80 + 80 + 80 * 60 + 60 + 60 * 10 + 10),
+    ("sine-mlp", (1,), 1, 1 * 40 + 40 + 40 * 40 + 40 + 40 + 1),
+    ("mlp-40-40", (3, 32, 32), 20, 3072 * 40 + 40 + 40 * 40 + 40 + 40 * 20 + 20),
+    ("cnn", (3, 32, 32), 10, None),
+]
 
-@pytest.mark.parametrize(
-    "name, shape, classes, params",
-    [
-        ("mlp-40-40", (1, 28, 28), 10, 784 * 40 + 40 + 40 * 40 + 40 + 40 * 10 + 10),
-        ("mlp-80-60-elu", (1, 28, 28), 10, 784 * 80 + 80 + 80 * 60 + 60 + 60 * 10 + 10),
-        ("sine-mlp", (1,), 1, 1 * 40 + 40 + 40 * 40 + 40 + 40 + 1),
-        ("mlp-40-40", (3, 32, 32), 20, 3072 * 40 + 40 + 40 * 40 + 40 + 40 * 20 + 20),
-        ("cnn", (3, 32, 32), 10, None),
-    ],
-)
+
+@pytest.mark.parametrize("name, shape, classes, params", SIZES)
 def test_models_have_the_papers_sizes_and_no_buffers(name, shape, classes, params):
     model = build_model(name, shape, classes)
     assert model(torch.zeros(2, *shape)).shape == (2, classes)
@@ -27,6 +28,17 @@ def test_models_have_the_papers_sizes_and_no_buffers(name, shape, classes, param
     if params is not None:
         assert sum(p.numel() for p in model.parameters()) == params
     assert set(MODELS) >= {name}
+
+
+def test_every_model_is_tested():
+    assert set(MODELS) == {name for name, *_ in SIZES}
+
+
+def test_mlp_100_is_pfllib_dnn_layout():
+    model = build_model("mlp-100")
+    linears = [m for m in model if isinstance(m, nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in linears] == [(784, 100), (100, 10)]
+    assert [type(m) for m in model] == [nn.Flatten, nn.Linear, nn.ReLU, nn.Linear]
 
 
 def test_unknown_model_is_rejected():

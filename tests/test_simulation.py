@@ -156,3 +156,23 @@ def test_the_estimator_setting_reaches_the_clients_through_the_engine():
             assert m[C.NUM_GRADIENTS] == init + cfg.local_steps * (2 + 1 + 2 * (3 + 1))
     assert_same_model(result, replay(cfg, strategy.hparams))
     assert_different_model(result, replay(cfg, strategy.hparams.replace(meta_gradient="exact")))
+
+
+def test_thousand_clients_on_two_multi_client_nodes(tmp_path):
+    """1,000 sinewave clients on 2 simulated SuperNodes, B=100 per round, LocalMOML keeping each
+    client's memory in the nodes' memory banks: every round trains exactly the sampled clients,
+    and a client that trains again starts from the memory of its last round."""
+    cfg = ExperimentConfig(algorithm=C.LOCAL_MOML, dataset="sinewave", num_clients=1000, num_nodes=2, clients_per_round=100,
+                           num_rounds=4, local_steps=2, inner_lr=0.01, lr=0.01, momentum=0.5, memory_policy="keep",
+                           evaluate_every=4, seed=SEED, results_dir=str(tmp_path))
+    res = sim_run.simulate(cfg)
+    last_trained: dict[int, int] = {}
+    for rnd in range(1, cfg.num_rounds + 1):
+        rows = res["client_train"][rnd]
+        assert sorted(rows) == sample_partitions(1000, 100, SEED, rnd)
+        assert res["train"][rnd]["num-clients"] == 100 and res["train"][rnd]["num-failures"] == 0
+        for pid, row in rows.items():
+            assert row[C.MEMORY_ROUND] == last_trained.get(pid, -1), (rnd, pid)
+            last_trained[pid] = rnd
+    assert any(r >= 0 for rows in res["client_train"].values() for r in (row[C.MEMORY_ROUND] for row in rows.values()))
+    assert res["final"]["num-clients"] == 1000 and np.isfinite(res["final"][C.LOSS_AFTER])

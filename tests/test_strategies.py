@@ -367,3 +367,102 @@ def test_memory_ids_are_kept_per_client_and_not_averaged():
     assert C.MEMORY_DIGEST not in metrics and C.MEMORY_ROUND not in metrics
     assert strategy.client_train[1][0][C.MEMORY_DIGEST] == 2**59 + 1  # exact: not squeezed through a float
     assert isinstance(strategy.client_train[1][0][C.MEMORY_ROUND], int)
+
+
+# --- multi-client nodes ------------------------------------------------------------------------
+
+
+class GroupGrid(FakeGrid):
+    """Nodes that each host a block of clients and report them (``client-ids``) when asked."""
+
+    def __init__(self, num_nodes: int, num_clients: int, offset: int = 9000):
+        super().__init__(num_nodes, offset)
+        self.num_clients = num_clients
+        self.blocks = {p: [int(i) for i in b] for p, b in enumerate(np.array_split(np.arange(num_clients), num_nodes))}
+
+    def send_and_receive(self, messages, timeout=None):
+        messages = list(messages)
+        self.sent.append(messages)
+        out = []
+        for m in messages:
+            pid = self.node_to_pid[m.metadata.dst_node_id]
+            assert m.content["config"][C.NUM_CLIENTS] == self.num_clients
+            rec = MetricRecord({C.PARTITION_ID: pid, C.CLIENT_IDS: self.blocks[pid]})
+            out.append(Message(RecordDict({"metrics": rec}), reply_to=m))
+        return out
+
+
+def group_reply(to: Message, models: dict[int, np.ndarray], examples: dict[int, int], weighting: str) -> Message:
+    """What a multi-client node answers: its clients' average and per-client lists."""
+    ids = list(to.content["config"][C.CLIENT_IDS])
+    wts = np.array([examples[c] if weighting == "examples" else 1.0 for c in ids])
+    mean = sum(wt * models[c] for wt, c in zip(wts, ids)) / wts.sum()
+    metrics = MetricRecord({
+        C.NUM_EXAMPLES: sum(examples[c] for c in ids), C.PARTITION_ID: 0, C.CLIENT_IDS: ids,
+        C.PER_CLIENT + C.NUM_EXAMPLES: [examples[c] for c in ids],
+        C.PER_CLIENT + C.TRAIN_LOSS: [float(c) for c in ids],
+        C.PER_CLIENT + C.MEMORY_ROUND: [-1 for _ in ids],
+    })
+    return Message(RecordDict({"arrays": ArrayRecord({"w": Array(mean.astype(np.float32))}), "metrics": metrics}), reply_to=to)
+
+
+@pytest.mark.parametrize("weighting", ["uniform", "examples"])
+def test_multi_client_nodes_sample_clients_and_average_over_clients(weighting):
+    n, nodes, b = 10, 3, 4
+    grid = GroupGrid(nodes, n)
+    strategy = PerFedAvg(num_clients=n, num_nodes=nodes, clients_per_round=b, seed=5, weighting=weighting)
+    msgs = train_messages(strategy, grid, server_round=2)
+    picked = sorted(c for m in msgs for c in m.content["config"][C.CLIENT_IDS])
+    assert picked == sample_partitions(n, b, 5, 2)  # sampling is over clients, not nodes
+    for m in msgs:  # each message goes to the node that hosts its clients
+        pid = grid.node_to_pid[m.metadata.dst_node_id]
+        assert set(m.content["config"][C.CLIENT_IDS]) <= set(grid.blocks[pid])
+        assert m.content["config"][C.WEIGHTING] == weighting
+    models = {c: np.array([float(c), 2.0 * c + 1]) for c in range(n)}
+    examples = {c: 10 + c for c in range(n)}
+    arrays, metrics = strategy.aggregate_train(2, [group_reply(m, models, examples, weighting) for m in msgs])
+    wts = np.array([examples[c] if weighting == "examples" else 1.0 for c in picked])
+    expected = sum(wt * models[c] for wt, c in zip(wts, picked)) / wts.sum()
+    np.testing.assert_allclose(arrays["w"].numpy(), expected, rtol=1e-6)
+    assert metrics["num-clients"] == b
+    assert metrics[C.TRAIN_LOSS] == pytest.approx(float(np.dot(wts, picked) / wts.sum()))
+    assert sorted(strategy.client_train[2]) == picked
+    assert all(row[C.MEMORY_ROUND] == -1 for row in strategy.client_train[2].values())
+
+
+def test_multi_client_evaluation_reports_every_client():
+    n, nodes = 6, 2
+    grid = GroupGrid(nodes, n)
+    strategy = LocalMOML(num_clients=n, num_nodes=nodes)
+    strategy.num_rounds = 1
+    arrays = ArrayRecord({"w": Array(np.zeros(2, np.float32))})
+    msgs = list(strategy.configure_evaluate(1, arrays, ConfigRecord({}), grid))
+    assert sorted(c for m in msgs for c in m.content["config"][C.CLIENT_IDS]) == list(range(n))
+    replies = []
+    for m in msgs:
+        ids = list(m.content["config"][C.CLIENT_IDS])
+        rec = MetricRecord({C.NUM_EXAMPLES: 3 * len(ids), C.PARTITION_ID: 0, C.CLIENT_IDS: ids,
+                            C.PER_CLIENT + C.ACC_BEFORE: [0.1 * c for c in ids], C.PER_CLIENT + C.ACC_AFTER: [0.5] * len(ids),
+                            C.PER_CLIENT + C.LOSS_BEFORE: [1.0] * len(ids), C.PER_CLIENT + C.LOSS_AFTER: [0.5] * len(ids)})
+        replies.append(Message(RecordDict({"metrics": rec}), reply_to=m))
+    metrics = strategy.aggregate_evaluate(1, replies)
+    assert metrics["num-clients"] == n
+    assert metrics[C.ACC_BEFORE] == pytest.approx(np.mean([0.1 * c for c in range(n)]))
+    assert sorted(strategy.client_eval[1]) == list(range(n))
+
+
+def test_multi_client_configuration_errors_are_clear():
+    with pytest.raises(ValueError, match="num_nodes must be"):
+        PerFedAvg(num_clients=4, num_nodes=5)
+
+    class Overlapping(GroupGrid):
+        def __init__(self):
+            super().__init__(2, 6)
+            self.blocks[1] = [2, 3, 4, 5]  # client 2 claimed by both nodes
+
+    strategy = PerFedAvg(num_clients=6, num_nodes=2, node_wait_timeout=1)
+    with pytest.raises(RuntimeError, match="another node serves"):
+        train_messages(strategy, Overlapping())
+    reply_rec = MetricRecord({C.CLIENT_IDS: [1, 2], C.PER_CLIENT + C.TRAIN_LOSS: [0.5]})
+    with pytest.raises(ValueError, match="one value per client"):
+        PerFedAvg.client_rows(reply_rec)
