@@ -301,12 +301,10 @@ class ClientGroup:
                 )
                 result = GroupTrainResult(models, memories, stats, examples)
         for name, params in (("meta-model", result.meta_models), ("personalized model", result.personalized_models or {})):
-            for k, v in params.items():
-                bad = (~torch.isfinite(v.reshape(v.shape[0], -1))).any(1)
-                if bool(bad.any()):
-                    who = [client_ids[i] for i in torch.nonzero(bad).flatten().tolist()]
-                    raise FloatingPointError(
-                        f"local training diverged: the {name} of clients {who} has non-finite values in {k!r}; "
-                        "lower lr / meta-lr / inner-lr"
-                    )
+            bad = batched.nonfinite_rows(params)
+            if bad:
+                raise FloatingPointError(
+                    f"local training diverged: the {name} of clients {[client_ids[i] for i in bad]} has non-finite "
+                    "values; lower lr / meta-lr / inner-lr"
+                )
         return result

@@ -130,3 +130,11 @@ def test_weighted_mean_is_the_average_over_clients():
     stacked = {"a": torch.tensor([[1.0, 2.0], [3.0, 6.0], [5.0, 1.0]])}
     assert torch.allclose(batched.weighted_mean(stacked, [1, 1, 1])["a"], torch.tensor([3.0, 3.0]))
     assert torch.allclose(batched.weighted_mean(stacked, [1, 0, 3])["a"], torch.tensor([4.0, 1.25]))
+
+
+def test_nonfinite_rows_finds_nan_and_inf_clients():
+    stacked = {"a": torch.zeros(4, 3), "b": torch.ones(4, 2, 2)}
+    assert batched.nonfinite_rows(stacked) == []
+    stacked["a"][1, 2] = float("nan")
+    stacked["b"][3, 0, 1] = float("-inf")
+    assert batched.nonfinite_rows(stacked) == [1, 3]

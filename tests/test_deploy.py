@@ -168,6 +168,40 @@ def test_http_deployment_three_nodes_matches_simulation(tmp_path, record_propert
     print(f"\nseconds per round, same config (3 nodes, 2 rounds): {timing}")
 
 
+def test_two_supernodes_hosting_six_clients_match_simulation(tmp_path):
+    """Multi-client nodes on real processes: 2 SuperNodes host 3 clients each (node config
+    ``num-partitions=2``), keep LocalMOML's memories in memory banks under their ``memory-dir``, and
+    compute what the simulation with ``num-nodes=2`` computes."""
+    from fedmeta.simulations.config import ExperimentConfig
+    from fedmeta.simulations.run import simulate
+
+    overrides = {**TINY, "num-clients": 6, "num-nodes": 2, "memory-policy": "keep"}
+    baseline = _descendants_of_pytest()
+    seen: set[int] = set()
+    dep = LocalDeployment(2, workdir=tmp_path / "deploy", memory=True, data_dirs=_data_dirs(tmp_path, 2))
+    with dep:
+        _watch(dep, seen)
+        deployed = dep.run(overrides, timeout=420)
+        _watch(dep, seen)
+        run = dep.runs[-1]
+    _assert_all_stopped(dep, seen, baseline)
+
+    assert deployed["trained_partitions"] == {"1": list(range(6)), "2": list(range(6))}
+    for rnd in ("1", "2"):
+        assert deployed["train"][rnd]["num-clients"] == 6 and deployed["train"][rnd]["num-failures"] == 0
+    assert all(m[C.MEMORY_ROUND] == 1 for m in deployed["client_train"]["2"].values())
+    banks = sorted(p.parent.name for p in dep.memory_dir(0).glob("run-*/node-*/header.json"))
+    banks += sorted(p.parent.name for p in dep.memory_dir(1).glob("run-*/node-*/header.json"))
+    assert banks == ["node-0-of-2", "node-1-of-2"]
+
+    cfg = ExperimentConfig.from_mapping({**deploy.app_config(ROOT), **run.run_config, "results-dir": str(tmp_path / "sim")})
+    simulated = json.loads(json.dumps(simulate(cfg), default=str))
+    for rnd in ("1", "2"):
+        assert deployed["train"][rnd][C.TRAIN_LOSS] == pytest.approx(simulated["train"][rnd][C.TRAIN_LOSS], rel=1e-4)
+    for key in (C.LOSS_BEFORE, C.LOSS_AFTER):
+        assert deployed["final"][key] == pytest.approx(simulated["final"][key], rel=1e-4)
+
+
 # --- (b) TLS ------------------------------------------------------------------------------------------
 
 

@@ -46,7 +46,7 @@ def simulate_strategy(strategy: LocalMOML, cfg: ExperimentConfig):
         run_simulation(
             server_app=app,
             client_app=build_client_app(cfg),
-            num_supernodes=cfg.num_clients,
+            num_supernodes=cfg.num_supernodes,
             backend_config={"client_resources": {"num_cpus": 1}, "init_args": {"logging_level": "ERROR", "log_to_driver": False}},
         )
     return box["result"]
@@ -104,6 +104,20 @@ def test_keep_memory_persists_across_rounds_in_which_the_client_was_not_sampled(
     hp = strategy.hparams
     assert_same_model(result, replay(CFG, hp))
     assert_different_model(result, replay(CFG, hp.replace(memory_policy="reset")))
+
+
+@pytest.mark.parametrize("meta_gradient", ["exact", "first_order"])
+def test_multi_client_nodes_run_the_same_experiment_as_one_client_per_node(tmp_path, meta_gradient):
+    """The run of the test above on 2 nodes hosting 3 clients each (batched, memory banks): the
+    same memories and the same final model as the per-client replay."""
+    cfg = CFG.replace(num_nodes=2, memory_dir=str(tmp_path), meta_gradient=meta_gradient)
+    strategy = LocalMOML(**{**cfg.strategy_kwargs(), "memory_policy": "keep"})
+    assert strategy.multi_client
+    result = simulate_strategy(strategy, cfg)
+    for r, clients in strategy.client_train.items():
+        assert sorted(clients) == sample_partitions(N, B, SEED, r)
+        assert all(m[C.MEMORY_ROUND] == last_participation_before(r, pid) for pid, m in clients.items())
+    assert_same_model(result, replay(cfg, strategy.hparams))
 
 
 def test_reset_memory_is_rebuilt_every_round():
