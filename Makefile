@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.fedmeta-installed
 # torch/torchvision pinned to the builds this machine provides from local disk.
 TORCH  := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: run test bench bench-estimators venv clean
+.PHONY: run test bench bench-step bench-estimators venv clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,6 +23,9 @@ test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 bench: $(STAMP)
+	$(PY) bench/bench_scale.py $(ARGS)
+
+bench-step: $(STAMP)
 	$(PY) bench/bench_meta_step.py
 
 bench-estimators: $(STAMP)

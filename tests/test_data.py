@@ -591,7 +591,7 @@ def test_client_data_materializes_only_the_requested_client(mnist_root, no_syste
     assert client_data("mnist", 3, 6, 0, **kw) is one and len(built) == 1  # cached
     other = client_data("mnist", 4, 6, 0, **kw)
     assert len(built) == 2
-    assert client_data.cache_info().maxsize == data.CLIENT_CACHE_SIZE == 256
+    assert client_data.cache_info().maxsize == data.CLIENT_CACHE_SIZE >= 10_000  # a node hosting thousands of clients
     # partitions() reuses the cached index plan and gives bit-identical tensors.
     clients = partitions("mnist", "pathological", 6, 0, root, train_per_client=4, test_per_client=2)
     assert data._partition_plan.cache_info().misses == 1
