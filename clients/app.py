@@ -13,12 +13,14 @@ Message contract (what a third-party client must honor is listed in the README):
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import tempfile
 from pathlib import Path
 from typing import Callable
 
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+import torch
 from flwr.clientapp import ClientApp
 from torch import Tensor, nn
 
@@ -30,6 +32,8 @@ from fedmeta.clients.memory import (
 )
 from fedmeta.config import EvalConfig
 from fedmeta.data import ClientData, client_data
+
+logger = logging.getLogger("fedmeta")
 
 DataFn = Callable[[int], ClientData]
 """``data_fn(partition_id) -> ClientData``: one client's train/test data."""
@@ -156,27 +160,37 @@ def make_client_app(
             bank = bank_for(context, group, hosted)
             u, rounds = bank.load(ids, group.device)
         result = group.train(w, hp, ids, int(cfg.get(C.SEED, 0)), int(cfg[C.SERVER_ROUND]), u, [r >= 0 for r in rounds])
+        # Diverged clients are left out: no poisoned model in the average, their memory stays at
+        # its last finite value (divergence guard); the server sees them in num-diverged.
+        ok = [i for i in range(len(ids)) if i not in set(result.diverged)]
+        if result.diverged:
+            logger.warning("clients %s diverged (non-finite values) and are left out of the reply", [ids[i] for i in result.diverged])
+        rows = torch.tensor(ok, dtype=torch.long)
         if keep:
-            bank.save(ids, result.personalized_models, int(cfg[C.SERVER_ROUND]))
+            kept = {k: v.index_select(0, rows.to(v.device)) for k, v in result.personalized_models.items()}
+            bank.save([ids[i] for i in ok], kept, int(cfg[C.SERVER_ROUND]))
             bank.close()
-        examples = result.num_examples
-        weights = examples if str(cfg.get(C.WEIGHTING, "uniform")) == "examples" else [1.0] * len(ids)
+        examples = [result.num_examples[i] for i in ok]
+        weights = examples if str(cfg.get(C.WEIGHTING, "uniform")) == "examples" else [1.0] * len(ok)
+        stats = [result.stats[i] for i in ok]
         per_client = {
             C.NUM_EXAMPLES: examples,
-            C.NUM_SAMPLES: [s.num_samples for s in result.stats],
-            C.NUM_GRADIENTS: [s.num_gradients for s in result.stats],
-            C.NUM_HVPS: [s.num_hvps for s in result.stats],
-            C.NUM_LOSS_EVALS: [s.num_loss_evals for s in result.stats],
-            C.TRAIN_LOSS: [float(s.last_loss) for s in result.stats],
-            C.MEMORY_ROUND: [int(r) for r in rounds],
+            C.NUM_SAMPLES: [s.num_samples for s in stats],
+            C.NUM_GRADIENTS: [s.num_gradients for s in stats],
+            C.NUM_HVPS: [s.num_hvps for s in stats],
+            C.NUM_LOSS_EVALS: [s.num_loss_evals for s in stats],
+            C.TRAIN_LOSS: [float(s.last_loss) for s in stats],
+            C.MEMORY_ROUND: [int(rounds[i]) for i in ok],
         }
         metrics = MetricRecord({
             C.NUM_EXAMPLES: sum(examples),
             C.PARTITION_ID: partition_id(context),
-            C.CLIENT_IDS: ids,
+            C.CLIENT_IDS: [ids[i] for i in ok],
+            C.NUM_DIVERGED: len(result.diverged),
             **{C.PER_CLIENT + k: v for k, v in per_client.items()},
         })
-        mean = weighted_mean(result.meta_models, weights)
+        meta_models = {k: v.index_select(0, rows.to(v.device)) for k, v in result.meta_models.items()}
+        mean = weighted_mean(meta_models, weights)
         arrays = ArrayRecord({k: v.detach().cpu() for k, v in mean.items()})
         return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
 

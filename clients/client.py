@@ -8,6 +8,7 @@ around it. The memory stores, which speak ``context.state`` or the node's disk, 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 from typing import Callable, Union
@@ -212,6 +213,9 @@ class GroupTrainResult:
     stats: list[meta.RoundStats]
     num_examples: list[int]
     """Each client's training-set size (``num-examples``)."""
+    diverged: list[int] = dataclasses.field(default_factory=list)
+    """Indices (into the round's clients) of the clients whose training diverged (NaN/Inf): their
+    rows are not to be used, and their kept memory not to be overwritten."""
 
 
 class ClientGroup:
@@ -300,11 +304,10 @@ class ClientGroup:
                     momentum=hp.momentum, **common,
                 )
                 result = GroupTrainResult(models, memories, stats, examples)
-        for name, params in (("meta-model", result.meta_models), ("personalized model", result.personalized_models or {})):
-            bad = batched.nonfinite_rows(params)
-            if bad:
-                raise FloatingPointError(
-                    f"local training diverged: the {name} of clients {[client_ids[i] for i in bad]} has non-finite "
-                    "values; lower lr / meta-lr / inner-lr"
-                )
-        return result
+        bad = sorted(set(batched.nonfinite_rows(result.meta_models)) | set(batched.nonfinite_rows(result.personalized_models or {})))
+        if len(bad) == len(client_ids):
+            raise FloatingPointError(
+                f"local training diverged for every client of the round {client_ids[:20]}: non-finite values; "
+                "lower lr / meta-lr / inner-lr"
+            )
+        return dataclasses.replace(result, diverged=bad)

@@ -135,6 +135,19 @@ def _run_chunked(
     return out
 
 
+def _guarded(run: Callable[[], tuple], w: Params, num_models: int) -> tuple:
+    """One client's round in the loop path; a client whose training diverges
+    (``FloatingPointError`` from the divergence guard) gets all-NaN rows, so that the group's
+    caller drops it like a diverged client of the vmapped path instead of failing the whole group."""
+    try:
+        return run()
+    except FloatingPointError as err:
+        logger.warning("%s", err)
+        nan = {k: torch.full_like(v, float("nan")) for k, v in w.items()}
+        stats = RoundStats(num_samples=0, num_gradients=0, num_hvps=0, last_loss=float("nan"))
+        return (*([nan] * num_models), stats)
+
+
 def _last_losses(f: LossFn, w: Params, outer: Batch) -> list[float]:
     with torch.no_grad():
         return [float(v) for v in vmap(f)(w, *outer)]
@@ -198,8 +211,9 @@ def per_fedavg_rounds(
 
     def looped(chunk: range) -> tuple:
         outs = [
-            meta.per_fedavg_round(f, w, samplers[i], local_steps=local_steps, batch_size=batch_size, inner_lr=inner_lr,
-                                  meta_lr=meta_lr, estimator=estimator, inner_steps=inner_steps, gen=dgens[i])
+            _guarded(lambda i=i: meta.per_fedavg_round(
+                f, w, samplers[i], local_steps=local_steps, batch_size=batch_size, inner_lr=inner_lr, meta_lr=meta_lr,
+                estimator=estimator, inner_steps=inner_steps, gen=dgens[i]), w, 1)
             for i in chunk
         ]
         return stack([o[0] for o in outs]), [o[1].last_loss for o in outs]
@@ -304,9 +318,10 @@ def local_moml_rounds(
         outs = []
         for i in chunk:
             ui = {k: v[i] for k, v in u.items()} if has_memory[i] else None
-            outs.append(meta.local_moml_round(
+            outs.append(_guarded(lambda i=i, ui=ui: meta.local_moml_round(
                 f, w, ui, samplers[i], local_steps=local_steps, batch_size=batch_size, init_batch_size=init_batch_size,
-                inner_lr=inner_lr, lr=lr, momentum=momentum, estimator=estimator, inner_steps=inner_steps, gen=dgens[i]))
+                inner_lr=inner_lr, lr=lr, momentum=momentum, estimator=estimator, inner_steps=inner_steps, gen=dgens[i]),
+                w, 2))
         return stack([o[0] for o in outs]), stack([o[1] for o in outs]), [o[2].last_loss for o in outs]
 
     parts = _run_chunked(n, chunk_size, plan, gens, vmapped, looped)

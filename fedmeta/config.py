@@ -10,6 +10,7 @@ and again on the client (nothing a server sends is trusted blindly).
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar, Mapping
@@ -54,6 +55,7 @@ ACC_AFTER = "accuracy-after"
 CLIENT_IDS = "client-ids"  # train/evaluate config (multi-client nodes): the node's clients to run; reply: the clients that ran
 NUM_CLIENTS = "num-clients"  # query config: the number of clients n, so a node can tell which clients it hosts
 WEIGHTING = "weighting"  # train config (multi-client nodes): how the node averages its clients' models
+NUM_DIVERGED = "num-diverged"  # reply (multi-client nodes): clients left out because their training diverged
 PER_CLIENT = "per-client-"  # reply prefix (multi-client nodes): per-client lists aligned with client-ids
 
 # --- node-config keys (SuperNode --node-config) -----------------------------------------------
@@ -74,6 +76,19 @@ def _check(name: str, ok: bool, allowed: str, value: Any) -> None:
         raise ValueError(f"{name} must be {allowed}, got {value!r}")
 
 
+def _check_choice(name: str, value: Any, options: tuple[str, ...]) -> None:
+    """``value`` must be one of ``options``; a near miss names the nearest option."""
+    if isinstance(value, str) and value in options:
+        return
+    near = difflib.get_close_matches(value, options, n=1) if isinstance(value, str) else []
+    hint = f"; did you mean {near[0]!r}?" if near else ""
+    raise ValueError(f"{name} must be one of {list(options)}, got {value!r}{hint}")
+
+
+def _normalized(key: str) -> str:
+    return key.strip().lower().replace("_", "-").replace(" ", "-")
+
+
 def _positive_int(name: str, value: Any) -> None:
     _check(name, isinstance(value, int) and not isinstance(value, bool) and value >= 1, "an integer >= 1", value)
 
@@ -82,14 +97,22 @@ def _nonneg_int(name: str, value: Any) -> None:
     _check(name, isinstance(value, int) and not isinstance(value, bool) and value >= 0, "an integer >= 0", value)
 
 
+def _finite(value: Any) -> bool:
+    """A real number (not a bool) that is finite as a float (a huge int is not)."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
 def _finite_nonneg(name: str, value: Any) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
-    _check(name, ok, "a finite number >= 0", value)
+    _check(name, _finite(value) and value >= 0, "a finite number >= 0", value)
 
 
 def _finite_positive(name: str, value: Any) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
-    _check(name, ok, "a finite number > 0", value)
+    _check(name, _finite(value) and value > 0, "a finite number > 0", value)
 
 
 class _Wire:
@@ -102,8 +125,27 @@ class _Wire:
 
     @classmethod
     def from_wire(cls, record: Mapping[str, Any]):
+        """Parse and validate a received config (the client side: before any work).
+
+        Keys that are not this class's are ignored (the record also carries ``server-round``, ``seed``
+        and the user's own keys), except a differently spelled known key (``inner_lr``, ``Inner-LR``),
+        which fails with the key to use. A bad value fails with one ``ValueError`` naming the wire key,
+        the value and what is allowed."""
+        wire_keys = set(cls.KEYS.values())
+        for key in record:
+            if isinstance(key, str) and key not in wire_keys and _normalized(key) in wire_keys:
+                raise ValueError(
+                    f"unknown {cls.__name__} config key {key!r} (value {record[key]!r}); did you mean {_normalized(key)!r}? "
+                    f"(keys: {', '.join(sorted(wire_keys))})"
+                )
         kwargs = {attr: record[key] for attr, key in cls.KEYS.items() if key in record}
-        return cls(**kwargs)
+        try:
+            return cls(**kwargs)
+        except ValueError as err:
+            attr = str(err).split(" ", 1)[0]  # every message starts with the field
+            if attr not in cls.KEYS:
+                raise
+            raise ValueError(f"config key {cls.KEYS[attr]!r} ({cls.__name__}): {err}") from None
 
     def replace(self, **changes: Any):
         return dataclasses.replace(self, **changes)
@@ -156,6 +198,10 @@ class _Estimator:
     }
 
     def _check_estimator(self) -> None:
+        _check_choice("meta_gradient", self.meta_gradient, meta.META_GRADIENTS)
+        _positive_int("inner_steps (N)", self.inner_steps)
+        _finite_positive("delta (finite-difference step / smoothing radius)", self.delta)
+        _positive_int("num_directions (U, Gaussian vectors per Hessian estimate)", self.num_directions)
         meta.check_meta_gradient(self.meta_gradient, self.inner_steps, self.delta, self.num_directions)
 
     def estimator(self) -> meta.MetaGradient:
@@ -228,12 +274,12 @@ class LocalMOMLConfig(_Estimator, _Wire):
         _finite_positive("lr (LocalMOML eta)", self.lr)
         m = self.momentum
         ok = isinstance(m, (int, float)) and not isinstance(m, bool) and 0 < m <= 1
-        _check("momentum (LocalMOML beta)", ok, "in (0, 1]", m)
+        _check("momentum (LocalMOML beta)", ok, "a number in (0, 1]", m)
         _positive_int("local_steps (H)", self.local_steps)
         _positive_int("batch_size (K)", self.batch_size)
         _positive_int("init_batch_size (K0)", self.init_batch_size)
         self._check_estimator()
-        _check("memory_policy", self.memory_policy in MEMORY_POLICIES, f"one of {list(MEMORY_POLICIES)}", self.memory_policy)
+        _check_choice("memory_policy", self.memory_policy, MEMORY_POLICIES)
 
 
 @dataclass(frozen=True)

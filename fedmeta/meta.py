@@ -549,6 +549,23 @@ def _detached(p: Params) -> Params:
     return {k: v.detach() for k, v in p.items()}
 
 
+def check_finite(step: int, **params: Params) -> None:
+    """Divergence guard: raise ``FloatingPointError`` as soon as a local step yields NaN or Inf.
+
+    The client's remaining local steps are skipped, and its caller returns an error instead of a
+    poisoned model (and leaves the kept memory at its last finite value). One summing pass per
+    tensor: a sum is non-finite iff a value is (or the sum overflows, which only a diverged
+    model's does).
+    """
+    for name, p in params.items():
+        bad = [k for k, v in p.items() if not bool(torch.isfinite(v.sum()))]
+        if bad:
+            raise FloatingPointError(
+                f"local training diverged at local step {step}: the {name} has non-finite values in {bad}; "
+                "lower lr / meta-lr / inner-lr"
+            )
+
+
 def per_fedavg_round(
     f: LossFn,
     w: Params,
@@ -568,9 +585,10 @@ def per_fedavg_round(
     """
     est = _as_estimator(estimator)
     w = _detached(w)
-    for _ in range(local_steps):
+    for step in range(1, local_steps + 1):
         batches = MetaBatches.draw(sample, inner_steps, batch_size)
         w = _detached(per_fedavg_step(f, w, batches, inner_lr, meta_lr, est, gen))
+        check_finite(step, meta_model=w)
     loss = float(f(w, *batches.outer).detach())
     cost = est.cost(inner_steps) * local_steps
     return w, RoundStats(
@@ -613,12 +631,13 @@ def local_moml_round(
         u = local_moml_init_memory(f, w, s0, inner_lr, est)
         samples, cost = init_batch_size * inner_steps, Cost(gradients=inner_steps)
     u = _detached(u)
-    for _ in range(local_steps):
+    for step in range(1, local_steps + 1):
         inner = tuple(sample(batch_size) for _ in range(inner_steps))
         hessian = tuple(sample(batch_size) for _ in range(inner_steps))
         batches = MetaBatches(inner, sample(batch_size), hessian)  # draw order S1, S2, S3 as in Algorithm 3
         w, u = local_moml_step(f, w, u, batches, inner_lr, lr, momentum, est, gen)
         w, u = _detached(w), _detached(u)
+        check_finite(step, meta_model=w, personalized_model=u)
     loss = float(f(u, *batches.outer).detach())
     cost = cost + est.cost(inner_steps) * local_steps
     return w, u, RoundStats(
@@ -641,9 +660,10 @@ def sgd_round(
 ) -> tuple[Params, RoundStats]:
     """FedAvg's local update (McMahan et al. 2017; per-fedavg.txt Section 3): ``tau`` SGD steps."""
     w = _detached(w)
-    for _ in range(local_steps):
+    for step in range(1, local_steps + 1):
         batch = sample(batch_size)
         w = _detached(adapt(f, w, batch, lr))
+        check_finite(step, model=w)
     loss = float(f(w, *batch).detach())
     return w, RoundStats(num_samples=batch_size * local_steps, num_gradients=local_steps, num_hvps=0, last_loss=loss)
 

@@ -70,6 +70,7 @@ def run_server(grid: Grid, cfg: ExperimentConfig) -> dict[str, Any]:
         "new_clients": list(strategy.new_clients),
         "trained_partitions": {r: sorted(c) for r, c in strategy.client_train.items()},
         "client_train": strategy.client_train,
+        "rejections": strategy.rejections,
         "clients": strategy.client_eval.get(last, {}) if last else {},
         "final": evals[last] if last else {},
         "final_round": last,

@@ -6,15 +6,21 @@ The same keys (kebab-case) are accepted from ``[tool.flwr.app.config]`` / ``flwr
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import difflib
+import math
+import numbers
 from dataclasses import dataclass, fields
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
+import torch
 from torch import nn
 
 from fedmeta import config as C
+from fedmeta.batched import VECTORIZE, VMAP_ESTIMATORS
 from fedmeta.data import IMAGE_SHAPES, NUM_CLASSES
+from fedmeta.meta import META_GRADIENTS
 from fedmeta.models import MODELS, build_model
 from fedmeta.strategies.aggregation import holdout_partitions
 
@@ -115,62 +121,88 @@ class ExperimentConfig:
     """Multi-client nodes: ``auto`` (vmap, loop where vmap cannot), ``vmap`` or ``loop``."""
     memory_dir: str = ""
     """Multi-client nodes: directory of the clients' memory banks; empty: a temporary directory per run."""
+    max_update_norm_ratio: float = 0.0
+    """Update screening: reject a reply whose update norm exceeds this many times the round's median; 0: off."""
+    min_valid_replies: int = 1
+    """Keep the previous global model when fewer valid train replies remain in a round."""
 
     def __post_init__(self) -> None:
-        def bad(name: str, allowed: str) -> ValueError:
-            return ValueError(f"{name.replace('_', '-')} must be {allowed}, got {getattr(self, name)!r}")
+        """Validate every field before any work starts: one ``ValueError`` naming the key (kebab-case),
+        the value and what is allowed. Types first, then each field's own range, then the constraints
+        between fields, then the algorithm's own validation."""
+        for f in fields(self):
+            object.__setattr__(self, f.name, _checked_type(f.name, getattr(self, f.name), type(f.default)))
+        for name, (options, empty_ok) in _CHOICES.items():
+            _check_choice(name, getattr(self, name), options(), empty_ok)
+        if self.device:
+            _check_device(self.device)
+        for name, (ok, allowed) in _RANGES.items():
+            if not ok(getattr(self, name)):
+                raise _bad(name, allowed, getattr(self, name))
+        self._check_cross_field()
+        try:
+            self.strategy_kwargs()  # the algorithm's own validation, before any work starts
+        except ValueError as err:  # (all caught above; kept so no rule of the dataclasses goes unchecked)
+            raise ValueError(f"{_kebab(str(err).split(' ', 1)[0])}: {err}") from None
 
-        if self.algorithm not in C.ALGORITHM_CONFIGS:
-            raise bad("algorithm", f"one of {sorted(C.ALGORITHM_CONFIGS)}")
-        if self.dataset not in DATASET_MODELS:
-            raise bad("dataset", f"one of {sorted(DATASET_MODELS)}")
-        if self.model and self.model not in MODELS:
-            raise bad("model", f"one of {sorted(MODELS)}")
-        if self.partition not in PARTITIONS:
-            raise bad("partition", f"one of {list(PARTITIONS)}")
-        if self.eval_protocol and self.eval_protocol not in EVAL_PROTOCOLS:
-            raise bad("eval_protocol", f"empty or one of {sorted(EVAL_PROTOCOLS)}")
-        if self.num_new_clients < 0:
-            raise bad("num_new_clients", "an integer >= 0")
+    def _check_cross_field(self) -> None:
+        n, new = self.num_clients, self.num_new_clients
         fallah = self.dataset != "sinewave" and self.partition == "fallah"
-        if self.num_clients < 1 or (fallah and (self.num_clients + self.num_new_clients) % 2):
-            raise bad("num_clients", "an integer >= 1 (num-clients + num-new-clients even for the Fallah split)")
-        if not 1 <= self.sampling_groups <= self.num_clients:
-            raise bad("sampling_groups", f"in [1, {self.num_clients}]")
-        if self.sampling_groups > 1 and not 1 <= self.clients_per_round <= self.num_clients // self.sampling_groups:
-            raise bad("clients_per_round", f"in [1, {self.num_clients // self.sampling_groups}] (clients per group) with {self.sampling_groups} groups")
-        if not 0 <= self.clients_per_round <= self.num_clients:
-            raise bad("clients_per_round", f"in [0, {self.num_clients}] (0 = all clients)")
-        for name in ("num_rounds",):
-            if getattr(self, name) < 1:
-                raise bad(name, "an integer >= 1")
-        if self.evaluate_every < 0:
-            raise bad("evaluate_every", "an integer >= 0")
-        if not self.num_cpus > 0 or self.num_gpus < 0:
-            raise bad("num_cpus" if not self.num_cpus > 0 else "num_gpus", "> 0 (num-cpus) / >= 0 (num-gpus)")
-        if not 0 <= self.num_nodes <= self.num_partitions:
-            raise bad("num_nodes", f"in [0, {self.num_partitions}] (0 = one node per client; clients incl. new clients)")
-        from fedmeta.batched import check_vectorize
-
-        check_vectorize(self.vectorize, self.chunk_size)
-        if self.memory_policy not in ("", *C.MEMORY_POLICIES):
-            raise bad("memory_policy", f"empty or one of {list(C.MEMORY_POLICIES)}")
-        self.strategy_kwargs()  # the algorithm's own validation, before any work starts
+        if fallah and (n + new) % 2:
+            raise _bad("num_clients", f"such that num-clients + num-new-clients is even for the Fallah split "
+                                      f"(num-new-clients={new})", n)
+        if self.sampling_groups > n:
+            raise _bad("sampling_groups", f"an integer in [1, num-clients={n}]", self.sampling_groups)
+        if self.sampling_groups > 1 and not 1 <= self.clients_per_round <= n // self.sampling_groups:
+            raise _bad("clients_per_round", f"an integer in [1, {n // self.sampling_groups}] (clients per group) with "
+                                            f"sampling-groups={self.sampling_groups} and num-clients={n}", self.clients_per_round)
+        if self.clients_per_round > n:
+            raise _bad("clients_per_round", f"an integer in [0, num-clients={n}] (0 = all clients)", self.clients_per_round)
+        if self.num_nodes > self.num_partitions:
+            raise _bad("num_nodes", f"an integer in [0, {self.num_partitions}] (0 = one node per client; at most "
+                                    f"num-clients + num-new-clients)", self.num_nodes)
+        per_round = n if not self.clients_per_round else min(n, self.clients_per_round * self.sampling_groups)
+        most = min(per_round, self.num_supernodes)
+        if self.min_valid_replies > most:
+            raise _bad("min_valid_replies", f"an integer in [1, {most}] (at most the clients per round and the nodes)",
+                       self.min_valid_replies)
+        if self.model_name == "cnn" and self.dataset == "sinewave":
+            raise _bad("model", "an MLP for dataset 'sinewave' (cnn needs images)", self.model)
+        if self.dataset in NUM_CLASSES and self.partition == "pathological":
+            c = NUM_CLASSES[self.dataset]
+            if self.classes_per_client > c:
+                raise _bad("classes_per_client", f"an integer in [1, {c}] (the classes of {self.dataset})", self.classes_per_client)
+            for name in ("train_per_client", "test_per_client"):
+                if getattr(self, name) < self.classes_per_client:
+                    raise _bad(name, f"an integer >= classes-per-client={self.classes_per_client} (pathological partition)",
+                               getattr(self, name))
+        if self.algorithm != C.FEDAVG and self.vectorize == "vmap" and self.meta_gradient not in VMAP_ESTIMATORS:
+            raise _bad("vectorize", f"'auto' or 'loop' with meta-gradient={self.meta_gradient!r} ('vmap' supports "
+                                    f"meta-gradient in {list(VMAP_ESTIMATORS)})", self.vectorize)
 
     # --- parsing -------------------------------------------------------------------------------
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> "ExperimentConfig":
-        """Parse kebab-case (or snake_case) keys; unknown keys fail with the nearest valid key."""
-        known = {f.name: f for f in fields(cls)}
+        """Parse kebab-case (or snake_case) keys, as from ``[tool.flwr.app.config]``, ``flwr run
+        --run-config`` or the command line (string values are parsed with the field's type).
+
+        Every problem is one ``ValueError`` naming the key, the value and what is allowed; an unknown
+        key suggests the nearest valid one."""
+        known = {f.name: type(f.default) for f in fields(cls)}
         kwargs: dict[str, Any] = {}
+        spelled: dict[str, str] = {}
         for key, value in values.items():
-            name = key.replace("-", "_")
+            text = key if isinstance(key, str) else repr(key)
+            name = text.replace("-", "_")
             if name not in known:
-                options = [k.replace("_", "-") for k in known]
-                near = difflib.get_close_matches(key.replace("_", "-"), options, n=1)
+                options = sorted(_kebab(k) for k in known)
+                near = difflib.get_close_matches(_kebab(text), options, n=1)
                 hint = f"; did you mean {near[0]!r}?" if near else ""
-                raise ValueError(f"unknown config key {key!r}{hint} (valid keys: {', '.join(sorted(options))})")
-            kwargs[name] = _coerce(name, value, type(getattr(cls, name)))
+                raise ValueError(f"unknown config key {text!r} (value {value!r}){hint} (valid keys: {', '.join(options)})")
+            if name in spelled:
+                raise ValueError(f"config key {_kebab(name)!r} is given twice, as {spelled[name]!r} and {text!r} (value {value!r})")
+            spelled[name] = text
+            kwargs[name] = _coerce(name, value, known[name])
         return cls(**kwargs)
 
     def to_dict(self) -> dict[str, Any]:
@@ -246,21 +278,163 @@ class ExperimentConfig:
             eval_steps=eval_steps,
             eval_shots=eval_shots,
             evaluate_every=self.evaluate_every,
+            max_update_norm_ratio=self.max_update_norm_ratio or None,
+            min_valid_replies=self.min_valid_replies,
             **hp,
         )
 
 
+def _kebab(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def _bad(name: str, allowed: str, value: Any) -> ValueError:
+    """The one error format: ``<kebab-key> must be <allowed>, got <value>``."""
+    return ValueError(f"{_kebab(name)} must be {allowed}, got {value!r}")
+
+
+_INT64 = 2**63
+_TRUE = ("true", "1", "yes", "on")
+_FALSE = ("false", "0", "no", "off")
+
+
 def _coerce(name: str, value: Any, kind: type) -> Any:
-    """Values from the command line arrive as strings; ints must not silently become floats."""
+    """Parse a string value (command line, ``--run-config``) with the field's type; other values are
+    passed on unchanged and type-checked by ``__post_init__`` (so ``True`` never becomes 1 and 2.5
+    never becomes 2)."""
+    if not isinstance(value, str) or kind is str:
+        return value
+    text = value.strip()
+    if kind is bool:
+        if text.lower() in _TRUE:
+            return True
+        if text.lower() in _FALSE:
+            return False
+        raise _bad(name, f"true or false (or one of {list(_TRUE[1:] + _FALSE[1:])})", value)
+    if kind is int:
+        try:
+            return int(text, 10)
+        except ValueError:
+            raise _bad(name, "an integer", value) from None
     try:
-        if kind is bool:
-            return value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes")
-        if kind is int:
-            if isinstance(value, float) and not value.is_integer():
-                raise ValueError
-            return int(value) if not isinstance(value, str) else int(value, 10)
-        if kind is float:
-            return float(value)
-        return str(value)
+        number = float(text)
     except ValueError:
-        raise ValueError(f"{name.replace('_', '-')} must be a {kind.__name__}, got {value!r}") from None
+        raise _bad(name, "a finite number", value) from None
+    if not math.isfinite(number):
+        raise _bad(name, "a finite number", value)
+    return number
+
+
+def _checked_type(name: str, value: Any, kind: type) -> Any:
+    """``value`` as a plain ``kind`` (numpy scalars become Python ones), or a ``ValueError``."""
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        raise _bad(name, "true or false", value)
+    if kind is int:
+        if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+            if -_INT64 <= int(value) < _INT64:
+                return int(value)
+            raise _bad(name, "an integer that fits in 64 bits", value)
+        raise _bad(name, _RANGES[name][1] if name in _RANGES else "an integer", value)
+    if kind is float:
+        if isinstance(value, numbers.Real) and not isinstance(value, bool):
+            try:
+                number = float(value)
+            except OverflowError:
+                number = math.inf
+            if math.isfinite(number):
+                return number
+        raise _bad(name, _RANGES[name][1] if name in _RANGES else "a finite number", value)
+    if isinstance(value, str):
+        return value
+    if name in _CHOICES:
+        options, empty_ok = _CHOICES[name]
+        raise _bad(name, ("empty or " if empty_ok else "") + f"one of {list(options())}", value)
+    raise _bad(name, "a string", value)
+
+
+def _check_choice(name: str, value: str, options: Sequence[str], empty_ok: bool) -> None:
+    if (empty_ok and value == "") or value in options:
+        return
+    near = difflib.get_close_matches(value, list(options), n=1)
+    hint = f"; did you mean {near[0]!r}?" if near else ""
+    raise ValueError(f"{_kebab(name)} must be {'empty or ' if empty_ok else ''}one of {list(options)}, got {value!r}{hint}")
+
+
+def _check_device(device: str) -> None:
+    try:
+        torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        raise _bad("device", "empty (CUDA when available, else CPU) or a torch device such as 'cpu', 'cuda' or 'cuda:1'",
+                   device) from None
+
+
+_CHOICES: dict[str, tuple[Callable[[], Sequence[str]], bool]] = {
+    # field: (its allowed values, whether empty means "the default")
+    "algorithm": (lambda: sorted(C.ALGORITHM_CONFIGS), False),
+    "dataset": (lambda: sorted(DATASET_MODELS), False),
+    "partition": (lambda: PARTITIONS, False),
+    "model": (lambda: sorted(MODELS), True),
+    "meta_gradient": (lambda: META_GRADIENTS, False),
+    "memory_policy": (lambda: C.MEMORY_POLICIES, True),
+    "eval_protocol": (lambda: sorted(EVAL_PROTOCOLS), True),
+    "vectorize": (lambda: VECTORIZE, False),
+}
+"""The fields with a fixed set of values."""
+
+
+def _at_least(low: int, why: str = "") -> tuple[Callable[[Any], bool], str]:
+    return (lambda v: v >= low), f"an integer >= {low}{why}"
+
+
+_POSITIVE = ((lambda v: v > 0), "a finite number > 0")
+_NONNEG = ((lambda v: v >= 0), "a finite number >= 0")
+_RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    # field: (test of the type-checked value, what is allowed); constraints between fields are in _check_cross_field
+    "a_train": _at_least(2, " (samples per class)"),
+    "a_test": ((lambda v: v == 0 or v >= 2), "0 (the paper's value) or an integer >= 2 (samples per class)"),
+    "dirichlet_alpha": ((lambda v: v > 0), "a finite number > 0 (Dirichlet concentration)"),
+    "classes_per_client": _at_least(1),
+    "train_per_client": _at_least(1),
+    "test_per_client": _at_least(1),
+    "num_clients": _at_least(1),
+    "num_new_clients": _at_least(0),
+    "clients_per_round": _at_least(0, " (0 = all clients)"),
+    "sampling_groups": _at_least(1),
+    "num_rounds": _at_least(1),
+    "local_steps": _at_least(1),
+    "inner_lr": _NONNEG,
+    "meta_lr": _POSITIVE,
+    "lr": _POSITIVE,
+    "momentum": ((lambda v: 0 < v <= 1), "a finite number in (0, 1]"),
+    "batch_size": _at_least(1),
+    "init_batch_size": _at_least(1),
+    "inner_steps": _at_least(1),
+    "delta": _POSITIVE,
+    "num_directions": _at_least(1),
+    "eval_steps": _at_least(0),
+    "eval_shots": _at_least(0, " (0 = the whole train split)"),
+    "evaluate_every": _at_least(0, " (0 = never)"),
+    "seed": ((lambda v: v >= 0), "an integer in [0, 2**63 - 1]"),
+    "num_cpus": _POSITIVE,
+    "num_gpus": _NONNEG,
+    "num_nodes": _at_least(0, " (0 = one node per client)"),
+    "chunk_size": _at_least(1),
+    "max_update_norm_ratio": ((lambda v: v == 0 or v > 1), "0 (off) or a finite number > 1"),
+    "min_valid_replies": _at_least(1),
+}
+"""Each field's own range (every field with one; the others are strings or booleans)."""
+
+
+def parse_cli(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """``parser.parse_args(argv)``, but an unknown flag also names the nearest valid one
+    (``fedmeta-sim: error: unrecognized arguments: --num-round 3; did you mean '--num-rounds'?``, exit 2)."""
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        flags = sorted({o for action in parser._actions for o in action.option_strings if o.startswith("--")})
+        flag = next((e for e in extra if e.startswith("-")), extra[0]).split("=", 1)[0]
+        near = difflib.get_close_matches(flag, flags, n=1)
+        hint = f"; did you mean {near[0]!r}?" if near else ""
+        parser.error(f"unrecognized arguments: {' '.join(extra)}{hint}")
+    return args

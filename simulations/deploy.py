@@ -766,7 +766,7 @@ class LocalDeployment:
         if cfg.num_supernodes != self.nodes:
             raise ValueError(
                 f"the run needs {cfg.num_supernodes} SuperNodes (num-nodes, or num-clients + num-new-clients when "
-                f"num-nodes = 0), but the deployment has {self.nodes}"
+                f"num-nodes = 0), but the deployment has {self.nodes} SuperNodes"
             )
         # Send each value with the type its field has, as flwr checks it against pyproject's type.
         typed = cfg.to_dict()

@@ -20,7 +20,7 @@ from dataclasses import fields
 from typing import Any, Sequence
 
 from fedmeta import config as C
-from fedmeta.simulations.config import ExperimentConfig
+from fedmeta.simulations.config import ExperimentConfig, parse_cli
 
 logger = logging.getLogger("fedmeta")
 
@@ -100,7 +100,7 @@ def _table(rows: list[dict[str, Any]]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = parse_cli(_parser(), argv)
     overrides = {k: v for k, v in vars(args).items() if v is not None and k not in ("algorithms", "verbose")}
     algorithms = [a.strip() for a in args.algorithms.split(",") if a.strip()]
     try:

@@ -1,11 +1,14 @@
 """What fedmeta's strategies (Per-FedAvg, LocalMOML, the FedAvg baseline) share on the server:
-partition-keyed sampling, hyper-parameters in the train config, the papers' uniform average, and
-personalized-evaluation aggregation (including held-out new clients)."""
+partition-keyed sampling, hyper-parameters in the train config, screening of replies, the papers'
+uniform average, and personalized-evaluation aggregation (including held-out new clients)."""
 
 from __future__ import annotations
 
 import logging
+import math
+import statistics
 import time
+from dataclasses import dataclass, field
 from logging import INFO
 from typing import Any, ClassVar, Iterable
 
@@ -18,7 +21,18 @@ from flwr.serverapp.strategy import Result
 
 from fedmeta import config as C
 from fedmeta.config import EvalConfig, field_names
+from fedmeta.strategies.validation import check_strategy_kwargs
 from fedmeta.strategies.aggregation import average_arrays, average_metrics, distribution, sample_grouped, sample_partitions
+from fedmeta.strategies.screening import (
+    KEPT_GLOBAL_MODEL,
+    NUM_ACCEPTED,
+    NUM_REJECTED,
+    NUM_REJECTED_CLIENTS,
+    norm_outliers,
+    screen_evaluate_reply,
+    screen_reply,
+    update_norm,
+)
 
 logger = logging.getLogger("fedmeta")
 
@@ -41,6 +55,18 @@ def summarize(per_client: Iterable[dict[str, float]]) -> dict[str, float]:
             d = distribution(values)
             out.update({key: d["mean"], f"{key}-std": d["std"], f"{key}-p10": d["p10"]})
     return out
+
+
+@dataclass(frozen=True)
+class SentRound:
+    """What the strategy sent in one round, against which the replies are screened."""
+
+    reference: ArrayRecord | None
+    """The global model sent (train rounds); ``None`` for evaluation."""
+    clients: dict[int, tuple[int, ...]] = field(default_factory=dict)
+    """Node id -> the clients it was asked to run (a single-client node: its partition id)."""
+    with_ids: bool = False
+    """Whether the messages named the clients under ``client-ids`` (multi-client nodes)."""
 
 
 class MetaStrategy(FlowerFedAvg):
@@ -82,8 +108,33 @@ class MetaStrategy(FlowerFedAvg):
         round; 0 disables it.
     node_wait_timeout
         Seconds to wait for the n nodes to connect before failing (Flower's own sampling waits forever).
+    max_update_norm_ratio
+        ``None`` (default): off. A number > 1: a train reply whose update norm
+        ``||w_reply - w_global||`` exceeds this many times the median update norm of the round's
+        replies that passed the other checks is rejected (:func:`~fedmeta.strategies.screening.norm_outliers`).
+        A multi-client node's reply is its clients' average, so its norm is that of the average.
+    min_valid_replies
+        m >= 1 (default 1), at most the number of train messages a round sends: when fewer than m
+        train replies pass screening, the round keeps the previous global model (``aggregate_train``
+        returns no arrays, and the metrics say ``kept-global-model`` = 1).
     **kwargs
         Algorithm hyper-parameters (fields of :attr:`hparams_cls`), then Flower ``FedAvg`` arguments.
+
+    Notes
+    -----
+    Screening. Before averaging, every train reply is checked (:mod:`fedmeta.strategies.screening`): exactly
+    one ArrayRecord and one MetricRecord; the clients it names are ones sent to its node this round
+    (a node that got no message, or a second reply from a node, is rejected too); ``per-client-``
+    lists aligned with ``client-ids``; ``num-examples`` present, finite and >= 0 when weighting by
+    examples; arrays with the global model's names, shapes and dtypes and no NaN/Inf; optionally
+    an update norm within ``max_update_norm_ratio`` x the round's median. A rejected reply is left
+    out of the average and logged (logger ``fedmeta``, warning, with node id and reason). The
+    round's train metrics add ``num-accepted`` (replies averaged), ``num-rejected`` (replies
+    rejected), ``num-rejected-clients`` (the clients sent to their nodes) and ``kept-global-model``
+    next to ``num-clients`` (clients averaged) and ``num-failures`` (error replies); each rejection
+    is kept in :attr:`rejections`. A round whose replies are all errors returns no metrics either
+    (as Flower's ``FedAvg`` does). Evaluate replies are screened the same way, without arrays, and
+    the evaluation metrics add ``num-rejected``.
     """
 
     hparams_cls: ClassVar[type]
@@ -102,8 +153,11 @@ class MetaStrategy(FlowerFedAvg):
         eval_shots: int = 0,
         evaluate_every: int = 1,
         node_wait_timeout: float = 600.0,
+        max_update_norm_ratio: float | None = None,
+        min_valid_replies: int = 1,
         **kwargs: Any,
     ) -> None:
+        check_strategy_kwargs(type(self), locals())
         _require("num_clients", isinstance(num_clients, int) and num_clients >= 1, "an integer >= 1", num_clients)
         if num_nodes is None:
             num_nodes = num_clients
@@ -125,6 +179,15 @@ class MetaStrategy(FlowerFedAvg):
         _require("weighting", weighting in WEIGHTINGS, f"one of {list(WEIGHTINGS)}", weighting)
         _require("evaluate_every", isinstance(evaluate_every, int) and evaluate_every >= 0, "an integer >= 0", evaluate_every)
         _require("node_wait_timeout", node_wait_timeout > 0, "> 0 seconds", node_wait_timeout)
+        ok = max_update_norm_ratio is None or (
+            isinstance(max_update_norm_ratio, (int, float)) and not isinstance(max_update_norm_ratio, bool)
+            and math.isfinite(max_update_norm_ratio) and max_update_norm_ratio > 1
+        )
+        _require("max_update_norm_ratio", ok, "None (off) or a finite number > 1", max_update_norm_ratio)
+        per_round = n_train if clients_per_round is None else clients_per_round * sampling_groups
+        most = min(per_round, num_nodes)  # train messages per round, at most
+        ok = isinstance(min_valid_replies, int) and not isinstance(min_valid_replies, bool) and 1 <= min_valid_replies <= most
+        _require("min_valid_replies", ok, f"an integer in [1, {most}] (the train replies a round can have)", min_valid_replies)
         hp_fields = field_names(self.hparams_cls)
         self.hparams = self.hparams_cls(**{k: kwargs.pop(k) for k in list(kwargs) if k in hp_fields})
         self.eval_config = EvalConfig(inner_lr=self.hparams.inner_lr, eval_steps=eval_steps, eval_shots=eval_shots)
@@ -138,7 +201,8 @@ class MetaStrategy(FlowerFedAvg):
         self.weighting = weighting
         self.evaluate_every = evaluate_every
         self.node_wait_timeout = node_wait_timeout
-        per_round = n_train if clients_per_round is None else clients_per_round * sampling_groups
+        self.max_update_norm_ratio = max_update_norm_ratio
+        self.min_valid_replies = min_valid_replies
         kwargs.setdefault("min_available_nodes", num_nodes)
         super().__init__(
             fraction_train=1.0,
@@ -157,7 +221,12 @@ class MetaStrategy(FlowerFedAvg):
         ``memory-round`` and ``memory-digest`` kept exact)."""
         self.round_seconds: dict[int, float] = {}
         """Per round: wall time from configuring training to aggregating it."""
+        self.rejections: dict[int, list[dict[str, Any]]] = {}
+        """Per round with rejections: one ``{"stage": "train" | "evaluate", "node": id, "clients":
+        [the clients sent to it], "reason": str}`` per reply left out by screening."""
         self._round_started = 0.0
+        self._sent_train: dict[int, SentRound] = {}
+        self._sent_evaluate: dict[int, SentRound] = {}
 
     # ------------------------------------------------------------------------------------------
     @property
@@ -179,7 +248,9 @@ class MetaStrategy(FlowerFedAvg):
         log(INFO, "\t├──> %s: %s, %d new (held-out) clients", type(self).__name__, mode, len(self.new_clients))
         log(INFO, "\t│\t├── hyper-parameters: %s", self.hparams.to_wire())
         log(INFO, "\t│\t├── evaluation: %s every %d rounds", self.eval_config.to_wire(), self.evaluate_every)
-        log(INFO, "\t│\t└── seed %d, %s average", self.seed, self.weighting)
+        log(INFO, "\t│\t├── seed %d, %s average", self.seed, self.weighting)
+        log(INFO, "\t│\t└── screening: max update norm ratio %s, at least %d valid replies",
+            self.max_update_norm_ratio, self.min_valid_replies)
         super().summary()
 
     def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3, **kwargs: Any) -> Result:
@@ -294,21 +365,27 @@ class MetaStrategy(FlowerFedAvg):
         parts = self.sample(server_round)
         logger.debug("round %d: training partitions %s", server_round, parts)
         train_config = self.train_config(server_round, config)
+        self._sent_train = {server_round: SentRound(arrays, self._by_node(nodes, parts), self.multi_client)}
         if not self.multi_client:
             record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: train_config})
             return self._construct_messages(record, [nodes[p] for p in parts], MessageType.TRAIN)
         return self._group_messages(arrays, train_config, nodes, parts, MessageType.TRAIN)
 
+    @staticmethod
+    def _by_node(nodes: dict[int, int], clients: list[int]) -> dict[int, tuple[int, ...]]:
+        """``node id -> its clients among clients``, for the ``client id -> node id`` map ``nodes``."""
+        by_node: dict[int, list[int]] = {}
+        for c in clients:
+            by_node.setdefault(nodes[c], []).append(c)
+        return {node: tuple(ids) for node, ids in by_node.items()}
+
     def _group_messages(
         self, arrays: ArrayRecord, config: ConfigRecord, nodes: dict[int, int], clients: list[int], message_type: str
     ) -> list[Message]:
         """One message per node that hosts any of ``clients``, naming them under ``client-ids``."""
-        by_node: dict[int, list[int]] = {}
-        for c in clients:
-            by_node.setdefault(nodes[c], []).append(c)
         messages = []
-        for node, ids in by_node.items():
-            cfg = ConfigRecord({**dict(config), C.CLIENT_IDS: ids, C.NUM_CLIENTS: self.num_clients, C.WEIGHTING: self.weighting})
+        for node, ids in self._by_node(nodes, clients).items():
+            cfg = ConfigRecord({**dict(config), C.CLIENT_IDS: list(ids), C.NUM_CLIENTS: self.num_clients, C.WEIGHTING: self.weighting})
             record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: cfg})
             messages.append(Message(content=record, message_type=message_type, dst_node_id=node))
         return messages
@@ -325,15 +402,78 @@ class MetaStrategy(FlowerFedAvg):
             raise ValueError(f"reply lists {bad} do not have one value per client of {C.CLIENT_IDS} ({len(ids)})")
         return [{C.PARTITION_ID: c, **{k[len(C.PER_CLIENT):]: record[k][i] for k in keys}} for i, c in enumerate(ids)]
 
+    def _reply_rows(self, message: Message, sent: SentRound) -> list[dict[str, Any]]:
+        """:meth:`client_rows` of a screened reply; a single-client reply without ``partition-id``
+        is attributed to the partition its node was sent."""
+        record = next(iter(message.content.metric_records.values()))
+        rows = self.client_rows(record)
+        if C.CLIENT_IDS not in record and C.PARTITION_ID not in record:
+            rows[0][C.PARTITION_ID] = sent.clients[message.metadata.src_node_id][0]
+        return rows
+
+    def _screen(
+        self, server_round: int, stage: str, candidates: list[Message], sent: SentRound
+    ) -> tuple[list[Message], list[dict[str, Any]]]:
+        """Split the non-error replies of a round into accepted ones and rejection records (logged)."""
+        reasons: dict[int, str] = {}
+        seen: set[int] = set()
+        weighted_by = self.weighted_by_key if self.weighting == "examples" else None
+        for i, m in enumerate(candidates):
+            node = m.metadata.src_node_id
+            if node not in sent.clients:
+                reasons[i] = f"the node was not sent a {stage} message in round {server_round}"
+            elif node in seen:
+                reasons[i] = f"a second {stage} reply from the node in round {server_round}"
+            else:
+                served = self._node_clients.get(node, ())
+                if sent.reference is not None:  # a train round
+                    reason = screen_reply(m.content, sent.reference, sent=sent.clients[node], expect_ids=sent.with_ids,
+                                          served=served, weighted_by_key=weighted_by)
+                else:
+                    reason = screen_evaluate_reply(m.content, sent=sent.clients[node], expect_ids=sent.with_ids,
+                                                   served=served, numeric_keys=EVAL_KEYS)
+                if reason:
+                    reasons[i] = reason
+            seen.add(node)
+        if stage == "train" and self.max_update_norm_ratio is not None and sent.reference is not None:
+            passed = [i for i in range(len(candidates)) if i not in reasons]
+            norms = [update_norm(next(iter(candidates[i].content.array_records.values())), sent.reference) for i in passed]
+            median = statistics.median(norms) if norms else 0.0
+            for j in norm_outliers(norms, self.max_update_norm_ratio):
+                reasons[passed[j]] = (f"update norm {norms[j]:.4g} > max_update_norm_ratio={self.max_update_norm_ratio:g} "
+                                      f"x the round's median {median:.4g}")
+        rejected = []
+        for i, reason in sorted(reasons.items()):
+            node = candidates[i].metadata.src_node_id
+            clients = list(sent.clients.get(node, ()))
+            logger.warning("round %d: rejected the %s reply of node %d (clients %s): %s", server_round, stage, node, clients, reason)
+            rejected.append({"stage": stage, "node": node, "clients": clients, "reason": reason})
+        if rejected:
+            self.rejections.setdefault(server_round, []).extend(rejected)
+        return [m for i, m in enumerate(candidates) if i not in reasons], rejected
+
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
-        valid, errors = self._check_and_log_replies(replies, is_train=True)
-        if not valid:
-            logger.warning("round %d: no valid train replies (%d failures); the global model is unchanged", server_round, len(errors))
-            return None, None
-        # Flower's reply check guarantees exactly one ArrayRecord and one MetricRecord per reply.
-        array_records = [next(iter(m.content.array_records.values())) for m in valid]
-        rows_per_reply = [self.client_rows(next(iter(m.content.metric_records.values()))) for m in valid]
+        sent = self._sent_train.get(server_round, SentRound(None))
+        errors = [m for m in replies if m.has_error()]
+        accepted, rejected = self._screen(server_round, "train", [m for m in replies if not m.has_error()], sent)
+        # Flower's log of results and errors; its consistency check is screening's job (it raises).
+        self._check_and_log_replies(accepted + errors, is_train=True, validate=False)
+        self.round_seconds[server_round] = time.perf_counter() - self._round_started
+        counts: dict[str, int] = {
+            "num-failures": len(errors),
+            NUM_ACCEPTED: len(accepted),
+            NUM_REJECTED: len(rejected),
+            NUM_REJECTED_CLIENTS: sum(len(r["clients"]) for r in rejected),
+        }
+        if len(accepted) < self.min_valid_replies:
+            logger.warning("round %d: %d valid replies < min_valid_replies=%d; keeping the previous global model "
+                           "(%d failures, %d rejected)", server_round, len(accepted), self.min_valid_replies, len(errors), len(rejected))
+            if not rejected and not accepted:
+                return None, None  # only error replies: nothing to report beyond Flower's failure log
+            return None, MetricRecord({"num-clients": 0, **counts, KEPT_GLOBAL_MODEL: 1})
+        array_records = [next(iter(m.content.array_records.values())) for m in accepted]
+        rows_per_reply = [self._reply_rows(m, sent) for m in accepted]
         rows = [r for rr in rows_per_reply for r in rr]
         # A multi-client node's arrays are its clients' average: weight it by its clients (uniform)
         # or by their examples, so the result is the average over clients.
@@ -347,16 +487,20 @@ class MetaStrategy(FlowerFedAvg):
         # Identifiers, not quantities: averaging a partition id, a round number or a digest means nothing.
         metrics = average_metrics([MetricRecord(r) for r in rows], row_weights, skip=(C.PARTITION_ID, C.MEMORY_ROUND, C.MEMORY_DIGEST))
         metrics["num-clients"] = len(rows)
-        metrics["num-failures"] = len(errors)
+        for key, value in counts.items():
+            metrics[key] = value
+        metrics[KEPT_GLOBAL_MODEL] = 0
+        if self.multi_client:  # clients a node left out because their training diverged (NaN/Inf)
+            diverged = [next(iter(m.content.metric_records.values())).get(C.NUM_DIVERGED, 0) for m in accepted]
+            metrics["num-diverged-clients"] = int(sum(int(d) for d in diverged if isinstance(d, (int, float))))
         self.client_train[server_round] = {
-            # ints stay ints: a 60-bit memory-digest does not survive a float
-            int(r[C.PARTITION_ID]): {k: v if isinstance(v, int) else float(v) for k, v in r.items()}
-            for r in rows if C.PARTITION_ID in r
+            # ints stay ints: a 60-bit memory-digest does not survive a float; lists are not one client's values
+            int(r[C.PARTITION_ID]): {k: v if isinstance(v, int) else float(v) for k, v in r.items() if not isinstance(v, list)}
+            for r in rows
         }
-        self.round_seconds[server_round] = time.perf_counter() - self._round_started
         if self.num_rounds and server_round % max(1, self.num_rounds // 10) == 0:
             logger.info("round %d/%s: train loss %.4f, %d clients, %.2f s", server_round, self.num_rounds,
-                        metrics.get(C.TRAIN_LOSS, float("nan")), len(valid), self.round_seconds[server_round])
+                        metrics.get(C.TRAIN_LOSS, float("nan")), len(rows), self.round_seconds[server_round])
         return arrays, metrics
 
     # --- personalized evaluation ---------------------------------------------------------------
@@ -370,22 +514,30 @@ class MetaStrategy(FlowerFedAvg):
             return []
         nodes = self.partition_nodes(grid)
         cfg = ConfigRecord({**dict(config), **self.eval_config.to_wire(), C.SEED: self.seed, C.SERVER_ROUND: server_round})
+        self._sent_evaluate[server_round] = SentRound(None, self._by_node(nodes, sorted(nodes)), self.multi_client)
         if self.multi_client:
             return self._group_messages(arrays, cfg, nodes, sorted(nodes), MessageType.EVALUATE)
         record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: cfg})
         return self._construct_messages(record, [nodes[p] for p in sorted(nodes)], MessageType.EVALUATE)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        valid, errors = self._check_and_log_replies(list(replies), is_train=False)
+        replies = list(replies)
+        sent = self._sent_evaluate.pop(server_round, SentRound(None))
+        errors = [m for m in replies if m.has_error()]
+        valid, rejected = self._screen(server_round, "evaluate", [m for m in replies if not m.has_error()], sent)
+        self._check_and_log_replies(valid + errors, is_train=False, validate=False)
         if not valid:
+            if rejected:
+                logger.warning("round %d: no valid evaluate replies (%d failures, %d rejected)", server_round, len(errors), len(rejected))
             return None
         per_client = {}
         for m in valid:
-            for rec in self.client_rows(next(iter(m.content.metric_records.values()))):
+            for rec in self._reply_rows(m, sent):
                 per_client[int(rec[C.PARTITION_ID])] = {k: float(rec[k]) for k in EVAL_KEYS if k in rec}
         self.client_eval[server_round] = dict(sorted(per_client.items()))
         new = set(self.new_clients)
-        out: dict[str, float | int] = {"num-clients": sum(p not in new for p in per_client), "num-failures": len(errors)}
+        out: dict[str, float | int] = {"num-clients": sum(p not in new for p in per_client), "num-failures": len(errors),
+                                       NUM_REJECTED: len(rejected)}
         out.update(summarize(v for p, v in per_client.items() if p not in new))
         if new:
             out["new-num-clients"] = sum(p in new for p in per_client)

@@ -6,6 +6,7 @@ from typing import Any, Iterable
 
 from fedmeta.config import LocalMOMLConfig
 from fedmeta.strategies.base import MetaStrategy
+from fedmeta.strategies.validation import check_strategy_kwargs
 
 
 class LocalMOML(MetaStrategy):
@@ -51,6 +52,7 @@ class LocalMOML(MetaStrategy):
         memory_policy: str | None = None,
         **kwargs: Any,
     ) -> None:
+        check_strategy_kwargs(type(self), locals())
         new_clients = tuple(new_clients)
         if memory_policy is None:
             num_train = num_clients - len(set(new_clients))

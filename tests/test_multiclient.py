@@ -143,3 +143,35 @@ def test_hosted_clients_blocks_and_errors():
     assert hosted_clients(4, 10, 10) == [4]
     with pytest.raises(ValueError, match=r"num-partitions \(nodes\) must be in \[1, num-clients=3\]"):
         hosted_clients(0, 4, 3)
+
+
+@pytest.mark.parametrize("vectorize", ["vmap", "loop"])
+def test_a_diverging_client_is_left_out_and_keeps_its_memory(tmp_path, vectorize):
+    """Client 1's data holds an infinity: its training turns NaN (divergence guard). The node
+    leaves it out of the average and of the memory bank and reports it; clients 0 and 2 are
+    averaged as if it had not been sampled."""
+
+    def data(pid: int) -> ClientData:
+        d = _data(pid)
+        if pid == 1:
+            d.x_train[:] = float("inf")
+        return d
+
+    app = make_client_app(_model, data, vectorize=vectorize)
+    node = Node(app, 0, N_NODES, tmp_path)
+    w = _w0()
+    cfg = {**_hp_config(C.LOCAL_MOML, "exact", 1), C.CLIENT_IDS: [0, 1, 2], C.NUM_CLIENTS: N_CLIENTS}
+    reply = node(_message(MessageType.TRAIN, cfg, w))
+    m = reply.content["metrics"]
+    assert list(m[C.CLIENT_IDS]) == [0, 2] and m[C.NUM_DIVERGED] == 1
+    assert all(np.isfinite(reply.content["arrays"][k].numpy()).all() for k in w)
+    alone = make_client_app(_model, data)
+    ref = [Node(alone, c, N_CLIENTS)(_message(MessageType.TRAIN, _hp_config(C.LOCAL_MOML, "exact", 1), w)) for c in (0, 2)]
+    for k in w:
+        mean = np.mean([r.content["arrays"][k].numpy() for r in ref], axis=0)
+        np.testing.assert_allclose(reply.content["arrays"][k].numpy(), mean, atol=3e-6, rtol=0)
+    spec = {k: (tuple(v.shape), v.dtype) for k, v in w.items()}
+    _, rounds = MemoryBank(bank_path(tmp_path, "run-5", 0, N_NODES), hosted_clients(0, N_NODES, N_CLIENTS), spec).load([0, 1, 2], torch.device("cpu"))
+    assert rounds == [1, -1, 1]  # client 1's memory was not written with NaN
+    with pytest.raises(FloatingPointError, match="every client"):
+        node(_message(MessageType.TRAIN, {**cfg, C.CLIENT_IDS: [1]}, w))
