@@ -3,19 +3,16 @@ runs are deterministic."""
 
 from __future__ import annotations
 
-import logging
-import warnings
-
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, Context, Message
 from flwr.clientapp import ClientApp
-from flwr.serverapp import Grid, ServerApp
 
 from fedmeta import config as C
-from fedmeta.simulations.apps import build_client_app, initial_model
+from fedmeta.simulations.apps import build_client_app
 from fedmeta.simulations.config import ExperimentConfig
 from fedmeta.strategies import LocalMOML, PerFedAvg
+from test_simulation import simulate_strategy
 
 pytestmark = pytest.mark.ray
 
@@ -25,21 +22,7 @@ CFG = ExperimentConfig(num_clients=4, clients_per_round=0, num_rounds=2, local_s
 
 def run(strategy, client_app: ClientApp, cfg: ExperimentConfig):
     """Run ``strategy`` in a ServerApp against ``client_app`` on Ray; return Flower's Result."""
-    from flwr.simulation import run_simulation
-
-    box = {}
-    app = ServerApp()
-
-    @app.main()
-    def main(grid: Grid, context: Context) -> None:
-        box["result"] = strategy.start(grid=grid, initial_arrays=ArrayRecord(initial_model(cfg).state_dict()), num_rounds=cfg.num_rounds)
-
-    logging.getLogger("flwr").setLevel(logging.ERROR)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        run_simulation(server_app=app, client_app=client_app, num_supernodes=cfg.num_supernodes,
-                       backend_config={"client_resources": {"num_cpus": 1}, "init_args": {"logging_level": "ERROR", "log_to_driver": False}})
-    return box["result"]
+    return simulate_strategy(strategy, cfg, client_app)
 
 
 def broken_client_app(cfg: ExperimentConfig) -> ClientApp:

@@ -29,8 +29,8 @@ CFG = ExperimentConfig(num_clients=N, clients_per_round=B, num_rounds=ROUNDS, lo
                        momentum=0.5, seed=SEED, evaluate_every=0)
 
 
-def simulate_strategy(strategy: LocalMOML, cfg: ExperimentConfig):
-    """Run ``strategy`` in a user-written ServerApp against the fedmeta ClientApp on Ray."""
+def simulate_strategy(strategy: LocalMOML, cfg: ExperimentConfig, client_app=None):
+    """Run ``strategy`` in a user-written ServerApp against the fedmeta ClientApp (or ``client_app``) on Ray."""
     from flwr.simulation import run_simulation
 
     box = {}
@@ -45,7 +45,7 @@ def simulate_strategy(strategy: LocalMOML, cfg: ExperimentConfig):
         warnings.simplefilter("ignore", DeprecationWarning)
         run_simulation(
             server_app=app,
-            client_app=build_client_app(cfg),
+            client_app=client_app or build_client_app(cfg),
             num_supernodes=cfg.num_supernodes,
             backend_config={"client_resources": {"num_cpus": 1}, "init_args": {"logging_level": "ERROR", "log_to_driver": False}},
         )
