@@ -46,10 +46,24 @@ PER_CLIENT_TRAIN = (C.NUM_EXAMPLES, C.NUM_SAMPLES, C.NUM_GRADIENTS, C.NUM_HVPS, 
 """Optional node-config key overriding the device (e.g. ``cpu`` or ``cuda:1``)."""
 
 
-def node_memory(context: Context) -> Memory:
-    """The node's default store of u: on disk under node-config ``memory-dir`` if set, else ``context.state``."""
+def node_memory(context: Context, memory_dir: str | None = None) -> Memory:
+    """The node's default store of u: on disk under node-config ``memory-dir`` if set (each save
+    flushed to disk), else under ``memory_dir`` (saves left to the page cache), else ``context.state``."""
     root = str(context.node_config.get(C.MEMORY_DIR, ""))
-    return DiskMemory(Path(root)) if root else ContextMemory()
+    if root:
+        return DiskMemory(Path(root))
+    return DiskMemory(Path(memory_dir), sync=False) if memory_dir else ContextMemory()
+
+
+def timeline(cfg, server_round: int) -> tuple[dict, dict]:
+    """Keyword arguments for a store's load / save when the server checkpoints (the message carries
+    ``memory-key``): key the memory by that name and load the newest version written before this
+    round, so that a round re-run after a resume starts from the memory it started from the first
+    time. Empty otherwise (custom stores need not know the keywords)."""
+    key = str(cfg.get(C.MEMORY_KEY, "") or "")
+    if not key:
+        return {}, {}
+    return {"before_round": server_round, "memory_key": key}, {"memory_key": key}
 
 
 def node_clients(context: Context, num_clients: int) -> list[int]:
@@ -106,16 +120,21 @@ def make_client_app(
         Store of the personalized model u. Default, chosen per message: :class:`DiskMemory` under the
         node-config directory ``memory-dir`` when the SuperNode sets one (u then survives a SuperNode
         restart; give an absolute path, a relative one resolves against the ClientApp process's working
-        directory), else ``context.state`` (:class:`ContextMemory`, the simulation default).
+        directory), else under ``memory_dir`` if given, else ``context.state`` (:class:`ContextMemory`).
         For nodes hosting one client.
     chunk_size, vectorize
         Multi-client nodes: clients per vectorized call and ``auto`` / ``vmap`` / ``loop``
         (:mod:`fedmeta.batched`).
     memory_dir
-        Multi-client nodes keep their clients' memories in a :class:`MemoryBank` under node-config
-        ``memory-dir`` (each save flushed to disk), else this directory, else
-        :func:`default_memory_root` (saves left to the page cache: they survive a killed process,
-        not a power cut).
+        Where memories go when the node config sets no ``memory-dir``: one :class:`DiskMemory` file per
+        client for single-client nodes, a :class:`MemoryBank` for multi-client nodes (saves left to the
+        page cache: they survive a killed process, not a power cut). Multi-client nodes without either
+        use :func:`default_memory_root`. Simulations that checkpoint set it, so that a resumed run
+        finds its clients' memories (``context.state`` dies with the simulation process).
+
+    When the train config carries ``memory-key`` (the server checkpoints), memories are keyed by it
+    and a client loads the newest version of its u written before the current round: a round
+    re-run after a resume starts from the same u as the first time (:mod:`fedmeta.clients.memory`).
 
     A node hosts several clients when its node config's ``num-partitions`` is smaller than the
     number of clients the strategy announces (``num_nodes`` of the strategy): messages then carry
@@ -133,11 +152,11 @@ def make_client_app(
         dev = select_device(device or str(context.node_config.get(DEVICE_NODE_CONFIG, "")) or None)
         return ClientGroup(model_fn(), criterion, data_fn, dev, chunk_size=chunk_size, vectorize=vectorize)
 
-    def bank_for(context: Context, group: ClientGroup, hosted: list[int]) -> MemoryBank:
+    def bank_for(context: Context, group: ClientGroup, hosted: list[int], memory_key: str | None) -> MemoryBank:
         node_dir = str(context.node_config.get(C.MEMORY_DIR, ""))
         root = node_dir or memory_dir or str(default_memory_root())
         nodes = int(context.node_config.get("num-partitions", 1))
-        path = bank_path(Path(root), experiment_key(context), partition_id(context), nodes)
+        path = bank_path(Path(root), experiment_key(context, memory_key), partition_id(context), nodes)
         # A SuperNode's memory-dir is meant to survive power loss: flush each save to disk. A
         # simulation's bank only has to survive its processes (the page cache does that).
         return MemoryBank(path, hosted, group.param_spec, sync=bool(node_dir))
@@ -156,10 +175,12 @@ def make_client_app(
         w = group.params_from(msg.content["arrays"].to_torch_state_dict())
         keep = getattr(hp, "memory_policy", None) == "keep"
         u, rounds = None, [-1] * len(ids)
+        server_round = int(cfg[C.SERVER_ROUND])
+        load_kw, _ = timeline(cfg, server_round)
         if keep:
-            bank = bank_for(context, group, hosted)
-            u, rounds = bank.load(ids, group.device)
-        result = group.train(w, hp, ids, int(cfg.get(C.SEED, 0)), int(cfg[C.SERVER_ROUND]), u, [r >= 0 for r in rounds])
+            bank = bank_for(context, group, hosted, load_kw.get("memory_key"))
+            u, rounds = bank.load(ids, group.device, **({"before_round": server_round} if load_kw else {}))
+        result = group.train(w, hp, ids, int(cfg.get(C.SEED, 0)), server_round, u, [r >= 0 for r in rounds])
         # Diverged clients are left out: no poisoned model in the average, their memory stays at
         # its last finite value (divergence guard); the server sees them in num-diverged.
         ok = [i for i in range(len(ids)) if i not in set(result.diverged)]
@@ -168,7 +189,7 @@ def make_client_app(
         rows = torch.tensor(ok, dtype=torch.long)
         if keep:
             kept = {k: v.index_select(0, rows.to(v.device)) for k, v in result.personalized_models.items()}
-            bank.save([ids[i] for i in ok], kept, int(cfg[C.SERVER_ROUND]))
+            bank.save([ids[i] for i in ok], kept, server_round)
             bank.close()
         examples = [result.num_examples[i] for i in ok]
         weights = examples if str(cfg.get(C.WEIGHTING, "uniform")) == "examples" else [1.0] * len(ok)
@@ -208,15 +229,16 @@ def make_client_app(
         w = client.params_from(msg.content["arrays"].to_torch_state_dict())
         gen = round_generator(int(cfg.get(C.SEED, 0)), pid, server_round, 0)
         keep = getattr(hp, "memory_policy", None) == "keep"
-        store = memory if memory is not None else node_memory(context)
-        u = store.load(context, client.device, expected=client.param_spec) if keep else None
-        memory_round = store.written_in_round(context) if u is not None else -1
+        store = memory if memory is not None else node_memory(context, memory_dir)
+        load_kw, save_kw = timeline(cfg, server_round)
+        u = store.load(context, client.device, expected=client.param_spec, **load_kw) if keep else None
+        memory_round = store.written_in_round(context, **load_kw) if u is not None else -1
         memory_digest = params_digest(u) if u is not None else -1  # before training can touch u
         if not keep:
-            store.clear(context)
+            store.clear(context, **save_kw)
         result = client.train(w, hp, u, gen)
         if keep:
-            store.save(context, result.personalized_model, server_round)
+            store.save(context, result.personalized_model, server_round, **save_kw)
         s = result.stats
         metrics = MetricRecord(
             {

@@ -5,20 +5,35 @@ Two stores behind one interface (``load`` / ``save`` / ``clear`` / ``written_in_
 * :class:`ContextMemory` keeps u in ``context.state``. That is the default, and the right store in
   simulation. In deployment the SuperNode holds ``context.state`` in RAM only, so u is lost when
   the SuperNode restarts.
-* :class:`DiskMemory` keeps u in one file per experiment and partition on the node's disk, so a
+* :class:`DiskMemory` keeps u in files per experiment and partition on the node's disk, so a
   SuperNode that is killed and restarted between rounds continues from the u it had. The
   ``ClientApp`` uses it when the node config names a directory (``memory-dir``, see
   :func:`fedmeta.clients.app.make_client_app`).
 
 File layout::
 
-    <memory-dir>/<experiment-key>/partition-<partition-id>.pt
+    <memory-dir>/<experiment-key>/partition-<partition-id>.pt        the newest version of u
+    <memory-dir>/<experiment-key>/partition-<partition-id>.prev.pt   the version before it, if any
 
 The experiment key is ``run-<run id>`` by default. The SuperLink assigns the run id once per run,
 and a restarted SuperNode reads it from the messages of that run, so the key survives a restart
 and differs between runs. A run that sets the run-config key ``experiment`` (a name such as
 ``moml-seed3``) uses ``experiment-<name>`` instead. Every run with that name then shares the same
 memory, which is how a later run picks up the personalized models of an earlier one.
+
+Versions and resume. A server that checkpoints after every round sends its train messages the
+config key ``memory-key`` (a name such as ``resume-3f9a0c1d2e4b``); the client then passes it as
+``memory_key`` (the experiment key becomes ``experiment-<memory-key>``, which a resumed run, with
+a new run id, shares) and loads with ``before_round=server_round``: the newest version written in a
+round *before* this one. A run killed during round k+1 and resumed from checkpoint k re-runs round
+k+1; a client that had already saved its round-(k+1) u then gets the u it started round k+1 from,
+not that one. For this the disk stores keep two versions per client: ``save(round=r)`` keeps the
+newest version written before round r (the *keeper*) beside the new one and drops every other,
+including versions of rounds >= r left by the abandoned run (so they can never be loaded again).
+Without ``memory_key`` and ``before_round`` the stores behave as a single-version store: ``load``
+returns the newest version. :class:`ContextMemory` keeps one version only (``context.state`` does
+not survive the process anyway); with ``before_round`` it treats a u written in that round or later
+as absent.
 
 A file is written to a temporary file in the same directory, fsynced and renamed over the old
 one (``os.replace``, atomic on POSIX), so a crash mid-write leaves the previous file intact. The
@@ -29,9 +44,10 @@ silently treated as "no memory". Files are read with ``torch.load(weights_only=T
 foreign pickle cannot run code.
 
 A third store, :class:`MemoryBank`, serves a node that hosts many clients (thousands of virtual
-clients, a batch of which trains per round): the u of all of them in one memory-mapped file per
-node, of which only the rows of the clients in a batch are read or written. It is Flower-free and
-batch-shaped (stacked u); see its docstring for the layout and the crash guarantees.
+clients, a batch of which trains per round): the u of all of them (two versions each, as above) in
+one memory-mapped file per node, of which only the rows of the clients in a batch are read or
+written. It is Flower-free and batch-shaped (stacked u); see its docstring for the layout and the
+crash guarantees.
 """
 
 from __future__ import annotations
@@ -57,6 +73,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context
 from torch import Tensor
 
 from fedmeta import config as C
+from fedmeta.files import fsync_dir
 from fedmeta.meta import Params
 
 ParamSpec = Mapping[str, tuple[tuple[int, ...], torch.dtype]]
@@ -71,15 +88,30 @@ _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 
 
 class Memory(Protocol):
-    """What the ``ClientApp`` needs from a store of the personalized model u."""
+    """What the ``ClientApp`` needs from a store of the personalized model u.
 
-    def load(self, context: Context, device: torch.device, expected: ParamSpec | None = None) -> Params | None: ...
+    The keywords are passed only when the server checkpoints (its messages carry ``memory-key``):
+    ``memory_key`` names the memory instead of the run (see :func:`experiment_key`), ``before_round``
+    asks for the newest version written in a round before it (see the module docstring).
+    """
 
-    def save(self, context: Context, params: Params, server_round: int) -> None: ...
+    def load(
+        self,
+        context: Context,
+        device: torch.device,
+        expected: ParamSpec | None = None,
+        *,
+        before_round: int | None = None,
+        memory_key: str | None = None,
+    ) -> Params | None: ...
 
-    def clear(self, context: Context) -> None: ...
+    def save(self, context: Context, params: Params, server_round: int, *, memory_key: str | None = None) -> None: ...
 
-    def written_in_round(self, context: Context) -> int | None: ...
+    def clear(self, context: Context, *, memory_key: str | None = None) -> None: ...
+
+    def written_in_round(
+        self, context: Context, *, before_round: int | None = None, memory_key: str | None = None
+    ) -> int | None: ...
 
 
 class MemoryFileError(ValueError):
@@ -126,8 +158,20 @@ def partition_id(context: Context) -> int:
         ) from None
 
 
-def experiment_key(context: Context) -> str:
-    """``experiment-<name>`` if the run config names one under ``experiment``, else ``run-<run id>``."""
+def experiment_key(context: Context, memory_key: str | None = None) -> str:
+    """The name of the directory holding a run's memory.
+
+    ``experiment-<memory_key>`` if ``memory_key`` is given (the server's ``memory-key``, sent when it
+    checkpoints, so that a resumed run finds the memory of the run it resumes), else
+    ``experiment-<name>`` if the run config names one under ``experiment``, else ``run-<run id>``.
+    """
+    if memory_key is not None and memory_key != "":
+        if not isinstance(memory_key, str) or not _NAME.fullmatch(memory_key):
+            raise ValueError(
+                f"config {C.MEMORY_KEY!r} must be 1-100 characters from [A-Za-z0-9._-] starting with a letter "
+                f"or digit (pattern {_NAME.pattern!r}; it names a directory), got {memory_key!r}"
+            )
+        return f"experiment-{memory_key}"
     name = context.run_config.get(EXPERIMENT, "")
     if name == "":
         return f"run-{int(context.run_id)}"
@@ -139,9 +183,11 @@ def experiment_key(context: Context) -> str:
     return f"experiment-{name}"
 
 
-def memory_path(root: Path, experiment: str, partition: int) -> Path:
-    """``<root>/<experiment>/partition-<partition>.pt``."""
-    return Path(root) / experiment / f"partition-{int(partition)}.pt"
+def memory_path(root: Path, experiment: str, partition: int, *, previous: bool = False) -> Path:
+    """``<root>/<experiment>/partition-<partition>.pt`` (the newest version of u), or with ``previous``
+    ``partition-<partition>.prev.pt`` (the version before it)."""
+    suffix = ".prev.pt" if previous else ".pt"
+    return Path(root) / experiment / f"partition-{int(partition)}{suffix}"
 
 
 class ContextMemory:
@@ -149,30 +195,45 @@ class ContextMemory:
 
     One load/save pair so that a disk-backed store can replace it. ``load`` returns ``None`` on a
     client's first round (nothing stored yet). The round in which u was written is stored beside
-    it, so a client can tell how old its memory is.
+    it, so a client can tell how old its memory is. One version only: ``save`` replaces it, and with
+    ``before_round`` a u written in that round or later (or in an unknown round) counts as absent.
+    ``memory_key`` is accepted and ignored (``context.state`` belongs to one process of one run).
     """
 
-    def load(self, context: Context, device: torch.device, expected: ParamSpec | None = None) -> Params | None:
+    def load(
+        self,
+        context: Context,
+        device: torch.device,
+        expected: ParamSpec | None = None,
+        *,
+        before_round: int | None = None,
+        memory_key: str | None = None,
+    ) -> Params | None:
         if C.PERSONALIZED_MODEL not in context.state:
+            return None
+        if before_round is not None and self.written_in_round(context, before_round=before_round) is None:
             return None
         params = context.state[C.PERSONALIZED_MODEL].to_torch_state_dict()
         if expected is not None and (why := spec_mismatch(params, expected)):
             raise ValueError(f"the personalized model in context.state does not fit the model: {why}")
         return {k: v.to(device) for k, v in params.items()}
 
-    def save(self, context: Context, params: Params, server_round: int) -> None:
+    def save(self, context: Context, params: Params, server_round: int, *, memory_key: str | None = None) -> None:
         context.state[C.PERSONALIZED_MODEL] = ArrayRecord({k: v.detach().cpu() for k, v in params.items()})
         context.state[C.MEMORY_META] = ConfigRecord({C.SERVER_ROUND: server_round})
 
-    def clear(self, context: Context) -> None:
+    def clear(self, context: Context, *, memory_key: str | None = None) -> None:
         for key in (C.PERSONALIZED_MODEL, C.MEMORY_META):
             if key in context.state:
                 del context.state[key]
 
-    def written_in_round(self, context: Context) -> int | None:
+    def written_in_round(
+        self, context: Context, *, before_round: int | None = None, memory_key: str | None = None
+    ) -> int | None:
         if C.MEMORY_META not in context.state:
             return None
-        return int(context.state[C.MEMORY_META][C.SERVER_ROUND])
+        written = int(context.state[C.MEMORY_META][C.SERVER_ROUND])
+        return None if before_round is not None and written >= before_round else written
 
 
 @dataclass(frozen=True)
@@ -204,7 +265,7 @@ def read_memory_file(
     path = Path(path)
 
     def bad(why: str) -> MemoryFileError:
-        return MemoryFileError(f"memory file {path}: {why}; delete it to start this client's memory afresh")
+        return _file_error(path, why)
 
     try:
         with warnings.catch_warnings():  # torch warns about foreign pickle protocols before refusing them
@@ -244,6 +305,10 @@ def read_memory_file(
     return MemoryFile(path, str(blob["experiment"]), int(blob["partition"]), blob["server-round"], params)
 
 
+def _file_error(path: Path, why: str) -> MemoryFileError:
+    return MemoryFileError(f"memory file {path}: {why}; delete it to start this client's memory afresh")
+
+
 def _load_error(e: Exception) -> str:
     """The informative part of a ``torch.load`` error, without torch's advice to retry with
     ``weights_only=False`` (exactly what must not be done with a foreign file)."""
@@ -268,8 +333,30 @@ def file_digest(path: Path) -> int:
     return read_memory_file(path).digest
 
 
-def write_memory_file(path: Path, experiment: str, partition: int, params: Params, server_round: int) -> None:
-    """Write u atomically: temp file in the same directory, fsync, ``os.replace``, fsync the directory."""
+def write_memory_file(
+    path: Path, experiment: str, partition: int, params: Params, server_round: int, *, sync: bool = True
+) -> None:
+    """Write u atomically: temp file in the same directory, fsync, ``os.replace``, fsync the directory.
+
+    ``sync=False`` skips both fsyncs: still atomic for a killed process (the page cache outlives it),
+    not durable across a power cut.
+    """
+    path = Path(path)
+    tmp = _write_temp(path, experiment, partition, params, server_round, sync=sync)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    if sync:
+        fsync_dir(path.parent)  # make the rename itself durable: without this a power cut can bring back the old file
+
+
+def _write_temp(path: Path, experiment: str, partition: int, params: Params, server_round: int, *, sync: bool) -> Path:
+    """Write u to a new temporary file beside ``path`` (fsynced if ``sync``) and return its path.
+
+    The temporary file is removed if writing fails; one left behind by a kill is never read.
+    """
     tensors = {k: v.detach().cpu().contiguous() for k, v in params.items()}
     blob = {
         "format": FORMAT,
@@ -287,65 +374,130 @@ def write_memory_file(path: Path, experiment: str, partition: int, params: Param
         with os.fdopen(fd, "wb") as fh:
             torch.save(blob, fh)
             fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
+            if sync:
+                os.fsync(fh.fileno())
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    # Make the rename itself durable: without this a power cut can bring back the old file.
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    return Path(tmp)
 
 
 class DiskMemory:
     """The personalized model u kept on the node's disk under ``root`` (see the module docstring).
 
     Same interface as :class:`ContextMemory`; holds no state of its own, so a fresh instance (a new
-    ClientApp process, a restarted SuperNode) sees what an earlier one saved.
+    ClientApp process, a restarted SuperNode) sees what an earlier one saved. ``memory_key`` selects
+    the directory (:func:`experiment_key`).
+
+    Two versions per partition, ``partition-<p>.pt`` (the newest) and ``partition-<p>.prev.pt`` (an
+    older one): every state :meth:`save` leaves, even half done, has ``.prev.pt`` older than ``.pt``.
+    ``load()`` returns the newest version (``.pt``, else ``.prev.pt``); ``load(before_round=r)`` the
+    one with the largest round < r, or ``None``. The files needed to decide are read and validated,
+    and a faulty one raises :class:`MemoryFileError` naming it; ``.prev.pt`` is not read when ``.pt``
+    decides. :meth:`save` in round r keeps the version with the largest round < r (the keeper) as
+    ``.prev.pt`` and the new u as ``.pt``, and removes any other: the new file is written to a temp
+    file first, then the keeper is renamed to ``.prev.pt`` if it was ``.pt``, or an abandoned
+    ``.prev.pt`` (round >= r, no keeper) is removed, then the temp file is renamed to ``.pt``. Each
+    step is atomic and the directory is fsynced after it, so a kill at any point leaves the keeper
+    loadable under one of the two names and never exposes a half-written file. ``sync=False`` skips
+    every fsync (for simulations: a killed process loses nothing, the page cache outlives it).
     """
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, *, sync: bool = True) -> None:
         self.root = Path(root)
+        self.sync = bool(sync)
 
-    def path(self, context: Context) -> Path:
-        return memory_path(self.root, experiment_key(context), partition_id(context))
+    def path(self, context: Context, *, memory_key: str | None = None, previous: bool = False) -> Path:
+        """The newest version's file, or with ``previous`` the older version's."""
+        return memory_path(self.root, experiment_key(context, memory_key), partition_id(context), previous=previous)
 
-    def _read(self, context: Context, expected: ParamSpec | None = None) -> MemoryFile | None:
-        path = self.path(context)
+    def _read(self, context: Context, memory_key: str | None, previous: bool) -> MemoryFile | None:
+        path = self.path(context, memory_key=memory_key, previous=previous)
         try:
             return read_memory_file(
-                path, experiment=experiment_key(context), partition=partition_id(context), expected=expected
+                path, experiment=experiment_key(context, memory_key), partition=partition_id(context)
             )
         except FileNotFoundError:
-            return None  # first round of this partition in this experiment
+            return None  # first round of this partition in this experiment, or no older version
 
-    def load(self, context: Context, device: torch.device, expected: ParamSpec | None = None) -> Params | None:
-        stored = self._read(context, expected)
-        return None if stored is None else {k: v.to(device) for k, v in stored.params.items()}
+    def _choose(self, context: Context, before_round: int | None, memory_key: str | None) -> MemoryFile | None:
+        """The newest version written before ``before_round`` (any round if ``None``), or ``None``."""
+        limit = None if before_round is None else operator.index(before_round)
+        for previous in (False, True):  # .prev.pt is always older than .pt: the first that fits is the newest
+            stored = self._read(context, memory_key, previous)
+            if stored is not None and (limit is None or stored.server_round < limit):
+                return stored
+        return None
 
-    def save(self, context: Context, params: Params, server_round: int) -> None:
-        write_memory_file(self.path(context), experiment_key(context), partition_id(context), params, server_round)
+    def load(
+        self,
+        context: Context,
+        device: torch.device,
+        expected: ParamSpec | None = None,
+        *,
+        before_round: int | None = None,
+        memory_key: str | None = None,
+    ) -> Params | None:
+        stored = self._choose(context, before_round, memory_key)
+        if stored is None:
+            return None
+        if expected is not None and (why := spec_mismatch(stored.params, expected)):
+            raise _file_error(stored.path, f"does not fit the model: {why}")
+        return {k: v.to(device) for k, v in stored.params.items()}
 
-    def clear(self, context: Context) -> None:
-        self.path(context).unlink(missing_ok=True)
-
-    def written_in_round(self, context: Context) -> int | None:
-        stored = self._read(context)
+    def written_in_round(
+        self, context: Context, *, before_round: int | None = None, memory_key: str | None = None
+    ) -> int | None:
+        """The round of the version :meth:`load` returns with the same keywords, or ``None``."""
+        stored = self._choose(context, before_round, memory_key)
         return None if stored is None else stored.server_round
+
+    def save(self, context: Context, params: Params, server_round: int, *, memory_key: str | None = None) -> None:
+        server_round = operator.index(server_round)
+        experiment, partition = experiment_key(context, memory_key), partition_id(context)
+        newest = self.path(context, memory_key=memory_key)
+        prev = self.path(context, memory_key=memory_key, previous=True)
+        # Which version to keep: the newest one written before server_round (see the class docstring).
+        stored = self._read(context, memory_key, previous=False)
+        if stored is not None and stored.server_round < server_round:
+            keeper = newest
+        else:
+            older = self._read(context, memory_key, previous=True)
+            keeper = prev if older is not None and older.server_round < server_round else None
+        tmp = _write_temp(newest, experiment, partition, params, server_round, sync=self.sync)
+        try:
+            if keeper == newest:
+                os.replace(newest, prev)  # drops the older version; the keeper stays loadable as .prev.pt
+                self._sync_dir(newest.parent)
+            elif keeper is None and prev.exists():
+                prev.unlink()  # an abandoned future (round >= server_round): never to be loaded again
+                self._sync_dir(newest.parent)
+            os.replace(tmp, newest)  # over an abandoned or older version, or nothing
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        self._sync_dir(newest.parent)
+
+    def clear(self, context: Context, *, memory_key: str | None = None) -> None:
+        for previous in (False, True):
+            self.path(context, memory_key=memory_key, previous=previous).unlink(missing_ok=True)
+
+    def _sync_dir(self, path: Path) -> None:
+        if self.sync:
+            fsync_dir(path)
 
 
 # --- many clients per node: a memory-mapped bank ---------------------------------------------------
 
 BANK_FORMAT = "fedmeta-memory-bank"
-BANK_VERSION = 1
+BANK_VERSION = 2
 BANK_HEADER = "header.json"
 BANK_ROWS = "rows.meta"
+BANK_SLOTS = 2
+"""Versions of u kept per client: slot s of client row i is data row ``BANK_SLOTS * i + s``."""
 
 _ROW_RECORD = np.dtype([("round", "<i8"), ("crc32", "<u8")])
-"""One record per client in ``rows.meta``: the round its u was written in (-1: no memory) and the
+"""One record per slot in ``rows.meta``: the round its u was written in (-1: no version) and the
 CRC-32 of (client id, round, row bytes). One 16-byte aligned record, so both fields sit in one sector."""
 
 _BITS = {1: np.uint8, 2: np.int16, 4: np.int32, 8: np.int64}
@@ -434,44 +586,55 @@ class MemoryBank:
     Layout of the directory ``path``::
 
         header.json   format tag, version, byte order, the client ids (row order), the parameter spec
-                      (sorted names, shapes, dtype), row length P, file names, checksum algorithm
-        u.<dtype>     (num_clients, P) raw bits in row-major order, memory-mapped; row i holds client
-                      client_ids[i], its parameters in sorted name order, each flattened
-        rows.meta     one 16-byte record per client, memory-mapped: int64 round its u was written in
-                      (-1 = no memory) and the CRC-32 of (client id, round, row bytes)
+                      (sorted names, shapes, dtype), row length P, slots per client, file names,
+                      checksum algorithm
+        u.<dtype>     (num_clients, 2, P) raw bits in row-major order, memory-mapped: row 2*i+s holds
+                      version (slot) s of client client_ids[i], its parameters in sorted name order,
+                      each flattened
+        rows.meta     (num_clients, 2) 16-byte records, memory-mapped, one per slot: int64 round its u
+                      was written in (-1 = no version) and the CRC-32 of (client id, round, row bytes)
 
     ``u.<dtype>`` is created with ``truncate``, so it is sparse: an untouched bank costs almost no
-    disk, and a row costs disk only once written. ``rows.meta`` is memory-mapped too rather than
-    rewritten whole on each save: a save touches only its clients' records, so saves of disjoint
-    clients from different processes cannot lose each other's updates, and every load reads the
-    records from the shared page cache, never a stale copy (a bank replaced by another process since
-    it was opened is detected by inode and re-opened and re-validated).
+    disk, and a row costs disk only once written. The two slots double its size (2 * num_clients *
+    P * itemsize bytes), not its disk use until both slots of a client have been written.
+    ``rows.meta`` is memory-mapped too rather than rewritten whole on each save: a save touches only
+    its clients' records, so saves of disjoint clients from different processes cannot lose each
+    other's updates, and every load reads the records from the shared page cache, never a stale copy
+    (a bank replaced by another process since it was opened is detected by inode and re-opened and
+    re-validated).
 
     A bank is created atomically (built in a temporary sibling directory, fsynced, renamed), so a
     crash never leaves a half-made bank; an orphaned ``.<name>.*.tmp`` directory is never read.
     Opening an existing directory checks the header against the client ids and spec given and
-    raises :class:`MemoryFileError` on any difference: someone else's memory is never reinitialised.
+    raises :class:`MemoryFileError` on any difference (a bank of format version 1, with one slot
+    per client, included): someone else's memory is never reinitialised.
 
-    Crash guarantees of :meth:`save` (the u of other clients is never touched):
+    Versions (see the module docstring): ``load`` returns per client the slot with the largest
+    round, or with ``before_round=r`` the largest round < r (none: round -1, zero row). ``save`` in
+    round r keeps per client the slot with the largest round < r (the keeper) and writes the new u
+    into the other slot (the target); a client without a keeper also loses the version in its other
+    slot (a round >= r from an abandoned run), so a later load can never return it.
 
-    * It writes the rows, flushes them to disk (``msync``), and only then writes the records
-      (round, checksum) and flushes those. When it returns, the new u is on disk. A record never
-      vouches for bytes that are not on disk, and a round and its checksum, sharing one aligned
-      16-byte record, land together.
-    * A crash (process killed, power cut) after the rows were written but before their records
-      leaves a row whose bytes do not match its checksum: :meth:`load` and :meth:`digests` of that
-      client raise :class:`MemoryFileError` naming it. This is detection, not rollback: u is updated
-      in place, so that client's previous u is lost; :meth:`clear` it (or save a new u) to go on.
-      A client that had no memory before the crash still has none (records with round -1 are never
-      checked, and its row is returned as zeros).
-    * ``sync=False`` skips both flushes, which on a disk are most of the cost of a save (the data
-      must reach the disk). A killed process still loses nothing: the mapping is the kernel's page
-      cache, which outlives it. After a power cut or kernel crash the last saves may be lost or half
-      on disk, in any order; the checksums still catch it: each client's row is either consistent
-      (perhaps older, as its round says) or raises the error above, never silently garbage. Meant for
-      simulation, where durability across power cuts does not matter.
+    Crash guarantees of :meth:`save` (the u of other clients, and every client's keeper, are never
+    touched):
+
+    * It marks the target records round -1 and flushes them (``msync``), then writes the target rows
+      and flushes them, and only then writes the target records (round, checksum) and flushes those.
+      When it returns, the new u is on disk. A record never vouches for bytes that are not on disk,
+      and a round and its checksum, sharing one aligned 16-byte record, land together.
+    * So a crash (process killed, power cut) at any point leaves each client's keeper intact and
+      loadable, and a target slot it tore reads as "no version" (round -1), never as a checksum
+      error: after the crash, ``load(before_round=r)`` returns what it returned before the save, and
+      re-running the save completes it.
+    * ``sync=False`` skips the flushes, which on a disk are most of the cost of a save (the data
+      must reach the disk). A killed process still loses nothing and keeps the guarantees above: the
+      mapping is the kernel's page cache, which outlives it. After a power cut or kernel crash the
+      last saves may be lost or half on disk, in any order; the checksums still catch it: each
+      version read is either consistent (perhaps older, as its round says) or raises
+      :class:`MemoryFileError` naming the client, never silently garbage. Meant for simulation, where
+      durability across power cuts does not matter.
     * CRC-32 misses a random corruption of a row with probability 2**-32; it catches every burst of
-      up to 32 bits.
+      up to 32 bits. Only the slots ``load`` chooses are verified.
 
     No locking: the bank relies on a node's messages being processed one at a time (possibly in
     different processes, which is fine: every call reads the shared files afresh). Concurrent saves
@@ -507,25 +670,33 @@ class MemoryBank:
 
     # -- public API --------------------------------------------------------------------------------
 
-    def load(self, ids: Sequence[int], device: torch.device) -> tuple[Params | None, list[int]]:
+    def load(
+        self, ids: Sequence[int], device: torch.device, *, before_round: int | None = None
+    ) -> tuple[Params | None, list[int]]:
         """The stacked u of ``ids`` and, per client, the round it was written in (-1: no memory).
 
-        u is a copy on ``device`` in the spec's dtype, ``[len(ids), *shape]`` per parameter, or
-        ``None`` if no client in ``ids`` has memory; rows of clients without memory are zeros. Raises
-        :class:`MemoryFileError` naming the clients whose stored row fails its checksum.
+        Per client the newest version, or with ``before_round`` the newest written in a round
+        < ``before_round``. u is a copy on ``device`` in the spec's dtype, ``[len(ids), *shape]`` per
+        parameter, or ``None`` if no client in ``ids`` has such a version; rows of clients without
+        one are zeros. Raises :class:`MemoryFileError` naming the clients whose chosen version fails
+        its checksum.
         """
         self._current()
         ids, rows = self._rows_of(ids)
-        records = self._records[rows]  # a copy, read now from the shared mapping
-        rounds = records["round"].tolist()
-        have = records["round"] >= 0
+        slots = _slots_of(rows)
+        records = self._records[slots]  # (b, 2) copy, read now from the shared mapping
+        pick, rounds = _newest(records["round"], before_round)
+        have = rounds >= 0
         if not have.any():
-            return None, rounds
-        order = np.argsort(rows, kind="stable")
-        block = self._data[rows[order]]  # one fancy-indexed copy, rows ascending
+            return None, rounds.tolist()
+        chosen = slots[np.arange(len(ids)), pick]
+        records = records[np.arange(len(ids)), pick]
+        records["round"] = rounds  # -1 where no version qualifies: never verified
+        order = np.argsort(chosen, kind="stable")
+        block = self._data[chosen[order]]  # one fancy-indexed copy, rows ascending
         self._verify([ids[j] for j in order], block, records[order])
         if not have.all():
-            block[~have[order]] = 0  # whatever bytes a never-completed first write left
+            block[~have[order]] = 0  # another version's bytes, or whatever a torn write left
         inverse = None if _ascending(order) else np.argsort(order)
         u = {}
         for name, shape, a, n in self._params():
@@ -535,12 +706,14 @@ class MemoryBank:
             part = np.ascontiguousarray(part) if inverse is None else part[inverse]
             t = torch.from_numpy(part).view(self._layout.dtype)
             u[name] = t.reshape(len(ids), *shape).to(device)
-        return u, rounds
+        return u, rounds.tolist()
 
     def save(self, ids: Sequence[int], u: Params, server_round: int) -> None:
         """Store the stacked u of ``ids`` (``[len(ids), *shape]`` per parameter) as written in ``server_round``.
 
-        Rows first, flushed, then their records (see the class docstring for what a crash leaves).
+        Per client into the slot that is not its keeper (the version with the largest round <
+        ``server_round``): target records to -1, target rows, target records, each flushed (see the
+        class docstring for the versions kept and what a crash leaves).
         """
         self._current()
         ids, rows = self._rows_of(ids, unique=True)
@@ -569,25 +742,41 @@ class MemoryBank:
         records = np.empty(b, dtype=_ROW_RECORD)
         records["round"] = server_round
         records["crc32"] = [_row_crc(cid, server_round, row) for cid, row in zip(ids, block)]
-        order = np.argsort(rows, kind="stable")
+
+        slots = _slots_of(rows)
+        old = self._records[slots]["round"]  # (b, 2)
+        keep, kept = _newest(old, server_round)
+        at = np.arange(b)
+        target_slot = np.where(kept >= 0, 1 - keep, 0)  # no keeper: either slot will do
+        target = slots[at, target_slot]
+        other = slots[at, 1 - target_slot]
+        # 1. No record may vouch for a target row while it is rewritten; a client without a keeper
+        #    also loses its other slot (a version of round >= server_round that an abandoned run left).
+        abandoned = (kept < 0) & (old[at, 1 - target_slot] != -1)
+        retire = np.concatenate([target[old[at, target_slot] != -1], other[abandoned]])
+        if retire.size:
+            empty = np.zeros(retire.size, dtype=_ROW_RECORD)
+            empty["round"] = -1
+            self._write_records(np.sort(retire), empty)
+        # 2. The rows, ascending (sequential writes), flushed before ...
+        order = np.argsort(target, kind="stable")
         if not _ascending(order):
-            rows, block, records = rows[order], block[order], records[order]
-        self._data[rows] = block  # rows ascending: sequential writes
-        if self.sync:
-            self._data.flush()  # the rows reach the disk before the records that vouch for them
-        self._write_records(rows, records)
+            target, block, records = target[order], block[order], records[order]
+        self._write_rows(target, block)
+        # 3. ... the records that vouch for them.
+        self._write_records(target, records)
 
     def clear(self, ids: Sequence[int]) -> None:
-        """Mark ``ids`` as having no memory (their rows' bytes are left as they are but never read)."""
+        """Mark ``ids`` as having no memory, both versions (their rows' bytes are left as they are but never read)."""
         self._current()
-        rows = np.unique(self._rows_of(ids)[1])
-        records = np.zeros(len(rows), dtype=_ROW_RECORD)
+        slots = _slots_of(np.unique(self._rows_of(ids)[1])).reshape(-1)
+        records = np.zeros(len(slots), dtype=_ROW_RECORD)
         records["round"] = -1
-        self._write_records(rows, records)
+        self._write_records(slots, records)
 
-    def digests(self, ids: Sequence[int]) -> list[int]:
-        """:func:`params_digest` of each client's stored u (as the unstacked dict), or -1 if it has none."""
-        u, rounds = self.load(ids, torch.device("cpu"))
+    def digests(self, ids: Sequence[int], *, before_round: int | None = None) -> list[int]:
+        """:func:`params_digest` of each client's u that :meth:`load` returns (as the unstacked dict), or -1 if none."""
+        u, rounds = self.load(ids, torch.device("cpu"), before_round=before_round)
         return [-1 if r < 0 else params_digest({k: v[i] for k, v in u.items()}) for i, r in enumerate(rounds)]
 
     def close(self) -> None:
@@ -619,6 +808,7 @@ class MemoryBank:
             "client_ids": list(self.client_ids),
             "params": layout.params(),
             "row_length": layout.length,
+            "slots": BANK_SLOTS,
             "data_file": layout.data_file,
             "rows_file": BANK_ROWS,
             "rows_record": [[name, _ROW_RECORD[name].str] for name in _ROW_RECORD.names],
@@ -626,7 +816,7 @@ class MemoryBank:
         }
 
     def _sizes(self) -> dict[str, int]:
-        n, layout = len(self.client_ids), self._layout
+        n, layout = len(self.client_ids) * BANK_SLOTS, self._layout
         return {layout.data_file: n * layout.length * layout.dtype.itemsize, BANK_ROWS: n * _ROW_RECORD.itemsize}
 
     def _create(self) -> None:
@@ -639,7 +829,7 @@ class MemoryBank:
             with open(tmp / self._layout.data_file, "wb") as fh:
                 fh.truncate(sizes[self._layout.data_file])  # sparse: no blocks until a row is written
                 os.fsync(fh.fileno())
-            records = np.zeros(len(self.client_ids), dtype=_ROW_RECORD)
+            records = np.zeros(len(self.client_ids) * BANK_SLOTS, dtype=_ROW_RECORD)
             records["round"] = -1
             with open(tmp / BANK_ROWS, "wb") as fh:
                 fh.write(records.tobytes())
@@ -648,7 +838,7 @@ class MemoryBank:
                 json.dump(self._header(), fh)
                 fh.flush()
                 os.fsync(fh.fileno())
-            _fsync_dir(tmp)
+            fsync_dir(tmp)
             try:
                 os.rename(tmp, self.path)  # replaces an empty directory; fails on a non-empty one
             except OSError:
@@ -656,7 +846,7 @@ class MemoryBank:
                     raise
                 shutil.rmtree(tmp, ignore_errors=True)  # another process created it first: open that
                 return
-            _fsync_dir(parent)
+            fsync_dir(parent)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -690,7 +880,7 @@ class MemoryBank:
             raise bad(self._ids_mismatch(found.get("client_ids")))
         if found.get("params") != want["params"]:
             raise bad(self._params_mismatch(found.get("params")))
-        for key in ("row_length", "data_file", "rows_file", "rows_record", "checksum"):
+        for key in ("row_length", "slots", "data_file", "rows_file", "rows_record", "checksum"):
             if found.get(key) != want[key]:
                 raise bad(f"header field {key!r} is {found.get(key)!r}, expected {want[key]!r}")
         for name, size in self._sizes().items():
@@ -700,7 +890,7 @@ class MemoryBank:
                 raise bad(f"{name} is missing") from None
             if got != size:  # checked before mapping: numpy would extend a short file, the kernel SIGBUS past its end
                 raise bad(f"{name} has {got} bytes, expected {size} (truncated or foreign)")
-        layout, n = self._layout, len(self.client_ids)
+        layout, n = self._layout, len(self.client_ids) * BANK_SLOTS
         self._data = np.memmap(
             path / layout.data_file, dtype=_BITS[layout.dtype.itemsize], mode="r+", shape=(n, layout.length)
         )
@@ -789,19 +979,51 @@ class MemoryBank:
                 f"not complete, or corrupted on disk); clear it to start that memory afresh"
             )
 
+    def _write_rows(self, rows: np.ndarray, block: np.ndarray) -> None:
+        """Write ``block[j]`` to data row ``rows[j]`` through a file descriptor (the mapping sees it: one
+        page cache), then ``fdatasync`` if ``sync``. ``pwrite`` rather than stores into the mapping: a
+        store faults each page in first, and the fault's readahead of a sparse file's holes (the
+        neighbouring slot) made saving new clients' rows several times slower; a full disk is then
+        an ``OSError``, not a SIGBUS."""
+        fd = os.open(self.path / self._layout.data_file, os.O_WRONLY)
+        try:
+            st = os.fstat(fd)
+            if (st.st_dev, st.st_ino, st.st_size) != self._identity[0]:
+                raise MemoryFileError(f"memory bank {self.path}: its files were replaced while saving")
+            nbytes = block.shape[1] * block.itemsize
+            for r, row in zip(rows.tolist(), block):
+                view, offset = memoryview(row).cast("B"), r * nbytes
+                while view:
+                    n = os.pwrite(fd, view, offset)
+                    if n <= 0:
+                        raise OSError(f"memory bank {self.path}: pwrite wrote nothing at offset {offset}")
+                    view, offset = view[n:], offset + n
+            if self.sync:
+                os.fdatasync(fd)  # the rows reach the disk before the records that vouch for them
+        finally:
+            os.close(fd)
+
     def _write_records(self, rows: np.ndarray, records: np.ndarray) -> None:
         self._records[rows] = records
         if self.sync:
             self._records.flush()
 
 
+def _slots_of(rows: np.ndarray) -> np.ndarray:
+    """``(len(rows), BANK_SLOTS)``: the data rows (and record indices) of the slots of each client row."""
+    return rows[:, None] * BANK_SLOTS + np.arange(BANK_SLOTS)
+
+
+def _newest(rounds: np.ndarray, before_round: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """Per client (row of ``rounds``, one column per slot): the slot with the largest round >= 0 and
+    < ``before_round`` (any round if ``None``), and that round; round -1 (slot 0) if none qualifies."""
+    ok = rounds >= 0
+    if before_round is not None:
+        ok &= rounds < operator.index(before_round)
+    masked = np.where(ok, rounds, -1)
+    pick = masked.argmax(axis=1)
+    return pick, masked[np.arange(len(rounds)), pick]
+
+
 def _ascending(order: np.ndarray) -> bool:
     return bool(np.all(order[:-1] < order[1:]))
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -56,6 +56,7 @@ CLIENT_IDS = "client-ids"  # train/evaluate config (multi-client nodes): the nod
 NUM_CLIENTS = "num-clients"  # query config: the number of clients n, so a node can tell which clients it hosts
 WEIGHTING = "weighting"  # train config (multi-client nodes): how the node averages its clients' models
 NUM_DIVERGED = "num-diverged"  # reply (multi-client nodes): clients left out because their training diverged
+MEMORY_KEY = "memory-key"  # train config (server checkpoints): key the memory u by this name, load the version from before this round
 PER_CLIENT = "per-client-"  # reply prefix (multi-client nodes): per-client lists aligned with client-ids
 
 # --- node-config keys (SuperNode --node-config) -----------------------------------------------

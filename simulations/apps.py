@@ -55,15 +55,19 @@ def run_server(grid: Grid, cfg: ExperimentConfig) -> dict[str, Any]:
         grid=grid,
         initial_arrays=ArrayRecord(initial_model(cfg).state_dict()),
         num_rounds=cfg.num_rounds,
+        timeout=cfg.round_timeout,
         train_config=ConfigRecord({}),
         evaluate_config=ConfigRecord({}),
+        checkpoint_dir=cfg.checkpoint_path,
+        resume=cfg.resume,
+        run_info=cfg.fingerprint(),
     )
     seconds = time.perf_counter() - t0
     evals = {r: _scalars(m) for r, m in result.evaluate_metrics_clientapp.items()}
     last = max(evals) if evals else None
     results = {
         "config": cfg.to_dict(),
-        "seconds": seconds,
+        "seconds": seconds,  # of this process (a resumed run: since the resume)
         "round_seconds": strategy.round_seconds,
         "train": {r: _scalars(m) for r, m in result.train_metrics_clientapp.items()},
         "evaluate": evals,
@@ -74,10 +78,12 @@ def run_server(grid: Grid, cfg: ExperimentConfig) -> dict[str, Any]:
         "clients": strategy.client_eval.get(last, {}) if last else {},
         "final": evals[last] if last else {},
         "final_round": last,
+        "checkpoint": str(cfg.checkpoint_path) if cfg.checkpoint_path else None,
+        "resumed_from": strategy.resumed_from,
     }
     out = Path(cfg.results_dir)
     out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"{cfg.algorithm}-{cfg.dataset}-n{cfg.num_clients}-seed{cfg.seed}"
+    stem = out / cfg.stem
     path = stem.with_suffix(".json")
     path.write_text(json.dumps(results, indent=1, default=str))
     write_client_csv(stem.with_suffix(".csv"), strategy)

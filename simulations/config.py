@@ -12,6 +12,7 @@ import difflib
 import math
 import numbers
 from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
@@ -120,11 +121,21 @@ class ExperimentConfig:
     vectorize: str = "auto"
     """Multi-client nodes: ``auto`` (vmap, loop where vmap cannot), ``vmap`` or ``loop``."""
     memory_dir: str = ""
-    """Multi-client nodes: directory of the clients' memory banks; empty: a temporary directory per run."""
+    """Directory of the clients' memories (memory banks on multi-client nodes, a file per client otherwise);
+    empty: ``<checkpoint-dir>/memory`` when checkpointing, else a temporary directory per run on
+    multi-client nodes and ``context.state`` on single-client nodes."""
     max_update_norm_ratio: float = 0.0
     """Update screening: reject a reply whose update norm exceeds this many times the round's median; 0: off."""
     min_valid_replies: int = 1
     """Keep the previous global model when fewer valid train replies remain in a round."""
+    round_timeout: float = 3600.0
+    """Seconds to wait for a round's replies; nodes that have not replied are counted in ``num-missing``."""
+    checkpoint: bool = True
+    """Write a checkpoint (model, round, history) after every round to ``checkpoint-dir``."""
+    checkpoint_dir: str = ""
+    """Where the checkpoint goes; empty: ``<results-dir>/checkpoints/<algorithm>-<dataset>-n<num-clients>-seed<seed>``."""
+    resume: bool = False
+    """Continue the run in ``checkpoint-dir`` from its last completed round (same settings; ``num-rounds`` may grow)."""
 
     def __post_init__(self) -> None:
         """Validate every field before any work starts: one ``ValueError`` naming the key (kebab-case),
@@ -176,6 +187,8 @@ class ExperimentConfig:
                 if getattr(self, name) < self.classes_per_client:
                     raise _bad(name, f"an integer >= classes-per-client={self.classes_per_client} (pathological partition)",
                                getattr(self, name))
+        if self.resume and not self.checkpoint:
+            raise _bad("resume", "false when checkpoint is false (there is no checkpoint to resume from)", self.resume)
         if self.algorithm != C.FEDAVG and self.vectorize == "vmap" and self.meta_gradient not in VMAP_ESTIMATORS:
             raise _bad("vectorize", f"'auto' or 'loop' with meta-gradient={self.meta_gradient!r} ('vmap' supports "
                                     f"meta-gradient in {list(VMAP_ESTIMATORS)})", self.vectorize)
@@ -225,6 +238,23 @@ class ExperimentConfig:
     def num_supernodes(self) -> int:
         """Simulated SuperNodes: ``num_nodes``, or one per client."""
         return self.num_nodes or self.num_partitions
+
+    @property
+    def stem(self) -> str:
+        """The experiment's file name stem: ``<algorithm>-<dataset>-n<num-clients>-seed<seed>``."""
+        return f"{self.algorithm}-{self.dataset}-n{self.num_clients}-seed{self.seed}"
+
+    @property
+    def checkpoint_path(self) -> Path | None:
+        """The checkpoint directory, or ``None`` when the run does not checkpoint."""
+        if not self.checkpoint:
+            return None
+        return Path(self.checkpoint_dir) if self.checkpoint_dir else Path(self.results_dir) / "checkpoints" / self.stem
+
+    def fingerprint(self) -> dict[str, Any]:
+        """The settings a resumed run must share with its checkpoint: all but where files go, the
+        number of rounds (a resumed run may extend it), the timeout and Ray's resources."""
+        return {k: v for k, v in self.to_dict().items() if k not in _NOT_IN_FINGERPRINT}
 
     @property
     def eval_setting(self) -> tuple[int, int]:
@@ -282,6 +312,10 @@ class ExperimentConfig:
             min_valid_replies=self.min_valid_replies,
             **hp,
         )
+
+
+_NOT_IN_FINGERPRINT = frozenset({"num-rounds", "results-dir", "data-dir", "download", "memory-dir", "checkpoint", "checkpoint-dir",
+                                  "resume", "round-timeout", "num-cpus", "num-gpus"})
 
 
 def _kebab(name: str) -> str:
@@ -423,6 +457,7 @@ _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "chunk_size": _at_least(1),
     "max_update_norm_ratio": ((lambda v: v == 0 or v > 1), "0 (off) or a finite number > 1"),
     "min_valid_replies": _at_least(1),
+    "round_timeout": _POSITIVE,
 }
 """Each field's own range (every field with one; the others are strings or booleans)."""
 

@@ -5,6 +5,10 @@ and Per-FedAvg on the Fallah split of Fashion-MNIST, 50 virtual clients, B = 10 
 K = 5, exact Hessian, and prints a comparison table. Every field of
 :class:`~fedmeta.simulations.config.ExperimentConfig` is a flag (``--num-rounds 100``);
 ``--algorithms per-fedavg`` runs one algorithm.
+
+Each run writes a checkpoint after every round (``<results-dir>/checkpoints/<run>``, see
+:mod:`fedmeta.strategies.checkpoint`); after a crash or kill, the same command with ``--resume``
+continues from the last completed round and ends with the model an uninterrupted run would have.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import argparse
 import contextlib
 import logging
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -21,6 +26,7 @@ from typing import Any, Sequence
 
 from fedmeta import config as C
 from fedmeta.simulations.config import ExperimentConfig, parse_cli
+from fedmeta.strategies.checkpoint import CheckpointError, check_can_start
 
 logger = logging.getLogger("fedmeta")
 
@@ -33,7 +39,14 @@ def simulate(cfg: ExperimentConfig, *, verbose: bool = False) -> dict[str, Any]:
     box: dict[str, Any] = {}
     with contextlib.ExitStack() as stack:
         client_cfg = cfg
-        if cfg.num_nodes and not cfg.memory_dir:  # multi-client nodes: memory banks for this run only
+        ckpt = cfg.checkpoint_path
+        if ckpt is not None:
+            check_can_start(ckpt, cfg.resume)  # before any work: resume needs a checkpoint, a fresh run a free directory
+            if not cfg.memory_dir:  # the clients' memories live beside the checkpoint, so a resumed run finds them
+                if not cfg.resume:
+                    shutil.rmtree(ckpt / "memory", ignore_errors=True)  # a finished earlier run's
+                client_cfg = cfg.replace(memory_dir=str(ckpt / "memory"))
+        elif cfg.num_nodes and not cfg.memory_dir:  # multi-client nodes: memory banks for this run only
             client_cfg = cfg.replace(memory_dir=stack.enter_context(tempfile.TemporaryDirectory(prefix="fedmeta-memory-")))
         _run(cfg, client_cfg, box, verbose)
     if not box:
@@ -72,8 +85,11 @@ def _parser() -> argparse.ArgumentParser:
     for f in fields(ExperimentConfig):
         if f.name == "algorithm":
             continue
-        p.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, default=None, metavar=type(getattr(defaults, f.name)).__name__.upper(),
-                       help=f"(default: {getattr(defaults, f.name)!r})")
+        flag, default = f"--{f.name.replace('_', '-')}", getattr(defaults, f.name)
+        if isinstance(default, bool):  # --resume alone means --resume true
+            p.add_argument(flag, dest=f.name, default=None, nargs="?", const="true", metavar="BOOL", help=f"(default: {str(default).lower()})")
+        else:
+            p.add_argument(flag, dest=f.name, default=None, metavar=type(default).__name__.upper(), help=f"(default: {default!r})")
     return p
 
 
@@ -111,6 +127,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not configs:
         print("fedmeta-sim: error: --algorithms is empty", file=sys.stderr)
         return 2
+    for cfg in configs:  # every run's checkpoint, before the first run starts
+        try:
+            if cfg.checkpoint_path is not None:
+                check_can_start(cfg.checkpoint_path, cfg.resume)
+        except CheckpointError as err:
+            print(f"fedmeta-sim: error: {err}", file=sys.stderr)
+            return 2
     logging.basicConfig(format="%(asctime)s %(message)s", datefmt="%H:%M:%S", level=logging.WARNING, stream=sys.stdout)
     logger.setLevel(logging.INFO)
     rows = []

@@ -4,13 +4,15 @@ uniform average, and personalized-evaluation aggregation (including held-out new
 
 from __future__ import annotations
 
+import io
 import logging
 import math
 import statistics
 import time
 from dataclasses import dataclass, field
 from logging import INFO
-from typing import Any, ClassVar, Iterable
+from pathlib import Path
+from typing import Any, Callable, ClassVar, Iterable, Mapping
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.common.constant import ErrorCode
@@ -18,14 +20,17 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg as FlowerFedAvg
 from flwr.serverapp.strategy import Result
+from flwr.serverapp.strategy.strategy_utils import log_strategy_start_info
 
 from fedmeta import config as C
 from fedmeta.config import EvalConfig, field_names
+from fedmeta.strategies.checkpoint import CheckpointDir, CheckpointError, check_can_start, fingerprint_mismatch, new_memory_key
 from fedmeta.strategies.validation import check_strategy_kwargs
 from fedmeta.strategies.aggregation import average_arrays, average_metrics, distribution, sample_grouped, sample_partitions
 from fedmeta.strategies.screening import (
     KEPT_GLOBAL_MODEL,
     NUM_ACCEPTED,
+    NUM_MISSING,
     NUM_REJECTED,
     NUM_REJECTED_CLIENTS,
     norm_outliers,
@@ -131,10 +136,15 @@ class MetaStrategy(FlowerFedAvg):
     out of the average and logged (logger ``fedmeta``, warning, with node id and reason). The
     round's train metrics add ``num-accepted`` (replies averaged), ``num-rejected`` (replies
     rejected), ``num-rejected-clients`` (the clients sent to their nodes) and ``kept-global-model``
-    next to ``num-clients`` (clients averaged) and ``num-failures`` (error replies); each rejection
-    is kept in :attr:`rejections`. A round whose replies are all errors returns no metrics either
-    (as Flower's ``FedAvg`` does). Evaluate replies are screened the same way, without arrays, and
-    the evaluation metrics add ``num-rejected``.
+    next to ``num-clients`` (clients averaged), ``num-failures`` (error replies: an exception or
+    out-of-memory in the ClientApp) and ``num-missing`` (nodes with no reply before the round's
+    ``timeout``); each rejection is kept in :attr:`rejections`. A round without a valid reply still
+    reports these counts, with ``kept-global-model`` = 1. Replies are averaged in client order, not
+    arrival order, so the result does not depend on timing. Evaluate replies are screened the same
+    way, without arrays, and the evaluation metrics add ``num-rejected`` and ``num-missing``.
+
+    Checkpoints. :meth:`start` runs Flower's round loop and, given ``checkpoint_dir``, writes a
+    checkpoint after every round and can resume from it (:mod:`fedmeta.strategies.checkpoint`).
     """
 
     hparams_cls: ClassVar[type]
@@ -224,6 +234,10 @@ class MetaStrategy(FlowerFedAvg):
         self.rejections: dict[int, list[dict[str, Any]]] = {}
         """Per round with rejections: one ``{"stage": "train" | "evaluate", "node": id, "clients":
         [the clients sent to it], "reason": str}`` per reply left out by screening."""
+        self.memory_key: str | None = None
+        self.resumed_from: int | None = None
+        """The checkpoint's round a resumed run continued from (``None``: not resumed)."""
+        """Sent under ``memory-key`` when the run checkpoints (see :mod:`fedmeta.strategies.checkpoint`)."""
         self._round_started = 0.0
         self._sent_train: dict[int, SentRound] = {}
         self._sent_evaluate: dict[int, SentRound] = {}
@@ -253,9 +267,171 @@ class MetaStrategy(FlowerFedAvg):
             self.max_update_norm_ratio, self.min_valid_replies)
         super().summary()
 
-    def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3, **kwargs: Any) -> Result:
+    def fingerprint(self) -> dict[str, Any]:
+        """The settings a checkpoint must share with the run that resumes it (everything that
+        changes what a round computes; not ``num_rounds``, which a resumed run may extend)."""
+        return {
+            "strategy": type(self).__name__,
+            "hparams": self.hparams.to_wire(),
+            "evaluation": self.eval_config.to_wire(),
+            "num_clients": self.num_clients,
+            "num_nodes": self.num_nodes,
+            "clients_per_round": self.clients_per_round,
+            "sampling_groups": self.sampling_groups,
+            "new_clients": list(self.new_clients),
+            "seed": self.seed,
+            "weighting": self.weighting,
+            "evaluate_every": self.evaluate_every,
+            "max_update_norm_ratio": self.max_update_norm_ratio,
+            "min_valid_replies": self.min_valid_replies,
+        }
+
+    def start(
+        self,
+        grid: Grid,
+        initial_arrays: ArrayRecord,
+        num_rounds: int = 3,
+        timeout: float = 3600,
+        train_config: ConfigRecord | None = None,
+        evaluate_config: ConfigRecord | None = None,
+        evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
+        *,
+        checkpoint_dir: str | Path | None = None,
+        resume: bool = False,
+        run_info: Mapping[str, Any] | None = None,
+        checkpoint_sync: bool = True,
+    ) -> Result:
+        """Flower's round loop (``Strategy.start``: train, evaluate, optional server-side
+        ``evaluate_fn``, per round), with a checkpoint after every round and resume.
+
+        Parameters
+        ----------
+        timeout
+            Seconds to wait for a round's replies (Flower's ``send_and_receive``). A node that has not
+            replied by then is counted in the round's ``num-missing`` and left out.
+        checkpoint_dir
+            Write a checkpoint (:mod:`fedmeta.strategies.checkpoint`) there after round 0 (the initial
+            model) and after every round. A fresh run refuses a directory that holds an unfinished run.
+        resume
+            Continue the run in ``checkpoint_dir`` from its last completed round k: the model, the
+            history (:attr:`client_train`, :attr:`client_eval`, :attr:`round_seconds`,
+            :attr:`rejections` and the returned ``Result``'s metrics of rounds 1..k) and the memory
+            key are restored and rounds k+1..``num_rounds`` run. ``initial_arrays`` is then unused.
+            The checkpoint's :meth:`fingerprint` (and ``run_info``) must equal this run's; on CPU
+            with the same seed the final model equals an uninterrupted run's, bit for bit.
+        run_info
+            Further settings the resumed run must share (e.g. the experiment's data configuration).
+        checkpoint_sync
+            fsync each checkpoint (``False``: a killed process loses nothing, a power cut may).
+        """
+        ok = isinstance(num_rounds, int) and not isinstance(num_rounds, bool) and num_rounds >= 1
+        _require("num_rounds", ok, "an integer >= 1", num_rounds)
+        _require("resume", not resume or checkpoint_dir is not None, "False without a checkpoint_dir", resume)
         self.num_rounds = num_rounds
-        return super().start(grid, initial_arrays, num_rounds, **kwargs)
+        train_config = ConfigRecord() if train_config is None else train_config
+        evaluate_config = ConfigRecord() if evaluate_config is None else evaluate_config
+        result = Result()
+        arrays, first = initial_arrays, 1
+        ckpt = None
+        if checkpoint_dir is not None:  # checked before any message is sent
+            ckpt = CheckpointDir(checkpoint_dir, sync=checkpoint_sync)
+            fingerprint = {**self.fingerprint(), **({"run": dict(run_info)} if run_info else {})}
+            state = check_can_start(ckpt.path, resume)
+            if state is None:
+                self.memory_key = new_memory_key()
+                ckpt.begin(arrays, num_rounds=num_rounds, memory_key=self.memory_key, fingerprint=fingerprint)
+            else:
+                if why := fingerprint_mismatch(state.fingerprint, fingerprint):
+                    raise CheckpointError(f"checkpoint {ckpt.path} is from a run with other settings ({why}): "
+                                          f"resume with the same settings, or start afresh in another checkpoint-dir")
+                _require("num_rounds", num_rounds >= state.round,
+                         f">= the checkpoint's completed rounds ({state.round}) when resuming", num_rounds)
+                self.memory_key = state.memory_key
+                self.resumed_from = state.round
+                arrays, first = state.arrays, state.round + 1
+                if state.round:
+                    result.arrays = arrays
+                self._restore(state.history, result)
+                ckpt.begin(arrays, num_rounds=num_rounds, memory_key=self.memory_key, fingerprint=fingerprint,
+                           history=state.history, at_round=state.round)
+                log(INFO, "Resuming from the checkpoint after round %d of %d in %s", state.round, num_rounds, ckpt.path)
+
+        log(INFO, "Starting %s strategy:", self.__class__.__name__)
+        log_strategy_start_info(num_rounds, arrays, train_config, evaluate_config)
+        self.summary()
+        log(INFO, "")
+        t_start = time.time()
+        if evaluate_fn and first == 1:
+            res = evaluate_fn(0, arrays)
+            log(INFO, "Initial global evaluation results: %s", res)
+            if res is not None:
+                result.evaluate_metrics_serverapp[0] = res
+
+        for current_round in range(first, num_rounds + 1):
+            log(INFO, "")
+            log(INFO, "[ROUND %s/%s]", current_round, num_rounds)
+            replies = grid.send_and_receive(messages=self.configure_train(current_round, arrays, train_config, grid), timeout=timeout)
+            agg_arrays, agg_train_metrics = self.aggregate_train(current_round, replies)
+            if agg_arrays is not None:
+                result.arrays = arrays = agg_arrays
+            if agg_train_metrics is not None:
+                log(INFO, "\t└──> Aggregated MetricRecord: %s", agg_train_metrics)
+                result.train_metrics_clientapp[current_round] = agg_train_metrics
+            replies = grid.send_and_receive(messages=self.configure_evaluate(current_round, arrays, evaluate_config, grid), timeout=timeout)
+            agg_evaluate_metrics = self.aggregate_evaluate(current_round, replies)
+            if agg_evaluate_metrics is not None:
+                log(INFO, "\t└──> Aggregated MetricRecord: %s", agg_evaluate_metrics)
+                result.evaluate_metrics_clientapp[current_round] = agg_evaluate_metrics
+            if evaluate_fn:
+                log(INFO, "Global evaluation")
+                res = evaluate_fn(current_round, arrays)
+                log(INFO, "\t└──> MetricRecord: %s", res)
+                if res is not None:
+                    result.evaluate_metrics_serverapp[current_round] = res
+            if ckpt is not None:
+                ckpt.commit(current_round, arrays, self._history_entry(current_round, result))
+
+        log(INFO, "")
+        log(INFO, "Strategy execution finished in %.2fs", time.time() - t_start)
+        log(INFO, "")
+        log(INFO, "Final results:")
+        log(INFO, "")
+        for line in io.StringIO(str(result)):
+            log(INFO, "\t%s", line.strip("\n"))
+        log(INFO, "")
+        return result
+
+    def _history_entry(self, server_round: int, result: Result) -> dict[str, Any]:
+        """Round ``server_round``'s line in the checkpoint history (see :meth:`_restore`)."""
+
+        def plain(record: MetricRecord | None) -> dict[str, Any] | None:
+            return None if record is None else dict(record)
+
+        return {
+            "train": plain(result.train_metrics_clientapp.get(server_round)),
+            "evaluate": plain(result.evaluate_metrics_clientapp.get(server_round)),
+            "serverapp": plain(result.evaluate_metrics_serverapp.get(server_round)),
+            "client_train": self.client_train.get(server_round),
+            "client_eval": self.client_eval.get(server_round),
+            "round_seconds": self.round_seconds.get(server_round),
+            "rejections": self.rejections.get(server_round),
+        }
+
+    def _restore(self, history: list[dict[str, Any]], result: Result) -> None:
+        """Put the checkpointed history of rounds 1..k back into the strategy and ``result``."""
+        for entry in history:
+            r = int(entry["round"])
+            for key, into in (("train", result.train_metrics_clientapp), ("evaluate", result.evaluate_metrics_clientapp),
+                              ("serverapp", result.evaluate_metrics_serverapp)):
+                if entry.get(key) is not None:
+                    into[r] = MetricRecord(entry[key])
+            for key, into in (("client_train", self.client_train), ("client_eval", self.client_eval)):
+                if entry.get(key) is not None:
+                    into[r] = {int(c): m for c, m in entry[key].items()}
+            if entry.get("round_seconds") is not None:
+                self.round_seconds[r] = float(entry["round_seconds"])
+            if entry.get("rejections"):
+                self.rejections[r] = list(entry["rejections"])
 
     # --- sampling by partition -----------------------------------------------------------------
     def partition_nodes(self, grid: Grid) -> dict[int, int]:
@@ -356,6 +532,7 @@ class MetaStrategy(FlowerFedAvg):
                 C.ALGORITHM: self.hparams.algorithm,
                 C.SEED: self.seed,
                 C.SERVER_ROUND: server_round,
+                **({C.MEMORY_KEY: self.memory_key} if self.memory_key else {}),
             }
         )
 
@@ -452,25 +629,40 @@ class MetaStrategy(FlowerFedAvg):
             self.rejections.setdefault(server_round, []).extend(rejected)
         return [m for i, m in enumerate(candidates) if i not in reasons], rejected
 
+    @staticmethod
+    def _missing(server_round: int, stage: str, replies: list[Message], sent: SentRound) -> int:
+        """Nodes sent a message this round that did not reply before the round's timeout (logged)."""
+        replied = {m.metadata.src_node_id for m in replies}
+        missing = sorted(set(sent.clients) - replied)
+        if missing:
+            logger.warning("round %d: %d nodes did not reply to %s before the timeout (clients %s)", server_round, len(missing),
+                           stage, sorted(c for n in missing for c in sent.clients[n])[:20])
+        return len(missing)
+
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
         sent = self._sent_train.get(server_round, SentRound(None))
         errors = [m for m in replies if m.has_error()]
         accepted, rejected = self._screen(server_round, "train", [m for m in replies if not m.has_error()], sent)
+        # Average in client order, not arrival order: the float sum is then the same in every run.
+        accepted.sort(key=lambda m: min(sent.clients.get(m.metadata.src_node_id, (math.inf,))))
         # Flower's log of results and errors; its consistency check is screening's job (it raises).
         self._check_and_log_replies(accepted + errors, is_train=True, validate=False)
         self.round_seconds[server_round] = time.perf_counter() - self._round_started
+        missing = self._missing(server_round, "train", replies, sent)
         counts: dict[str, int] = {
             "num-failures": len(errors),
+            NUM_MISSING: missing,
             NUM_ACCEPTED: len(accepted),
             NUM_REJECTED: len(rejected),
             NUM_REJECTED_CLIENTS: sum(len(r["clients"]) for r in rejected),
         }
         if len(accepted) < self.min_valid_replies:
             logger.warning("round %d: %d valid replies < min_valid_replies=%d; keeping the previous global model "
-                           "(%d failures, %d rejected)", server_round, len(accepted), self.min_valid_replies, len(errors), len(rejected))
-            if not rejected and not accepted:
-                return None, None  # only error replies: nothing to report beyond Flower's failure log
+                           "(%d failures, %d missing, %d rejected)", server_round, len(accepted), self.min_valid_replies,
+                           len(errors), missing, len(rejected))
+            if not sent.clients and not replies:
+                return None, None  # nothing was sent
             return None, MetricRecord({"num-clients": 0, **counts, KEPT_GLOBAL_MODEL: 1})
         array_records = [next(iter(m.content.array_records.values())) for m in accepted]
         rows_per_reply = [self._reply_rows(m, sent) for m in accepted]
@@ -526,6 +718,7 @@ class MetaStrategy(FlowerFedAvg):
         errors = [m for m in replies if m.has_error()]
         valid, rejected = self._screen(server_round, "evaluate", [m for m in replies if not m.has_error()], sent)
         self._check_and_log_replies(valid + errors, is_train=False, validate=False)
+        missing = self._missing(server_round, "evaluate", replies, sent)
         if not valid:
             if rejected:
                 logger.warning("round %d: no valid evaluate replies (%d failures, %d rejected)", server_round, len(errors), len(rejected))
@@ -534,10 +727,11 @@ class MetaStrategy(FlowerFedAvg):
         for m in valid:
             for rec in self._reply_rows(m, sent):
                 per_client[int(rec[C.PARTITION_ID])] = {k: float(rec[k]) for k in EVAL_KEYS if k in rec}
-        self.client_eval[server_round] = dict(sorted(per_client.items()))
+        per_client = dict(sorted(per_client.items()))  # client order, not arrival order: the same float sums every run
+        self.client_eval[server_round] = per_client
         new = set(self.new_clients)
         out: dict[str, float | int] = {"num-clients": sum(p not in new for p in per_client), "num-failures": len(errors),
-                                       NUM_REJECTED: len(rejected)}
+                                       NUM_MISSING: missing, NUM_REJECTED: len(rejected)}
         out.update(summarize(v for p, v in per_client.items() if p not in new))
         if new:
             out["new-num-clients"] = sum(p in new for p in per_client)

@@ -26,6 +26,7 @@ NUM_REJECTED = "num-rejected"
 NUM_REJECTED_CLIENTS = "num-rejected-clients"
 """Round metric: clients the strategy sent to the nodes whose replies were rejected."""
 NUM_ACCEPTED = "num-accepted"
+NUM_MISSING = "num-missing"  # nodes sent a message that did not reply before the round timeout
 """Round metric: replies that passed screening."""
 KEPT_GLOBAL_MODEL = "kept-global-model"
 """Round metric: 1 when too few replies passed screening and the previous global model is kept, else 0."""

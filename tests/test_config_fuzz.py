@@ -70,13 +70,14 @@ INT_MIN = {  # each integer field's own lower bound
 FLOAT_RANGE = {  # field: (low, low allowed, high or None)
     "dirichlet_alpha": (0.0, False, None), "inner_lr": (0.0, True, None), "meta_lr": (0.0, False, None),
     "lr": (0.0, False, None), "momentum": (0.0, False, 1.0), "delta": (0.0, False, None),
-    "num_cpus": (0.0, False, None), "num_gpus": (0.0, True, None),
+    "num_cpus": (0.0, False, None), "num_gpus": (0.0, True, None), "round_timeout": (0.0, False, None),
 }
-FREE_STRINGS = ("data_dir", "results_dir", "memory_dir")
+FREE_STRINGS = ("data_dir", "results_dir", "memory_dir", "checkpoint_dir")
 
 
 def test_the_tables_cover_every_field():
-    covered = set(CHOICES) | set(INT_MIN) | set(FLOAT_RANGE) | set(FREE_STRINGS) | {"a_test", "download", "device", "max_update_norm_ratio"}
+    covered = set(CHOICES) | set(INT_MIN) | set(FLOAT_RANGE) | set(FREE_STRINGS) | {"a_test", "download", "device", "max_update_norm_ratio",
+                                                                                      "checkpoint", "resume"}
     assert covered == set(FIELDS)
 
 
@@ -117,7 +118,8 @@ def valid_configs(draw) -> dict[str, Any]:
         num_nodes=draw(st.integers(0, n + new)), chunk_size=draw(st.integers(1, 10**4)),
         vectorize=draw(st.sampled_from(VECTORIZE if vmap_ok else ("auto", "loop"))),
         memory_dir=draw(st.sampled_from(["", "/tmp/m"])), max_update_norm_ratio=draw(st.sampled_from([0.0, 1.5, 10.0])),
-        min_valid_replies=1,
+        min_valid_replies=1, round_timeout=draw(st.floats(1e-3, 1e6)), checkpoint=(ckpt := draw(st.booleans())),
+        checkpoint_dir=draw(st.sampled_from(["", "/tmp/c"])), resume=ckpt and draw(st.booleans()),
     )  # fmt: skip
 
 

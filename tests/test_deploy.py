@@ -190,8 +190,8 @@ def test_two_supernodes_hosting_six_clients_match_simulation(tmp_path):
     for rnd in ("1", "2"):
         assert deployed["train"][rnd]["num-clients"] == 6 and deployed["train"][rnd]["num-failures"] == 0
     assert all(m[C.MEMORY_ROUND] == 1 for m in deployed["client_train"]["2"].values())
-    banks = sorted(p.parent.name for p in dep.memory_dir(0).glob("run-*/node-*/header.json"))
-    banks += sorted(p.parent.name for p in dep.memory_dir(1).glob("run-*/node-*/header.json"))
+    banks = sorted(p.parent.name for p in dep.memory_dir(0).glob("experiment-resume-*/node-*/header.json"))
+    banks += sorted(p.parent.name for p in dep.memory_dir(1).glob("experiment-resume-*/node-*/header.json"))
     assert banks == ["node-0-of-2", "node-1-of-2"]
 
     cfg = ExperimentConfig.from_mapping({**deploy.app_config(ROOT), **run.run_config, "results-dir": str(tmp_path / "sim")})
@@ -281,7 +281,7 @@ def test_restarted_supernode_continues_from_the_personalized_model_it_saved(tmp_
             assert time.monotonic() < deadline, "SuperNode never got its round-1 evaluate message"
             time.sleep(0.1)
         _watch(dep, seen)
-        saved = read_memory_file(next(dep.memory_dir(k).glob(f"run-*/partition-{k}.pt")))
+        saved = read_memory_file(next(dep.memory_dir(k).glob(f"experiment-resume-*/partition-{k}.pt")))
         assert saved.partition == k and saved.server_round == 1
 
         dep.stop_node(k)  # SIGTERM: the SuperNode deregisters; its superexec and ClientApps go too

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
@@ -232,8 +233,9 @@ def test_train_handler_uses_disk_memory_when_node_config_names_a_directory(tmp_p
     assert (second[C.MEMORY_ROUND], second[C.MEMORY_DIGEST]) == (1, saved_round1)
     assert file_digest(path) != saved_round1 and DiskMemory(tmp_path).written_in_round(restarted) == 2
 
-    # A node that loses its memory instead starts over: the restart above really did read the file.
+    # A node that loses its memory (both versions) instead starts over: the restart above really did read the file.
     path.unlink()
+    path.with_name("partition-0.prev.pt").unlink()
     fresh = app(_train_message(3), _context(tmp_path, node_id=5)).content["metrics"]
     assert (fresh[C.MEMORY_ROUND], fresh[C.MEMORY_DIGEST]) == (-1, -1)
 
@@ -308,11 +310,18 @@ def _bits_equal(a: dict, b: dict) -> bool:
 
 
 def _row_bytes(bank_dir: Path, row: int, spec: dict) -> bytes:
+    """The bytes of both slots of client row ``row`` (data rows 2*row and 2*row+1)."""
     layout = M._RowLayout.of(spec)
     n = layout.length * layout.dtype.itemsize
     with open(bank_dir / layout.data_file, "rb") as fh:
-        fh.seek(row * n)
-        return fh.read(n)
+        fh.seek(row * M.BANK_SLOTS * n)
+        return fh.read(M.BANK_SLOTS * n)
+
+
+def _slot_rounds(bank_dir: Path) -> list[set[int]]:
+    """Per client row, the rounds of the versions its slots hold (read from rows.meta directly)."""
+    rounds = np.fromfile(bank_dir / "rows.meta", dtype=M._ROW_RECORD)["round"].reshape(-1, M.BANK_SLOTS)
+    return [{int(r) for r in row if r >= 0} for row in rounds]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
@@ -430,7 +439,7 @@ def test_bank_refuses_a_directory_made_for_other_clients_or_another_model(tmp_pa
     (path / "header.json").write_text(json.dumps(header))
     with open(path / "rows.meta", "r+b") as fh:
         fh.truncate(16 * 3)
-    with pytest.raises(M.MemoryFileError, match="rows.meta has 48 bytes, expected 128"):
+    with pytest.raises(M.MemoryFileError, match="rows.meta has 48 bytes, expected 256"):  # 8 clients x 2 slots x 16
         M.MemoryBank(path, _BANK_IDS, spec)
     assert not list(tmp_path.glob(".*.tmp"))  # no leftover of the atomic creation
 
@@ -440,7 +449,7 @@ def test_bank_detects_a_corrupt_row_naming_the_client(tmp_path):
     bank = M.MemoryBank(path, _BANK_IDS, spec)
     bank.save([19, 42, 0], _stacked(3), 1)
     layout = M._RowLayout.of(spec)
-    offset = _BANK_IDS.index(42) * layout.length * 4 + 17
+    offset = M.BANK_SLOTS * _BANK_IDS.index(42) * layout.length * 4 + 17  # slot 0: a first save's target
     with open(path / "u.float32", "r+b") as fh:  # a flipped bit, written by someone else
         fh.seek(offset)
         byte = fh.read(1)[0]
@@ -457,7 +466,7 @@ def test_bank_detects_a_corrupt_row_naming_the_client(tmp_path):
     assert _bits_equal(bank.load([42], CPU)[0], _stacked(1, seed=3))
 
 
-def test_bank_a_save_that_dies_before_its_records_is_detected_not_silent(tmp_path, monkeypatch):
+def test_bank_a_save_that_dies_before_its_records_leaves_the_previous_version(tmp_path, monkeypatch):
     spec, path = _bank_spec(), tmp_path / "bank"
     bank = M.MemoryBank(path, _BANK_IDS, spec)
     bank.save([3, 5], _stacked(2, seed=1), 1)
@@ -470,11 +479,11 @@ def test_bank_a_save_that_dies_before_its_records_is_detected_not_silent(tmp_pat
         bank.save([5, 11], _stacked(2, seed=2), 2)  # 5 had memory, 11 had none
     monkeypatch.undo()
     reopened = M.MemoryBank(path, _BANK_IDS, spec)
-    with pytest.raises(M.MemoryFileError, match="client 5 does not match its checksum"):
-        reopened.load([3, 5, 11], CPU)
-    got, rounds = reopened.load([3, 11], CPU)
-    assert rounds == [1, -1] and _bits_equal(_unstack(got, 0), _unstack(_stacked(2, seed=1), 0))
-    assert all(torch.count_nonzero(v[1]) == 0 for v in got.values())  # half-written, but never had memory
+    got, rounds = reopened.load([3, 5, 11], CPU)  # no checksum error: no record vouches for the new rows
+    u1 = _stacked(2, seed=1)
+    assert rounds == [1, 1, -1]
+    assert _bits_equal(_unstack(got, 0), _unstack(u1, 0)) and _bits_equal(_unstack(got, 1), _unstack(u1, 1))
+    assert all(torch.count_nonzero(v[2]) == 0 for v in got.values())  # half-written, but never had memory
 
 
 def test_bank_rejects_unknown_clients_and_u_that_does_not_fit(tmp_path):
@@ -532,8 +541,8 @@ def test_bank_of_10000_clients_is_sparse_and_touches_only_the_rows_it_saves(tmp_
     def disk() -> int:
         return sum(os.stat(f).st_blocks * 512 for f in path.iterdir())
 
-    assert os.stat(path / "u.float32").st_size == n * p * 4
-    assert disk() < 1_000_000  # the header and 160 kB of records; the data file has no blocks
+    assert os.stat(path / "u.float32").st_size == n * 2 * p * 4  # two versions per client: 2.7 GB if dense
+    assert disk() < 1_000_000  # the header and 320 kB of records; the data file has no blocks
     ids = torch.randperm(n, generator=torch.Generator().manual_seed(0))[:b].tolist()
     u = {k: torch.randn(b, *shape) for k, (shape, _) in spec.items()}
     bank.save(ids, u, 1)
@@ -544,6 +553,8 @@ def test_bank_of_10000_clients_is_sparse_and_touches_only_the_rows_it_saves(tmp_
     assert used < 0.02 * n * p * 4
     got, rounds = bank.load(ids, CPU)
     assert rounds == [1] * b and _bits_equal(got, u)
+    bank.save(ids, {k: v + 1 for k, v in u.items()}, 2)  # the second version of the same clients: their other slot
+    assert disk() < 2 * b * p * 4 + b * 4 * 4096 + 1_000_000
 
 
 def test_bank_replaced_or_removed_under_an_open_bank_is_noticed(tmp_path):
@@ -563,3 +574,296 @@ def test_bank_replaced_or_removed_under_an_open_bank_is_noticed(tmp_path):
     M.MemoryBank(path, _BANK_IDS[:4], spec)  # ... or puts other clients' memory there
     with pytest.raises(M.MemoryFileError, match="other clients"):
         bank.load([7], CPU)
+
+
+# --- versions: resuming a run from a checkpoint (memory-key, before_round) --------------------------
+
+
+class _Killed(BaseException):
+    """Stands for the process being killed at that point (not an Exception: no handler may swallow it)."""
+
+
+def _disk_versions(store: DiskMemory, ctx: Context, memory_key: str | None = None) -> dict[str, int]:
+    """The versions on disk, file name -> round (read directly, validated)."""
+    out = {}
+    for previous in (False, True):
+        path = store.path(ctx, memory_key=memory_key, previous=previous)
+        if path.exists():
+            out[path.name] = M.read_memory_file(path).server_round
+    return out
+
+
+def test_context_memory_before_round_treats_a_later_u_as_absent():
+    ctx, store = _context(), ContextMemory()
+    store.save(ctx, _u(0), 3, memory_key="resume-abc")  # the key is accepted and ignored
+    assert store.load(ctx, CPU, before_round=3) is None and store.written_in_round(ctx, before_round=3) is None
+    assert _equal(store.load(ctx, CPU, before_round=4, memory_key="resume-abc"), _u(0))
+    assert store.written_in_round(ctx, before_round=4) == 3 and store.written_in_round(ctx) == 3
+    assert _equal(store.load(ctx, CPU), _u(0))
+    store.clear(ctx, memory_key="resume-abc")
+    assert store.load(ctx, CPU) is None
+
+
+def test_disk_memory_keeps_the_newest_version_and_the_one_before_it(tmp_path):
+    ctx, store = _context(), DiskMemory(tmp_path)
+    for r in (1, 2, 3):
+        store.save(ctx, _u(r), r)
+    # Kept: round 3 (partition-0.pt) and round 2 (partition-0.prev.pt); round 1 is gone.
+    assert _disk_versions(store, ctx) == {"partition-0.pt": 3, "partition-0.prev.pt": 2}
+    assert sorted(os.listdir(store.path(ctx).parent)) == ["partition-0.prev.pt", "partition-0.pt"]  # no temp file
+    for before, want in ((None, 3), (4, 3), (99, 3), (3, 2)):
+        assert _equal(store.load(ctx, CPU, before_round=before), _u(want)), before
+        assert store.written_in_round(ctx, before_round=before) == want
+    assert store.load(ctx, CPU, before_round=2) is None and store.written_in_round(ctx, before_round=2) is None
+    assert store.load(ctx, CPU, before_round=1) is None
+    store.clear(ctx)
+    assert _disk_versions(store, ctx) == {} and store.load(ctx, CPU) is None
+
+
+def test_disk_memory_resume_reruns_a_round_from_the_u_it_first_started_from(tmp_path):
+    key, store = "resume-3f9a0c1d2e4b", DiskMemory(tmp_path)
+    first_run = _context(run_id=7)
+    for r in (1, 2, 3):  # checkpoint after round 2; killed during round 3, after this client saved it
+        store.save(first_run, _u(r), r, memory_key=key)
+    resumed = _context(run_id=8)  # the resumed run has a new run id, the same memory-key
+    assert _equal(store.load(resumed, CPU, before_round=3, memory_key=key), _u(2))
+    assert store.written_in_round(resumed, before_round=3, memory_key=key) == 2
+    store.save(resumed, _u(30), 3, memory_key=key)  # round 3 re-run: another u
+    assert _disk_versions(store, resumed, key) == {"partition-0.pt": 3, "partition-0.prev.pt": 2}
+    assert _equal(store.load(resumed, CPU, before_round=4, memory_key=key), _u(30))
+    assert _equal(store.load(resumed, CPU, before_round=3, memory_key=key), _u(2))
+    assert store.load(resumed, CPU, before_round=2, memory_key=key) is None
+
+
+@pytest.mark.parametrize(
+    "history, kept",
+    [
+        ((4, 5), {"partition-0.pt": 3}),  # both from the abandoned future: no keeper
+        ((2, 5), {"partition-0.pt": 3, "partition-0.prev.pt": 2}),  # keeper in .prev.pt, the future in .pt
+        ((1, 2), {"partition-0.pt": 3, "partition-0.prev.pt": 2}),  # the ordinary case
+        ((3,), {"partition-0.pt": 3}),  # the same round again: replaced
+    ],
+)
+def test_disk_memory_save_drops_versions_of_an_abandoned_future(tmp_path, history, kept):
+    ctx, store = _context(), DiskMemory(tmp_path)
+    for r in history:
+        store.save(ctx, _u(r), r)
+    store.save(ctx, _u(33), 3)
+    assert _disk_versions(store, ctx) == kept
+    assert _equal(store.load(ctx, CPU, before_round=10), _u(33)) and store.written_in_round(ctx, before_round=10) == 3
+    assert _equal(store.load(ctx, CPU), _u(33))
+    below = store.load(ctx, CPU, before_round=3)
+    assert (below is None) if len(kept) == 1 else _equal(below, _u(2))
+
+
+@pytest.mark.parametrize("sync", [True, False])
+def test_disk_memory_killed_mid_save_keeps_the_keeper_loadable(tmp_path, monkeypatch, sync):
+    ctx, store = _context(), DiskMemory(tmp_path, sync=sync)
+    store.save(ctx, _u(1), 1)
+    store.save(ctx, _u(2), 2)
+    calls = []
+
+    def killed_after_first_step(self, path):
+        calls.append(path)
+        raise _Killed  # right after os.replace(partition-0.pt -> partition-0.prev.pt)
+
+    monkeypatch.setattr(DiskMemory, "_sync_dir", killed_after_first_step)
+    with pytest.raises(_Killed):
+        store.save(ctx, _u(3), 3)
+    monkeypatch.undo()
+    assert len(calls) == 1
+    fresh = DiskMemory(tmp_path)  # a restarted node
+    assert _disk_versions(fresh, ctx) == {"partition-0.prev.pt": 2}  # the keeper, under its other name
+    assert _equal(fresh.load(ctx, CPU, before_round=3), _u(2)) and fresh.written_in_round(ctx, before_round=3) == 2
+    assert _equal(fresh.load(ctx, CPU), _u(2))  # the newest there is
+    fresh.save(ctx, _u(30), 3)  # the re-run round completes the save
+    assert _disk_versions(fresh, ctx) == {"partition-0.pt": 3, "partition-0.prev.pt": 2}
+    assert _equal(fresh.load(ctx, CPU, before_round=4), _u(30))
+
+
+def test_disk_memory_sync_false_skips_every_fsync(tmp_path, monkeypatch):
+    calls = []
+    real = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (calls.append(fd), real(fd))[1])  # a spy: the real fsync runs
+    ctx = _context()
+    for r in (1, 2, 3):
+        DiskMemory(tmp_path, sync=False).save(ctx, _u(r), r)
+    assert calls == []
+    DiskMemory(tmp_path).save(ctx, _u(4), 4)
+    assert len(calls) == 3  # the new file, the directory after the rename to .prev.pt, after the rename to .pt
+    assert _disk_versions(DiskMemory(tmp_path), ctx) == {"partition-0.pt": 4, "partition-0.prev.pt": 3}
+
+
+def test_disk_memory_reads_and_validates_only_the_files_that_decide(tmp_path):
+    ctx, store = _context(), DiskMemory(tmp_path)
+    store.save(ctx, _u(0), 1)
+    store.save(ctx, _u(2), 2)
+    prev = store.path(ctx, previous=True)
+    prev.write_bytes(prev.read_bytes()[:100])
+    assert _equal(store.load(ctx, CPU), _u(2)) and _equal(store.load(ctx, CPU, before_round=3), _u(2))  # .pt decides
+    for read in (lambda: store.load(ctx, CPU, before_round=2), lambda: store.written_in_round(ctx, before_round=2)):
+        with pytest.raises(MemoryFileError, match="partition-0.prev.pt: not readable"):
+            read()
+    with pytest.raises(MemoryFileError, match="partition-0.prev.pt"):
+        store.save(ctx, _u(3), 2)  # re-running round 2 needs the round of .prev.pt to know what to keep
+    store.save(ctx, _u(3), 3)  # .pt (round 2) is the keeper: the corrupt .prev.pt is replaced unread
+    assert _disk_versions(store, ctx) == {"partition-0.pt": 3, "partition-0.prev.pt": 2}
+    newest = store.path(ctx)
+    newest.write_bytes(b"")
+    with pytest.raises(MemoryFileError, match=r"partition-0\.pt: not readable"):  # needed for every decision
+        store.load(ctx, CPU, before_round=3)
+    store.save(_context(pid=1), _u(0), 1)
+    with pytest.raises(MemoryFileError, match="does not fit the model"):  # the model is checked on the chosen file
+        store.load(_context(pid=1), CPU, expected={"layer.weight": ((3, 2), torch.float32)})
+
+
+def test_memory_key_names_the_directory_and_is_validated(tmp_path):
+    store, key = DiskMemory(tmp_path), "resume-abc"
+    named = {M.EXPERIMENT: "moml-seed3"}
+    store.save(_context(run_id=7, run_config=named), _u(0), 1, memory_key=key)  # memory-key wins over experiment
+    assert (tmp_path / "experiment-resume-abc" / "partition-0.pt").is_file()
+    assert M.experiment_key(_context(), key) == "experiment-resume-abc"
+    assert M.experiment_key(_context(), "") == M.experiment_key(_context(), None) == "run-7"
+    assert _equal(store.load(_context(run_id=9), CPU, memory_key=key), _u(0))  # a resumed run: new run id
+    assert store.load(_context(run_id=7, run_config=named), CPU) is None  # without the key: the experiment's memory
+    store.clear(_context(run_id=9), memory_key=key)
+    assert not (tmp_path / "experiment-resume-abc" / "partition-0.pt").exists()
+    for bad in ("../escape", ".hidden", "a/b", "x" * 101, 5):
+        with pytest.raises(ValueError, match="memory-key") as err:
+            store.load(_context(), CPU, memory_key=bad)
+        assert repr(bad) in str(err.value) and M._NAME.pattern in str(err.value)
+
+
+def test_bank_keeps_the_newest_version_and_the_one_before_it(tmp_path):
+    path, ids = tmp_path / "bank", [42, 7, 23]
+    bank = M.MemoryBank(path, _BANK_IDS, _bank_spec())
+    for r in (1, 2, 3):
+        bank.save(ids, _stacked(3, seed=r), r)
+    # Kept per client: rounds 3 and 2 (one per slot); round 1 is gone.
+    assert [_slot_rounds(path)[_BANK_IDS.index(c)] for c in ids] == [{2, 3}] * 3
+    for before, want in ((None, 3), (4, 3), (3, 2)):
+        got, rounds = bank.load(ids, CPU, before_round=before)
+        assert rounds == [want] * 3 and _bits_equal(got, _stacked(3, seed=want)), before
+        assert bank.digests(ids, before_round=before) == [params_digest(_unstack(got, i)) for i in range(3)]
+    assert bank.load(ids, CPU, before_round=2) == (None, [-1, -1, -1])
+    assert bank.digests([7, 3], before_round=2) == [-1, -1]
+    got, rounds = bank.load([23, 3, 42], CPU, before_round=3)  # a client without memory among them
+    assert rounds == [2, -1, 2] and all(torch.count_nonzero(v[1]) == 0 for v in got.values())
+    assert _bits_equal(_unstack(got, 0), _unstack(_stacked(3, seed=2), 2))
+    bank.clear([7])
+    assert _slot_rounds(path)[_BANK_IDS.index(7)] == set() and bank.load([7], CPU, before_round=3) == (None, [-1])
+
+
+def test_bank_resume_reruns_a_round_from_the_u_it_first_started_from(tmp_path):
+    path, spec, ids = tmp_path / "bank", _bank_spec(), [5, 19]
+    bank = M.MemoryBank(path, _BANK_IDS, spec)
+    for r in (1, 2, 3):  # checkpoint after round 2; killed during round 3, after these clients saved it
+        bank.save(ids, _stacked(2, seed=r), r)
+    resumed = M.MemoryBank(path, _BANK_IDS, spec)
+    got, rounds = resumed.load(ids, CPU, before_round=3)
+    assert rounds == [2, 2] and _bits_equal(got, _stacked(2, seed=2))
+    resumed.save(ids, _stacked(2, seed=30), 3)  # round 3 re-run: other values
+    got, rounds = resumed.load(ids, CPU, before_round=4)
+    assert rounds == [3, 3] and _bits_equal(got, _stacked(2, seed=30))
+    assert [_slot_rounds(path)[_BANK_IDS.index(c)] for c in ids] == [{2, 3}] * 2
+    assert _bits_equal(resumed.load(ids, CPU, before_round=3)[0], _stacked(2, seed=2))
+
+
+def test_bank_save_drops_versions_of_an_abandoned_future(tmp_path):
+    path = tmp_path / "bank"
+    bank = M.MemoryBank(path, _BANK_IDS, _bank_spec())
+    bank.save([19], _stacked(1, seed=1), 1)  # 7: {5, 4}; 3: {5, 2}; 19: {2, 1}; 0: nothing
+    bank.save([7, 3], _stacked(2, seed=4), 4)
+    bank.save([3, 19], _stacked(2, seed=2), 2)  # 3's round 4 is an abandoned future: dropped
+    bank.save([7, 3], _stacked(2, seed=5), 5)
+    assert [_slot_rounds(path)[_BANK_IDS.index(c)] for c in (7, 3, 19, 0)] == [{4, 5}, {2, 5}, {1, 2}, set()]
+    ids, u3 = [7, 3, 19, 0], _stacked(4, seed=33)
+    bank.save(ids, u3, 3)
+    assert [_slot_rounds(path)[_BANK_IDS.index(c)] for c in ids] == [{3}, {2, 3}, {2, 3}, {3}]
+    for before in (None, 10):
+        got, rounds = bank.load(ids, CPU, before_round=before)
+        assert rounds == [3] * 4 and _bits_equal(got, u3)
+    got, rounds = bank.load(ids, CPU, before_round=3)
+    assert rounds == [-1, 2, 2, -1]
+    assert _bits_equal(_unstack(got, 1), _unstack(_stacked(2, seed=2), 0))
+    assert _bits_equal(_unstack(got, 2), _unstack(_stacked(2, seed=2), 1))
+
+
+def _bank_crash_setup(path: Path, spec: dict) -> M.MemoryBank:
+    """Client 7: {1, 2}; 3: {1}; 19: {1, 2}, not in the crashing save; 0: nothing."""
+    bank = M.MemoryBank(path, _BANK_IDS, spec)
+    bank.save([7, 3, 19], _stacked(3, seed=1), 1)
+    bank.save([7, 19], _stacked(2, seed=2), 2)
+    return bank
+
+
+def _check_after_bank_crash(path: Path, spec: dict) -> None:
+    """What a crash of ``save([7, 3, 0], round 3)`` after the rows, before their records, must leave."""
+    fresh = M.MemoryBank(path, _BANK_IDS, spec)  # a restarted node; nothing below may raise
+    u1, u2 = _stacked(3, seed=1), _stacked(2, seed=2)
+    for before in (None, 3, 4):
+        got, rounds = fresh.load([7, 3, 19, 0], CPU, before_round=before)
+        assert rounds == [2, 1, 2, -1], before  # every keeper, and 19 untouched
+        assert _bits_equal(_unstack(got, 0), _unstack(u2, 0)) and _bits_equal(_unstack(got, 1), _unstack(u1, 1))
+        assert _bits_equal(_unstack(got, 2), _unstack(u2, 1))
+        assert all(torch.count_nonzero(v[3]) == 0 for v in got.values())
+    assert [_slot_rounds(path)[_BANK_IDS.index(c)] for c in (7, 3, 19, 0)] == [{2}, {1}, {1, 2}, set()]
+    fresh.save([7, 3, 0], _stacked(3, seed=3), 3)  # the re-run round completes the save
+    got, rounds = fresh.load([7, 3, 0], CPU, before_round=4)
+    assert rounds == [3, 3, 3] and _bits_equal(got, _stacked(3, seed=3))
+    assert fresh.load([7, 3, 0], CPU, before_round=3)[1] == [2, 1, -1]
+
+
+def test_bank_killed_between_the_rows_and_their_records_keeps_every_keeper(tmp_path, monkeypatch):
+    spec, path = _bank_spec(), tmp_path / "bank"
+    bank = _bank_crash_setup(path, spec)
+    real, calls = M.MemoryBank._write_records, []
+
+    def killed_on_second_call(self, rows, records):
+        calls.append(records["round"].tolist())
+        if len(calls) == 2:
+            raise _Killed  # the rows are written, their records not
+        real(self, rows, records)
+
+    monkeypatch.setattr(M.MemoryBank, "_write_records", killed_on_second_call)
+    with pytest.raises(_Killed):
+        bank.save([7, 3, 0], _stacked(3, seed=3), 3)
+    monkeypatch.undo()
+    assert calls == [[-1], [3, 3, 3]]  # 1: 7's target slot (round 1) retired; 2: the new records, never written
+    _check_after_bank_crash(path, spec)
+
+
+def test_bank_a_real_kill_mid_save_keeps_every_keeper(tmp_path):
+    spec, path = _bank_spec(), tmp_path / "bank"
+    _bank_crash_setup(path, spec).close()
+    script = f"""
+import os, sys
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+from test_memory import _stacked, _bank_spec, _BANK_IDS
+from fedmeta.clients import memory as M
+real, calls = M.MemoryBank._write_records, []
+def die_on_second_call(self, rows, records):
+    calls.append(1)
+    if len(calls) == 2:
+        os._exit(9)  # no cleanup, no flush: what SIGKILL leaves (the page cache keeps what was written)
+    real(self, rows, records)
+M.MemoryBank._write_records = die_on_second_call
+M.MemoryBank({str(path)!r}, _BANK_IDS, _bank_spec(), sync=False).save([7, 3, 0], _stacked(3, seed=3), 3)
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=False)
+    assert out.returncode == 9, out.stderr
+    _check_after_bank_crash(path, spec)
+
+
+def test_bank_of_format_version_1_is_refused(tmp_path):
+    spec, path = _bank_spec(), tmp_path / "bank"
+    M.MemoryBank(path, _BANK_IDS, spec).save([7], _stacked(1), 1)
+    header = json.loads((path / "header.json").read_text())
+    del header["slots"]  # the layout of version 1: one slot per client
+    (path / "header.json").write_text(json.dumps({**header, "version": 1}))
+    for name in ("u.float32", "rows.meta"):
+        with open(path / name, "r+b") as fh:
+            fh.truncate(os.stat(path / name).st_size // 2)
+    with pytest.raises(M.MemoryFileError, match="format version 1, this fedmeta reads version 2") as err:
+        M.MemoryBank(path, _BANK_IDS, spec)
+    assert str(path) in str(err.value) and "delete it" in str(err.value)

@@ -1,7 +1,16 @@
-"""Issue 7 through Flower's simulation engine: broken clients cost at most their own update, and
-runs are deterministic."""
+"""Issue 7 through Flower's simulation engine: broken clients cost at most their own update, runs
+are deterministic, and a killed simulation resumes to the model it would have reached."""
 
 from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,6 +21,7 @@ from fedmeta import config as C
 from fedmeta.simulations.apps import build_client_app
 from fedmeta.simulations.config import ExperimentConfig
 from fedmeta.strategies import LocalMOML, PerFedAvg
+from fedmeta.strategies.checkpoint import CheckpointDir, CheckpointError
 from test_simulation import simulate_strategy
 
 pytestmark = pytest.mark.ray
@@ -61,7 +71,8 @@ def test_a_raising_client_and_a_nan_client_cost_only_their_updates():
 
 @pytest.mark.parametrize("num_nodes", [0, 2], ids=["one-client-per-node", "multi-client-nodes"])
 def test_same_config_and_seed_give_bit_identical_runs(tmp_path, num_nodes):
-    cfg = CFG.replace(algorithm=C.LOCAL_MOML, num_nodes=num_nodes, memory_policy="keep", num_rounds=3, clients_per_round=2)
+    cfg = CFG.replace(algorithm=C.LOCAL_MOML, num_nodes=num_nodes, memory_policy="keep", num_rounds=3, clients_per_round=2,
+                      evaluate_every=2)
     results = []
     for i in range(2):
         run_cfg = cfg.replace(memory_dir=str(tmp_path / f"memory-{i}")) if num_nodes else cfg
@@ -72,3 +83,89 @@ def test_same_config_and_seed_give_bit_identical_runs(tmp_path, num_nodes):
         assert np.array_equal(a.arrays[k].numpy(), b.arrays[k].numpy()), k
     assert {r: dict(m) for r, m in a.train_metrics_clientapp.items()} == {r: dict(m) for r, m in b.train_metrics_clientapp.items()}
     assert sa.client_train == sb.client_train
+    assert {r: dict(m) for r, m in a.evaluate_metrics_clientapp.items()} == {r: dict(m) for r, m in b.evaluate_metrics_clientapp.items()}
+    assert sorted(a.evaluate_metrics_clientapp) == [2, 3] and sa.client_eval == sb.client_eval
+
+
+# --- kill and resume a real simulation process ------------------------------------------------------
+
+SIM = ["-m", "fedmeta.simulations.run", "--algorithms", C.LOCAL_MOML, "--dataset", "sinewave", "--num-clients", "6",
+       "--clients-per-round", "3", "--memory-policy", "keep", "--num-rounds", "30", "--evaluate-every", "10",
+       "--local-steps", "2", "--seed", "3"]
+
+
+def _simulation(results: Path, log: Path, *extra: str) -> subprocess.Popen:
+    """``fedmeta-sim`` in its own session: its Ray daemons and actors share its process group."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    with log.open("ab") as fh:
+        return subprocess.Popen([sys.executable, *SIM, "--results-dir", str(results), *extra], stdout=fh, stderr=subprocess.STDOUT,
+                                cwd=results.parent, env=env, start_new_session=True)
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+
+
+def _group_gone(pgid: int, timeout: float = 60) -> bool:
+    """Whether every process of group ``pgid`` has exited (SIGKILLed members take a moment to be reaped)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def _finish(proc: subprocess.Popen, log: Path, timeout: float = 600) -> None:
+    try:
+        rc = proc.wait(timeout=timeout)
+    finally:
+        _kill_group(proc)  # also any Ray process left behind
+    assert rc == 0, log.read_text()[-3000:]
+
+
+def _checkpoint_round(path: Path) -> int:
+    try:
+        return CheckpointDir(path).load().round
+    except CheckpointError:
+        return -1
+
+
+@pytest.mark.parametrize("num_nodes", ["0", "2"], ids=["one-client-per-node", "multi-client-nodes"])
+def test_a_simulation_killed_after_round_k_resumes_to_the_uninterrupted_model(tmp_path, num_nodes):
+    """SIGKILL to the whole simulation (driver, Ray daemons, actors) once round 3 is checkpointed, then
+    ``--resume``: same final model, bit for bit, and the same per-client records as a run never killed."""
+    stem = f"{C.LOCAL_MOML}-sinewave-n6-seed3"
+    ref_dir, run_dir = tmp_path / "ref" / "results", tmp_path / "run" / "results"
+    for d in (ref_dir, run_dir):
+        d.parent.mkdir()
+    log = tmp_path / "log.txt"
+    _finish(_simulation(ref_dir, log, "--num-nodes", num_nodes), log)
+
+    ckpt = run_dir / "checkpoints" / stem
+    proc = _simulation(run_dir, log, "--num-nodes", num_nodes)
+    try:
+        deadline = time.monotonic() + 600
+        while _checkpoint_round(ckpt) < 3 and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        killed_at = _checkpoint_round(ckpt)
+    finally:
+        _kill_group(proc)
+    assert 3 <= killed_at < 30, f"checkpoint round {killed_at} when killed\n{log.read_text()[-3000:]}"
+    assert _group_gone(proc.pid), "processes of the killed simulation are still running"  # Ray's daemons and actors too
+    assert not (run_dir / f"{stem}.json").exists()
+
+    _finish(_simulation(run_dir, log, "--num-nodes", num_nodes, "--resume"), log)
+    ref, resumed = CheckpointDir(ref_dir / "checkpoints" / stem).load(), CheckpointDir(ckpt).load()
+    assert resumed.round == 30
+    for k in ref.arrays:
+        np.testing.assert_array_equal(resumed.arrays[k].numpy(), ref.arrays[k].numpy(), err_msg=k)
+    a, b = (json.loads((d / f"{stem}.json").read_text()) for d in (ref_dir, run_dir))
+    assert b["resumed_from"] >= killed_at and a["resumed_from"] is None
+    for key in ("train", "evaluate", "client_train", "clients", "final"):
+        assert b[key] == a[key], key
+    assert max(m[C.MEMORY_ROUND] for m in b["client_train"]["30"].values()) > 0  # memories were carried

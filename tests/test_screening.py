@@ -103,7 +103,7 @@ def test_a_round_where_every_reply_is_bad_keeps_the_model_and_says_so(caplog):
     with caplog.at_level(logging.WARNING, logger="fedmeta"):
         arrays, metrics = strategy.aggregate_train(1, bad)
     assert arrays is None
-    assert dict(metrics) == {"num-clients": 0, "num-failures": 1, "num-accepted": 0, "num-rejected": 2,
+    assert dict(metrics) == {"num-clients": 0, "num-failures": 1, "num-missing": 0, "num-accepted": 0, "num-rejected": 2,
                              "num-rejected-clients": 2, "kept-global-model": 1}
     assert len(rejection_warnings(caplog)) == 2
     assert any("round 1: 0 valid replies < min_valid_replies=1; keeping the previous global model" in r.getMessage()

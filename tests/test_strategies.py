@@ -89,7 +89,8 @@ def test_all_failed_round_keeps_the_model():
     strategy = LocalMOML(num_clients=2)
     msgs = train_messages(strategy, grid)
     arrays, metrics = strategy.aggregate_train(1, [Message(Error(code=2, reason="x"), reply_to=m) for m in msgs])
-    assert arrays is None and metrics is None
+    assert arrays is None
+    assert metrics["num-failures"] == 2 and metrics["kept-global-model"] == 1 and metrics["num-clients"] == 0
 
 
 def test_train_config_carries_the_algorithm_keys_and_does_not_mutate_the_callers_record():
