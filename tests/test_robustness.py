@@ -30,9 +30,9 @@ CFG = ExperimentConfig(num_clients=4, clients_per_round=0, num_rounds=2, local_s
                        momentum=0.5, seed=3, evaluate_every=0, partition="dirichlet", train_per_client=40, test_per_client=10)
 
 
-def run(strategy, client_app: ClientApp, cfg: ExperimentConfig):
+def run(strategy, client_app: ClientApp, cfg: ExperimentConfig, **start_kwargs):
     """Run ``strategy`` in a ServerApp against ``client_app`` on Ray; return Flower's Result."""
-    return simulate_strategy(strategy, cfg, client_app)
+    return simulate_strategy(strategy, cfg, client_app, **start_kwargs)
 
 
 def broken_client_app(cfg: ExperimentConfig) -> ClientApp:
@@ -67,6 +67,28 @@ def test_a_raising_client_and_a_nan_client_cost_only_their_updates():
         assert m["num-clients"] == 2  # clients 0 and 3 averaged
     assert all(np.isfinite(result.arrays[k].numpy()).all() for k in result.arrays)
     assert sorted(strategy.client_train[2]) == [0, 3]
+
+
+def test_a_client_that_hangs_past_the_round_timeout_is_counted_missing_and_the_run_goes_on():
+    """Flower's own round timeout: client 1 sleeps through round 2; the round averages the other 3,
+    says ``num-missing`` 1, and round 3 has all 4 again (its late round-2 reply is never used)."""
+    cfg = CFG.replace(algorithm=C.PER_FEDAVG, num_rounds=3)
+    inner = build_client_app(cfg)
+    app = ClientApp()
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        if int(context.node_config[C.PARTITION_ID]) == 1 and int(msg.content["config"][C.SERVER_ROUND]) == 2:
+            time.sleep(35)
+        return inner(msg, context)
+
+    app.query()(lambda msg, context: inner(msg, context))
+    app.evaluate()(lambda msg, context: inner(msg, context))
+    strategy = PerFedAvg(**cfg.strategy_kwargs())
+    result = run(strategy, app, cfg, timeout=15)
+    counts = {r: (m["num-clients"], m["num-missing"], m["num-failures"]) for r, m in result.train_metrics_clientapp.items()}
+    assert counts == {1: (4, 0, 0), 2: (3, 1, 0), 3: (4, 0, 0)}
+    assert sorted(strategy.client_train[2]) == [0, 2, 3]
 
 
 @pytest.mark.parametrize("num_nodes", [0, 2], ids=["one-client-per-node", "multi-client-nodes"])

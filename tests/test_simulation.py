@@ -29,8 +29,9 @@ CFG = ExperimentConfig(num_clients=N, clients_per_round=B, num_rounds=ROUNDS, lo
                        momentum=0.5, seed=SEED, evaluate_every=0)
 
 
-def simulate_strategy(strategy: LocalMOML, cfg: ExperimentConfig, client_app=None):
-    """Run ``strategy`` in a user-written ServerApp against the fedmeta ClientApp (or ``client_app``) on Ray."""
+def simulate_strategy(strategy: LocalMOML, cfg: ExperimentConfig, client_app=None, **start_kwargs):
+    """Run ``strategy`` in a user-written ServerApp against the fedmeta ClientApp (or ``client_app``) on Ray
+    (``start_kwargs``: more arguments of ``strategy.start``)."""
     from flwr.simulation import run_simulation
 
     box = {}
@@ -38,7 +39,8 @@ def simulate_strategy(strategy: LocalMOML, cfg: ExperimentConfig, client_app=Non
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        box["result"] = strategy.start(grid=grid, initial_arrays=ArrayRecord(initial_model(cfg).state_dict()), num_rounds=cfg.num_rounds)
+        box["result"] = strategy.start(grid=grid, initial_arrays=ArrayRecord(initial_model(cfg).state_dict()), num_rounds=cfg.num_rounds,
+                                       **start_kwargs)
 
     logging.getLogger("flwr").setLevel(logging.ERROR)
     with warnings.catch_warnings():
