@@ -179,7 +179,7 @@ def make_client_app(
         load_kw, _ = timeline(cfg, server_round)
         if keep:
             bank = bank_for(context, group, hosted, load_kw.get("memory_key"))
-            u, rounds = bank.load(ids, group.device, **({"before_round": server_round} if load_kw else {}))
+            u, rounds = bank.load(ids, group.device, before_round=load_kw.get("before_round"))
         result = group.train(w, hp, ids, int(cfg.get(C.SEED, 0)), server_round, u, [r >= 0 for r in rounds])
         # Diverged clients are left out: no poisoned model in the average, their memory stays at
         # its last finite value (divergence guard); the server sees them in num-diverged.
