@@ -30,6 +30,7 @@ it started from the first time.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -195,21 +196,12 @@ class CheckpointDir:
             "sampler": {"next_round": int(server_round) + 1},
             "arrays": {k: v.detach().cpu() for k, v in arrays.to_torch_state_dict().items()},
         }
-        fd, tmp = tempfile.mkstemp(dir=self.path, prefix=f".{MODEL_FILE}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                torch.save(blob, fh)
-                fh.flush()
-                if self.sync:
-                    os.fsync(fh.fileno())
-            os.replace(tmp, self.model_file)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        if self.sync:
-            fsync_dir(self.path)
+        buffer = io.BytesIO()
+        torch.save(blob, buffer)
+        self._atomic_write(self.model_file, buffer.getvalue())
 
     def _atomic_write(self, path: Path, data: bytes) -> None:
+        """Temporary file in the same directory, fsync, rename over ``path``, fsync the directory."""
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         try:
             with os.fdopen(fd, "wb") as fh:
@@ -221,6 +213,8 @@ class CheckpointDir:
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+        if self.sync:
+            fsync_dir(path.parent)
 
 
 def _line(entry: Mapping[str, Any]) -> str:
