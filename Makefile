@@ -16,10 +16,14 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
+# The data set: found, installed (apt-get, as root or with password-less sudo) or downloaded;
+# otherwise `make run` stops here with one message saying what to run (scripts/provision_data.py).
 run: $(STAMP)
+	$(PY) scripts/provision_data.py $(ARGS)
 	$(PY) -m fedmeta.simulations.run $(ARGS)
 
 test: $(STAMP)
+	$(PY) scripts/provision_data.py --optional
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 bench: $(STAMP)

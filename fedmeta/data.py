@@ -90,7 +90,20 @@ FALLAH_A_TEST: dict[str, int] = {"cifar100": 15}
 """Data sets whose default Fallah ``a_test`` is not 34 (localmoml Section 6.2)."""
 
 SYSTEM_FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
-"""Where the ``dataset-fashion-mnist`` system package installs the gzipped IDX files."""
+"""Where the ``dataset-fashion-mnist`` system package installs the gzipped IDX files
+(``FEDMETA_SYSTEM_DATA``, when set, replaces ``/usr/share/datasets``)."""
+
+SYSTEM_DATA_ENV = "FEDMETA_SYSTEM_DATA"
+"""Environment variable naming the directory of system data packages (default ``/usr/share/datasets``)."""
+
+FASHION_MNIST_PACKAGE = "dataset-fashion-mnist"
+"""The Debian package that installs Fashion-MNIST under :data:`SYSTEM_FASHION_MNIST_DIR`."""
+
+
+def system_fashion_mnist_dir() -> Path:
+    """:data:`SYSTEM_FASHION_MNIST_DIR`, or ``$FEDMETA_SYSTEM_DATA/fashion-mnist`` when that is set."""
+    base = os.environ.get(SYSTEM_DATA_ENV)
+    return Path(base).expanduser() / "fashion-mnist" if base else SYSTEM_FASHION_MNIST_DIR
 
 IDX_FILES = (
     "train-images-idx3-ubyte",
@@ -368,12 +381,13 @@ def _decompress(src: Path, dst: Path) -> None:
 
 
 def _not_found(name: str, missing: list[str], where: list[Path], layout: str) -> FileNotFoundError:
-    fix = ", or run `apt-get install dataset-fashion-mnist`" if name == "fashion-mnist" else ""
+    """One line: what is missing, where it was looked for, and each way to provide it."""
+    fix = f"run `sudo apt-get install {FASHION_MNIST_PACKAGE}`, or " if name == "fashion-mnist" else ""
     return FileNotFoundError(
         f"{name} not found: missing {', '.join(missing)} (looked in "
-        f"{', '.join(str(d) for d in where)}). Set FEDMETA_DATA (or pass root) to a directory "
-        f"holding {layout}, or pass download=True to let torchvision download it (needs "
-        f"internet){fix}."
+        f"{', '.join(str(d) for d in where)}). To fix it, {fix}set FEDMETA_DATA (or data-dir) to a "
+        f"directory holding {layout}, or pass download=True (--download true) to let torchvision "
+        f"download it (needs internet)."
     )
 
 
@@ -382,7 +396,7 @@ def _locate_idx(name: str, base: Path, download: bool) -> Path:
     missing = [f for f in IDX_FILES if not (raw / f).is_file()]
     if not missing:
         return base
-    search = [base, raw] + ([SYSTEM_FASHION_MNIST_DIR] if name == "fashion-mnist" else [])
+    search = [base, raw] + ([system_fashion_mnist_dir()] if name == "fashion-mnist" else [])
     sources = {}
     for f in missing:
         found = next((d / f"{f}.gz" for d in search if (d / f"{f}.gz").is_file()), None)
@@ -426,7 +440,7 @@ def locate_dataset(
 
     For MNIST and Fashion-MNIST, missing IDX files are decompressed (atomically, so concurrent
     processes are safe) into ``ROOT/<class>/raw`` from their ``.gz`` files in ``ROOT`` or
-    ``ROOT/<class>/raw``, and for Fashion-MNIST also :data:`SYSTEM_FASHION_MNIST_DIR` (the
+    ``ROOT/<class>/raw``, and for Fashion-MNIST also :func:`system_fashion_mnist_dir` (the
     ``dataset-fashion-mnist`` system package). Only file presence is checked here; torchvision
     checks the CIFAR files' md5 sums when they are loaded.
 

@@ -19,13 +19,17 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import Result
 
 from fedmeta.clients import make_client_app
 from fedmeta.data import client_data
 from fedmeta import config as C
 from fedmeta.simulations.config import ExperimentConfig
+from fedmeta.simulations.preflight import check_inputs
+from fedmeta.simulations.progress import RoundProgress
 from fedmeta.strategies import FedAvg, LocalMOML, PerFedAvg
 from fedmeta.strategies.base import MetaStrategy
+from fedmeta.strategies.failures import TrainingStopped
 
 logger = logging.getLogger("fedmeta")
 
@@ -47,25 +51,39 @@ def _scalars(record: Any) -> dict[str, float]:
     return {k: float(v) for k, v in dict(record).items()}
 
 
-def run_server(grid: Grid, cfg: ExperimentConfig) -> dict[str, Any]:
-    """Run the experiment on ``grid`` and return (and write) its results."""
+def run_server(grid: Grid, cfg: ExperimentConfig, on_round: Callable[[int, Result], None] | None = None) -> dict[str, Any]:
+    """Run the experiment on ``grid`` and return (and write) its results.
+
+    ``results["status"]`` is ``"ok"``, or ``"failed"`` with the cause in ``results["failure"]`` when
+    the strategy stopped the run because no client could train (``max-failed-rounds``) or the final
+    evaluation never happened; ``results["client_errors"]`` lists every distinct client error."""
     strategy = build_strategy(cfg)
     t0 = time.perf_counter()
-    result = strategy.start(
-        grid=grid,
-        initial_arrays=ArrayRecord(initial_model(cfg).state_dict()),
-        num_rounds=cfg.num_rounds,
-        timeout=cfg.round_timeout,
-        train_config=ConfigRecord({}),
-        evaluate_config=ConfigRecord({}),
-        checkpoint_dir=cfg.checkpoint_path,
-        resume=cfg.resume,
-        run_info=cfg.fingerprint(),
-    )
+    failure = None
+    try:
+        result = strategy.start(
+            grid=grid,
+            initial_arrays=ArrayRecord(initial_model(cfg).state_dict()),
+            num_rounds=cfg.num_rounds,
+            timeout=cfg.round_timeout,
+            train_config=ConfigRecord({}),
+            evaluate_config=ConfigRecord({}),
+            checkpoint_dir=cfg.checkpoint_path,
+            resume=cfg.resume,
+            run_info=cfg.fingerprint(),
+            on_round=on_round,
+        )
+    except TrainingStopped as stop:
+        result, failure = stop.result, str(stop)
     seconds = time.perf_counter() - t0
     evals = {r: _scalars(m) for r, m in result.evaluate_metrics_clientapp.items()}
     last = max(evals) if evals else None
+    if failure is None and strategy.evaluate_every and cfg.num_rounds not in evals:
+        failure = (f"the final evaluation (round {cfg.num_rounds}) did not happen: no client replied with valid "
+                   f"evaluation metrics ({strategy.failures.total} client error replies in the run)")
     results = {
+        "status": "failed" if failure else "ok",
+        "failure": failure,
         "config": cfg.to_dict(),
         "seconds": seconds,  # of this process (a resumed run: since the resume)
         "round_seconds": strategy.round_seconds,
@@ -80,6 +98,8 @@ def run_server(grid: Grid, cfg: ExperimentConfig) -> dict[str, Any]:
         "final_round": last,
         "checkpoint": str(cfg.checkpoint_path) if cfg.checkpoint_path else None,
         "resumed_from": strategy.resumed_from,
+        "client_errors": strategy.failures.to_list(),
+        "client_errors_report": strategy.failures.report() if strategy.failures else "",
     }
     out = Path(cfg.results_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -88,7 +108,7 @@ def run_server(grid: Grid, cfg: ExperimentConfig) -> dict[str, Any]:
     path.write_text(json.dumps(results, indent=1, default=str))
     write_client_csv(stem.with_suffix(".csv"), strategy)
     results["path"] = str(path)
-    logger.info("results written to %s", path)
+    logger.info("results written to %s (status %s)", path, results["status"])
     return results
 
 
@@ -111,12 +131,13 @@ def write_client_csv(path: Path, strategy: MetaStrategy) -> None:
                 writer.writerow([rnd, pid, split, *(m.get(k, "") for k in CSV_COLUMNS[3:])])
 
 
-def build_server_app(cfg: ExperimentConfig, sink: Callable[[dict[str, Any]], None] | None = None) -> ServerApp:
+def build_server_app(cfg: ExperimentConfig, sink: Callable[[dict[str, Any]], None] | None = None,
+                     on_round: Callable[[int, Result], None] | None = None) -> ServerApp:
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        results = run_server(grid, cfg)
+        results = run_server(grid, cfg, on_round=on_round)
         if sink is not None:
             sink(results)
 
@@ -136,7 +157,16 @@ server_app = ServerApp()
 
 @server_app.main()
 def _main(grid: Grid, context: Context) -> None:
-    run_server(grid, ExperimentConfig.from_mapping(context.run_config))
+    cfg = ExperimentConfig.from_mapping(context.run_config)
+    if cfg.check_data:  # before the first message: data and model, in this process (see check-data)
+        print(f"inputs checked: {check_inputs(cfg)}", flush=True)
+    progress = RoundProgress(cfg.num_rounds, label=cfg.algorithm, tty=False)  # plain lines: `flwr run --stream` shows them
+    with progress:
+        results = run_server(grid, cfg, on_round=progress)
+    if results["status"] != "ok":
+        if results["client_errors_report"]:
+            print(results["client_errors_report"], flush=True)
+        raise RuntimeError(f"{cfg.algorithm}: {results['failure']} (results: {results['path']})")
 
 
 @functools.lru_cache(maxsize=2)

@@ -128,6 +128,11 @@ class ExperimentConfig:
     """Update screening: reject a reply whose update norm exceeds this many times the round's median; 0: off."""
     min_valid_replies: int = 1
     """Keep the previous global model when fewer valid train replies remain in a round."""
+    max_failed_rounds: int = 3
+    """Stop the run (exit non-zero) after this many consecutive rounds without a valid train reply; 0: never stop."""
+    check_data: bool = True
+    """Before the first message, resolve the data set and build client 0's data in the server's process
+    (``flwr run .``); turn off when the ServerApp's machine has no copy of the clients' data."""
     round_timeout: float = 3600.0
     """Seconds to wait for a round's replies; nodes that have not replied are counted in ``num-missing``."""
     checkpoint: bool = True
@@ -310,12 +315,13 @@ class ExperimentConfig:
             evaluate_every=self.evaluate_every,
             max_update_norm_ratio=self.max_update_norm_ratio or None,
             min_valid_replies=self.min_valid_replies,
+            max_failed_rounds=self.max_failed_rounds,
             **hp,
         )
 
 
 _NOT_IN_FINGERPRINT = frozenset({"num-rounds", "results-dir", "data-dir", "download", "memory-dir", "checkpoint", "checkpoint-dir",
-                                  "resume", "round-timeout", "num-cpus", "num-gpus"})
+                                  "resume", "round-timeout", "num-cpus", "num-gpus", "max-failed-rounds", "check-data"})
 
 
 def _kebab(name: str) -> str:
@@ -457,6 +463,7 @@ _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "chunk_size": _at_least(1),
     "max_update_norm_ratio": ((lambda v: v == 0 or v > 1), "0 (off) or a finite number > 1"),
     "min_valid_replies": _at_least(1),
+    "max_failed_rounds": _at_least(0, " (0 = never stop)"),
     "round_timeout": _POSITIVE,
 }
 """Each field's own range (every field with one; the others are strings or booleans)."""

@@ -59,6 +59,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from fedmeta import config as C
 from fedmeta.simulations.config import ExperimentConfig
+from fedmeta.simulations.preflight import check_inputs
 
 logger = logging.getLogger("fedmeta")
 
@@ -779,10 +780,20 @@ class LocalDeployment:
         (home / "config.toml").write_text(connection_toml(self.control_address, self.certificates))
         return env
 
+    def check_inputs(self, overrides: Mapping[str, Any] | None = None) -> str:
+        """Check the run's data and model in this process (:func:`~fedmeta.simulations.preflight.check_inputs`,
+        with node 0's data directory unless the run config names one); raises ``InputError`` (one line)."""
+        cfg = ExperimentConfig.from_mapping({**app_config(self.project_dir), **self.run_config(overrides)})
+        if not cfg.data_dir and self.data_dirs[0] is not None:
+            cfg = cfg.replace(data_dir=str(self.data_dirs[0]))
+        return check_inputs(cfg)
+
     def start_run(self, overrides: Mapping[str, Any] | None = None) -> FlwrRun:
-        """Submit the app with ``flwr run --stream`` and return at once (see :meth:`run`)."""
+        """Check the inputs (:meth:`check_inputs`), then submit the app with ``flwr run --stream`` and
+        return at once (see :meth:`run`)."""
         if self.superlink is None or self.superlink.popen.poll() is not None:
             raise DeploymentError("the SuperLink is not running; use start() or a `with` block")
+        self.check_inputs(overrides)
         rc = self.run_config(overrides)
         results_dir = Path(rc["results-dir"])
         results_dir.mkdir(parents=True, exist_ok=True)
@@ -900,6 +911,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                               data_dirs=args.node_data_dir,
                               certificates=Certificates(certs / "ca.pem", certs / "server.pem", certs / "server.key") if certs else None)
         dep.run_config(overrides)  # bad keys or values fail here, before any process starts
+        logger.info("inputs: %s", dep.check_inputs(overrides))  # and missing data or a model that does not fit
     except (ValueError, DeploymentError) as err:
         print(f"fedmeta-deploy-local: error: {err}", file=sys.stderr)
         return 2

@@ -499,9 +499,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     logging.basicConfig(format="%(asctime)s %(message)s", datefmt="%H:%M:%S", level=logging.WARNING, stream=sys.stdout)
 
-    from fedmeta.simulations.run import simulate
+    from fedmeta.simulations.run import data_key, check_all, report_failure, simulate
 
     count = reused = 0
+    checked: set[tuple] = set()
     finished = _finished_runs(runs_dir)
 
     def run(cfg: ExperimentConfig) -> dict[str, Any]:
@@ -513,8 +514,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             res, how = finished[key], "reused"
             reused += 1
         else:
+            if data_key(cfg) not in checked:  # data and model, in this process, before this run's Ray starts
+                if not check_all([cfg], "fedmeta-reproduce"):
+                    raise SystemExit(2)
+                checked.add(data_key(cfg))
             run_dir = runs_dir / hashlib.sha1(key.encode()).hexdigest()[:12]
-            res, how = simulate(cfg.replace(results_dir=str(run_dir))), "ran"
+            res, how = simulate(cfg.replace(results_dir=str(run_dir)), check=False), "ran"
+            if res["status"] != "ok":  # a failed run must not enter a figure
+                report_failure(res, "fedmeta-reproduce")
+                raise SystemExit(1)
         print(f"[{count}] {cfg.algorithm} H/tau={cfg.local_steps} B={cfg.clients_per_round} momentum={cfg.momentum} seed={cfg.seed}: "
               f"acc before {res['final'].get(C.ACC_BEFORE, float('nan')):.4f} after {res['final'].get(C.ACC_AFTER, float('nan')):.4f} "
               f"({how}, {time.perf_counter() - t0:.0f} s)", flush=True)

@@ -24,19 +24,34 @@ import time
 from dataclasses import fields
 from typing import Any, Sequence
 
+from pathlib import Path
+
 from fedmeta import config as C
+from fedmeta.simulations.apps import build_client_app, build_server_app
 from fedmeta.simulations.config import ExperimentConfig, parse_cli
+from fedmeta.simulations.engine import run_on_ray
+from fedmeta.simulations.preflight import InputError, check_inputs
+from fedmeta.simulations.progress import RoundProgress, console_through, run_log
 from fedmeta.strategies.checkpoint import CheckpointError, check_can_start
 
 logger = logging.getLogger("fedmeta")
 
 
-def simulate(cfg: ExperimentConfig, *, verbose: bool = False) -> dict[str, Any]:
-    """Run one experiment with ``flwr.simulation.run_simulation`` and return its results."""
-    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
-    os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
-    logging.getLogger("flwr").setLevel(logging.INFO if verbose else logging.ERROR)
+def simulate(cfg: ExperimentConfig, *, verbose: bool = False, check: bool = True, progress: bool = True) -> dict[str, Any]:
+    """Run one experiment on Flower's simulation engine (:func:`~fedmeta.simulations.engine.run_on_ray`)
+    and return its results (also written to ``<results-dir>/<run>.json``).
+
+    ``check``: first check the data and the model in this process (:func:`check_inputs`; raises
+    :class:`InputError` before Ray starts). Flower's log and every client error in full go to
+    ``results["log"]`` (``<results-dir>/logs/<run>.log``). ``progress``: a progress bar on a terminal,
+    plain round lines otherwise. A run the strategy stopped because no client could train, or whose
+    final evaluation never happened, returns with ``results["status"] == "failed"`` and the cause in
+    ``results["failure"]``.
+    """
+    if check:
+        check_inputs(cfg)
     box: dict[str, Any] = {}
+    log_path = Path(cfg.results_dir) / "logs" / f"{cfg.stem}.log"
     with contextlib.ExitStack() as stack:
         client_cfg = cfg
         ckpt = cfg.checkpoint_path
@@ -48,32 +63,20 @@ def simulate(cfg: ExperimentConfig, *, verbose: bool = False) -> dict[str, Any]:
                 client_cfg = cfg.replace(memory_dir=str(ckpt / "memory"))
         elif cfg.num_nodes and not cfg.memory_dir:  # multi-client nodes: memory banks for this run only
             client_cfg = cfg.replace(memory_dir=stack.enter_context(tempfile.TemporaryDirectory(prefix="fedmeta-memory-")))
-        _run(cfg, client_cfg, box, verbose)
+        stack.enter_context(run_log(log_path, verbose=verbose))
+        stream = sys.stdout if progress else stack.enter_context(open(os.devnull, "w"))
+        bar = stack.enter_context(RoundProgress(cfg.num_rounds, label=cfg.algorithm, stream=stream))
+        stack.enter_context(console_through(bar))
+        try:
+            run_on_ray(build_server_app(cfg, sink=box.update, on_round=bar), build_client_app(client_cfg),
+                       num_supernodes=cfg.num_supernodes, num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, verbose=verbose)
+        except Exception:
+            logger.exception("the simulation failed")  # the traceback goes to the run log too
+            raise
     if not box:
-        raise RuntimeError("the simulation ended without results (see the log above)")
+        raise RuntimeError(f"the simulation ended without results (see {log_path})")
+    box["log"] = str(log_path)
     return box
-
-
-def _run(cfg: ExperimentConfig, client_cfg: ExperimentConfig, box: dict[str, Any], verbose: bool) -> None:
-    import warnings
-
-    from flwr.simulation import run_simulation
-
-    from fedmeta.simulations.apps import build_client_app, build_server_app
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        run_simulation(
-            server_app=build_server_app(cfg, sink=box.update),
-            client_app=build_client_app(client_cfg),
-            num_supernodes=cfg.num_supernodes,
-            backend_name="ray",
-            backend_config={
-                "client_resources": {"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus},
-                "init_args": {"logging_level": "ERROR", "log_to_driver": verbose, "include_dashboard": False},
-            },
-            verbose_logging=verbose,
-        )
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -115,6 +118,34 @@ def _table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def data_key(cfg: ExperimentConfig) -> tuple:
+    return cfg.dataset, cfg.model_name, tuple(sorted(cfg.data_kwargs().items()))
+
+
+def check_all(configs: Sequence[ExperimentConfig], prog: str) -> bool:
+    """:func:`check_inputs` once per distinct data set and model, before the first run; one line on
+    stderr per problem. Returns whether every check passed."""
+    seen = set()
+    for cfg in configs:
+        if data_key(cfg) in seen:
+            continue
+        seen.add(data_key(cfg))
+        try:
+            logger.info("inputs: %s", check_inputs(cfg))
+        except InputError as err:
+            print(f"{prog}: error: {err}", file=sys.stderr)
+            return False
+    return True
+
+
+def report_failure(res: dict[str, Any], prog: str) -> None:
+    """A failed run, once: the distinct client errors (first traceback in full), then the cause in one line."""
+    if res.get("client_errors_report"):
+        print(res["client_errors_report"], file=sys.stderr)
+    print(f"{prog}: error: {res['config']['algorithm']}: {res['failure']}. Results: {res['path']} (status failed); "
+          f"full log: {res['log']}", file=sys.stderr, flush=True)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_cli(_parser(), argv)
     overrides = {k: v for k, v in vars(args).items() if v is not None and k not in ("algorithms", "verbose")}
@@ -134,21 +165,44 @@ def main(argv: Sequence[str] | None = None) -> int:
         except CheckpointError as err:
             print(f"fedmeta-sim: error: {err}", file=sys.stderr)
             return 2
-    logging.basicConfig(format="%(asctime)s %(message)s", datefmt="%H:%M:%S", level=logging.WARNING, stream=sys.stdout)
+    console = logging.StreamHandler(sys.stdout)
+    console.setLevel(logging.WARNING)  # fedmeta's INFO lines go to each run's log file
+    console.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S"))
+    logging.getLogger().addHandler(console)
     logger.setLevel(logging.INFO)
-    rows = []
-    for cfg in configs:
-        mode = f"B={cfg.clients_per_round} of n={cfg.num_clients}" if cfg.clients_per_round else f"all n={cfg.num_clients}"
-        print(f"== {cfg.algorithm} on {cfg.dataset} ({mode}, {cfg.num_rounds} rounds, H/tau={cfg.local_steps}, "
-              f"K={cfg.batch_size}, meta-gradient={cfg.meta_gradient}, seed={cfg.seed})", flush=True)
-        t0 = time.perf_counter()
-        res = simulate(cfg, verbose=args.verbose)
-        print(f"   done in {time.perf_counter() - t0:.1f} s (incl. Ray start-up), results: {res['path']}", flush=True)
-        rows.append(res)
-    print()
-    print("Personalized accuracy (after fine-tuning on each client's train split, scored on its test split)")
-    print(_table(rows))
-    return 0
+    try:
+        if not check_all(configs, "fedmeta-sim"):  # data and model, in this process, before Ray starts
+            return 2
+        rows = []
+        for cfg in configs:
+            mode = f"B={cfg.clients_per_round} of n={cfg.num_clients}" if cfg.clients_per_round else f"all n={cfg.num_clients}"
+            print(f"== {cfg.algorithm} on {cfg.dataset} ({mode}, {cfg.num_rounds} rounds, H/tau={cfg.local_steps}, "
+                  f"K={cfg.batch_size}, meta-gradient={cfg.meta_gradient}, seed={cfg.seed})", flush=True)
+            t0 = time.perf_counter()
+            try:
+                res = simulate(cfg, verbose=args.verbose, check=False)
+            except Exception as err:  # the ServerApp or the engine crashed: one line, the traceback is in the log
+                log = Path(cfg.results_dir) / "logs" / f"{cfg.stem}.log"
+                print(f"fedmeta-sim: error: {cfg.algorithm}: the simulation failed: {type(err).__name__}: "
+                      f"{' '.join(str(err).split())} (full log: {log})", file=sys.stderr)
+                return 1
+            if res["status"] != "ok":
+                report_failure(res, "fedmeta-sim")
+                return 1
+            errors = f", {len(res['client_errors'])} distinct client errors (below)" if res["client_errors"] else ""
+            print(f"   done in {time.perf_counter() - t0:.1f} s (incl. Ray start-up){errors}; results: {res['path']}; "
+                  f"log: {res['log']}", flush=True)
+            rows.append(res)
+        print()
+        print("Personalized accuracy (after fine-tuning on each client's train split, scored on its test split)")
+        print(_table(rows))
+        for res in rows:
+            if res["client_errors"]:
+                print(f"\n{res['config']['algorithm']}: the run went on without the failed replies; "
+                      f"{res['client_errors_report']}\nfull log: {res['log']}")
+        return 0
+    finally:
+        logging.getLogger().removeHandler(console)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ from flwr.serverapp.strategy.strategy_utils import log_strategy_start_info
 from fedmeta import config as C
 from fedmeta.config import EvalConfig, field_names
 from fedmeta.strategies.checkpoint import CheckpointDir, CheckpointError, check_can_start, fingerprint_mismatch, new_memory_key
+from fedmeta.strategies.failures import ClientFailures, TrainingStopped, error_log
 from fedmeta.strategies.validation import check_strategy_kwargs
 from fedmeta.strategies.aggregation import average_arrays, average_metrics, distribution, sample_grouped, sample_partitions
 from fedmeta.strategies.screening import (
@@ -122,6 +123,11 @@ class MetaStrategy(FlowerFedAvg):
         m >= 1 (default 1), at most the number of train messages a round sends: when fewer than m
         train replies pass screening, the round keeps the previous global model (``aggregate_train``
         returns no arrays, and the metrics say ``kept-global-model`` = 1).
+    max_failed_rounds
+        Stop the run (:meth:`start` raises :class:`~fedmeta.strategies.failures.TrainingStopped`)
+        after this many consecutive rounds without a single valid train reply (every reply an error,
+        rejected, or missing); 0 never stops. Default 3: a run in which no client can train (data
+        missing on the nodes, a bug in the ClientApp) ends after 3 rounds instead of running all of them.
     **kwargs
         Algorithm hyper-parameters (fields of :attr:`hparams_cls`), then Flower ``FedAvg`` arguments.
 
@@ -165,6 +171,7 @@ class MetaStrategy(FlowerFedAvg):
         node_wait_timeout: float = 600.0,
         max_update_norm_ratio: float | None = None,
         min_valid_replies: int = 1,
+        max_failed_rounds: int = 3,
         **kwargs: Any,
     ) -> None:
         check_strategy_kwargs(type(self), locals())
@@ -198,6 +205,8 @@ class MetaStrategy(FlowerFedAvg):
         most = min(per_round, num_nodes)  # train messages per round, at most
         ok = isinstance(min_valid_replies, int) and not isinstance(min_valid_replies, bool) and 1 <= min_valid_replies <= most
         _require("min_valid_replies", ok, f"an integer in [1, {most}] (the train replies a round can have)", min_valid_replies)
+        ok = isinstance(max_failed_rounds, int) and not isinstance(max_failed_rounds, bool) and max_failed_rounds >= 0
+        _require("max_failed_rounds", ok, "an integer >= 0 (0 = never stop)", max_failed_rounds)
         hp_fields = field_names(self.hparams_cls)
         self.hparams = self.hparams_cls(**{k: kwargs.pop(k) for k in list(kwargs) if k in hp_fields})
         self.eval_config = EvalConfig(inner_lr=self.hparams.inner_lr, eval_steps=eval_steps, eval_shots=eval_shots)
@@ -213,6 +222,12 @@ class MetaStrategy(FlowerFedAvg):
         self.node_wait_timeout = node_wait_timeout
         self.max_update_norm_ratio = max_update_norm_ratio
         self.min_valid_replies = min_valid_replies
+        self.max_failed_rounds = max_failed_rounds
+        self.failures = ClientFailures()
+        """Every error reply of the run, grouped by distinct error (:mod:`fedmeta.strategies.failures`)."""
+        self.failed_rounds = 0
+        """Consecutive rounds, up to the last one, without a valid train reply."""
+        self._round_valid = True
         kwargs.setdefault("min_available_nodes", num_nodes)
         super().__init__(
             fraction_train=1.0,
@@ -300,6 +315,7 @@ class MetaStrategy(FlowerFedAvg):
         resume: bool = False,
         run_info: Mapping[str, Any] | None = None,
         checkpoint_sync: bool = True,
+        on_round: Callable[[int, Result], None] | None = None,
     ) -> Result:
         """Flower's round loop (``Strategy.start``: train, evaluate, optional server-side
         ``evaluate_fn``, per round), with a checkpoint after every round and resume.
@@ -323,6 +339,15 @@ class MetaStrategy(FlowerFedAvg):
             Further settings the resumed run must share (e.g. the experiment's data configuration).
         checkpoint_sync
             fsync each checkpoint (``False``: a killed process loses nothing, a power cut may).
+        on_round
+            Called with the round and the ``Result`` so far after every round (e.g. a progress bar).
+
+        Raises
+        ------
+        TrainingStopped
+            After ``max_failed_rounds`` consecutive rounds without a valid train reply; its
+            ``result`` holds the metrics so far and its ``failures`` every distinct client error.
+            A checkpoint is marked stopped, so a fresh run may replace it (``resume`` still works).
         """
         ok = isinstance(num_rounds, int) and not isinstance(num_rounds, bool) and num_rounds >= 1
         _require("num_rounds", ok, "an integer >= 1", num_rounds)
@@ -377,6 +402,9 @@ class MetaStrategy(FlowerFedAvg):
             if agg_train_metrics is not None:
                 log(INFO, "\t└──> Aggregated MetricRecord: %s", agg_train_metrics)
                 result.train_metrics_clientapp[current_round] = agg_train_metrics
+            self.failed_rounds = 0 if self._round_valid else self.failed_rounds + 1
+            if self.max_failed_rounds and self.failed_rounds >= self.max_failed_rounds:
+                self._stop(current_round, result, ckpt, on_round)
             replies = grid.send_and_receive(messages=self.configure_evaluate(current_round, arrays, evaluate_config, grid), timeout=timeout)
             agg_evaluate_metrics = self.aggregate_evaluate(current_round, replies)
             if agg_evaluate_metrics is not None:
@@ -390,6 +418,8 @@ class MetaStrategy(FlowerFedAvg):
                     result.evaluate_metrics_serverapp[current_round] = res
             if ckpt is not None:
                 ckpt.commit(current_round, arrays, self._history_entry(current_round, result))
+            if on_round is not None:
+                on_round(current_round, result)
 
         log(INFO, "")
         log(INFO, "Strategy execution finished in %.2fs", time.time() - t_start)
@@ -400,6 +430,21 @@ class MetaStrategy(FlowerFedAvg):
             log(INFO, "\t%s", line.strip("\n"))
         log(INFO, "")
         return result
+
+    def _stop(self, server_round: int, result: Result, ckpt: CheckpointDir | None,
+              on_round: Callable[[int, Result], None] | None) -> None:
+        """End the run after ``max_failed_rounds`` rounds without a valid train reply (see :meth:`start`)."""
+        first = server_round - self.failed_rounds + 1
+        why = (f"no valid train reply in {self.failed_rounds} consecutive rounds ({first}-{server_round}; max-failed-rounds="
+               f"{self.max_failed_rounds}): {self.failures.total} client error replies, {len(self.failures.errors)} distinct")
+        if ckpt is not None:
+            ckpt.mark_stopped(server_round, why)
+        if on_round is not None:
+            on_round(server_round, result)
+        logger.info("round %d: stopping the run: %s", server_round, why)
+        error = TrainingStopped(f"stopped after round {server_round}: {why}", last_round=server_round, failures=self.failures)
+        error.result = result
+        raise error
 
     def _history_entry(self, server_round: int, result: Result) -> dict[str, Any]:
         """Round ``server_round``'s line in the checkpoint history (see :meth:`_restore`)."""
@@ -629,6 +674,18 @@ class MetaStrategy(FlowerFedAvg):
             self.rejections.setdefault(server_round, []).extend(rejected)
         return [m for i, m in enumerate(candidates) if i not in reasons], rejected
 
+    def _record_errors(self, server_round: int, stage: str, errors: list[Message], sent: SentRound) -> None:
+        """Count the round's error replies by distinct error: a new error is logged once (INFO, its key),
+        every error reply in full to ``fedmeta.errors`` (the command line tools' run log)."""
+        for m in errors:
+            clients = sent.clients.get(m.metadata.src_node_id, ())
+            known = len(self.failures.errors)
+            err = self.failures.record(server_round, stage, clients, m.error.reason)
+            if len(self.failures.errors) > known:
+                logger.info("round %d: new client error (%s, clients %s): %s", server_round, stage, list(clients)[:8], err.key)
+            error_log.debug("round %d: %s error reply of node %d (clients %s), code %s:\n%s", server_round, stage,
+                         m.metadata.src_node_id, list(clients), m.error.code, m.error.reason)
+
     @staticmethod
     def _missing(server_round: int, stage: str, replies: list[Message], sent: SentRound) -> int:
         """Nodes sent a message this round that did not reply before the round's timeout (logged)."""
@@ -643,7 +700,9 @@ class MetaStrategy(FlowerFedAvg):
         replies = list(replies)
         sent = self._sent_train.get(server_round, SentRound(None))
         errors = [m for m in replies if m.has_error()]
+        self._record_errors(server_round, "train", errors, sent)
         accepted, rejected = self._screen(server_round, "train", [m for m in replies if not m.has_error()], sent)
+        self._round_valid = bool(accepted)
         # Average in client order, not arrival order: the float sum is then the same in every run.
         accepted.sort(key=lambda m: min(sent.clients.get(m.metadata.src_node_id, (math.inf,))))
         # Flower's log of results and errors; its consistency check is screening's job (it raises).
@@ -716,6 +775,7 @@ class MetaStrategy(FlowerFedAvg):
         replies = list(replies)
         sent = self._sent_evaluate.pop(server_round, SentRound(None))
         errors = [m for m in replies if m.has_error()]
+        self._record_errors(server_round, "evaluate", errors, sent)
         valid, rejected = self._screen(server_round, "evaluate", [m for m in replies if not m.has_error()], sent)
         self._check_and_log_replies(valid + errors, is_train=False, validate=False)
         missing = self._missing(server_round, "evaluate", replies, sent)

@@ -9,6 +9,9 @@ A checkpoint is a directory::
     rounds.jsonl    the history, one JSON object per completed round: aggregated train and evaluate
                     metrics, each client's train and evaluation metrics, the round's wall time and
                     its rejected replies
+    stopped.json    only when the strategy stopped the run because no client could train
+                    (``max_failed_rounds``): the round and the reason. A fresh run may replace such
+                    a checkpoint; ``resume`` continues it like any unfinished one.
 
 Writing round k (:meth:`CheckpointDir.commit`): append the round's line to ``rounds.jsonl`` and
 fsync it, then write ``checkpoint.pt`` to a temporary file, fsync it, rename it over the old one
@@ -51,6 +54,7 @@ FORMAT = "fedmeta-server-checkpoint"
 VERSION = 1
 MODEL_FILE = "checkpoint.pt"
 HISTORY_FILE = "rounds.jsonl"
+STOPPED_FILE = "stopped.json"
 
 
 class CheckpointError(ValueError):
@@ -118,8 +122,23 @@ class CheckpointDir:
     def history_file(self) -> Path:
         return self.path / HISTORY_FILE
 
+    @property
+    def stopped_file(self) -> Path:
+        return self.path / STOPPED_FILE
+
     def exists(self) -> bool:
         return self.model_file.exists()
+
+    def stopped(self) -> dict[str, Any] | None:
+        """The reason the strategy stopped this run (see :meth:`mark_stopped`), or ``None``."""
+        try:
+            return json.loads(self.stopped_file.read_text())
+        except (OSError, ValueError):
+            return None
+
+    def mark_stopped(self, server_round: int, reason: str) -> None:
+        """Record that the run was stopped in ``server_round`` because no client could train."""
+        self._atomic_write(self.stopped_file, json.dumps({"round": int(server_round), "reason": reason}).encode())
 
     # --- reading -------------------------------------------------------------------------------
     def load(self) -> Checkpoint:
@@ -174,6 +193,7 @@ class CheckpointDir:
         """Start (or, on resume, re-base) the checkpoint: the history file holds exactly ``history``
         and the model file ``arrays`` as of round ``at_round``."""
         self.path.mkdir(parents=True, exist_ok=True)
+        self.stopped_file.unlink(missing_ok=True)
         self._meta = {"num_rounds": int(num_rounds), "memory_key": memory_key, "fingerprint": json.dumps(normalized(fingerprint))}
         self._atomic_write(self.history_file, "".join(_line(e) for e in (history or [])).encode())
         self._write_model(at_round, arrays)
@@ -234,7 +254,8 @@ def check_can_start(path: str | Path, resume: bool) -> Checkpoint | None:
     """Before any work: the checkpoint a run resumes from, or ``None`` for a fresh run.
 
     A fresh run refuses to replace an unfinished checkpoint (it is a run that can be resumed); it
-    replaces a finished one. Resuming needs a checkpoint.
+    replaces a finished one, and one whose run the strategy stopped because no client could train
+    (:meth:`CheckpointDir.mark_stopped`). Resuming needs a checkpoint.
     """
     ckpt = CheckpointDir(path)
     if resume:
@@ -244,13 +265,13 @@ def check_can_start(path: str | Path, resume: bool) -> Checkpoint | None:
             old = ckpt.load()
         except CheckpointError:
             old = None
-        if old is None or not old.finished:
+        if (old is None or not old.finished) and ckpt.stopped() is None:
             where = f"round {old.round} of {old.num_rounds}" if old else "unreadable"
             raise CheckpointError(
                 f"checkpoint-dir {ckpt.path} holds an unfinished run ({where}): resume it (--resume, run config "
                 f"resume=true), or delete the directory or choose another checkpoint-dir to start afresh"
             )
-        logger.info("replacing the finished run's checkpoint in %s", ckpt.path)
+        logger.info("replacing the %s run's checkpoint in %s", "stopped" if ckpt.stopped() else "finished", ckpt.path)
     return None
 
 

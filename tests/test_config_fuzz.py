@@ -65,7 +65,7 @@ INT_MIN = {  # each integer field's own lower bound
     "a_train": 2, "classes_per_client": 1, "train_per_client": 1, "test_per_client": 1, "num_clients": 1,
     "num_new_clients": 0, "clients_per_round": 0, "sampling_groups": 1, "num_rounds": 1, "local_steps": 1,
     "batch_size": 1, "init_batch_size": 1, "inner_steps": 1, "num_directions": 1, "eval_steps": 0, "eval_shots": 0,
-    "evaluate_every": 0, "seed": 0, "num_nodes": 0, "chunk_size": 1, "min_valid_replies": 1,
+    "evaluate_every": 0, "seed": 0, "num_nodes": 0, "chunk_size": 1, "min_valid_replies": 1, "max_failed_rounds": 0,
 }
 FLOAT_RANGE = {  # field: (low, low allowed, high or None)
     "dirichlet_alpha": (0.0, False, None), "inner_lr": (0.0, True, None), "meta_lr": (0.0, False, None),
@@ -77,7 +77,7 @@ FREE_STRINGS = ("data_dir", "results_dir", "memory_dir", "checkpoint_dir")
 
 def test_the_tables_cover_every_field():
     covered = set(CHOICES) | set(INT_MIN) | set(FLOAT_RANGE) | set(FREE_STRINGS) | {"a_test", "download", "device", "max_update_norm_ratio",
-                                                                                      "checkpoint", "resume"}
+                                                                                      "checkpoint", "resume", "check_data"}
     assert covered == set(FIELDS)
 
 

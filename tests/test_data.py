@@ -376,6 +376,7 @@ def test_partitions_validates_before_touching_the_disk(tmp_path):
 @pytest.fixture
 def no_system_data(monkeypatch, tmp_path):
     monkeypatch.setattr(data, "SYSTEM_FASHION_MNIST_DIR", tmp_path / "nonexistent")
+    monkeypatch.delenv("FEDMETA_SYSTEM_DATA", raising=False)
     monkeypatch.delenv("FEDMETA_DATA", raising=False)
     monkeypatch.setenv("FEDMETA_CACHE", str(tmp_path / "cache"))
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import warnings
 
 import numpy as np
 import pytest
@@ -19,6 +18,7 @@ from fedmeta.data import partitions
 from fedmeta.simulations import run as sim_run
 from fedmeta.simulations.apps import build_client_app, initial_model
 from fedmeta.simulations.config import ExperimentConfig
+from fedmeta.simulations.engine import run_on_ray
 from fedmeta.strategies import LocalMOML
 from fedmeta.strategies.aggregation import average_arrays, sample_partitions
 
@@ -32,8 +32,6 @@ CFG = ExperimentConfig(num_clients=N, clients_per_round=B, num_rounds=ROUNDS, lo
 def simulate_strategy(strategy: LocalMOML, cfg: ExperimentConfig, client_app=None, **start_kwargs):
     """Run ``strategy`` in a user-written ServerApp against the fedmeta ClientApp (or ``client_app``) on Ray
     (``start_kwargs``: more arguments of ``strategy.start``)."""
-    from flwr.simulation import run_simulation
-
     box = {}
     app = ServerApp()
 
@@ -43,14 +41,7 @@ def simulate_strategy(strategy: LocalMOML, cfg: ExperimentConfig, client_app=Non
                                        **start_kwargs)
 
     logging.getLogger("flwr").setLevel(logging.ERROR)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        run_simulation(
-            server_app=app,
-            client_app=client_app or build_client_app(cfg),
-            num_supernodes=cfg.num_supernodes,
-            backend_config={"client_resources": {"num_cpus": 1}, "init_args": {"logging_level": "ERROR", "log_to_driver": False}},
-        )
+    run_on_ray(app, client_app or build_client_app(cfg), num_supernodes=cfg.num_supernodes)
     return box["result"]
 
 

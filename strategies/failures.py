@@ -1,0 +1,162 @@
+"""Client errors, summarised: each distinct error once, with the clients and rounds that raised it.
+
+A ClientApp that raises comes back to the strategy as an error reply whose ``reason`` is Flower's
+text for the exception: ``<class 'T'>:<'message'>`` in a deployment; in a Ray simulation Ray's
+remote traceback with Flower's ``ClientAppException`` wrapper chained after the original exception.
+:func:`parse_reason` recovers the original exception line (``FileNotFoundError: fashion-mnist not
+found ...``) as the error's key and a clean traceback; :class:`ClientFailures` counts every error
+reply by key, so a run of 1,000 rounds in which every client failed says so in a few lines.
+
+:class:`TrainingStopped` is what a strategy raises when ``max_failed_rounds`` consecutive rounds had
+no valid train reply (see :meth:`fedmeta.strategies.base.MetaStrategy.start`).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+error_log = logging.getLogger("fedmeta.errors")
+"""Every error reply in full, at DEBUG. It does not propagate: only a handler attached to it (the
+command line tools' run log, :func:`fedmeta.simulations.progress.run_log`) receives these lines."""
+error_log.setLevel(logging.DEBUG)
+error_log.propagate = False
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+_FLOWER_WRAPPED = re.compile(r"^<class '([^']*)'>:<'(.*)'>$", re.S)
+_CAUSE = "\nThe above exception was the direct cause of the following exception:\n"
+_CONTEXT = "\nDuring handling of the above exception, another exception occurred:\n"
+_WRAPPER = "Exception ClientAppException occurred. Message: "
+_EXC_LINE = re.compile(r"^([A-Za-z_][\w.]*(?:\([\w.]*\))?)(?::\s?(.*))?$")
+_RAY_HEADER = re.compile(r"^ray::\S+ \(pid=.*\)$")
+
+
+def _clean(text: str) -> str:
+    return _ANSI.sub("", text).strip("\n")
+
+
+def parse_reason(reason: str) -> tuple[str, str]:
+    """``(key, text)`` of an error reply's reason.
+
+    ``key`` is the original exception's last line (``Type: message``, module prefix dropped), the
+    same for every client that raised the same error; ``text`` is the original exception's traceback
+    without Ray's and Flower's wrapper frames, or the plain message when the reason carries no
+    traceback (a deployment, or a third-party ClientApp).
+    """
+    text = _clean(reason or "")
+    wrapped = _FLOWER_WRAPPED.match(text)
+    if wrapped:
+        exc_type, text = wrapped.group(1), _clean(wrapped.group(2))
+        if "Traceback" not in text and _CAUSE not in text and "File \"" not in text:
+            name = exc_type.rsplit(".", 1)[-1]
+            message = text.split(_WRAPPER, 1)[-1].strip() if _WRAPPER in text else text.strip()
+            if name == "ClientAppException" or name.startswith("RayTaskError"):
+                return _key_from_message(message), message
+            return f"{name}: {message}" if message else name, f"{name}: {message}"
+    # A Ray traceback: the original exception is the first of the chained parts.
+    first = re.split(f"{re.escape(_CAUSE)}|{re.escape(_CONTEXT)}", text)[0]
+    lines = [ln for ln in first.splitlines() if not _RAY_HEADER.match(ln.strip()) and set(ln.strip()) != {"^"}]
+    body = "\n".join(lines).strip("\n")
+    for line in reversed(body.splitlines()):
+        m = _EXC_LINE.match(line.strip())
+        if m and not line.startswith(" "):
+            name = m.group(1).rsplit(".", 1)[-1]
+            return (f"{name}: {m.group(2)}" if m.group(2) else name), (
+                body if body.startswith("Traceback") else "Traceback (most recent call last):\n" + body)
+    message = text.split(_WRAPPER, 1)[-1].strip()
+    return _key_from_message(message), message
+
+
+def _key_from_message(message: str) -> str:
+    first = message.strip().splitlines()[0] if message.strip() else "(no message)"
+    return first
+
+
+@dataclass
+class ClientError:
+    """One distinct error: where it was first seen, its text, and every (round, client) that raised it."""
+
+    key: str
+    text: str
+    first_round: int
+    first_clients: tuple[int, ...]
+    stages: set[str] = field(default_factory=set)
+    rounds: set[int] = field(default_factory=set)
+    clients: set[int] = field(default_factory=set)
+    replies: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"error": self.key, "replies": self.replies, "clients": sorted(self.clients), "rounds": sorted(self.rounds),
+                "stages": sorted(self.stages), "first_round": self.first_round, "first_clients": list(self.first_clients),
+                "traceback": self.text}
+
+
+def _spans(values: Iterable[int]) -> str:
+    """``1-3, 7`` for {1, 2, 3, 7}."""
+    out: list[str] = []
+    for v in sorted(values):
+        if out and (prev := out[-1].split("-")[-1]) and int(prev) == v - 1:
+            out[-1] = f"{out[-1].split('-')[0]}-{v}"
+        else:
+            out.append(str(v))
+    return ", ".join(out[:8]) + (", ..." if len(out) > 8 else "")
+
+
+class ClientFailures:
+    """Every error reply of a run, grouped by :func:`parse_reason`'s key (insertion order = first seen)."""
+
+    def __init__(self) -> None:
+        self.errors: dict[str, ClientError] = {}
+
+    def record(self, server_round: int, stage: str, clients: Iterable[int], reason: str) -> ClientError:
+        """Count one error reply of ``stage`` (``train`` / ``evaluate``) from a node that ran ``clients``."""
+        key, text = parse_reason(reason)
+        ids = tuple(sorted(int(c) for c in clients))
+        err = self.errors.get(key)
+        if err is None:
+            err = self.errors[key] = ClientError(key, text, server_round, ids)
+        err.stages.add(stage)
+        err.rounds.add(server_round)
+        err.clients.update(ids)
+        err.replies += 1
+        return err
+
+    def __bool__(self) -> bool:
+        return bool(self.errors)
+
+    @property
+    def total(self) -> int:
+        return sum(e.replies for e in self.errors.values())
+
+    def to_list(self) -> list[dict[str, Any]]:
+        return [e.to_dict() for e in self.errors.values()]
+
+    def report(self) -> str:
+        """Each distinct error once: who raised it, when, and its first traceback in full."""
+        if not self.errors:
+            return "no client errors"
+        parts = [f"{len(self.errors)} distinct client error{'s' * (len(self.errors) > 1)} ({self.total} error replies):"]
+        for i, e in enumerate(self.errors.values(), 1):
+            who = f"{len(e.clients)} client{'s' * (len(e.clients) > 1)}"
+            parts.append(f"[{i}] raised {e.replies} times by {who} in {'/'.join(sorted(e.stages))} of rounds {_spans(e.rounds)}; "
+                         f"first in round {e.first_round} (clients {list(e.first_clients)[:8]}):")
+            parts.append("\n".join("    " + ln for ln in e.text.splitlines()))
+        return "\n".join(parts)
+
+
+class TrainingStopped(RuntimeError):
+    """The strategy stopped the run: ``max_failed_rounds`` consecutive rounds had no valid train reply.
+
+    ``str()`` is one line (the cause); :attr:`failures` holds the distinct client errors and
+    :attr:`last_round` the round after which the run stopped.
+    """
+
+    def __init__(self, message: str, *, last_round: int, failures: ClientFailures) -> None:
+        super().__init__(message)
+        self.last_round = last_round
+        self.failures = failures
+
+
+__all__ = ["ClientError", "ClientFailures", "TrainingStopped", "parse_reason"]
