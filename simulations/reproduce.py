@@ -479,6 +479,12 @@ def _main_centralized(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Stop(Exception):
+    def __init__(self, code: int) -> None:
+        super().__init__(code)
+        self.code = code
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="fedmeta-reproduce", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 allow_abbrev=False)
@@ -516,20 +522,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             if data_key(cfg) not in checked:  # data and model, in this process, before this run's Ray starts
                 if not check_all([cfg], "fedmeta-reproduce"):
-                    raise SystemExit(2)
+                    raise _Stop(2)
                 checked.add(data_key(cfg))
             run_dir = runs_dir / hashlib.sha1(key.encode()).hexdigest()[:12]
             res, how = simulate(cfg.replace(results_dir=str(run_dir)), check=False), "ran"
             if res["status"] != "ok":  # a failed run must not enter a figure
                 report_failure(res, "fedmeta-reproduce")
-                raise SystemExit(1)
+                raise _Stop(1)
         print(f"[{count}] {cfg.algorithm} H/tau={cfg.local_steps} B={cfg.clients_per_round} momentum={cfg.momentum} seed={cfg.seed}: "
               f"acc before {res['final'].get(C.ACC_BEFORE, float('nan')):.4f} after {res['final'].get(C.ACC_AFTER, float('nan')):.4f} "
               f"({how}, {time.perf_counter() - t0:.0f} s)", flush=True)
         return res
 
     t0 = time.perf_counter()
-    summary, runs = experiment(budget, run)
+    try:
+        summary, runs = experiment(budget, run)
+    except _Stop as stop:  # bad inputs (2) or a run that failed (1), already reported in one place
+        return stop.code
     minutes = (time.perf_counter() - t0) / 60
     figures = plot(runs, out)
     command = f"fedmeta-reproduce {args.name}" + (" --quick" if args.quick else "")

@@ -131,7 +131,7 @@ def check_all(configs: Sequence[ExperimentConfig], prog: str) -> bool:
             continue
         seen.add(data_key(cfg))
         try:
-            logger.info("inputs: %s", check_inputs(cfg))
+            print(f"inputs checked: {check_inputs(cfg)}", flush=True)
         except InputError as err:
             print(f"{prog}: error: {err}", file=sys.stderr)
             return False

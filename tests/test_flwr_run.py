@@ -71,8 +71,30 @@ def test_flwr_run_with_the_app_declared_in_pyproject(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert not _pids_mentioning(str(home))
     res = json.loads((results / "local-moml-fashion-mnist-n4-seed0.json").read_text())
-    assert sorted(res["train"], key=int) == ["1", "2"]
+    assert res["status"] == "ok" and sorted(res["train"], key=int) == ["1", "2"]
     assert res["final_round"] == 2 and len(res["clients"]) == 4
+    assert "inputs checked: fashion-mnist" in proc.stdout and "local-moml round 2/2" in proc.stdout  # the ServerApp's own lines
+
+    # The supported path (`flwr run`) and the in-process engine (`run_on_ray`, which uses the deprecated
+    # run_simulation) run the same experiment: the same clients, metrics and final evaluation.
+    from fedmeta.simulations.config import ExperimentConfig
+    from fedmeta.simulations.deploy import app_config
+    from fedmeta.simulations.run import simulate
+
+    cfg = ExperimentConfig.from_mapping({**app_config(ROOT), "num-clients": 4, "clients-per-round": 2, "num-rounds": 2,
+                                         "evaluate-every": 2, "results-dir": str(tmp_path / "in-process")})
+    here = json.loads(json.dumps(simulate(cfg, progress=False), default=str))
+    assert here["config"] == {**res["config"], "results-dir": str(tmp_path / "in-process")}
+    assert here["trained_partitions"] == res["trained_partitions"]
+    assert here["client_train"].keys() == res["client_train"].keys()
+    for section in ("train", "evaluate"):
+        assert here[section].keys() == res[section].keys()
+        for rnd, metrics in res[section].items():
+            assert here[section][rnd].keys() == metrics.keys()
+            for key, value in metrics.items():
+                assert here[section][rnd][key] == pytest.approx(value, rel=1e-6, abs=1e-9), (section, rnd, key)
+    for client, metrics in res["clients"].items():
+        assert here["clients"][client] == pytest.approx(metrics, rel=1e-6, abs=1e-9), client
 
 
 def test_pyproject_app_config_lists_every_experiment_key_with_its_default():

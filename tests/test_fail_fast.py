@@ -1,0 +1,343 @@
+"""Issue 13: a run that cannot work stops early, says why once, and exits non-zero.
+
+- Missing or broken inputs are found in the driver, before Ray starts (:mod:`fedmeta.simulations.preflight`).
+- A run in which no client can train stops after ``max-failed-rounds`` rounds; the results say failed.
+- Client errors are summarised once; the full text is in the run's log file.
+- The progress display is a bar on a terminal and plain lines in a pipe.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pty
+import re
+import select
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from torch import nn
+
+from fedmeta import models
+from fedmeta.simulations.config import ExperimentConfig
+from fedmeta.simulations.preflight import InputError, check_inputs
+from fedmeta.strategies.checkpoint import CheckpointDir, check_can_start
+from fedmeta.strategies.failures import ClientFailures, parse_reason
+from fixtures_data import write_idx_dataset
+
+ROOT = Path(__file__).resolve().parents[1]
+MESSAGE = "simulated failure of every client"
+
+# A ClientApp whose train handler always raises (query and evaluate are fedmeta's), run through the
+# real `fedmeta-sim` main. The message is built at run time so the traceback's source line does not
+# repeat it: the test counts how often the message is printed.
+FAIL_ALL = f"""
+import sys
+from flwr.clientapp import ClientApp
+import fedmeta.simulations.run as run
+from fedmeta.simulations import apps
+
+def broken(cfg):
+    inner = apps.build_client_app(cfg)
+    app = ClientApp()
+
+    @app.train()
+    def train(msg, context):
+        raise RuntimeError(" ".join({MESSAGE.split()!r}))
+
+    app.query()(lambda msg, context: inner(msg, context))
+    app.evaluate()(lambda msg, context: inner(msg, context))
+    return app
+
+run.build_client_app = broken
+sys.exit(run.main(sys.argv[1:]))
+"""
+
+SINE = ["--dataset", "sinewave", "--num-clients", "4", "--clients-per-round", "0", "--local-steps", "1"]
+
+
+def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    """A first-run environment: no data anywhere fedmeta looks, an empty cache, no download."""
+    empty = tmp_path / "empty"
+    empty.mkdir(exist_ok=True)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FEDMETA_")}
+    return {**env, "FEDMETA_DATA": str(empty), "FEDMETA_CACHE": str(tmp_path / "cache"), "FEDMETA_SYSTEM_DATA": str(empty),
+            "PYTHONUNBUFFERED": "1", **extra}
+
+
+def _descendants(root: int) -> dict[int, str]:
+    """``pid -> command name`` of every live descendant of ``root``."""
+    parents, names = {}, {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            names[int(entry.name)] = stat[stat.index("(") + 1:stat.rindex(")")]
+            parents[int(entry.name)] = int(stat[stat.rindex(")") + 2:].split()[1])
+    out, frontier = {}, {root}
+    while frontier:
+        frontier = {p for p, parent in parents.items() if parent in frontier and p not in out}
+        out.update({p: names[p] for p in frontier})
+    return out
+
+
+# --- inputs, checked in the driver ------------------------------------------------------------------
+
+
+def test_missing_dataset_exits_2_with_one_line_and_no_ray_process(tmp_path):
+    """`fedmeta-sim` on a machine without the data: exit 2, one line on stderr naming the data set and
+    the fix, and no Ray process (raylet, gcs_server) ever started under it."""
+    proc = subprocess.Popen([sys.executable, "-m", "fedmeta.simulations.run", "--num-rounds", "2", "--results-dir", str(tmp_path / "r")],
+                            env=_env(tmp_path), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    seen: dict[int, str] = {}
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.is_set():
+            seen.update(_descendants(proc.pid))
+            done.wait(0.05)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    t0 = time.monotonic()
+    try:
+        out, err = proc.communicate(timeout=300)  # a hang guard; the run takes seconds
+    finally:
+        done.set()
+        watcher.join()
+        if proc.poll() is None:
+            proc.kill()
+    seconds = time.monotonic() - t0
+    assert proc.returncode == 2, (out, err)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("fedmeta-sim: error: dataset: fashion-mnist not found")
+    assert "apt-get install dataset-fashion-mnist" in lines[0] and "FEDMETA_DATA" in lines[0] and "--download true" in lines[0]
+    assert "Traceback" not in out + err and not list((tmp_path / "r").glob("*.json"))
+    ray_like = {p: n for p, n in seen.items() if "ray" in n or "gcs" in n}
+    assert not ray_like, f"Ray processes started: {ray_like}"
+    print(f"exit 2 after {seconds:.1f} s")  # reported, not asserted (timing is the benchmarks' job)
+
+
+def test_model_that_cannot_take_the_inputs_is_refused_by_name(capsys):
+    from fedmeta.simulations.run import main
+
+    assert main(["--dataset", "sinewave", "--model", "cnn", "--num-rounds", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("fedmeta-sim: error: model") and "sinewave" in err[0]
+
+
+def test_check_inputs_runs_the_model_on_the_data(monkeypatch):
+    """A model that does not fit the data's shape is caught by one forward pass, naming the model."""
+    monkeypatch.setitem(models.MODELS, "tiny-linear", lambda shape, n: nn.Sequential(nn.Linear(3, n)))
+    cfg = ExperimentConfig(dataset="sinewave", model="tiny-linear", num_clients=2, clients_per_round=0)
+    with pytest.raises(InputError, match=r"^model: 'tiny-linear' does not fit dataset 'sinewave' \(inputs \(1,\), 1 outputs\)"):
+        check_inputs(cfg)
+    ok = check_inputs(cfg.replace(model="sine-mlp"))
+    assert "client 0" in ok and "sine-mlp fits" in ok
+
+
+@pytest.fixture
+def no_data(tmp_path, monkeypatch):
+    """No Fashion-MNIST anywhere fedmeta looks."""
+    for key, value in _env(tmp_path).items():
+        if key.startswith("FEDMETA_"):
+            monkeypatch.setenv(key, value)
+    return tmp_path
+
+
+def test_fedmeta_reproduce_checks_the_data_before_its_first_simulation(no_data, capsys):
+    from fedmeta.simulations.reproduce import main
+
+    assert main(["per-fedavg-fig1", "--quick", "--out", str(no_data / "out"), "--runs", str(no_data / "runs")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("fedmeta-reproduce: error: dataset: fashion-mnist not found")
+    assert not list((no_data / "runs").rglob("*.json"))
+
+
+def test_fedmeta_deploy_local_checks_the_data_before_starting_any_process(no_data, capsys):
+    from fedmeta.simulations import deploy
+
+    started = []
+    real = deploy.LocalDeployment.start
+    deploy.LocalDeployment.start = lambda self: started.append(self) or real(self)
+    try:
+        code = deploy.main(["--nodes", "2", "--workdir", str(no_data / "deploy"), "--num-rounds", "1"])
+    finally:
+        deploy.LocalDeployment.start = real
+    assert code == 2 and not started
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("fedmeta-deploy-local: error: dataset: fashion-mnist not found")
+
+
+def test_the_flwr_run_serverapp_checks_the_data_before_its_first_message(no_data):
+    """`flwr run .`'s ServerApp main raises the one-line error before it touches the grid."""
+    from flwr.app import Context, RecordDict
+
+    from fedmeta.simulations import apps
+    from fedmeta.simulations.deploy import app_config
+
+    class NoGrid:
+        def __getattr__(self, name):
+            raise AssertionError(f"the ServerApp used the grid ({name}) before checking its inputs")
+
+    context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(),
+                      run_config={**app_config(ROOT), "results-dir": str(no_data / "r")})
+    with pytest.raises(InputError, match="^dataset: fashion-mnist not found"):
+        apps._main(NoGrid(), context)
+    off = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={**app_config(ROOT), "check-data": False,
+                                                                                "results-dir": str(no_data / "r")})
+    with pytest.raises(AssertionError, match="used the grid"):  # check-data=false: no check, straight to the strategy
+        apps._main(NoGrid(), off)
+
+
+@pytest.fixture
+def data_env(tmp_path, monkeypatch):
+    monkeypatch.setenv("FEDMETA_SYSTEM_DATA", str(tmp_path / "no-system-data"))
+    monkeypatch.setenv("FEDMETA_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("FEDMETA_DATA", raising=False)
+    return tmp_path
+
+
+def _image_cfg(data_dir: Path, **kw) -> ExperimentConfig:
+    return ExperimentConfig(dataset="mnist", partition="pathological", num_clients=4, clients_per_round=0, train_per_client=10,
+                            test_per_client=5, data_dir=str(data_dir), **kw)
+
+
+def test_check_inputs_accepts_good_files_and_names_missing_corrupt_and_misplaced_data(data_env):
+    good = data_env / "good"
+    write_idx_dataset(good / "MNIST" / "raw", per_class_train=12, per_class_test=6)
+    assert re.search(r"^mnist in .*good: client 0 has 10 train / \d+ test samples; mlp-40-40 fits$", check_inputs(_image_cfg(good)))
+
+    with pytest.raises(InputError, match=r"^dataset: mnist not found: .*download"):
+        check_inputs(_image_cfg(data_env / "nothing-here"))
+
+    corrupt = data_env / "corrupt"
+    corrupt.mkdir()
+    for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):
+        (corrupt / f"{name}.gz").write_bytes(b"not a gzip file")
+    with pytest.raises(InputError, match=r"^dataset: the mnist files .* are corrupt or incomplete"):
+        check_inputs(_image_cfg(corrupt))
+
+    truncated = data_env / "truncated"
+    write_idx_dataset(truncated / "MNIST" / "raw", per_class_train=12, per_class_test=6)
+    images = truncated / "MNIST" / "raw" / "train-images-idx3-ubyte"
+    images.write_bytes(images.read_bytes()[:1000])
+    with pytest.raises(InputError, match=r"^dataset: .*corrupt or incomplete"):
+        check_inputs(_image_cfg(truncated))
+
+    a_file = data_env / "a-file"
+    a_file.write_text("x")
+    with pytest.raises(InputError, match=r"^data-dir: .* is not a directory"):
+        check_inputs(_image_cfg(a_file))
+
+
+# --- a run in which no client can train ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def failed_run(tmp_path_factory):
+    """`fedmeta-sim` with a ClientApp that raises in every train call, 50 rounds asked, output piped."""
+    tmp = tmp_path_factory.mktemp("fail-all")
+    script = tmp / "fail_all.py"
+    script.write_text(FAIL_ALL)
+    results = tmp / "results"
+    proc = subprocess.run([sys.executable, str(script), "--algorithms", "local-moml", *SINE, "--num-rounds", "50",
+                           "--evaluate-every", "10", "--max-failed-rounds", "3", "--results-dir", str(results)],
+                          env=_env(tmp), cwd=tmp, capture_output=True, text=True, timeout=600)
+    return proc, results
+
+
+@pytest.mark.ray
+def test_a_run_where_every_client_raises_stops_after_max_failed_rounds(failed_run):
+    proc, results = failed_run
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 1, out
+    assert out.count(MESSAGE) == 1, out  # the distinct error once, with its first traceback
+    assert "Traceback (most recent call last)" in out and "ClientAppException" not in out and "ray::" not in out
+    assert re.search(r"raised 12 times by 4 clients in train of rounds 1-3", out), out
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("fedmeta-sim: error: local-moml: stopped after round 3: no valid train reply in 3 consecutive rounds")
+    res = json.loads((results / "local-moml-sinewave-n4-seed0.json").read_text())
+    assert res["status"] == "failed" and res["failure"].startswith("stopped after round 3")
+    assert sorted(res["train"], key=int) == ["1", "2", "3"] and all(m["kept-global-model"] == 1 for m in res["train"].values())
+    [error] = res["client_errors"]
+    assert error["error"] == f"RuntimeError: {MESSAGE}" and error["clients"] == [0, 1, 2, 3] and error["rounds"] == [1, 2, 3]
+    assert error["replies"] == 12 and error["traceback"].rstrip().endswith(f"RuntimeError: {MESSAGE}")
+    # The full text of every error reply is in the run's log, named in the last line.
+    log = results / "logs" / "local-moml-sinewave-n4-seed0.log"
+    assert str(log) in last and log.read_text().count(MESSAGE) >= 12
+
+
+@pytest.mark.ray
+def test_a_stopped_run_can_be_replaced_by_a_fresh_one_or_resumed(failed_run):
+    _, results = failed_run
+    ckpt = CheckpointDir(results / "checkpoints" / "local-moml-sinewave-n4-seed0")
+    assert ckpt.stopped()["round"] == 3 and ckpt.load().round == 2  # the stopped round was not committed
+    assert check_can_start(ckpt.path, resume=False) is None  # a fresh run may replace it
+    assert check_can_start(ckpt.path, resume=True).round == 2
+
+
+@pytest.mark.ray
+def test_piped_output_shows_plain_round_lines(failed_run):
+    proc, _ = failed_run
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("local-moml round ")]
+    assert [ln.split(" | ")[0] for ln in lines] == [f"local-moml round {r}/50" for r in (1, 2, 3)]
+    assert all(re.search(r"\| elapsed \d\d:\d\d \| eta \d\d:\d\d \| acc - \| failures \d+$", ln) for ln in lines), lines
+    assert lines[-1].endswith("failures 12")
+    assert "\x1b[" not in proc.stdout and "━" not in proc.stdout
+
+
+@pytest.mark.ray
+def test_progress_on_a_terminal_is_a_bar(tmp_path):
+    """The same CLI on a pseudo-terminal: rich's bar (round k/N, bar, elapsed, ETA, score, failures)."""
+    master, slave = pty.openpty()
+    argv = [sys.executable, "-m", "fedmeta.simulations.run", "--algorithms", "per-fedavg", *SINE, "--num-rounds", "4",
+            "--evaluate-every", "4", "--results-dir", str(tmp_path / "r")]
+    proc = subprocess.Popen(argv, env=_env(tmp_path, COLUMNS="120"), cwd=tmp_path, stdin=slave, stdout=slave, stderr=slave)
+    os.close(slave)
+    chunks = []
+    deadline = time.monotonic() + 600  # a hang guard
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([master], [], [], 1.0)
+        if ready:
+            try:
+                data = os.read(master, 65536)
+            except OSError:  # EIO: the child closed the terminal
+                break
+            if not data:
+                break
+            chunks.append(data)
+        elif proc.poll() is not None:
+            break
+    os.close(master)
+    assert proc.wait(timeout=60) == 0
+    screen = b"".join(chunks).decode(errors="replace")
+    assert "━" in screen and "\x1b[" in screen  # a drawn bar
+    plain = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", screen)
+    assert re.search(r"per-fedavg round\s+4/4", plain) and "failures 0" in plain and re.search(r"loss \d\.\d{4}", plain)
+    assert not re.search(r"per-fedavg round 4/4 \| elapsed", plain)  # no plain lines on a terminal
+
+
+# --- summarising client errors ----------------------------------------------------------------------
+
+
+def test_error_reasons_from_a_deployment_and_a_third_party_client_are_keyed_by_their_message():
+    assert parse_reason("<class 'FileNotFoundError'>:<'fashion-mnist not found: missing x'>") == (
+        "FileNotFoundError: fashion-mnist not found: missing x", "FileNotFoundError: fashion-mnist not found: missing x")
+    assert parse_reason("something went wrong") == ("something went wrong", "something went wrong")
+    failures = ClientFailures()
+    for rnd, client in ((1, 0), (1, 1), (2, 0)):
+        failures.record(rnd, "train", [client], "<class 'ValueError'>:<'bad'>")
+    failures.record(2, "evaluate", [3], "<class 'KeyError'>:<'x'>")
+    assert [e["error"] for e in failures.to_list()] == ["ValueError: bad", "KeyError: x"]
+    assert failures.total == 4
+    report = failures.report()
+    assert report.count("ValueError: bad") == 1 and "raised 3 times by 2 clients in train of rounds 1-2" in report
+
