@@ -22,8 +22,15 @@ run: $(STAMP)
 	$(PY) scripts/provision_data.py $(ARGS)
 	$(PY) -m fedmeta.simulations.run $(ARGS)
 
+# Both ends of the supported Flower range: the strategy and client unit tests under flwr 1.39 (the
+# build/flwr139 venv, built once), then the whole suite under the main venv's flwr (1.42).
+FLWR139_TESTS := tests/test_strategies.py tests/test_clients.py tests/test_screening.py tests/test_multiclient.py \
+                 tests/test_checkpoint.py tests/test_fail_fast.py tests/test_flower_api.py
+
 test: $(STAMP)
 	$(PY) scripts/provision_data.py --optional
+	$(PY) scripts/build_flwr_venv.py --flwr 1.39.0 --dest build/flwr139 > /dev/null
+	build/flwr139/bin/python -m pytest -q -p no:cacheprovider -m "not ray and not deploy" $(FLWR139_TESTS)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 bench: $(STAMP)

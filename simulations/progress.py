@@ -133,14 +133,14 @@ def _to_file(record: logging.LogRecord) -> bool:
 
 
 @contextlib.contextmanager
-def run_log(path: str | Path, *, verbose: bool = False) -> Iterator[Path]:
-    """While the block runs, append Flower's records (INFO and up: its per-client tracebacks, its
+def run_log(path: str | Path, *, verbose: bool = False, append: bool = False) -> Iterator[Path]:
+    """While the block runs, write (``append``: append) Flower's records (INFO and up: its per-client tracebacks, its
     notices such as ``run_simulation``'s deprecation), fedmeta's (at the ``fedmeta`` logger's level)
     and every client error reply in full (``fedmeta.errors``) to ``path``; unless ``verbose``, Flower's
     records reach no console. Logger levels are left as they are."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(path, encoding="utf-8")
+    handler = logging.FileHandler(path, mode="a" if append else "w", encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
     handler.addFilter(_to_file)
     loggers = [logging.getLogger(name) for name in ("flwr", "fedmeta", "fedmeta.errors")]

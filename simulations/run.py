@@ -63,7 +63,7 @@ def simulate(cfg: ExperimentConfig, *, verbose: bool = False, check: bool = True
                 client_cfg = cfg.replace(memory_dir=str(ckpt / "memory"))
         elif cfg.num_nodes and not cfg.memory_dir:  # multi-client nodes: memory banks for this run only
             client_cfg = cfg.replace(memory_dir=stack.enter_context(tempfile.TemporaryDirectory(prefix="fedmeta-memory-")))
-        stack.enter_context(run_log(log_path, verbose=verbose))
+        stack.enter_context(run_log(log_path, verbose=verbose, append=cfg.resume))  # a resumed run continues its log
         stream = sys.stdout if progress else stack.enter_context(open(os.devnull, "w"))
         bar = stack.enter_context(RoundProgress(cfg.num_rounds, label=cfg.algorithm, stream=stream))
         stack.enter_context(console_through(bar))

@@ -20,7 +20,6 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg as FlowerFedAvg
 from flwr.serverapp.strategy import Result
-from flwr.serverapp.strategy.strategy_utils import log_strategy_start_info
 
 from fedmeta import config as C
 from fedmeta.config import EvalConfig, field_names
@@ -49,6 +48,11 @@ EVAL_KEYS = (C.ACC_BEFORE, C.ACC_AFTER, C.LOSS_BEFORE, C.LOSS_AFTER)
 def _require(name: str, ok: bool, allowed: str, value: Any) -> None:
     if not ok:
         raise ValueError(f"{name} must be {allowed}, got {value!r}")
+
+
+def messages_to(nodes: Iterable[int], content: RecordDict, message_type: str) -> list[Message]:
+    """One message with ``content`` for each node (Flower's public ``Message`` constructor)."""
+    return [Message(content=content, message_type=message_type, dst_node_id=node) for node in nodes]
 
 
 def summarize(per_client: Iterable[dict[str, float]]) -> dict[str, float]:
@@ -382,7 +386,10 @@ class MetaStrategy(FlowerFedAvg):
                 log(INFO, "Resuming from the checkpoint after round %d of %d in %s", state.round, num_rounds, ckpt.path)
 
         log(INFO, "Starting %s strategy:", self.__class__.__name__)
-        log_strategy_start_info(num_rounds, arrays, train_config, evaluate_config)
+        log(INFO, "\t├── Number of rounds: %d", num_rounds)
+        log(INFO, "\t├── ArrayRecord (%.2f MB)", sum(len(a.data) for a in arrays.values()) / 2**20)
+        log(INFO, "\t├── ConfigRecord (train): %s", dict(train_config) or "(empty)")
+        log(INFO, "\t├── ConfigRecord (evaluate): %s", dict(evaluate_config) or "(empty)")
         self.summary()
         log(INFO, "")
         t_start = time.time()
@@ -590,7 +597,7 @@ class MetaStrategy(FlowerFedAvg):
         self._sent_train = {server_round: SentRound(arrays, self._by_node(nodes, parts), self.multi_client)}
         if not self.multi_client:
             record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: train_config})
-            return self._construct_messages(record, [nodes[p] for p in parts], MessageType.TRAIN)
+            return messages_to([nodes[p] for p in parts], record, MessageType.TRAIN)
         return self._group_messages(arrays, train_config, nodes, parts, MessageType.TRAIN)
 
     @staticmethod
@@ -705,8 +712,8 @@ class MetaStrategy(FlowerFedAvg):
         self._round_valid = bool(accepted)
         # Average in client order, not arrival order: the float sum is then the same in every run.
         accepted.sort(key=lambda m: min(sent.clients.get(m.metadata.src_node_id, (math.inf,))))
-        # Flower's log of results and errors; its consistency check is screening's job (it raises).
-        self._check_and_log_replies(accepted + errors, is_train=True, validate=False)
+        # Consistency is screening's job; the errors were counted (and logged once each) above.
+        log(INFO, "aggregate_train: Received %s results and %s failures", len(accepted), len(errors))
         self.round_seconds[server_round] = time.perf_counter() - self._round_started
         missing = self._missing(server_round, "train", replies, sent)
         counts: dict[str, int] = {
@@ -769,7 +776,7 @@ class MetaStrategy(FlowerFedAvg):
         if self.multi_client:
             return self._group_messages(arrays, cfg, nodes, sorted(nodes), MessageType.EVALUATE)
         record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: cfg})
-        return self._construct_messages(record, [nodes[p] for p in sorted(nodes)], MessageType.EVALUATE)
+        return messages_to([nodes[p] for p in sorted(nodes)], record, MessageType.EVALUATE)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         replies = list(replies)
@@ -777,7 +784,7 @@ class MetaStrategy(FlowerFedAvg):
         errors = [m for m in replies if m.has_error()]
         self._record_errors(server_round, "evaluate", errors, sent)
         valid, rejected = self._screen(server_round, "evaluate", [m for m in replies if not m.has_error()], sent)
-        self._check_and_log_replies(valid + errors, is_train=False, validate=False)
+        log(INFO, "aggregate_evaluate: Received %s results and %s failures", len(valid), len(errors))
         missing = self._missing(server_round, "evaluate", replies, sent)
         if not valid:
             if rejected:
