@@ -11,7 +11,7 @@ Measured in one run, on the CPU:
    exact / first-order ratio is not skewed by the VM's slow drifts.
 2. **One LocalMOML round end to end**: ``simulate(cfg)`` with n=50 clients cross-silo, H=4, K=5,
    exact Hessian and no evaluation, against the same per-round work as a bare in-process loop
-   (50 x ``MetaClient.train_local_moml`` plus the uniform average, single-threaded). Round 1
+   (50 x ``MetaClient.train`` plus the uniform average, single-threaded). Round 1
    includes Ray start-up and the memory initialisation, so both report the median of the steady
    rounds 2..R.
 
@@ -125,7 +125,7 @@ def bare_loop_round_seconds(cfg: ExperimentConfig, hp: LocalMOMLConfig, num_roun
     """Wall time of each of ``num_rounds`` LocalMOML rounds run in-process, single-threaded.
 
     Each round does what a cross-silo round of ``simulate(cfg)`` computes, without Flower: every
-    client runs :meth:`MetaClient.train_local_moml` from the current meta-model with the memory it
+    client runs :meth:`MetaClient.train` from the current meta-model with the memory it
     kept from its last round (``None`` in round 1) and the ClientApp's batch generator, then the
     returned meta-models are averaged uniformly.
 
@@ -154,7 +154,7 @@ def bare_loop_round_seconds(cfg: ExperimentConfig, hp: LocalMOMLConfig, num_roun
         t0 = time.perf_counter()
         meta_models = []
         for pid, client in enumerate(clients):
-            result = client.train_local_moml(w, memories[pid], hp, round_generator(cfg.seed, pid, server_round, 0))
+            result = client.train(w, hp, memories[pid], round_generator(cfg.seed, pid, server_round, 0))
             memories[pid] = result.personalized_model
             meta_models.append(result.meta_model)
         w = {k: torch.stack([m[k] for m in meta_models]).mean(0) for k in w}

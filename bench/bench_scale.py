@@ -5,7 +5,7 @@ Hessian-vector product, N=1, H=4 local steps, K=5, MLP 784-40-40-10 on real Fash
 the pathological split, one class per client) and the sinewave workload (the same on the 1-40-40-1
 MLP, K=5, step sizes 0.001), parts 1-4 each (part 5 is the sinewave run of parts 1-4):
 
-1. **Bare math**: one node's work for 100 clients in one process, ``fedmeta.batched.per_fedavg_rounds``
+1. **Bare math**: one node's work for 100 clients in one process, ``fedmeta.algorithms.executor.local_rounds``
    as the per-client loop (``vectorize="loop"``) and vmapped (``"vmap"``, chunk 100), with
    ``torch.set_num_threads(1)`` and ``(2)``. A call is one local round of every client (C*H
    client-steps) including the batch sampling the node does (generators, samplers, draws); the data
@@ -73,7 +73,7 @@ from torch.func import vmap
 from timing import bench_interleaved  # bench/timing.py (the script's folder is on sys.path)
 from fedmeta import config as C
 from fedmeta import meta
-from fedmeta.batched import per_fedavg_rounds
+from fedmeta.algorithms.executor import local_rounds
 from fedmeta.clients.client import directions_generator, round_generator
 from fedmeta.data import client_data
 from fedmeta.simulations.apps import build_strategy, initial_model
@@ -510,16 +510,15 @@ class NodeWork:
 
     def round_call(self, vectorize: str, server_round: int = 2) -> Callable[[], object]:
         """One local Per-FedAvg round of every client, as a ``ClientGroup`` node runs it: each client's
-        round generator and sampler, then ``per_fedavg_rounds`` (sampling included in the time)."""
+        round generator and sampler, then ``local_rounds`` (sampling included in the time)."""
         cfg, hp = self.cfg, self.hp
 
         def call() -> object:
             gens = [round_generator(cfg.seed, c, server_round, 0) for c in range(len(self.datas))]
             samplers = [functools.partial(d.sample, generator=g) for d, g in zip(self.datas, gens)]
-            return per_fedavg_rounds(
-                self.f, self.w, samplers, gens, local_steps=hp.local_steps, batch_size=hp.batch_size,
-                inner_lr=hp.inner_lr, meta_lr=hp.meta_lr, estimator=hp.estimator(), inner_steps=hp.inner_steps,
-                direction_gens=[directions_generator(g) for g in gens], chunk_size=cfg.chunk_size, vectorize=vectorize)
+            return local_rounds(self.hp.algorithm, self.f, self.w, samplers, gens, hp,
+                                direction_gens=[directions_generator(g) for g in gens], chunk_size=cfg.chunk_size,
+                                vectorize=vectorize)
 
         return call
 
@@ -849,7 +848,7 @@ def _workload_table(w: dict[str, Any], title: str) -> list[str]:
     bare_cfg = w["bare"]["config"]
     lines = [
         f"== {title}: {w['workload']} ==",
-        f"1. Bare math: one round of {bare_cfg['num-clients']} clients in one process (fedmeta.batched.per_fedavg_rounds, "
+        f"1. Bare math: one round of {bare_cfg['num-clients']} clients in one process (fedmeta.algorithms.executor.local_rounds, "
         f"chunk {bare_cfg['chunk-size']}, batch sampling included); other processes used {_others(w['bare']['load'])} cores",
         f"   {'path':<6} {'threads':>7} {'ms/call min / med':>20} {'client-steps/s (min / med)':>28}",
     ]

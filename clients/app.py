@@ -17,15 +17,16 @@ import logging
 import os
 import tempfile
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 import torch
 from flwr.clientapp import ClientApp
 from torch import Tensor, nn
 
+from fedmeta import algorithms
 from fedmeta import config as C
-from fedmeta.batched import weighted_mean
+from fedmeta.batched import DEFAULT_CHUNK_SIZE, weighted_mean
 from fedmeta.clients.client import ClientGroup, MetaClient, hosted_clients, round_generator, select_device
 from fedmeta.clients.memory import (
     ContextMemory, DiskMemory, Memory, MemoryBank, bank_path, experiment_key, params_digest, partition_id,
@@ -99,9 +100,10 @@ def make_client_app(
     *,
     device: str | None = None,
     memory: Memory | None = None,
-    chunk_size: int = 100,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
     vectorize: str = "auto",
     memory_dir: str | None = None,
+    register: Sequence[algorithms.Algorithm] = (),
 ) -> ClientApp:
     """Build the fedmeta ``ClientApp``.
 
@@ -131,6 +133,12 @@ def make_client_app(
         page cache: they survive a killed process, not a power cut). Multi-client nodes without either
         use :func:`default_memory_root`. Simulations that checkpoint set it, so that a resumed run
         finds its clients' memories (``context.state`` dies with the simulation process).
+
+    register
+        Algorithm units (:class:`fedmeta.algorithms.Algorithm`) to register in every process that runs
+        this app, before a train message is handled: a user's own algorithm reaches Ray workers (which
+        receive the app pickled, without running the module that defines the algorithm) and ClientApp
+        processes this way.
 
     When the train config carries ``memory-key`` (the server checkpoints), memories are keyed by it
     and a client loads the newest version of its u written before the current round: a round
@@ -173,7 +181,7 @@ def make_client_app(
         ids, hosted = _requested_clients(cfg, context)
         group = build_group(context)
         w = group.params_from(msg.content["arrays"].to_torch_state_dict())
-        keep = getattr(hp, "memory_policy", None) == "keep"
+        keep = algorithms.for_config(hp).keeps_state(hp)
         u, rounds = None, [-1] * len(ids)
         server_round = int(cfg[C.SERVER_ROUND])
         load_kw, _ = timeline(cfg, server_round)
@@ -218,17 +226,20 @@ def make_client_app(
     @app.train()
     def train(msg: Message, context: Context) -> Message:
         cfg = msg.content["config"]
-        algorithm = cfg.get(C.ALGORITHM)
-        if algorithm not in C.ALGORITHM_CONFIGS:
-            raise ValueError(f"config {C.ALGORITHM!r} must be one of {sorted(C.ALGORITHM_CONFIGS)}, got {algorithm!r}")
-        hp = C.ALGORITHM_CONFIGS[algorithm].from_wire(cfg)  # validates before any work
+        for unit in register:  # idempotent; the units travel with the app (see `register`)
+            algorithms.register(unit, replace=True)
+        try:
+            algo = algorithms.get(cfg.get(C.ALGORITHM))
+        except ValueError as err:
+            raise ValueError(f"config {C.ALGORITHM!r}: {err}") from None
+        hp = algo.config.from_wire(cfg)  # validates before any work
         if C.CLIENT_IDS in cfg:
             return train_group(msg, context, cfg, hp)
         server_round = int(cfg[C.SERVER_ROUND])
         client, pid = build(context)
         w = client.params_from(msg.content["arrays"].to_torch_state_dict())
         gen = round_generator(int(cfg.get(C.SEED, 0)), pid, server_round, 0)
-        keep = getattr(hp, "memory_policy", None) == "keep"
+        keep = algo.keeps_state(hp)
         store = memory if memory is not None else node_memory(context, memory_dir)
         load_kw, save_kw = timeline(cfg, server_round)
         u = store.load(context, client.device, expected=client.param_spec, **load_kw) if keep else None

@@ -11,21 +11,22 @@ from __future__ import annotations
 import dataclasses
 import functools
 from dataclasses import dataclass
-from typing import Callable, Union
+from typing import Any, Callable
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
+from fedmeta import algorithms, batched, meta
 from fedmeta import config as C
-from fedmeta import batched, meta
+from fedmeta.algorithms.executor import local_round, local_rounds
 from fedmeta.clients.memory import ContextMemory, ParamSpec  # noqa: F401  (ContextMemory: re-exported)
-from fedmeta.config import EvalConfig, FedAvgConfig, LocalMOMLConfig, PerFedAvgConfig
+from fedmeta.config import EvalConfig
 from fedmeta.data import ClientData
 from fedmeta.meta import Params
 
-
-AlgorithmConfig = Union[FedAvgConfig, PerFedAvgConfig, LocalMOMLConfig]
+AlgorithmConfig = Any
+"""A registered algorithm's config (:data:`fedmeta.algorithms.REGISTRY`): ``FedAvgConfig``, ``PerFedAvgConfig``, ..."""
 
 
 def select_device(override: str | None = None) -> torch.device:
@@ -113,57 +114,12 @@ class MetaClient:
         return params_from(state, self.param_spec, self.device)
 
     def train(self, w: Params, hp: AlgorithmConfig, u: Params | None, gen: torch.Generator) -> TrainResult:
-        """One local round of the algorithm ``hp`` configures; ``u`` is the kept memory, if any."""
-        trainer = {
-            FedAvgConfig: self.train_fedavg,
-            PerFedAvgConfig: self.train_per_fedavg,
-            LocalMOMLConfig: functools.partial(self.train_local_moml, u=u),
-        }[type(hp)]
-        return trainer(w=w, hp=hp, gen=gen)
-
-    def train_fedavg(self, w: Params, hp: FedAvgConfig, gen: torch.Generator) -> TrainResult:
-        """tau local SGD steps (the FedAvg baseline)."""
-        w, stats = meta.sgd_round(
-            self.loss, w, lambda k: self.data.sample(k, gen), local_steps=hp.local_steps, batch_size=hp.batch_size, lr=hp.lr
-        )
-        return TrainResult(w, None, stats).check_finite()
-
-    def train_per_fedavg(self, w: Params, hp: PerFedAvgConfig, gen: torch.Generator) -> TrainResult:
-        """tau Per-FedAvg steps from the received meta-model (per-fedavg.txt Algorithm 1), N-step inner loop."""
-        w, stats = meta.per_fedavg_round(
-            self.loss,
-            w,
-            lambda k: self.data.sample(k, gen),
-            local_steps=hp.local_steps,
-            batch_size=hp.batch_size,
-            inner_lr=hp.inner_lr,
-            meta_lr=hp.meta_lr,
-            estimator=hp.estimator(),
-            inner_steps=hp.inner_steps,
-            gen=directions_generator(gen),
-        )
-        return TrainResult(w, None, stats).check_finite()
-
-    def train_local_moml(self, w: Params, u: Params | None, hp: LocalMOMLConfig, gen: torch.Generator) -> TrainResult:
-        """H LocalMOML steps (localmoml Algorithm 3). ``u`` is the kept memory or ``None`` (reset)."""
-        if hp.memory_policy == "reset":
-            u = None
-        w, u, stats = meta.local_moml_round(
-            self.loss,
-            w,
-            u,
-            lambda k: self.data.sample(k, gen),
-            local_steps=hp.local_steps,
-            batch_size=hp.batch_size,
-            init_batch_size=hp.init_batch_size,
-            inner_lr=hp.inner_lr,
-            lr=hp.lr,
-            momentum=hp.momentum,
-            estimator=hp.estimator(),
-            inner_steps=hp.inner_steps,
-            gen=directions_generator(gen),
-        )
-        return TrainResult(w, u, stats).check_finite()
+        """One local round of the algorithm ``hp`` configures (:func:`~fedmeta.algorithms.executor.local_round`)
+        from the meta-model ``w``; ``u`` is the kept state (LocalMOML's memory), if any. ``gen`` draws
+        the batches; the estimators' random directions come from :func:`directions_generator`."""
+        r = local_round(algorithms.for_config(hp), self.loss, w, lambda k: self.data.sample(k, gen), hp, state=u,
+                        gen=directions_generator(gen))
+        return TrainResult(r.meta_model, r.state, r.stats).check_finite()
 
     def evaluate(self, w: Params, ev: EvalConfig, gen: torch.Generator) -> dict[str, float]:
         """Personalized evaluation without leakage.
@@ -242,7 +198,7 @@ class ClientGroup:
         data_fn: Callable[[int], ClientData],
         device: torch.device,
         *,
-        chunk_size: int = 100,
+        chunk_size: int = batched.DEFAULT_CHUNK_SIZE,
         vectorize: str = "auto",
     ) -> None:
         batched.check_vectorize(vectorize, chunk_size)
@@ -281,29 +237,10 @@ class ClientGroup:
         examples = [d.num_train for d in datas]
         gens = [round_generator(seed, c, server_round, 0) for c in client_ids]
         samplers = [functools.partial(d.sample, generator=g) for d, g in zip(datas, gens)]
-        if isinstance(hp, FedAvgConfig):
-            outs = [
-                meta.sgd_round(self.loss, w, s, local_steps=hp.local_steps, batch_size=hp.batch_size, lr=hp.lr)
-                for s in samplers
-            ]
-            result = GroupTrainResult(batched.stack([o[0] for o in outs]), None, [o[1] for o in outs], examples)
-        else:
-            common = dict(
-                local_steps=hp.local_steps, batch_size=hp.batch_size, inner_lr=hp.inner_lr, estimator=hp.estimator(),
-                inner_steps=hp.inner_steps, direction_gens=[directions_generator(g) for g in gens],
-                chunk_size=self.chunk_size, vectorize=self.vectorize,
-            )
-            if isinstance(hp, PerFedAvgConfig):
-                models, stats = batched.per_fedavg_rounds(self.loss, w, samplers, gens, meta_lr=hp.meta_lr, **common)
-                result = GroupTrainResult(models, None, stats, examples)
-            else:
-                if hp.memory_policy == "reset" or has_memory is None:
-                    u, has_memory = None, [False] * len(client_ids)
-                models, memories, stats = batched.local_moml_rounds(
-                    self.loss, w, u, has_memory, samplers, gens, init_batch_size=hp.init_batch_size, lr=hp.lr,
-                    momentum=hp.momentum, **common,
-                )
-                result = GroupTrainResult(models, memories, stats, examples)
+        r = local_rounds(algorithms.for_config(hp), self.loss, w, samplers, gens, hp, states=u, has_state=has_memory,
+                         direction_gens=[directions_generator(g) for g in gens], chunk_size=self.chunk_size,
+                         vectorize=self.vectorize)
+        result = GroupTrainResult(r.meta_models, r.states, r.stats, examples)
         bad = sorted(set(batched.nonfinite_rows(result.meta_models)) | set(batched.nonfinite_rows(result.personalized_models or {})))
         if len(bad) == len(client_ids):
             raise FloatingPointError(

@@ -73,6 +73,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context
 from torch import Tensor
 
 from fedmeta import config as C
+from fedmeta import files
 from fedmeta.files import fsync_dir
 from fedmeta.meta import Params
 
@@ -342,14 +343,7 @@ def write_memory_file(
     not durable across a power cut.
     """
     path = Path(path)
-    tmp = _write_temp(path, experiment, partition, params, server_round, sync=sync)
-    try:
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    if sync:
-        fsync_dir(path.parent)  # make the rename itself durable: without this a power cut can bring back the old file
+    files.replace(_write_temp(path, experiment, partition, params, server_round, sync=sync), path, sync=sync)
 
 
 def _write_temp(path: Path, experiment: str, partition: int, params: Params, server_round: int, *, sync: bool) -> Path:
@@ -368,18 +362,7 @@ def _write_temp(path: Path, experiment: str, partition: int, params: Params, ser
         "params": tensors,
         "digest": params_digest(tensors),  # catches bit rot inside the tensors, which torch.load does not
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(blob, fh)
-            fh.flush()
-            if sync:
-                os.fsync(fh.fileno())
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return Path(tmp)
+    return files.write_temp(path, lambda fh: torch.save(blob, fh), sync=sync)
 
 
 class DiskMemory:

@@ -218,10 +218,11 @@ class CentralizedConfig:
         if self.task not in TASKS:
             raise bad("task", f"one of {sorted(TASKS)}")
         meta.check_meta_gradient(self.meta_gradient, self.inner_steps, self.delta, self.num_directions)
-        for name in ("inner_lr", "meta_lr"):
+        for name, low in (("inner_lr", 0.0), ("meta_lr", None)):  # alpha = 0 is allowed, as in the federated configs
             v = getattr(self, name)
-            if not (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0):
-                raise bad(name, "a finite number > 0")
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and (v >= low if low is not None else v > 0)
+            if not ok:
+                raise bad(name, "a finite number >= 0" if low is not None else "a finite number > 0")
         if self.outer_optimizer not in OUTER_OPTIMIZERS:
             raise bad("outer_optimizer", f"one of {sorted(OUTER_OPTIMIZERS)}")
         for name in ("tasks_per_iteration", "batch_size", "test_batch_size", "iterations", "eval_every", "eval_tasks"):

@@ -10,12 +10,11 @@ and again on the client (nothing a server sends is trusted blindly).
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import math
+from collections.abc import Iterator
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar, Mapping
 
-from fedmeta import meta
+from fedmeta import validation as V
 
 # --- train/evaluate ConfigRecord keys (server -> client) -------------------------------------
 ALGORITHM = "algorithm"
@@ -72,51 +71,11 @@ LOCAL_MOML = "local-moml"
 MEMORY_POLICIES = ("keep", "reset")
 
 
-def _check(name: str, ok: bool, allowed: str, value: Any) -> None:
-    if not ok:
-        raise ValueError(f"{name} must be {allowed}, got {value!r}")
-
-
-def _check_choice(name: str, value: Any, options: tuple[str, ...]) -> None:
-    """``value`` must be one of ``options``; a near miss names the nearest option."""
-    if isinstance(value, str) and value in options:
-        return
-    near = difflib.get_close_matches(value, options, n=1) if isinstance(value, str) else []
-    hint = f"; did you mean {near[0]!r}?" if near else ""
-    raise ValueError(f"{name} must be one of {list(options)}, got {value!r}{hint}")
-
-
 def _normalized(key: str) -> str:
     return key.strip().lower().replace("_", "-").replace(" ", "-")
 
 
-def _positive_int(name: str, value: Any) -> None:
-    _check(name, isinstance(value, int) and not isinstance(value, bool) and value >= 1, "an integer >= 1", value)
-
-
-def _nonneg_int(name: str, value: Any) -> None:
-    _check(name, isinstance(value, int) and not isinstance(value, bool) and value >= 0, "an integer >= 0", value)
-
-
-def _finite(value: Any) -> bool:
-    """A real number (not a bool) that is finite as a float (a huge int is not)."""
-    if not isinstance(value, (int, float)) or isinstance(value, bool):
-        return False
-    try:
-        return math.isfinite(value)
-    except OverflowError:
-        return False
-
-
-def _finite_nonneg(name: str, value: Any) -> None:
-    _check(name, _finite(value) and value >= 0, "a finite number >= 0", value)
-
-
-def _finite_positive(name: str, value: Any) -> None:
-    _check(name, _finite(value) and value > 0, "a finite number > 0", value)
-
-
-class _Wire:
+class WireConfig:
     """Mixin: round-trip a frozen dataclass through a flat kebab-case dict (a ``ConfigRecord``)."""
 
     KEYS: ClassVar[dict[str, str]]
@@ -153,138 +112,7 @@ class _Wire:
 
 
 @dataclass(frozen=True)
-class FedAvgConfig(_Wire):
-    """FedAvg client hyper-parameters (the baseline of per-fedavg.txt Section 5): tau SGD steps."""
-
-    inner_lr: float = 0.01
-    """alpha: step size of personalized evaluation's fine-tuning (not used in training) (>= 0)."""
-    lr: float = 0.001
-    """Local SGD step size (> 0)."""
-    local_steps: int = 1
-    """tau: local SGD steps per round (>= 1)."""
-    batch_size: int = 5
-    """Samples per SGD step (>= 1)."""
-
-    algorithm: ClassVar[str] = FEDAVG
-    KEYS: ClassVar[dict[str, str]] = {"inner_lr": INNER_LR, "lr": LR, "local_steps": LOCAL_STEPS, "batch_size": BATCH_SIZE}
-
-    def __post_init__(self) -> None:
-        _finite_nonneg("inner_lr (alpha)", self.inner_lr)
-        _finite_positive("lr", self.lr)
-        _positive_int("local_steps (tau)", self.local_steps)
-        _positive_int("batch_size", self.batch_size)
-
-
-@dataclass(frozen=True)
-class _Estimator:
-    """The meta-gradient estimator fields shared by Per-FedAvg and LocalMOML (fedmeta.meta.meta_gradient)."""
-
-    inner_steps: int = 1
-    """N: inner SGD steps of the adaptation, multistep-maml-ggs eq. (6) (>= 1; 1 is the papers' setting)."""
-    meta_gradient: str = "exact"
-    """Estimator of the meta-gradient: ``exact`` (HVPs through the inner loop), ``first_order``,
-    ``hessian_free`` (finite differences, per-fedavg eq. 119), ``ggs`` (eq. 18), ``zeroth_order``
-    (eq. 17) or ``fo_muml`` (fo-muml Algorithm 3)."""
-    delta: float = 1e-5
-    """Finite-difference step of ``hessian_free`` (per-fedavg eq. 119) or smoothing radius of
-    ``ggs`` / ``zeroth_order`` (eqs. 17-18) (> 0). See :data:`fedmeta.meta.DEFAULT_DELTA`."""
-    num_directions: int = 10
-    """U: Gaussian vectors per Hessian estimate (``ggs``, ``zeroth_order``) (>= 1)."""
-
-    ESTIMATOR_KEYS: ClassVar[dict[str, str]] = {
-        "inner_steps": INNER_STEPS,
-        "meta_gradient": META_GRADIENT,
-        "delta": DELTA,
-        "num_directions": NUM_DIRECTIONS,
-    }
-
-    def _check_estimator(self) -> None:
-        _check_choice("meta_gradient", self.meta_gradient, meta.META_GRADIENTS)
-        _positive_int("inner_steps (N)", self.inner_steps)
-        _finite_positive("delta (finite-difference step / smoothing radius)", self.delta)
-        _positive_int("num_directions (U, Gaussian vectors per Hessian estimate)", self.num_directions)
-        meta.check_meta_gradient(self.meta_gradient, self.inner_steps, self.delta, self.num_directions)
-
-    def estimator(self) -> meta.MetaGradient:
-        return meta.meta_gradient(self.meta_gradient, delta=self.delta, num_directions=self.num_directions)
-
-
-@dataclass(frozen=True)
-class PerFedAvgConfig(_Estimator, _Wire):
-    """Per-FedAvg client hyper-parameters (per-fedavg.txt Algorithm 1, eqs. 8-9)."""
-
-    inner_lr: float = 0.01
-    """alpha: step size of the adaptation step ``w - alpha grad f(w; D)`` (>= 0)."""
-    meta_lr: float = 0.001
-    """beta of Per-FedAvg: the local meta step size in eq. (8) (> 0)."""
-    local_steps: int = 1
-    """tau: local meta steps per round (>= 1)."""
-    batch_size: int = 5
-    """|D| = |D'| = |D''|: samples in each of the three independent batches (>= 1)."""
-    algorithm: ClassVar[str] = PER_FEDAVG
-    KEYS: ClassVar[dict[str, str]] = {
-        "inner_lr": INNER_LR,
-        "meta_lr": META_LR,
-        "local_steps": LOCAL_STEPS,
-        "batch_size": BATCH_SIZE,
-        **_Estimator.ESTIMATOR_KEYS,
-    }
-
-    def __post_init__(self) -> None:
-        _finite_nonneg("inner_lr (alpha)", self.inner_lr)
-        _finite_positive("meta_lr (Per-FedAvg beta)", self.meta_lr)
-        _positive_int("local_steps (tau)", self.local_steps)
-        _positive_int("batch_size", self.batch_size)
-        self._check_estimator()
-
-
-@dataclass(frozen=True)
-class LocalMOMLConfig(_Estimator, _Wire):
-    """LocalMOML client hyper-parameters (localmoml Algorithm 3, eqs. 7-8)."""
-
-    inner_lr: float = 0.01
-    """alpha: step size of the adaptation step ``w - alpha grad f(w; S1)`` (>= 0)."""
-    lr: float = 0.001
-    """eta: the local meta step size, Algorithm 3 line 11 (> 0)."""
-    momentum: float = 0.5
-    """beta of LocalMOML: weight of the fresh adapted model in eq. (7), in (0, 1]."""
-    local_steps: int = 1
-    """H: local steps per round (>= 1)."""
-    batch_size: int = 5
-    """K: samples in each of S1, S2, S3 (>= 1)."""
-    init_batch_size: int = 5
-    """K0: samples in S0 for the memory reset, Algorithm 3 line 5 (>= 1)."""
-    memory_policy: str = "keep"
-    """``keep``: u carries over from the client's last participating round (line 7, cross-silo);
-    ``reset``: u restarts from ``w - alpha grad f(w; S0)`` every round (line 5, cross-device)."""
-
-    algorithm: ClassVar[str] = LOCAL_MOML
-    KEYS: ClassVar[dict[str, str]] = {
-        "inner_lr": INNER_LR,
-        "lr": LR,
-        "momentum": MOMENTUM,
-        "local_steps": LOCAL_STEPS,
-        "batch_size": BATCH_SIZE,
-        "init_batch_size": INIT_BATCH_SIZE,
-        "memory_policy": MEMORY_POLICY,
-        **_Estimator.ESTIMATOR_KEYS,
-    }
-
-    def __post_init__(self) -> None:
-        _finite_nonneg("inner_lr (alpha)", self.inner_lr)
-        _finite_positive("lr (LocalMOML eta)", self.lr)
-        m = self.momentum
-        ok = isinstance(m, (int, float)) and not isinstance(m, bool) and 0 < m <= 1
-        _check("momentum (LocalMOML beta)", ok, "a number in (0, 1]", m)
-        _positive_int("local_steps (H)", self.local_steps)
-        _positive_int("batch_size (K)", self.batch_size)
-        _positive_int("init_batch_size (K0)", self.init_batch_size)
-        self._check_estimator()
-        _check_choice("memory_policy", self.memory_policy, MEMORY_POLICIES)
-
-
-@dataclass(frozen=True)
-class EvalConfig(_Wire):
+class EvalConfig(WireConfig):
     """Personalized evaluation: fine-tune the meta-model on the client's *train* split, score on its test split.
 
     Defaults follow per-fedavg.txt Section 5 (one gradient step on the client's data); the
@@ -301,17 +129,50 @@ class EvalConfig(_Wire):
     KEYS: ClassVar[dict[str, str]] = {"inner_lr": INNER_LR, "eval_steps": EVAL_STEPS, "eval_shots": EVAL_SHOTS}
 
     def __post_init__(self) -> None:
-        _finite_nonneg("inner_lr (alpha)", self.inner_lr)
-        _nonneg_int("eval_steps", self.eval_steps)
-        _nonneg_int("eval_shots", self.eval_shots)
-
-
-ALGORITHM_CONFIGS: dict[str, type[FedAvgConfig] | type[PerFedAvgConfig] | type[LocalMOMLConfig]] = {
-    FEDAVG: FedAvgConfig,
-    PER_FEDAVG: PerFedAvgConfig,
-    LOCAL_MOML: LocalMOMLConfig,
-}
+        V.finite_nonneg("inner_lr (alpha)", self.inner_lr)
+        V.nonneg_int("eval_steps", self.eval_steps)
+        V.nonneg_int("eval_shots", self.eval_shots)
 
 
 def field_names(cls: type) -> set[str]:
     return {f.name for f in fields(cls)}
+
+
+
+
+class _AlgorithmConfigs(Mapping[str, type]):
+    """Algorithm name -> its config class, read from the registry (:mod:`fedmeta.algorithms`) on
+    every access, so an algorithm registered later (a user's own) is listed too."""
+
+    def __getitem__(self, name: str) -> type:
+        from fedmeta import algorithms
+
+        if name not in algorithms.REGISTRY:
+            raise KeyError(name)
+        return algorithms.REGISTRY[name].config
+
+    def __iter__(self) -> Iterator[str]:
+        from fedmeta import algorithms
+
+        return iter(list(algorithms.REGISTRY))
+
+    def __len__(self) -> int:
+        from fedmeta import algorithms
+
+        return len(algorithms.REGISTRY)
+
+
+ALGORITHM_CONFIGS: Mapping[str, type] = _AlgorithmConfigs()
+"""Algorithm name -> config class (a view of :data:`fedmeta.algorithms.REGISTRY`)."""
+
+_MOVED = {"FedAvgConfig": "fedavg", "PerFedAvgConfig": "per_fedavg", "LocalMOMLConfig": "local_moml"}
+
+
+def __getattr__(name: str) -> Any:
+    """The algorithms' config classes live in their units (:mod:`fedmeta.algorithms`); imported from
+    here on first use (a lazy import: the units import this module)."""
+    if name in _MOVED:
+        import importlib
+
+        return getattr(importlib.import_module(f"fedmeta.algorithms.{_MOVED[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -47,7 +47,6 @@ import numbers
 import os
 import pickle
 import shutil
-import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,6 +55,8 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from torch import Tensor
+
+from fedmeta.files import atomic_write
 
 Batch = tuple[Tensor, Tensor]
 
@@ -368,16 +369,13 @@ def _check_dataset(dataset: str, allowed: tuple[str, ...]) -> None:
 
 
 def _decompress(src: Path, dst: Path) -> None:
-    # Write to a temporary file in the destination directory and rename: concurrent processes
-    # (simulated clients) never see a half-written file, and the last rename wins harmlessly.
-    fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as out, gzip.open(src, "rb") as inp:
+    # Atomic (temporary file, rename): concurrent processes (simulated clients) never see a
+    # half-written file, and the last rename wins harmlessly.
+    def copy(out) -> None:
+        with gzip.open(src, "rb") as inp:
             shutil.copyfileobj(inp, out, length=1 << 20)
-        os.replace(tmp, dst)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+
+    atomic_write(dst, copy, sync=False)
 
 
 def _not_found(name: str, missing: list[str], where: list[Path], layout: str) -> FileNotFoundError:

@@ -531,7 +531,8 @@ def local_moml_step(
 
 
 # ----------------------------------------------------------------------------------------------
-# Local rounds (what one client does between two communications)
+# Local rounds: what one client does between two communications is run by the algorithms' executor
+# (:func:`fedmeta.algorithms.executor.local_round`); these are its record and its divergence guard.
 
 
 @dataclass(frozen=True)
@@ -543,10 +544,6 @@ class RoundStats:
     num_hvps: int
     last_loss: float
     num_loss_evals: int = 0
-
-
-def _detached(p: Params) -> Params:
-    return {k: v.detach() for k, v in p.items()}
 
 
 def check_finite(step: int, **params: Params) -> None:
@@ -564,108 +561,6 @@ def check_finite(step: int, **params: Params) -> None:
                 f"local training diverged at local step {step}: the {name} has non-finite values in {bad}; "
                 "lower lr / meta-lr / inner-lr"
             )
-
-
-def per_fedavg_round(
-    f: LossFn,
-    w: Params,
-    sample: Sampler,
-    *,
-    local_steps: int,
-    batch_size: int,
-    inner_lr: float,
-    meta_lr: float,
-    estimator: MetaGradient | HessianCorrection = EXACT,
-    inner_steps: int = 1,
-    gen: torch.Generator | None = None,
-) -> tuple[Params, RoundStats]:
-    """``tau = local_steps`` Per-FedAvg steps (Algorithm 1 inner loop), fresh batches each step.
-
-    Each step draws ``2N + 1`` batches of ``batch_size`` (:meth:`MetaBatches.draw`).
-    """
-    est = _as_estimator(estimator)
-    w = _detached(w)
-    for step in range(1, local_steps + 1):
-        batches = MetaBatches.draw(sample, inner_steps, batch_size)
-        w = _detached(per_fedavg_step(f, w, batches, inner_lr, meta_lr, est, gen))
-        check_finite(step, meta_model=w)
-    loss = float(f(w, *batches.outer).detach())
-    cost = est.cost(inner_steps) * local_steps
-    return w, RoundStats(
-        num_samples=(2 * inner_steps + 1) * batch_size * local_steps,
-        num_gradients=cost.gradients,
-        num_hvps=cost.hvps,
-        last_loss=loss,
-        num_loss_evals=cost.loss_evals,
-    )
-
-
-def local_moml_round(
-    f: LossFn,
-    w: Params,
-    u: Params | None,
-    sample: Sampler,
-    *,
-    local_steps: int,
-    batch_size: int,
-    init_batch_size: int,
-    inner_lr: float,
-    lr: float,
-    momentum: float,
-    estimator: MetaGradient | HessianCorrection = EXACT,
-    inner_steps: int = 1,
-    gen: torch.Generator | None = None,
-) -> tuple[Params, Params, RoundStats]:
-    """``H = local_steps`` LocalMOML steps (Algorithm 3 lines 4-12).
-
-    ``u=None`` rebuilds the memory from the N-step inner loop on ``N`` fresh batches of
-    ``init_batch_size`` (K0) samples (line 5, the ``reset`` policy and a client's first round);
-    otherwise the given ``u`` (``keep`` policy, line 7) is the value the first momentum update
-    (7) starts from.
-    """
-    est = _as_estimator(estimator)
-    w = _detached(w)
-    samples, cost = 0, Cost()
-    if u is None:
-        s0 = [sample(init_batch_size) for _ in range(inner_steps)]
-        u = local_moml_init_memory(f, w, s0, inner_lr, est)
-        samples, cost = init_batch_size * inner_steps, Cost(gradients=inner_steps)
-    u = _detached(u)
-    for step in range(1, local_steps + 1):
-        inner = tuple(sample(batch_size) for _ in range(inner_steps))
-        hessian = tuple(sample(batch_size) for _ in range(inner_steps))
-        batches = MetaBatches(inner, sample(batch_size), hessian)  # draw order S1, S2, S3 as in Algorithm 3
-        w, u = local_moml_step(f, w, u, batches, inner_lr, lr, momentum, est, gen)
-        w, u = _detached(w), _detached(u)
-        check_finite(step, meta_model=w, personalized_model=u)
-    loss = float(f(u, *batches.outer).detach())
-    cost = cost + est.cost(inner_steps) * local_steps
-    return w, u, RoundStats(
-        num_samples=samples + (2 * inner_steps + 1) * batch_size * local_steps,
-        num_gradients=cost.gradients,
-        num_hvps=cost.hvps,
-        last_loss=loss,
-        num_loss_evals=cost.loss_evals,
-    )
-
-
-def sgd_round(
-    f: LossFn,
-    w: Params,
-    sample: Sampler,
-    *,
-    local_steps: int,
-    batch_size: int,
-    lr: float,
-) -> tuple[Params, RoundStats]:
-    """FedAvg's local update (McMahan et al. 2017; per-fedavg.txt Section 3): ``tau`` SGD steps."""
-    w = _detached(w)
-    for step in range(1, local_steps + 1):
-        batch = sample(batch_size)
-        w = _detached(adapt(f, w, batch, lr))
-        check_finite(step, model=w)
-    loss = float(f(w, *batch).detach())
-    return w, RoundStats(num_samples=batch_size * local_steps, num_gradients=local_steps, num_hvps=0, last_loss=loss)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Result
 
+from fedmeta import algorithms
 from fedmeta.clients import make_client_app
 from fedmeta.data import client_data
 from fedmeta import config as C
@@ -34,6 +35,15 @@ from fedmeta.strategies.failures import TrainingStopped
 logger = logging.getLogger("fedmeta")
 
 STRATEGIES: dict[str, type[MetaStrategy]] = {C.FEDAVG: FedAvg, C.PER_FEDAVG: PerFedAvg, C.LOCAL_MOML: LocalMOML}
+"""The built-in algorithms' strategies; any other registered algorithm gets a plain :class:`MetaStrategy` over its config."""
+
+
+def strategy_class(name: str) -> type[MetaStrategy]:
+    """The strategy of the registered algorithm ``name``."""
+    if name in STRATEGIES:
+        return STRATEGIES[name]
+    config = algorithms.get(name).config
+    return type(f"{config.__name__.removesuffix('Config')}Strategy", (MetaStrategy,), {"hparams_cls": config})
 
 
 def initial_model(cfg: ExperimentConfig) -> torch.nn.Module:
@@ -44,7 +54,7 @@ def initial_model(cfg: ExperimentConfig) -> torch.nn.Module:
 
 
 def build_strategy(cfg: ExperimentConfig) -> MetaStrategy:
-    return STRATEGIES[cfg.algorithm](**cfg.strategy_kwargs())
+    return strategy_class(cfg.algorithm)(**cfg.strategy_kwargs())
 
 
 def _scalars(record: Any) -> dict[str, float]:

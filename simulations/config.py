@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import inspect
 import math
 import numbers
 from dataclasses import dataclass, fields
@@ -18,8 +19,11 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch import nn
 
+from fedmeta import algorithms
 from fedmeta import config as C
-from fedmeta.batched import VECTORIZE, VMAP_ESTIMATORS
+from fedmeta.algorithms import FedAvgConfig, LocalMOMLConfig, PerFedAvgConfig
+from fedmeta.strategies.base import MetaStrategy
+from fedmeta.batched import DEFAULT_CHUNK_SIZE, VECTORIZE, VMAP_ESTIMATORS
 from fedmeta.data import IMAGE_SHAPES, NUM_CLASSES
 from fedmeta.meta import META_GRADIENTS
 from fedmeta.models import MODELS, build_model
@@ -31,6 +35,20 @@ PARTITIONS = ("fallah", "dirichlet", "pathological")
 EVAL_PROTOCOLS = {"one-step": (1, 0), "5-shot-10-step": (10, 5)}
 """Named personalized-evaluation protocols: (fine-tuning steps, support-set size; 0 = whole train split).
 ``one-step``: per-fedavg.txt Section 5; ``5-shot-10-step``: localmoml Section 6.2."""
+
+
+def _algorithm_default(name: str) -> Any:
+    """The default of hyper-parameter ``name``, defined once, in the algorithms' config classes
+    (every built-in algorithm that has the field gives it the same default)."""
+    values = {f.default for cls in (FedAvgConfig, PerFedAvgConfig, LocalMOMLConfig) for f in fields(cls) if f.name == name}
+    if len(values) != 1:
+        raise AssertionError(f"the algorithms' configs disagree on the default of {name}: {sorted(map(repr, values))}")
+    return values.pop()
+
+
+def _strategy_default(name: str) -> Any:
+    """The default of strategy argument ``name``, defined once, in :class:`MetaStrategy`'s signature."""
+    return inspect.signature(MetaStrategy.__init__).parameters[name].default
 
 
 @dataclass(frozen=True)
@@ -71,39 +89,39 @@ class ExperimentConfig:
     """G > 1: stratified sampling of B' clients from each of G groups (localmoml Section 6.2: 4 GPUs)."""
     num_rounds: int = 500
     """Communication rounds."""
-    local_steps: int = 4
+    local_steps: int = _algorithm_default("local_steps")
     """tau (Per-FedAvg) / H (LocalMOML): local steps per round."""
-    inner_lr: float = 0.01
+    inner_lr: float = _algorithm_default("inner_lr")
     """alpha: adaptation step size (training and personalized evaluation)."""
-    meta_lr: float = 0.05
+    meta_lr: float = _algorithm_default("meta_lr")
     """Per-FedAvg's beta: local meta step size."""
-    lr: float = 0.05
+    lr: float = _algorithm_default("lr")
     """LocalMOML's eta: local meta step size."""
-    momentum: float = 0.5
+    momentum: float = _algorithm_default("momentum")
     """LocalMOML's beta in (0, 1]."""
-    batch_size: int = 5
+    batch_size: int = _algorithm_default("batch_size")
     """K: samples per batch (each of the three independent batches)."""
-    init_batch_size: int = 5
+    init_batch_size: int = _algorithm_default("init_batch_size")
     """K0: samples for LocalMOML's memory reset."""
-    inner_steps: int = 1
+    inner_steps: int = _algorithm_default("inner_steps")
     """N: inner SGD steps of the adaptation (multistep-maml-ggs eq. 6)."""
-    meta_gradient: str = "exact"
+    meta_gradient: str = _algorithm_default("meta_gradient")
     """Meta-gradient estimator: exact, first_order, hessian_free, ggs, zeroth_order or fo_muml."""
-    delta: float = 1e-5
+    delta: float = _algorithm_default("delta")
     """Finite-difference step (hessian_free) / Gaussian smoothing radius (ggs, zeroth_order)."""
-    num_directions: int = 10
+    num_directions: int = _algorithm_default("num_directions")
     """U: Gaussian vectors per Hessian estimate (ggs, zeroth_order)."""
     memory_policy: str = ""
     """LocalMOML memory: ``keep`` / ``reset``; empty: keep for cross-silo, reset for cross-device."""
     eval_protocol: str = ""
     """Named protocol (``one-step`` or ``5-shot-10-step``); overrides eval-steps / eval-shots."""
-    eval_steps: int = 1
+    eval_steps: int = _strategy_default("eval_steps")
     """Personalized evaluation: fine-tuning steps on the client's train split."""
-    eval_shots: int = 0
+    eval_shots: int = _strategy_default("eval_shots")
     """Personalized evaluation: support-set size (0 = whole train split)."""
-    evaluate_every: int = 50
+    evaluate_every: int = _strategy_default("evaluate_every")
     """Evaluate all clients every this many rounds (and after the last)."""
-    seed: int = 0
+    seed: int = _strategy_default("seed")
     """Seeds the initial model, client sampling and every client's batch sampling."""
     num_cpus: float = 1.0
     """CPUs per simulated client (Ray actor); 2 cores / 1.0 = 2 clients in parallel."""
@@ -116,7 +134,7 @@ class ExperimentConfig:
     num_nodes: int = 0
     """Simulated SuperNodes. 0: one per client. Fewer than the clients: each node hosts a block of
     clients and trains its sampled clients together (vectorized, :mod:`fedmeta.batched`)."""
-    chunk_size: int = 100
+    chunk_size: int = DEFAULT_CHUNK_SIZE
     """Multi-client nodes: clients per vectorized call (bounds memory)."""
     vectorize: str = "auto"
     """Multi-client nodes: ``auto`` (vmap, loop where vmap cannot), ``vmap`` or ``loop``."""
@@ -126,9 +144,9 @@ class ExperimentConfig:
     multi-client nodes and ``context.state`` on single-client nodes."""
     max_update_norm_ratio: float = 0.0
     """Update screening: reject a reply whose update norm exceeds this many times the round's median; 0: off."""
-    min_valid_replies: int = 1
+    min_valid_replies: int = _strategy_default("min_valid_replies")
     """Keep the previous global model when fewer valid train replies remain in a round."""
-    max_failed_rounds: int = 3
+    max_failed_rounds: int = _strategy_default("max_failed_rounds")
     """Stop the run (exit non-zero) after this many consecutive rounds without a valid train reply; 0: never stop."""
     check_data: bool = True
     """Before the first message, resolve the data set and build client 0's data in the server's process
@@ -194,9 +212,13 @@ class ExperimentConfig:
                                getattr(self, name))
         if self.resume and not self.checkpoint:
             raise _bad("resume", "false when checkpoint is false (there is no checkpoint to resume from)", self.resume)
-        if self.algorithm != C.FEDAVG and self.vectorize == "vmap" and self.meta_gradient not in VMAP_ESTIMATORS:
-            raise _bad("vectorize", f"'auto' or 'loop' with meta-gradient={self.meta_gradient!r} ('vmap' supports "
-                                    f"meta-gradient in {list(VMAP_ESTIMATORS)})", self.vectorize)
+        if self.vectorize == "vmap":
+            algo = algorithms.get(self.algorithm)
+            fields_ = C.field_names(algo.config)
+            hp = algo.config(**{f: getattr(self, f) for f in fields_ if f in _FIELDS and f != "memory_policy"})
+            if algo.vmap_refusal(hp):
+                raise _bad("vectorize", f"'auto' or 'loop' with meta-gradient={self.meta_gradient!r} ('vmap' supports "
+                                        f"meta-gradient in {list(VMAP_ESTIMATORS)})", self.vectorize)
 
     # --- parsing -------------------------------------------------------------------------------
     @classmethod
@@ -297,10 +319,11 @@ class ExperimentConfig:
 
     def strategy_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of the fedmeta strategy for this experiment."""
-        hp_cls = C.ALGORITHM_CONFIGS[self.algorithm]
-        hp = {f: getattr(self, f) for f in C.field_names(hp_cls) if f != "memory_policy"}
-        if self.algorithm == C.LOCAL_MOML:
-            hp["memory_policy"] = self.memory_policy or None
+        hp_cls = algorithms.get(self.algorithm).config
+        # The algorithm's fields that the experiment sets (a user's algorithm may have others: their defaults).
+        hp = {f: getattr(self, f) for f in C.field_names(hp_cls) if f in _FIELDS and f != "memory_policy"}
+        if "memory_policy" in C.field_names(hp_cls):
+            hp["memory_policy"] = self.memory_policy or None  # empty: the strategy's default for cross-silo / cross-device
         hp_cls(**{k: v for k, v in hp.items() if v is not None})  # validate now
         eval_steps, eval_shots = self.eval_setting
         return dict(
@@ -319,6 +342,8 @@ class ExperimentConfig:
             **hp,
         )
 
+
+_FIELDS = frozenset(f.name for f in fields(ExperimentConfig))
 
 _NOT_IN_FINGERPRINT = frozenset({"num-rounds", "results-dir", "data-dir", "download", "memory-dir", "checkpoint", "checkpoint-dir",
                                   "resume", "round-timeout", "num-cpus", "num-gpus", "max-failed-rounds", "check-data"})

@@ -55,11 +55,12 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 from fedmeta import config as C
 from fedmeta.simulations.config import ExperimentConfig
 from fedmeta.simulations.preflight import check_inputs
+from fedmeta.simulations.processes import is_alive, process_table, related_processes, terminate  # noqa: F401 (re-exported)
 
 logger = logging.getLogger("fedmeta")
 
@@ -328,115 +329,6 @@ def app_config(project_dir: str | Path = PROJECT_DIR) -> dict[str, Any]:
         import tomli as tomllib  # type: ignore[no-redef]
     with (Path(project_dir) / "pyproject.toml").open("rb") as fh:
         return dict(tomllib.load(fh)["tool"]["flwr"]["app"].get("config", {}))
-
-
-# --- processes -----------------------------------------------------------------------------------
-
-
-def _read_proc(pid: int) -> tuple[int, str, list[str], bytes] | None:
-    """(ppid, state, argv, environ) of a live process, ``None`` if it is gone."""
-    base = Path("/proc") / str(pid)
-    try:
-        stat = (base / "stat").read_text()
-        argv = (base / "cmdline").read_bytes().decode(errors="replace").split("\0")
-        try:
-            environ = (base / "environ").read_bytes()
-        except OSError:
-            environ = b""
-    except OSError:
-        return None
-    fields_ = stat[stat.rindex(")") + 2 :].split()
-    return int(fields_[1]), fields_[0], argv, environ
-
-
-def process_table() -> dict[int, tuple[int, str, list[str], bytes]]:
-    """Every live process: pid -> (ppid, state, argv, environ)."""
-    table = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit() and (info := _read_proc(int(entry))) is not None:
-            table[int(entry)] = info
-    return table
-
-
-def is_alive(pid: int) -> bool:
-    """The process exists and is not a zombie (a zombie has exited; only its parent has not reaped it)."""
-    info = _read_proc(pid)
-    return info is not None and info[1] != "Z"
-
-
-def _ancestors(table: Mapping[int, tuple[int, str, list[str], bytes]], pid: int) -> set[int]:
-    out = set()
-    while pid in table and pid not in out and pid > 1:
-        out.add(pid)
-        pid = table[pid][0]
-    return out
-
-
-def related_processes(roots: Iterable[int], home: str | None = None) -> set[int]:
-    """Live processes that belong to ``roots``: the roots, their descendants, processes started with
-    ``--parent-pid`` of one of them (Flower's superexec and app processes, also after re-parenting),
-    transitively, and -- with ``home`` -- every process whose ``FLWR_HOME`` lies below ``home`` (all
-    processes of a :class:`LocalDeployment` inherit one). Never this process or its ancestors."""
-    table = process_table()
-    spared = _ancestors(table, os.getpid())
-    found = {p for p in roots if p in table}
-    if home:
-        prefix = f"FLWR_HOME={home.rstrip(os.sep)}{os.sep}".encode()
-        found |= {p for p, (_, _, _, env) in table.items() if any(e.startswith(prefix) for e in env.split(b"\0"))}
-    found -= spared
-    grew = True
-    while grew:
-        grew = False
-        for pid, (ppid, _, argv, _) in table.items():
-            if pid in found or pid in spared:
-                continue
-            parent = argv[argv.index("--parent-pid") + 1] if "--parent-pid" in argv[:-1] else None
-            if ppid in found or (parent is not None and parent.isdigit() and int(parent) in found):
-                found.add(pid)
-                grew = True
-    return {p for p in found if table[p][1] != "Z"}
-
-
-def terminate(
-    pids: Iterable[int],
-    groups: Iterable[int] = (),
-    timeout: float = 15.0,
-    popens: Iterable[subprocess.Popen] = (),
-    graceful: bool = True,
-) -> set[int]:
-    """SIGTERM ``pids`` and process ``groups``, SIGKILL whatever is alive after ``timeout`` s
-    (``graceful=False``: SIGKILL at once, a simulated crash).
-
-    ``popens`` (our own children among them) are reaped while waiting: Flower's superexec checks
-    its ``--parent-pid`` with ``kill(pid, 0)``, which succeeds on a zombie, so it only exits once its
-    parent has been reaped. Returns the pids still alive after SIGKILL (normally none).
-    """
-    pids, groups, popens = set(pids), set(groups), list(popens)
-    steps = ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)) if graceful else ((signal.SIGKILL, 5.0),)
-    for sig, wait in steps:
-        for g in groups:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(g, sig)
-        for p in pids:
-            # One signal per process: Flower's handler restores the default action on the first
-            # SIGTERM, so a second one would kill the SuperNode before it deregisters.
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                if os.getpgid(p) not in groups:
-                    os.kill(p, sig)
-        deadline = time.monotonic() + wait
-        while True:
-            for po in popens:
-                po.poll()
-            pids = {p for p in pids if is_alive(p)}
-            if not pids or time.monotonic() >= deadline:
-                break
-            time.sleep(0.1)
-        if not pids:
-            break
-    for po in popens:  # the last of them may have died after the final poll
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            po.wait(timeout=5)
-    return pids
 
 
 @dataclass

@@ -115,7 +115,7 @@ class MetaStrategy(FlowerFedAvg):
         ``eval_steps=10, eval_shots=5`` is the LocalMOML paper's protocol (Section 6.2).
     evaluate_every
         Run personalized evaluation on all clients every this many rounds and after the last
-        round; 0 disables it.
+        round (default 50); 0 disables it.
     node_wait_timeout
         Seconds to wait for the n nodes to connect before failing (Flower's own sampling waits forever).
     max_update_norm_ratio
@@ -171,7 +171,7 @@ class MetaStrategy(FlowerFedAvg):
         weighting: str = "uniform",
         eval_steps: int = 1,
         eval_shots: int = 0,
-        evaluate_every: int = 1,
+        evaluate_every: int = 50,
         node_wait_timeout: float = 600.0,
         max_update_norm_ratio: float | None = None,
         min_valid_replies: int = 1,

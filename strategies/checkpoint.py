@@ -37,7 +37,6 @@ import io
 import json
 import logging
 import os
-import tempfile
 import uuid
 import warnings
 from dataclasses import dataclass, field
@@ -46,7 +45,7 @@ from typing import Any, Mapping
 
 import torch
 from flwr.app import ArrayRecord
-from fedmeta.files import fsync_dir
+from fedmeta.files import atomic_write
 
 logger = logging.getLogger("fedmeta")
 
@@ -222,19 +221,7 @@ class CheckpointDir:
 
     def _atomic_write(self, path: Path, data: bytes) -> None:
         """Temporary file in the same directory, fsync, rename over ``path``, fsync the directory."""
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                if self.sync:
-                    os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        if self.sync:
-            fsync_dir(path.parent)
+        atomic_write(path, lambda fh: fh.write(data), sync=self.sync)
 
 
 def _line(entry: Mapping[str, Any]) -> str:

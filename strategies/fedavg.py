@@ -3,7 +3,7 @@ and personalized evaluation, so its numbers compare with Per-FedAvg and LocalMOM
 
 from __future__ import annotations
 
-from fedmeta.config import FedAvgConfig
+from fedmeta.algorithms import FedAvgConfig
 from fedmeta.strategies.base import MetaStrategy
 
 

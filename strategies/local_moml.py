@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Iterable
 
-from fedmeta.config import LocalMOMLConfig
+from fedmeta.algorithms import LocalMOMLConfig
 from fedmeta.strategies.base import MetaStrategy
 from fedmeta.strategies.validation import check_strategy_kwargs
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fedmeta.config import PerFedAvgConfig
+from fedmeta.algorithms import PerFedAvgConfig
 from fedmeta.strategies.base import MetaStrategy
 
 

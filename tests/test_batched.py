@@ -1,4 +1,4 @@
-"""Batched (vmapped) execution of many clients equals running them one by one (fedmeta.batched)."""
+"""Batched (vmapped) execution of many clients equals running them one by one (fedmeta.algorithms.executor)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ import torch
 from torch import nn
 
 from fedmeta import batched, meta
+from fedmeta.algorithms import FedAvgConfig, LocalMOMLConfig, PerFedAvgConfig
+from fedmeta.algorithms.executor import local_round, local_rounds
 from fedmeta.data import ClientData
 from fedmeta.models import mlp
 
@@ -40,39 +42,57 @@ def _max_diff(stacked, dicts):
     return max(float((stacked[k][i] - d[k]).abs().max()) for i, d in enumerate(dicts) for k in d)
 
 
+def _loop(algo, f, w, datas, hp, states=None, has=None, dgens=None):
+    """The clients one by one through the single-client executor, with fresh streams."""
+    gens, dg, samplers = _streams(datas)
+    dg = dg if dgens else [None] * len(datas)
+    return [local_round(algo, f, w, samplers[i], hp, state={k: v[i] for k, v in states.items()} if has and has[i] else None,
+                        gen=dg[i]) for i in range(len(datas))]
+
+
 @pytest.mark.parametrize("estimator", ["exact", "first_order", "hessian_free", "fo_muml", "ggs"])
 @pytest.mark.parametrize("chunk_size", [3, 100])
 def test_per_fedavg_batched_equals_per_client(problem, estimator, chunk_size):
     f, w, datas = problem
-    est = meta.meta_gradient(estimator, num_directions=2)
-    kw = dict(local_steps=3, batch_size=5, inner_lr=0.05, meta_lr=0.1, estimator=est, inner_steps=2)
+    hp = PerFedAvgConfig(local_steps=3, batch_size=5, inner_lr=0.05, meta_lr=0.1, meta_gradient=estimator, num_directions=2,
+                         inner_steps=2)
     gens, dgens, samplers = _streams(datas)
-    models, stats = batched.per_fedavg_rounds(f, w, samplers, gens, direction_gens=dgens, chunk_size=chunk_size, **kw)
-    gens, dgens, samplers = _streams(datas)
-    ref = [meta.per_fedavg_round(f, w, samplers[i], gen=dgens[i], **kw) for i in range(C)]
-    assert _max_diff(models, [r[0] for r in ref]) <= TOL[estimator]
-    for s, (_, r) in zip(stats, ref):
+    out = local_rounds("per-fedavg", f, w, samplers, gens, hp, direction_gens=dgens, chunk_size=chunk_size)
+    ref = _loop("per-fedavg", f, w, datas, hp, dgens=True)
+    assert _max_diff(out.meta_models, [r.meta_model for r in ref]) <= TOL[estimator]
+    for s, r in zip(out.stats, ref):
+        r = r.stats
         assert (s.num_samples, s.num_gradients, s.num_hvps, s.num_loss_evals) == (r.num_samples, r.num_gradients, r.num_hvps, r.num_loss_evals)
         assert s.last_loss == pytest.approx(r.last_loss, abs=1e-4)
     # the clients really differ (not one model copied C times)
-    assert float((models["1.weight"][0] - models["1.weight"][1]).abs().max()) > 1e-4
+    assert float((out.meta_models["1.weight"][0] - out.meta_models["1.weight"][1]).abs().max()) > 1e-4
 
 
 @pytest.mark.parametrize("estimator", ["exact", "first_order"])
 def test_local_moml_batched_equals_per_client_with_mixed_memory(problem, estimator):
     f, w, datas = problem
-    est = meta.meta_gradient(estimator)
-    kw = dict(local_steps=3, batch_size=5, init_batch_size=4, inner_lr=0.05, lr=0.1, momentum=0.5, estimator=est, inner_steps=2)
+    hp = LocalMOMLConfig(local_steps=3, batch_size=5, init_batch_size=4, inner_lr=0.05, lr=0.1, momentum=0.5, meta_gradient=estimator,
+                         inner_steps=2, memory_policy="keep")
     has = [i % 3 != 0 for i in range(C)]  # some clients start from a kept memory, the others reset (line 5)
     u = batched.stack([{k: v + 0.01 * (i + 1) for k, v in w.items()} for i in range(C)])
     gens, _, samplers = _streams(datas)
-    models, memories, stats = batched.local_moml_rounds(f, w, u, has, samplers, gens, chunk_size=4, **kw)
+    out = local_rounds("local-moml", f, w, samplers, gens, hp, states=u, has_state=has, chunk_size=4)
+    ref = _loop("local-moml", f, w, datas, hp, states=u, has=has)
+    assert _max_diff(out.meta_models, [r.meta_model for r in ref]) <= 2e-6
+    assert _max_diff(out.states, [r.state for r in ref]) <= 2e-6
+    for s, r in zip(out.stats, ref):
+        assert (s.num_samples, s.num_gradients, s.num_hvps) == (r.stats.num_samples, r.stats.num_gradients, r.stats.num_hvps)
+
+
+def test_fedavg_runs_vectorized_and_equals_per_client(problem):
+    f, w, datas = problem
+    hp = FedAvgConfig(local_steps=4, batch_size=5, lr=0.1)
     gens, _, samplers = _streams(datas)
-    ref = [meta.local_moml_round(f, w, {k: v[i] for k, v in u.items()} if has[i] else None, samplers[i], **kw) for i in range(C)]
-    assert _max_diff(models, [r[0] for r in ref]) <= 2e-6
-    assert _max_diff(memories, [r[1] for r in ref]) <= 2e-6
-    for s, r in zip(stats, ref):
-        assert (s.num_samples, s.num_gradients, s.num_hvps) == (r[2].num_samples, r[2].num_gradients, r[2].num_hvps)
+    out = local_rounds("fedavg", f, w, samplers, gens, hp, chunk_size=3, vectorize="vmap")  # "vmap": no silent loop
+    ref = _loop("fedavg", f, w, datas, hp)
+    assert _max_diff(out.meta_models, [r.meta_model for r in ref]) <= 2e-6
+    assert [s.last_loss for s in out.stats] == pytest.approx([r.stats.last_loss for r in ref], abs=1e-5)
+    assert out.states is None
 
 
 def test_loop_mode_and_ragged_clients_fall_back_exactly(problem):
@@ -80,21 +100,20 @@ def test_loop_mode_and_ragged_clients_fall_back_exactly(problem):
     batch size draw smaller batches, which cannot stack, and the chunk is replayed as a loop."""
     f, w, _ = problem
     datas = _clients()[:3] + [_clients(num_train=3)[0]]  # the last client has 3 < K samples
-    kw = dict(local_steps=2, batch_size=5, inner_lr=0.05, meta_lr=0.1)
+    hp = PerFedAvgConfig(local_steps=2, batch_size=5, inner_lr=0.05, meta_lr=0.1)
     for vectorize in ("loop", "auto"):
         gens, _, samplers = _streams(datas)
-        models, _ = batched.per_fedavg_rounds(f, w, samplers, gens, vectorize=vectorize, **kw)
-        gens, _, samplers = _streams(datas)
-        ref = [meta.per_fedavg_round(f, w, s, **kw)[0] for s in samplers]
-        assert _max_diff(models, ref) == 0.0, vectorize
+        out = local_rounds("per-fedavg", f, w, samplers, gens, hp, vectorize=vectorize)
+        ref = _loop("per-fedavg", f, w, datas, hp)
+        assert _max_diff(out.meta_models, [r.meta_model for r in ref]) == 0.0, vectorize
 
 
 def test_vmap_mode_refuses_stochastic_estimators(problem):
     f, w, datas = problem
     gens, dgens, samplers = _streams(datas)
+    hp = PerFedAvgConfig(local_steps=1, batch_size=5, inner_lr=0.1, meta_lr=0.1, meta_gradient="ggs")
     with pytest.raises(ValueError, match="vectorize='vmap'.*ggs"):
-        batched.per_fedavg_rounds(f, w, samplers, gens, direction_gens=dgens, local_steps=1, batch_size=5, inner_lr=0.1,
-                                  meta_lr=0.1, estimator=meta.meta_gradient("ggs"), vectorize="vmap")
+        local_rounds("per-fedavg", f, w, samplers, gens, hp, direction_gens=dgens, vectorize="vmap")
 
 
 def test_auto_falls_back_when_vmap_fails(problem, caplog):
@@ -106,17 +125,16 @@ def test_auto_falls_back_when_vmap_fails(problem, caplog):
         _ = loss.item()  # data-dependent Python control flow: not vmappable
         return loss
 
-    kw = dict(local_steps=2, batch_size=5, inner_lr=0.05, meta_lr=0.1, estimator=meta.FIRST_ORDER)
+    hp = PerFedAvgConfig(local_steps=2, batch_size=5, inner_lr=0.05, meta_lr=0.1, meta_gradient="first_order")
     gens, _, samplers = _streams(datas)
     with caplog.at_level("WARNING", logger="fedmeta"):
-        models, _ = batched.per_fedavg_rounds(picky, w, samplers, gens, chunk_size=3, **kw)
+        out = local_rounds("per-fedavg", picky, w, samplers, gens, hp, chunk_size=3)
     assert "vmap failed" in caplog.text
-    gens, _, samplers = _streams(datas)
-    ref = [meta.per_fedavg_round(f, w, s, **kw)[0] for s in samplers]
-    assert _max_diff(models, ref) == 0.0
+    ref = _loop("per-fedavg", f, w, datas, hp)
+    assert _max_diff(out.meta_models, [r.meta_model for r in ref]) == 0.0
     gens, _, samplers = _streams(datas)
     with pytest.raises(RuntimeError):
-        batched.per_fedavg_rounds(picky, w, samplers, gens, vectorize="vmap", **kw)
+        local_rounds("per-fedavg", picky, w, samplers, gens, hp, vectorize="vmap")
 
 
 def test_settings_are_validated():

@@ -138,7 +138,7 @@ def test_run_result_round_trips_through_json():
         ({"delta": -1e-3}, "delta"),
         ({"num_directions": 0}, "num_directions"),
         ({"meta_gradient": "second_order"}, "meta_gradient"),
-        ({"inner_lr": 0.0}, "inner_lr"),
+        ({"inner_lr": -0.01}, "inner_lr"),  # alpha = 0 is allowed (as in the federated configs)
         ({"meta_lr": float("nan")}, "meta_lr"),
         ({"outer_optimizer": "rmsprop"}, "outer_optimizer"),
         ({"tasks_per_iteration": 0}, "tasks_per_iteration"),

@@ -174,6 +174,6 @@ def test_switching_estimators_does_not_change_the_batches(monkeypatch):
         draws = seen.setdefault(name, [])
         monkeypatch.setattr(type(client.data), "sample", lambda self, k, g, _d=draws: _d.append(original(self, k, g)) or _d[-1])
         hp = C.PerFedAvgConfig(local_steps=2, inner_steps=2, meta_gradient=name)
-        client.train_per_fedavg(w, hp, torch.Generator().manual_seed(9))
+        client.train(w, hp, None, torch.Generator().manual_seed(9))
     assert len(seen["exact"]) == len(seen["ggs"]) == 2 * 5
     assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(seen["exact"], seen["ggs"]))

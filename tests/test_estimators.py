@@ -17,6 +17,8 @@ import torch.nn.functional as F
 
 from fedmeta import meta
 from fedmeta.meta import MetaBatches
+from fedmeta.algorithms import PerFedAvgConfig
+from fedmeta.algorithms.executor import local_round
 
 D = 5
 F64 = torch.float64
@@ -305,10 +307,9 @@ def test_per_fedavg_round_reports_the_work_of_each_estimator(gen, name, per_step
         draws.append(k)
         return a, b
 
-    w, stats = meta.per_fedavg_round(
-        quad_loss, {"w": torch.zeros(D, dtype=F64)}, sample, local_steps=2, batch_size=3, inner_lr=0.05, meta_lr=0.1,
-        estimator=meta.meta_gradient(name, num_directions=4), inner_steps=3, gen=torch.Generator().manual_seed(0),
-    )
+    hp = PerFedAvgConfig(local_steps=2, batch_size=3, inner_lr=0.05, meta_lr=0.1, meta_gradient=name, num_directions=4, inner_steps=3)
+    r = local_round("per-fedavg", quad_loss, {"w": torch.zeros(D, dtype=F64)}, sample, hp, gen=torch.Generator().manual_seed(0))
+    w, stats = r.meta_model, r.stats
     assert draws == [3] * (2 * (2 * 3 + 1))  # 2N + 1 fresh batches per local step
     assert (stats.num_gradients, stats.num_hvps, stats.num_loss_evals) == (
         2 * per_step.gradients, 2 * per_step.hvps, 2 * per_step.loss_evals)

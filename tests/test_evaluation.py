@@ -13,6 +13,8 @@ from flwr.supercore.task_identity import TaskIdentity
 from fedmeta import config as C
 from fedmeta import meta
 from fedmeta.clients import MetaClient, make_client_app
+from fedmeta.algorithms import FedAvgConfig
+from fedmeta.algorithms.executor import local_round
 from fedmeta.config import EvalConfig
 from fedmeta.data import ClientData
 from fedmeta.models import mlp
@@ -118,7 +120,8 @@ def test_sgd_round_is_plain_sgd_on_a_quadratic():
     expected = w0
     for _ in range(3):
         expected = expected - 0.1 * (a @ expected - b)
-    got, stats = meta.sgd_round(f, {"w": w0}, lambda k: (a, b), local_steps=3, batch_size=4, lr=0.1)
+    r = local_round("fedavg", f, {"w": w0}, lambda k: (a, b), FedAvgConfig(local_steps=3, batch_size=4, lr=0.1))
+    got, stats = r.meta_model, r.stats
     torch.testing.assert_close(got["w"], expected, atol=1e-12, rtol=0)
     assert (stats.num_samples, stats.num_gradients, stats.num_hvps) == (12, 3, 0)
 

@@ -25,6 +25,7 @@ from torch import nn
 from fedmeta import models
 from fedmeta.simulations.config import ExperimentConfig
 from fedmeta.simulations.preflight import InputError, check_inputs
+from fedmeta.simulations.processes import descendants
 from fedmeta.strategies.checkpoint import CheckpointDir, check_can_start
 from fedmeta.strategies.failures import ClientFailures, parse_reason
 from fixtures_data import write_idx_dataset
@@ -69,24 +70,6 @@ def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
             "PYTHONUNBUFFERED": "1", **extra}
 
 
-def _descendants(root: int) -> dict[int, str]:
-    """``pid -> command name`` of every live descendant of ``root``."""
-    parents, names = {}, {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            names[int(entry.name)] = stat[stat.index("(") + 1:stat.rindex(")")]
-            parents[int(entry.name)] = int(stat[stat.rindex(")") + 2:].split()[1])
-    out, frontier = {}, {root}
-    while frontier:
-        frontier = {p for p, parent in parents.items() if parent in frontier and p not in out}
-        out.update({p: names[p] for p in frontier})
-    return out
-
-
 # --- inputs, checked in the driver ------------------------------------------------------------------
 
 
@@ -100,7 +83,7 @@ def test_missing_dataset_exits_2_with_one_line_and_no_ray_process(tmp_path):
 
     def watch() -> None:
         while not done.is_set():
-            seen.update(_descendants(proc.pid))
+            seen.update(descendants(proc.pid))
             done.wait(0.05)
 
     watcher = threading.Thread(target=watch)

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from fedmeta.simulations.processes import pids_mentioning
+
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.ray
 
@@ -23,28 +25,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _pids_mentioning(text: str) -> list[int]:
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and int(entry.name) != os.getpid():
-            try:
-                if text in (entry / "cmdline").read_bytes().decode(errors="replace"):
-                    pids.append(int(entry.name))
-            except OSError:
-                continue
-    return pids
-
-
 def _stop_all(text: str) -> None:
     """Stop every process whose command line names our private FLWR_HOME (the detached SuperLink and its superexec)."""
     for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in _pids_mentioning(text):
+        for pid in pids_mentioning(text):
             try:
                 os.kill(pid, sig)
             except ProcessLookupError:
                 pass
         deadline = time.monotonic() + 10
-        while _pids_mentioning(text) and time.monotonic() < deadline:
+        while pids_mentioning(text) and time.monotonic() < deadline:
             time.sleep(0.2)
 
 
@@ -69,7 +59,7 @@ def test_flwr_run_with_the_app_declared_in_pyproject(tmp_path):
     finally:
         _stop_all(str(home))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert not _pids_mentioning(str(home))
+    assert not pids_mentioning(str(home))
     res = json.loads((results / "local-moml-fashion-mnist-n4-seed0.json").read_text())
     assert res["status"] == "ok" and sorted(res["train"], key=int) == ["1", "2"]
     assert res["final_round"] == 2 and len(res["clients"]) == 4

@@ -12,7 +12,6 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 
 from fedmeta.clients.client import ClientGroup, MetaClient, round_generator

@@ -8,6 +8,8 @@ from torch import nn
 from torch.func import functional_call
 
 from fedmeta import meta
+from fedmeta.algorithms import LocalMOMLConfig, PerFedAvgConfig
+from fedmeta.algorithms.executor import local_round
 from fedmeta.meta import ExactHessian, FirstOrder
 
 D = 6
@@ -159,7 +161,7 @@ def test_local_moml_round_memory_policies(gen):
     model = _tiny_mlp()
     f = meta.make_loss(model, nn.functional.cross_entropy)
     w = meta.params_of(model)
-    kw = dict(local_steps=3, batch_size=4, init_batch_size=6, inner_lr=0.1, lr=0.05, momentum=0.4, estimator=ExactHessian())
+    hp = LocalMOMLConfig(local_steps=3, batch_size=4, init_batch_size=6, inner_lr=0.1, lr=0.05, momentum=0.4, memory_policy="keep")
 
     # reset (u=None): the first draw is S0 with K0 samples and u starts from w - alpha grad f(w; S0)
     draws = []
@@ -170,7 +172,8 @@ def test_local_moml_round_memory_policies(gen):
         draws.append(b)
         return b
 
-    w1, u1, stats = meta.local_moml_round(f, w, None, recording, **kw)
+    r = local_round("local-moml", f, w, recording, hp)
+    w1, u1, stats = r.meta_model, r.state, r.stats
     assert [len(b[1]) for b in draws] == [6] + [4] * 9
     u = meta.local_moml_init_memory(f, w, [draws[0]], 0.1)
     ww = w
@@ -182,7 +185,8 @@ def test_local_moml_round_memory_policies(gen):
 
     # keep: a given u is the value the first momentum update starts from (no S0 draw)
     draws.clear()
-    w2, u2, stats2 = meta.local_moml_round(f, w, u1, recording, **kw)
+    r = local_round("local-moml", f, w, recording, hp, state=u1)
+    w2, u2, stats2 = r.meta_model, r.state, r.stats
     assert [len(b[1]) for b in draws] == [4] * 9
     u = u1
     ww = w
@@ -197,11 +201,9 @@ def test_functions_do_not_mutate_inputs(gen):
     f = meta.make_loss(model, nn.functional.cross_entropy)
     w = meta.params_of(model)
     before = _flat(w).clone()
-    meta.per_fedavg_round(f, w, _sampler(gen), local_steps=2, batch_size=3, inner_lr=0.1, meta_lr=0.1, estimator=ExactHessian())
-    meta.local_moml_round(
-        f, w, None, _sampler(gen), local_steps=2, batch_size=3, init_batch_size=3, inner_lr=0.1, lr=0.1,
-        momentum=0.5, estimator=ExactHessian(),
-    )
+    local_round("per-fedavg", f, w, _sampler(gen), PerFedAvgConfig(local_steps=2, batch_size=3, inner_lr=0.1, meta_lr=0.1))
+    local_round("local-moml", f, w, _sampler(gen), LocalMOMLConfig(local_steps=2, batch_size=3, init_batch_size=3, inner_lr=0.1,
+                                                                     lr=0.1, momentum=0.5))
     assert torch.equal(_flat(w), before)
 
 

@@ -55,7 +55,7 @@ def replay(cfg: ExperimentConfig, hp: LocalMOMLConfig) -> dict[str, np.ndarray]:
         outs = []
         for pid in sample_partitions(cfg.num_clients, cfg.clients_per_round, cfg.seed, r):
             client = MetaClient(model, torch.nn.functional.cross_entropy, parts[pid], torch.device("cpu"))
-            res = client.train_local_moml(w, memory.get(pid), hp, round_generator(cfg.seed, pid, r, 0))
+            res = client.train(w, hp, memory.get(pid), round_generator(cfg.seed, pid, r, 0))
             if hp.memory_policy == "keep":
                 memory[pid] = res.personalized_model
             outs.append(ArrayRecord({k: v for k, v in res.meta_model.items()}))

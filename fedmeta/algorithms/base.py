@@ -1,0 +1,165 @@
+"""What an algorithm is in fedmeta: one unit with its config, its batch draws, its step and its state.
+
+An :class:`Algorithm` says, in one place:
+
+* ``config``: its hyper-parameters, a frozen dataclass (:class:`~fedmeta.config.WireConfig`) with the
+  wire keys, the defaults, the validation and the papers' symbols in its docstrings;
+* :meth:`~Algorithm.draw`: the batches of one local step, drawn in the paper's order (the only
+  place that order lives);
+* :meth:`~Algorithm.step`: one local step, written as the paper's equations;
+* its per-client state (LocalMOML's memory u; none for the others): :meth:`~Algorithm.draw_init`
+  and :meth:`~Algorithm.init_state` build it, :meth:`~Algorithm.keeps_state` says whether a client
+  stores it between rounds;
+* :meth:`~Algorithm.cost`: the samples and oracle calls of one local round.
+
+The executor (:mod:`fedmeta.algorithms.executor`) runs any algorithm's local round, for one client
+(a loop of steps) or for many clients at once (``torch.func.vmap``). Register an algorithm with
+:func:`fedmeta.algorithms.register` and the clients run it by its name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+from fedmeta import config as C
+from fedmeta import meta
+from fedmeta import validation as V
+from fedmeta.meta import Batch, Cost, LossFn, MetaBatches, Params, Sampler
+
+Batches = tuple
+"""The batches of one local step: a tuple whose leaves are ``(x, y)`` batches (nested tuples allowed),
+so that the batches of many clients stack leaf by leaf for ``vmap``."""
+
+VMAP_ESTIMATORS = ("exact", "first_order", "hessian_free", "fo_muml")
+"""Estimators computed under ``vmap``; the stochastic ones (``ggs``, ``zeroth_order``) draw their
+directions per client and run as a loop."""
+
+
+@dataclass(frozen=True)
+class RoundCost:
+    """Samples drawn and oracle calls of one client's local round."""
+
+    samples: int
+    cost: Cost
+
+
+class Algorithm:
+    """Base of the algorithm units (see the module docstring). Subclasses set ``name``, ``config``
+    and implement :meth:`draw`, :meth:`step`, :meth:`train_loss` and :meth:`cost`; a stateful one
+    also sets ``state_label`` and implements :meth:`draw_init` and :meth:`init_state`."""
+
+    name: ClassVar[str]
+    """The registry name and the value of the ``algorithm`` config key."""
+    config: ClassVar[type]
+    """The hyper-parameter dataclass (a :class:`~fedmeta.config.WireConfig`)."""
+    model_label: ClassVar[str] = "meta_model"
+    """How errors name the model the round trains."""
+    state_label: ClassVar[str | None] = None
+    """How errors name the per-client state (``None``: the algorithm has none)."""
+
+    @property
+    def stateful(self) -> bool:
+        return self.state_label is not None
+
+    def keeps_state(self, hp: Any) -> bool:
+        """Whether a client stores its state after a round and starts the next one from it."""
+        return False
+
+    def vmap_refusal(self, hp: Any) -> str | None:
+        """Why a round of ``hp`` cannot run under ``vmap`` (it then runs as a loop), or ``None``."""
+        return None
+
+    def draw_init(self, sample: Sampler, hp: Any) -> Batches:
+        """The batches :meth:`init_state` needs, drawn before the first step."""
+        return ()
+
+    def init_state(self, f: LossFn, w: Params, batches: Batches, hp: Any) -> Params:
+        raise NotImplementedError(f"{self.name} has no per-client state")
+
+    def draw(self, sample: Sampler, hp: Any) -> Batches:
+        """The batches of one local step, in the paper's order."""
+        raise NotImplementedError
+
+    def step(self, f: LossFn, w: Params, state: Params | None, batches: Batches, hp: Any,
+             gen: torch.Generator | None = None) -> tuple[Params, Params | None]:
+        """One local step: the new meta-model and state. ``gen``: random directions (``ggs``, ``zeroth_order``)."""
+        raise NotImplementedError
+
+    def train_loss(self, f: LossFn, w: Params, state: Params | None, batches: Batches) -> torch.Tensor:
+        """The loss a client reports after its round (on the last step's batches)."""
+        raise NotImplementedError
+
+    def cost(self, hp: Any, *, fresh_state: bool) -> RoundCost:
+        """Samples and oracle calls of one round (``fresh_state``: the state was built this round)."""
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"<algorithm {self.name!r} ({self.config.__name__})>"
+
+
+# --- what Per-FedAvg and LocalMOML share: the meta-gradient estimator (multistep-maml-ggs Section 2.2)
+
+
+@dataclass(frozen=True)
+class EstimatorConfig:
+    """The meta-gradient estimator fields of the MAML-type algorithms (:func:`fedmeta.meta.meta_gradient`)."""
+
+    inner_steps: int = 1
+    """N: inner SGD steps of the adaptation, multistep-maml-ggs eq. (6) (>= 1; 1 is the papers' setting)."""
+    meta_gradient: str = "exact"
+    """Estimator of the meta-gradient: ``exact`` (HVPs through the inner loop), ``first_order``,
+    ``hessian_free`` (finite differences, per-fedavg eq. 119), ``ggs`` (eq. 18), ``zeroth_order``
+    (eq. 17) or ``fo_muml`` (fo-muml Algorithm 3)."""
+    delta: float = meta.DEFAULT_DELTA
+    """Finite-difference step of ``hessian_free`` (per-fedavg eq. 119) or smoothing radius of
+    ``ggs`` / ``zeroth_order`` (eqs. 17-18) (> 0). See :data:`fedmeta.meta.DEFAULT_DELTA`."""
+    num_directions: int = 10
+    """U: Gaussian vectors per Hessian estimate (``ggs``, ``zeroth_order``) (>= 1)."""
+
+    ESTIMATOR_KEYS: ClassVar[dict[str, str]] = {
+        "inner_steps": C.INNER_STEPS,
+        "meta_gradient": C.META_GRADIENT,
+        "delta": C.DELTA,
+        "num_directions": C.NUM_DIRECTIONS,
+    }
+
+    def _check_estimator(self) -> None:
+        V.check_choice("meta_gradient", self.meta_gradient, meta.META_GRADIENTS)
+        V.positive_int("inner_steps (N)", self.inner_steps)
+        V.finite_positive("delta (finite-difference step / smoothing radius)", self.delta)
+        V.positive_int("num_directions (U, Gaussian vectors per Hessian estimate)", self.num_directions)
+        meta.check_meta_gradient(self.meta_gradient, self.inner_steps, self.delta, self.num_directions)
+
+    def estimator(self) -> meta.MetaGradient:
+        return meta.meta_gradient(self.meta_gradient, delta=self.delta, num_directions=self.num_directions)
+
+
+class MAMLAlgorithm(Algorithm):
+    """An algorithm whose step needs a meta-gradient: vmapped unless its estimator is stochastic."""
+
+    def vmap_refusal(self, hp: EstimatorConfig) -> str | None:
+        if hp.meta_gradient in VMAP_ESTIMATORS:
+            return None
+        return (f"vectorize='vmap' supports meta_gradient in {list(VMAP_ESTIMATORS)}, got {hp.meta_gradient!r} "
+                "(its random directions are drawn per client: use vectorize='auto' or 'loop')")
+
+    @staticmethod
+    def meta_batches(sample: Sampler, inner_steps: int, batch_size: int, *, order: str) -> Batches:
+        """N inner batches, one outer batch and N Hessian batches of ``batch_size`` each, returned as
+        ``(inner, outer, hessian)`` and drawn in ``order`` (``"inner,outer,hessian"`` or
+        ``"inner,hessian,outer"``: the papers differ)."""
+        drawn: dict[str, Any] = {}
+        for part in order.split(","):
+            drawn[part] = sample(batch_size) if part == "outer" else tuple(sample(batch_size) for _ in range(inner_steps))
+        return drawn["inner"], drawn["outer"], drawn["hessian"]
+
+
+def as_meta_batches(batches: Batches) -> MetaBatches:
+    inner, outer, hessian = batches
+    return MetaBatches(tuple(inner), outer, tuple(hessian))
+
+
+__all__ = ["Algorithm", "Batch", "Batches", "EstimatorConfig", "MAMLAlgorithm", "RoundCost", "VMAP_ESTIMATORS", "as_meta_batches"]
