@@ -308,6 +308,29 @@ def test_progress_on_a_terminal_is_a_bar(tmp_path):
     assert not re.search(r"per-fedavg round 4/4 \| elapsed", plain)  # no plain lines on a terminal
 
 
+NO_EVAL = FAIL_ALL.replace("    @app.train()\n    def train(msg, context):", "    @app.evaluate()\n    def evaluate(msg, context):").replace(
+    "    app.evaluate()(lambda msg, context: inner(msg, context))", "    app.train()(lambda msg, context: inner(msg, context))")
+
+
+@pytest.mark.ray
+def test_a_run_whose_final_evaluation_never_happened_exits_non_zero(tmp_path):
+    """Training works, every evaluate call raises: the run finishes its rounds, says failed, exits 1."""
+    assert "@app.evaluate()\n    def evaluate" in NO_EVAL and "app.train()(lambda" in NO_EVAL
+    script = tmp_path / "no_eval.py"
+    script.write_text(NO_EVAL)
+    results = tmp_path / "results"
+    proc = subprocess.run([sys.executable, str(script), "--algorithms", "per-fedavg", *SINE, "--num-rounds", "2",
+                           "--evaluate-every", "2", "--results-dir", str(results)],
+                          env=_env(tmp_path), cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    res = json.loads((results / "per-fedavg-sinewave-n4-seed0.json").read_text())
+    assert res["status"] == "failed" and res["failure"].startswith("the final evaluation (round 2) did not happen")
+    assert sorted(res["train"], key=int) == ["1", "2"] and all(m["num-clients"] == 4 for m in res["train"].values())
+    assert [e["stages"] for e in res["client_errors"]] == [["evaluate"]]
+    assert "the final evaluation (round 2) did not happen" in proc.stderr.strip().splitlines()[-1]
+    assert (proc.stdout + proc.stderr).count(MESSAGE) == 1
+
+
 # --- summarising client errors ----------------------------------------------------------------------
 
 

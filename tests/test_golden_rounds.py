@@ -1,7 +1,7 @@
 """The algorithm-units refactor (issue 14) changed how local rounds are executed, not what they compute.
 
 ``tests/golden/rounds-v1.pt`` holds the final arrays of small local rounds computed by the code
-*before* that refactor (commit 3e1c0c1's parent, ``MetaClient.train`` / ``ClientGroup.train``, CPU,
+*before* that refactor (committed in ec4a692, ``MetaClient.train`` / ``ClientGroup.train``, CPU,
 float32, sinewave tasks). The per-client (loop) path must reproduce them bit for bit; the vmapped
 multi-client path to the tolerances of tests/test_batched.py. Regenerate only for an intended change
 of the math: ``python tests/test_golden_rounds.py --write``.

@@ -1,0 +1,123 @@
+"""Which node serves which client: partition-keyed node discovery (``query``), node replacement after a
+SuperNode restart, and the messages to the nodes (one per node naming its clients on multi-client
+nodes). A mixin of :class:`~fedmeta.strategies.base.MetaStrategy`, whose state it uses."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Iterable
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.common.constant import ErrorCode
+from flwr.serverapp import Grid
+
+from fedmeta import config as C
+
+logger = logging.getLogger("fedmeta")
+
+
+def messages_to(nodes: Iterable[int], content: RecordDict, message_type: str) -> list[Message]:
+    """One message with ``content`` for each node (Flower's public ``Message`` constructor)."""
+    return [Message(content=content, message_type=message_type, dst_node_id=node) for node in nodes]
+
+
+class PartitionNodes:
+    """Mixin: the ``client id -> node id`` map and the messages to the nodes."""
+
+    def partition_nodes(self, grid: Grid) -> dict[int, int]:
+        """``client id -> node id`` for the connected nodes, asking new nodes with a ``query``.
+
+        Flower's node ids are random per run, so the strategy samples clients and maps them to
+        nodes. A node reports its ``partition-id`` and, when it hosts several clients, their
+        ``client-ids`` (the query tells it ``num-clients``). Waits up to ``node_wait_timeout`` until
+        every one of the n clients is served by a connected node.
+
+        A SuperNode that restarts (deployment) registers under a new node id. Its partition then
+        moves to the new node: a node that left ``grid.get_node_ids()`` is forgotten, and when a
+        newly queried node reports a partition that an already known node serves, the newer node
+        takes it over (the old one stops receiving messages; a warning is logged). Two *new* nodes
+        reporting the same partition, or nodes reporting overlapping clients, are a
+        misconfiguration and raise ``RuntimeError``, as does a ``query`` that the client answers
+        with an error. A query that fails because the node disappeared (Flower's node-unavailable
+        error) is retried on the next poll.
+        """
+        deadline = time.monotonic() + self.node_wait_timeout
+        while True:
+            node_ids = set(grid.get_node_ids())
+            for gone in set(self._node_to_partition) - node_ids:
+                del self._node_to_partition[gone]
+                self._node_clients.pop(gone, None)
+            unknown = sorted(node_ids - set(self._node_to_partition))
+            if unknown and len(node_ids) >= self.num_nodes:
+                self._query_partitions(grid, unknown, max(1.0, deadline - time.monotonic()))
+            mapping = {c: node for node, ids in self._node_clients.items() if node in node_ids for c in ids}
+            missing = sorted(set(range(self.num_clients)) - set(mapping))
+            if not missing:
+                return mapping
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"only {len(mapping)} of num_clients={self.num_clients} clients are served by the "
+                    f"{len(node_ids)} connected nodes after {self.node_wait_timeout:.0f} s (missing clients {missing[:20]})"
+                )
+            time.sleep(0.2)
+
+    def _query_partitions(self, grid: Grid, nodes: list[int], timeout: float) -> None:
+        """Ask ``nodes`` for their ``partition-id`` (and clients); a reported partition moves to its newest node."""
+        query = ConfigRecord({C.NUM_CLIENTS: self.num_clients})
+        queries = [
+            Message(RecordDict({self.configrecord_key: query}), dst_node_id=n, message_type=MessageType.QUERY)
+            for n in nodes
+        ]
+        reported: dict[int, tuple[int, tuple[int, ...]]] = {}
+        for reply in grid.send_and_receive(queries, timeout=timeout):
+            node = reply.metadata.src_node_id
+            if reply.has_error():
+                if reply.error.code == ErrorCode.NODE_UNAVAILABLE:
+                    # The node left between listing and query; the SuperLink answers for it.
+                    logger.warning("a node left before reporting its %s; waiting for it to come back", C.PARTITION_ID)
+                    continue
+                raise RuntimeError(f"node {node} did not report its {C.PARTITION_ID}: {reply.error.reason}")
+            rec = reply.content["metrics"]
+            pid = int(rec[C.PARTITION_ID])
+            ids = tuple(int(i) for i in rec[C.CLIENT_IDS]) if C.CLIENT_IDS in rec else (pid,)
+            if not 0 <= pid < self.num_nodes or pid in [p for p, _ in reported.values()]:
+                raise RuntimeError(
+                    f"node {node} reports {C.PARTITION_ID}={pid}: ids must be distinct in [0, {self.num_nodes - 1}] "
+                    f"(num_nodes={self.num_nodes})"
+                )
+            if not ids or not all(0 <= c < self.num_clients for c in ids):
+                raise RuntimeError(f"node {node} reports clients {list(ids)[:20]} outside [0, {self.num_clients - 1}]")
+            reported[node] = (pid, ids)
+        for node, (pid, ids) in reported.items():
+            for old in [n for n, p in self._node_to_partition.items() if p == pid]:
+                logger.warning("node %d now serves %s=%d (was node %d: restarted or replaced)", node, C.PARTITION_ID, pid, old)
+                del self._node_to_partition[old]
+                self._node_clients.pop(old, None)
+            overlap = {c for n, other in self._node_clients.items() for c in other} & set(ids)
+            if overlap:
+                raise RuntimeError(
+                    f"node {node} ({C.PARTITION_ID}={pid}) reports clients {sorted(overlap)[:20]} that another node "
+                    f"serves: check num-partitions on every node (num_nodes={self.num_nodes})"
+                )
+            self._node_to_partition[node] = pid
+            self._node_clients[node] = ids
+
+    @staticmethod
+    def _by_node(nodes: dict[int, int], clients: list[int]) -> dict[int, tuple[int, ...]]:
+        """``node id -> its clients among clients``, for the ``client id -> node id`` map ``nodes``."""
+        by_node: dict[int, list[int]] = {}
+        for c in clients:
+            by_node.setdefault(nodes[c], []).append(c)
+        return {node: tuple(ids) for node, ids in by_node.items()}
+
+    def _group_messages(
+        self, arrays: ArrayRecord, config: ConfigRecord, nodes: dict[int, int], clients: list[int], message_type: str
+    ) -> list[Message]:
+        """One message per node that hosts any of ``clients``, naming them under ``client-ids``."""
+        messages = []
+        for node, ids in self._by_node(nodes, clients).items():
+            cfg = ConfigRecord({**dict(config), C.CLIENT_IDS: list(ids), C.NUM_CLIENTS: self.num_clients, C.WEIGHTING: self.weighting})
+            record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: cfg})
+            messages.append(Message(content=record, message_type=message_type, dst_node_id=node))
+        return messages
