@@ -22,6 +22,7 @@ from fixtures_data import (
 from torchvision import datasets as tvd
 
 from fedmeta import data
+from fedmeta import class_plans, datasets
 from fedmeta.data import (
     DATASETS,
     IMAGE_SHAPES,
@@ -195,12 +196,12 @@ def test_largest_remainder_rounding():
     for _ in range(200):
         p = rng.dirichlet(np.full(7, 0.3))
         total = int(rng.integers(1, 500))
-        counts = data._largest_remainder(p, total)
+        counts = class_plans._largest_remainder(p, total)
         assert counts.sum() == total and counts.min() >= 0
         assert np.all(np.abs(counts - p * total) < 1)
-    assert data._largest_remainder(np.array([0.5, 0.25, 0.25]), 3).tolist() == [1, 1, 1]
-    assert data._largest_remainder(np.array([0.5, 0.3, 0.2]), 4).tolist() == [2, 1, 1]
-    assert data._largest_remainder(np.array([0.5, 0.5]), 1).tolist() == [1, 0]  # ties: lower class
+    assert class_plans._largest_remainder(np.array([0.5, 0.25, 0.25]), 3).tolist() == [1, 1, 1]
+    assert class_plans._largest_remainder(np.array([0.5, 0.3, 0.2]), 4).tolist() == [2, 1, 1]
+    assert class_plans._largest_remainder(np.array([0.5, 0.5]), 1).tolist() == [1, 0]  # ties: lower class
 
 
 def test_dirichlet_sizes_disjoint_matched_train_test():
@@ -375,7 +376,7 @@ def test_partitions_validates_before_touching_the_disk(tmp_path):
 
 @pytest.fixture
 def no_system_data(monkeypatch, tmp_path):
-    monkeypatch.setattr(data, "SYSTEM_FASHION_MNIST_DIR", tmp_path / "nonexistent")
+    monkeypatch.setattr(datasets, "SYSTEM_FASHION_MNIST_DIR", tmp_path / "nonexistent")
     monkeypatch.delenv("FEDMETA_SYSTEM_DATA", raising=False)
     monkeypatch.delenv("FEDMETA_DATA", raising=False)
     monkeypatch.setenv("FEDMETA_CACHE", str(tmp_path / "cache"))
@@ -692,7 +693,7 @@ def test_locate_fashion_mnist_decompresses_and_loads(tmp_path, no_system_data, s
 def test_locate_uses_system_dir_into_cache(tmp_path, no_system_data, monkeypatch):
     system = tmp_path / "system"
     write_idx_dataset(system, compress=True)
-    monkeypatch.setattr(data, "SYSTEM_FASHION_MNIST_DIR", system)
+    monkeypatch.setattr(datasets, "SYSTEM_FASHION_MNIST_DIR", system)
     root = locate_fashion_mnist()
     assert root == tmp_path / "cache"
     assert (root / "FashionMNIST" / "raw" / "t10k-labels-idx1-ubyte").is_file()
