@@ -8,8 +8,8 @@ In order, stopping at the first that works:
    ``dataset-fashion-mnist`` (running ``apt-get update`` first if the package is not found);
 3. torchvision's download into the cache (needs internet; 30 s network timeout);
 4. otherwise: one message saying exactly what to run, exit status 2 (``--optional``: 0, so that
-   ``make test`` still runs the tests that need no data; under ``CI=true`` the tests that need
-   Fashion-MNIST then fail rather than skip).
+   ``make test`` still runs the suite; the tests that need Fashion-MNIST then fail, the data-loading
+   ones skip outside ``CI=true``).
 
 Pass the experiment's flags (``make run ARGS=...``): with ``--dataset`` other than fashion-mnist
 nothing is provisioned, and ``--data-dir`` / ``--download`` are honoured as ``fedmeta-sim`` would.
