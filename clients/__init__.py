@@ -2,11 +2,14 @@
 
 from fedmeta.clients.app import fashion_mnist_data, make_client_app, sinewave_data
 from fedmeta.clients.client import MetaClient, select_device
+from fedmeta.clients.records import CLIENT_INFO, evaluate_config, train_config
 from fedmeta.clients.memory import ContextMemory, DiskMemory, MemoryFileError, file_digest, params_digest
 
 __all__ = [
+    "CLIENT_INFO",
     "ContextMemory",
     "DiskMemory",
+    "evaluate_config",
     "MemoryFileError",
     "MetaClient",
     "fashion_mnist_data",
@@ -15,4 +18,5 @@ __all__ = [
     "params_digest",
     "select_device",
     "sinewave_data",
+    "train_config",
 ]

@@ -3,11 +3,14 @@
 Message contract (what a third-party client must honor is listed in the README):
 
 * ``query`` -> reply ``MetricRecord({"partition-id": ...})`` so the strategy can sample by partition.
-* ``train`` -> ``{"arrays": meta-model, "config": ConfigRecord}``; reply with the new local meta-model
-  under ``"arrays"`` and a ``MetricRecord`` under ``"metrics"`` holding ``num-examples``,
-  ``num-samples``, ``num-gradients``, ``num-hvps``, ``num-loss-evals``, ``train-loss``,
-  ``partition-id``, ``memory-round`` and ``memory-digest``.
-* ``evaluate`` -> personalized evaluation; reply ``MetricRecord`` under ``"metrics"``.
+* ``train`` -> ``{"arrays": meta-model, "config": ConfigRecord}`` (settings: the message's, else the run
+  config's, :func:`fedmeta.clients.records.resolve_train`); reply with the new local meta-model under
+  ``"arrays"``, a ``MetricRecord`` under ``"metrics"`` holding ``num-examples``, ``num-samples``,
+  ``num-gradients``, ``num-hvps``, ``num-loss-evals``, ``train-loss`` (quantities: any strategy may
+  average them) and a ``ConfigRecord`` under ``"client-info"`` holding ``partition-id``,
+  ``memory-round`` and ``memory-digest`` (identifiers: never averaged).
+* ``evaluate`` -> personalized evaluation; reply ``MetricRecord`` under ``"metrics"`` (``num-examples``
+  and the scores) and the ``"client-info"`` ``ConfigRecord`` (``partition-id``).
 """
 
 from __future__ import annotations
@@ -19,15 +22,17 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Sequence
 
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 import torch
 from flwr.clientapp import ClientApp
+from flwr.clientapp.typing import Mod
 from torch import Tensor, nn
 
 from fedmeta import algorithms
 from fedmeta import config as C
 from fedmeta.batched import DEFAULT_CHUNK_SIZE, weighted_mean
 from fedmeta.clients.client import ClientGroup, MetaClient, hosted_clients, round_generator, select_device
+from fedmeta.clients.records import resolve_evaluate, resolve_train
 from fedmeta.clients.memory import (
     ContextMemory, DiskMemory, Memory, MemoryBank, bank_path, experiment_key, params_digest, partition_id,
 )
@@ -45,6 +50,27 @@ MEMORY_DIR_ENV = "FEDMETA_MEMORY_DIR"
 PER_CLIENT_TRAIN = (C.NUM_EXAMPLES, C.NUM_SAMPLES, C.NUM_GRADIENTS, C.NUM_HVPS, C.NUM_LOSS_EVALS, C.TRAIN_LOSS, C.MEMORY_ROUND)
 """Train metrics a multi-client node reports per client (lists under ``per-client-<key>``)."""
 """Optional node-config key overriding the device (e.g. ``cpu`` or ``cuda:1``)."""
+
+
+def _message_config(msg: Message) -> ConfigRecord:
+    """The message's one ConfigRecord (Flower's strategies send it under ``config``; a DP wrapper
+    adds its keys to it), or an empty one."""
+    records = msg.content.config_records
+    if "config" in records:
+        return records["config"]
+    return next(iter(records.values())) if len(records) == 1 else ConfigRecord()
+
+
+def _message_arrays(msg: Message) -> ArrayRecord:
+    """The message's model: its ArrayRecord under ``arrays`` (Flower's default key), else its only one."""
+    records = msg.content.array_records
+    if "arrays" in records or len(records) != 1:
+        return records["arrays"]
+    return next(iter(records.values()))
+
+
+def _mean(values: Sequence[float]) -> float:
+    return float(sum(values)) / len(values) if values else 0.0
 
 
 def node_memory(context: Context, memory_dir: str | None = None) -> Memory:
@@ -104,6 +130,8 @@ def make_client_app(
     vectorize: str = "auto",
     memory_dir: str | None = None,
     register: Sequence[algorithms.Algorithm] = (),
+    mods: Sequence[Mod] = (),
+    train_mods: Sequence[Mod] = (),
 ) -> ClientApp:
     """Build the fedmeta ``ClientApp``.
 
@@ -139,6 +167,11 @@ def make_client_app(
         this app, before a train message is handled: a user's own algorithm reaches Ray workers (which
         receive the app pickled, without running the module that defines the algorithm) and ClientApp
         processes this way.
+    mods, train_mods
+        Flower client mods (``flwr.clientapp.mod``) around every handler (``ClientApp(mods=...)``) and
+        around the train handler only (``@app.train(mods=...)``). Mods that act on train messages, such
+        as ``fixedclipping_mod`` for ``DifferentialPrivacyClientSideFixedClipping``, go in
+        ``train_mods``: they refuse the query and evaluate messages, which carry no model update.
 
     When the train config carries ``memory-key`` (the server checkpoints), memories are keyed by it
     and a client loads the newest version of its u written before the current round: a round
@@ -149,7 +182,7 @@ def make_client_app(
     ``client-ids``, the node trains them together and replies with their average (see the README's
     message contract).
     """
-    app = ClientApp()
+    app = ClientApp(mods=list(mods))
 
     def build(context: Context) -> tuple[MetaClient, int]:
         pid = partition_id(context)
@@ -180,7 +213,7 @@ def make_client_app(
     def train_group(msg: Message, context: Context, cfg, hp) -> Message:
         ids, hosted = _requested_clients(cfg, context)
         group = build_group(context)
-        w = group.params_from(msg.content["arrays"].to_torch_state_dict())
+        w = group.params_from(_message_arrays(msg).to_torch_state_dict())
         keep = algorithms.for_config(hp).keeps_state(hp)
         u, rounds = None, [-1] * len(ids)
         server_round = int(cfg[C.SERVER_ROUND])
@@ -211,33 +244,37 @@ def make_client_app(
             C.TRAIN_LOSS: [float(s.last_loss) for s in stats],
             C.MEMORY_ROUND: [int(rounds[i]) for i in ok],
         }
+        # Quantities (the node's total examples, its clients' mean costs and loss) in the MetricRecord,
+        # which any strategy may average; identifiers and per-client lists in client-info, which none does.
         metrics = MetricRecord({
             C.NUM_EXAMPLES: sum(examples),
+            C.NUM_DIVERGED: len(result.diverged),
+            **{k: _mean(per_client[k]) for k in (C.NUM_SAMPLES, C.NUM_GRADIENTS, C.NUM_HVPS, C.NUM_LOSS_EVALS, C.TRAIN_LOSS)},
+        })
+        info = ConfigRecord({
             C.PARTITION_ID: partition_id(context),
             C.CLIENT_IDS: [ids[i] for i in ok],
-            C.NUM_DIVERGED: len(result.diverged),
             **{C.PER_CLIENT + k: v for k, v in per_client.items()},
         })
         meta_models = {k: v.index_select(0, rows.to(v.device)) for k, v in result.meta_models.items()}
         mean = weighted_mean(meta_models, weights)
         arrays = ArrayRecord({k: v.detach().cpu() for k, v in mean.items()})
-        return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
+        return Message(RecordDict({"arrays": arrays, "metrics": metrics, C.CLIENT_INFO: info}), reply_to=msg)
 
-    @app.train()
+    @app.train(mods=list(train_mods))
     def train(msg: Message, context: Context) -> Message:
-        cfg = msg.content["config"]
         for unit in register:  # idempotent; the units travel with the app (see `register`)
             algorithms.register(unit, replace=True)
-        try:
-            algo = algorithms.get(cfg.get(C.ALGORITHM))
-        except ValueError as err:
-            raise ValueError(f"config {C.ALGORITHM!r}: {err}") from None
+        # The message's settings, else the run config's; neither: one line saying what to send.
+        algo, cfg = resolve_train(_message_config(msg), context.run_config)
+        if C.SERVER_ROUND not in cfg:
+            raise ValueError(f"the train config has no {C.SERVER_ROUND!r} (Flower's strategies send it; a custom one must too)")
         hp = algo.config.from_wire(cfg)  # validates before any work
         if C.CLIENT_IDS in cfg:
             return train_group(msg, context, cfg, hp)
         server_round = int(cfg[C.SERVER_ROUND])
         client, pid = build(context)
-        w = client.params_from(msg.content["arrays"].to_torch_state_dict())
+        w = client.params_from(_message_arrays(msg).to_torch_state_dict())
         gen = round_generator(int(cfg.get(C.SEED, 0)), pid, server_round, 0)
         keep = algo.keeps_state(hp)
         store = memory if memory is not None else node_memory(context, memory_dir)
@@ -259,31 +296,30 @@ def make_client_app(
                 C.NUM_HVPS: s.num_hvps,
                 C.NUM_LOSS_EVALS: s.num_loss_evals,
                 C.TRAIN_LOSS: s.last_loss,
-                C.PARTITION_ID: pid,
-                C.MEMORY_ROUND: memory_round,
-                C.MEMORY_DIGEST: memory_digest,
             }
         )
+        info = ConfigRecord({C.PARTITION_ID: pid, C.MEMORY_ROUND: memory_round, C.MEMORY_DIGEST: memory_digest})
         arrays = ArrayRecord({k: v.detach().cpu() for k, v in result.meta_model.items()})
-        return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
+        return Message(RecordDict({"arrays": arrays, "metrics": metrics, C.CLIENT_INFO: info}), reply_to=msg)
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
-        cfg = msg.content["config"]
+        cfg = resolve_evaluate(_message_config(msg), context.run_config)
         ev = EvalConfig.from_wire(cfg)
         if C.CLIENT_IDS in cfg:
             return evaluate_group(msg, context, cfg, ev)
         client, pid = build(context)
-        w = client.params_from(msg.content["arrays"].to_torch_state_dict())
+        w = client.params_from(_message_arrays(msg).to_torch_state_dict())
         gen = round_generator(int(cfg.get(C.SEED, 0)), pid, int(cfg.get(C.SERVER_ROUND, 0)), 1)
         scores = client.evaluate(w, ev, gen)
-        metrics = MetricRecord({C.NUM_EXAMPLES: int(client.data.y_test.shape[0]), C.PARTITION_ID: pid, **scores})
-        return Message(RecordDict({"metrics": metrics}), reply_to=msg)
+        metrics = MetricRecord({C.NUM_EXAMPLES: int(client.data.y_test.shape[0]), **scores})
+        info = ConfigRecord({C.PARTITION_ID: pid})
+        return Message(RecordDict({"metrics": metrics, C.CLIENT_INFO: info}), reply_to=msg)
 
     def evaluate_group(msg: Message, context: Context, cfg, ev: EvalConfig) -> Message:
         ids, _ = _requested_clients(cfg, context)
         group = build_group(context)
-        w = group.params_from(msg.content["arrays"].to_torch_state_dict())
+        w = group.params_from(_message_arrays(msg).to_torch_state_dict())
         rows, sizes = [], []
         for c in ids:
             client = group.client(c)
@@ -291,14 +327,20 @@ def make_client_app(
             rows.append(client.evaluate(w, ev, gen))
             sizes.append(int(client.data.y_test.shape[0]))
         keys = [k for k in rows[0] if all(k in r for r in rows)]
+        total = sum(sizes)
+        # The node's scores averaged over its test examples, so that a strategy weighting the
+        # nodes by num-examples gets the average over all clients' test examples.
         metrics = MetricRecord({
-            C.NUM_EXAMPLES: sum(sizes),
+            C.NUM_EXAMPLES: total,
+            **{k: sum(float(r[k]) * n for r, n in zip(rows, sizes)) / max(total, 1) for k in keys},
+        })
+        info = ConfigRecord({
             C.PARTITION_ID: partition_id(context),
             C.CLIENT_IDS: ids,
             C.PER_CLIENT + C.NUM_EXAMPLES: sizes,
             **{C.PER_CLIENT + k: [float(r[k]) for r in rows] for k in keys},
         })
-        return Message(RecordDict({"metrics": metrics}), reply_to=msg)
+        return Message(RecordDict({"metrics": metrics, C.CLIENT_INFO: info}), reply_to=msg)
 
     return app
 

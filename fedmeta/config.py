@@ -57,6 +57,7 @@ WEIGHTING = "weighting"  # train config (multi-client nodes): how the node avera
 NUM_DIVERGED = "num-diverged"  # reply (multi-client nodes): clients left out because their training diverged
 MEMORY_KEY = "memory-key"  # train config (server checkpoints): key the memory u by this name, load the version from before this round
 PER_CLIENT = "per-client-"  # reply prefix (multi-client nodes): per-client lists aligned with client-ids
+CLIENT_INFO = "client-info"  # reply ConfigRecord: identifiers (partition-id, client-ids, memory-*) and per-client- lists, never averaged
 
 # --- node-config keys (SuperNode --node-config) -----------------------------------------------
 MEMORY_DIR = "memory-dir"  # keep the memory u on disk under this directory (DiskMemory), not in context.state

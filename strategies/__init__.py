@@ -4,5 +4,7 @@ from fedmeta.strategies.base import MetaStrategy
 from fedmeta.strategies.fedavg import FedAvg
 from fedmeta.strategies.local_moml import LocalMOML
 from fedmeta.strategies.per_fedavg import PerFedAvg
+from fedmeta.strategies.failures import TrainingStopped
+from fedmeta.strategies.rounds import start
 
-__all__ = ["FedAvg", "LocalMOML", "MetaStrategy", "PerFedAvg"]
+__all__ = ["FedAvg", "LocalMOML", "MetaStrategy", "PerFedAvg", "TrainingStopped", "start"]

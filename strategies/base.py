@@ -97,8 +97,8 @@ class MetaStrategy(CheckpointedRounds, PartitionNodes, ReplyScreening, Personali
     Screening. Before averaging, every train reply is checked (:mod:`fedmeta.strategies.screening`): exactly
     one ArrayRecord and one MetricRecord; the clients it names are ones sent to its node this round
     (a node that got no message, or a second reply from a node, is rejected too); ``per-client-``
-    lists aligned with ``client-ids``; ``num-examples`` present, finite and >= 0 when weighting by
-    examples; arrays with the global model's names, shapes and dtypes and no NaN/Inf; optionally
+    lists aligned with ``client-ids``; ``num-examples`` finite and >= 0 (required when weighting by
+    examples, checked when present under uniform weighting); arrays with the global model's names, shapes and dtypes and no NaN/Inf; optionally
     an update norm within ``max_update_norm_ratio`` x the round's median. A rejected reply is left
     out of the average and logged (logger ``fedmeta``, warning, with node id and reason). The
     round's train metrics add ``num-accepted`` (replies averaged), ``num-rejected`` (replies
@@ -188,7 +188,6 @@ class MetaStrategy(CheckpointedRounds, PartitionNodes, ReplyScreening, Personali
         """Every error reply of the run, grouped by distinct error (:mod:`fedmeta.strategies.failures`)."""
         self.failed_rounds = 0
         """Consecutive rounds, up to the last one, without a valid train reply."""
-        self._round_valid = True
         kwargs.setdefault("min_available_nodes", num_nodes)
         super().__init__(
             fraction_train=1.0,
@@ -305,7 +304,7 @@ class MetaStrategy(CheckpointedRounds, PartitionNodes, ReplyScreening, Personali
         errors = [m for m in replies if m.has_error()]
         self._record_errors(server_round, "train", errors, sent)
         accepted, rejected = self._screen(server_round, "train", [m for m in replies if not m.has_error()], sent)
-        self._round_valid = bool(accepted)
+        self.round_valid = bool(accepted)
         # Average in client order, not arrival order: the float sum is then the same in every run.
         accepted.sort(key=lambda m: min(sent.clients.get(m.metadata.src_node_id, (math.inf,))))
         # Consistency is screening's job; the errors were counted (and logged once each) above.
@@ -354,6 +353,6 @@ class MetaStrategy(CheckpointedRounds, PartitionNodes, ReplyScreening, Personali
         }
         if self.num_rounds and server_round % max(1, self.num_rounds // 10) == 0:
             logger.info("round %d/%s: train loss %.4f, %d clients, %.2f s", server_round, self.num_rounds,
-                        metrics.get(C.TRAIN_LOSS, float("nan")), len(rows), self.round_seconds[server_round])
+                        metrics.get(C.TRAIN_LOSS, metrics.get("train_loss", float("nan"))), len(rows), self.round_seconds[server_round])
         return arrays, metrics
 

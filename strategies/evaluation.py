@@ -15,17 +15,18 @@ from flwr.serverapp import Grid
 from fedmeta import config as C
 from fedmeta.strategies.aggregation import distribution
 from fedmeta.strategies.nodes import messages_to
-from fedmeta.strategies.replies import EVAL_KEYS, SentRound
+from fedmeta.strategies.replies import SUMMARY_KEYS, SentRound
 from fedmeta.strategies.screening import NUM_MISSING, NUM_REJECTED
 
 logger = logging.getLogger("fedmeta")
 
 
 def summarize(per_client: Iterable[dict[str, float]]) -> dict[str, float]:
-    """Mean, std and 10th percentile across clients of every evaluation metric."""
+    """Mean, std and 10th percentile across clients of every evaluation metric: fedmeta's personalized
+    ones (``accuracy-after`` ...) and Flower's usual names (``eval_loss``, ``eval_acc``, ``accuracy``)."""
     rows = list(per_client)
     out = {}
-    for key in EVAL_KEYS:
+    for key in SUMMARY_KEYS:
         values = [r[key] for r in rows if key in r]
         if values:
             d = distribution(values)
@@ -67,7 +68,7 @@ class PersonalizedEvaluation:
         per_client = {}
         for m in valid:
             for rec in self._reply_rows(m, sent):
-                per_client[int(rec[C.PARTITION_ID])] = {k: float(rec[k]) for k in EVAL_KEYS if k in rec}
+                per_client[int(rec[C.PARTITION_ID])] = {k: float(rec[k]) for k in SUMMARY_KEYS if k in rec}
         per_client = dict(sorted(per_client.items()))  # client order, not arrival order: the same float sums every run
         self.client_eval[server_round] = per_client
         new = set(self.new_clients)
@@ -78,14 +79,24 @@ class PersonalizedEvaluation:
             out["new-num-clients"] = sum(p in new for p in per_client)
             out.update({f"new-{k}": v for k, v in summarize(v for p, v in per_client.items() if p in new).items()})
         metrics = MetricRecord(out)
-        if C.ACC_AFTER in metrics:
+        self._log_evaluation(server_round, metrics)
+        return metrics
+
+    def _log_evaluation(self, server_round: int, metrics: MetricRecord) -> None:
+        """One line with the round's scores: whichever of fedmeta's or Flower's names the clients sent."""
+        if C.ACC_AFTER in metrics and C.ACC_BEFORE in metrics:
             logger.info(
                 "round %s/%s: personalized accuracy %.4f +- %.4f (before adaptation %.4f), %d clients",
-                server_round, self.num_rounds, metrics[C.ACC_AFTER], metrics[f"{C.ACC_AFTER}-std"], metrics[C.ACC_BEFORE], out["num-clients"],
+                server_round, self.num_rounds, metrics[C.ACC_AFTER], metrics[f"{C.ACC_AFTER}-std"], metrics[C.ACC_BEFORE],
+                metrics["num-clients"],
             )
-            if f"new-{C.ACC_AFTER}" in metrics:
+            if f"new-{C.ACC_AFTER}" in metrics and f"new-{C.ACC_BEFORE}" in metrics:
                 logger.info("    new clients: personalized accuracy %.4f (before adaptation %.4f), %d clients",
-                            metrics[f"new-{C.ACC_AFTER}"], metrics[f"new-{C.ACC_BEFORE}"], out["new-num-clients"])
+                            metrics[f"new-{C.ACC_AFTER}"], metrics[f"new-{C.ACC_BEFORE}"], metrics["new-num-clients"])
+        elif C.LOSS_AFTER in metrics and C.LOSS_BEFORE in metrics:
+            logger.info("round %s/%s: personalized loss %.4f (before %.4f)", server_round, self.num_rounds,
+                        metrics[C.LOSS_AFTER], metrics[C.LOSS_BEFORE])
         else:
-            logger.info("round %s/%s: personalized loss %.4f (before %.4f)", server_round, self.num_rounds, metrics[C.LOSS_AFTER], metrics[C.LOSS_BEFORE])
-        return metrics
+            scores = ", ".join(f"{k} {metrics[k]:.4f}" for k in SUMMARY_KEYS if k in metrics)
+            logger.info("round %s/%s: evaluation %s, %d clients", server_round, self.num_rounds, scores or "(no scores)",
+                        metrics["num-clients"])

@@ -13,8 +13,14 @@ from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 
 from fedmeta import config as C
+from fedmeta.strategies.failures import parse_reason
+from fedmeta.strategies.screening import reply_view
 
 logger = logging.getLogger("fedmeta")
+
+
+NO_QUERY_HANDLER = "No query function registered"
+"""How Flower's ClientApp answers a message type it has no handler for (its error's text)."""
 
 
 def messages_to(nodes: Iterable[int], content: RecordDict, message_type: str) -> list[Message]:
@@ -41,10 +47,23 @@ class PartitionNodes:
         misconfiguration and raise ``RuntimeError``, as does a ``query`` that the client answers
         with an error. A query that fails because the node disappeared (Flower's node-unavailable
         error) is retried on the next poll.
+
+        Nodes without a ``query`` handler (an ordinary Flower ClientApp): when every node answers the
+        query with Flower's no-handler error (or a reply without ``partition-id``) and each node serves one client (``num_nodes == num_clients``), client i
+        is the i-th node in sorted node-id order, and one warning says that partition-keyed sampling
+        is off (seeded sampling then picks nodes, not data partitions).
         """
         deadline = time.monotonic() + self.node_wait_timeout
         while True:
             node_ids = set(grid.get_node_ids())
+            if self.nodes_by_order:
+                if len(node_ids) >= self.num_nodes:
+                    return self._order_nodes(sorted(node_ids)[: self.num_nodes])
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"only {len(node_ids)} of num_nodes={self.num_nodes} nodes connected after "
+                                       f"{self.node_wait_timeout:.0f} s")
+                time.sleep(0.2)
+                continue
             for gone in set(self._node_to_partition) - node_ids:
                 del self._node_to_partition[gone]
                 self._node_clients.pop(gone, None)
@@ -62,6 +81,14 @@ class PartitionNodes:
                 )
             time.sleep(0.2)
 
+    nodes_by_order: bool = False
+    """Whether the nodes have no ``query`` handler and client i is the i-th node by node id (see :meth:`partition_nodes`)."""
+
+    def _order_nodes(self, nodes: list[int]) -> dict[int, int]:
+        self._node_to_partition = {node: i for i, node in enumerate(nodes)}
+        self._node_clients = {node: (i,) for i, node in enumerate(nodes)}
+        return {i: node for i, node in enumerate(nodes)}
+
     def _query_partitions(self, grid: Grid, nodes: list[int], timeout: float) -> None:
         """Ask ``nodes`` for their ``partition-id`` (and clients); a reported partition moves to its newest node."""
         query = ConfigRecord({C.NUM_CLIENTS: self.num_clients})
@@ -70,6 +97,7 @@ class PartitionNodes:
             for n in nodes
         ]
         reported: dict[int, tuple[int, tuple[int, ...]]] = {}
+        refused: dict[int, str] = {}
         for reply in grid.send_and_receive(queries, timeout=timeout):
             node = reply.metadata.src_node_id
             if reply.has_error():
@@ -77,8 +105,14 @@ class PartitionNodes:
                     # The node left between listing and query; the SuperLink answers for it.
                     logger.warning("a node left before reporting its %s; waiting for it to come back", C.PARTITION_ID)
                     continue
-                raise RuntimeError(f"node {node} did not report its {C.PARTITION_ID}: {reply.error.reason}")
-            rec = reply.content["metrics"]
+                if NO_QUERY_HANDLER not in (reply.error.reason or ""):
+                    raise RuntimeError(f"node {node} did not report its {C.PARTITION_ID}: {reply.error.reason}")
+                refused[node] = parse_reason(reply.error.reason)[0]
+                continue
+            rec = reply_view(reply.content) if len(reply.content.metric_records) == 1 else {}
+            if C.PARTITION_ID not in rec:
+                refused[node] = f"its query reply has no {C.PARTITION_ID}"
+                continue
             pid = int(rec[C.PARTITION_ID])
             ids = tuple(int(i) for i in rec[C.CLIENT_IDS]) if C.CLIENT_IDS in rec else (pid,)
             if not 0 <= pid < self.num_nodes or pid in [p for p, _ in reported.values()]:
@@ -89,6 +123,16 @@ class PartitionNodes:
             if not ids or not all(0 <= c < self.num_clients for c in ids):
                 raise RuntimeError(f"node {node} reports clients {list(ids)[:20]} outside [0, {self.num_clients - 1}]")
             reported[node] = (pid, ids)
+        if refused:
+            first = next(iter(refused.values()))
+            by_order = not reported and not self._node_clients and self.num_nodes == self.num_clients
+            if not by_order:
+                raise RuntimeError(f"node {next(iter(refused))} did not report its {C.PARTITION_ID}: {first}")
+            logger.warning("the nodes do not report a %s (%s): partition-keyed sampling is off; client i is the i-th "
+                           "node in node-id order, so sampling picks nodes, not data partitions (a fedmeta ClientApp, or "
+                           "a query handler replying {%r: ...}, turns it on)", C.PARTITION_ID, first, C.PARTITION_ID)
+            self.nodes_by_order = True
+            return
         for node, (pid, ids) in reported.items():
             for old in [n for n, p in self._node_to_partition.items() if p == pid]:
                 logger.warning("node %d now serves %s=%d (was node %d: restarted or replaced)", node, C.PARTITION_ID, pid, old)

@@ -14,12 +14,15 @@ from flwr.app import ArrayRecord, Message, MetricRecord
 
 from fedmeta import config as C
 from fedmeta.strategies.failures import error_log
-from fedmeta.strategies.screening import norm_outliers, screen_evaluate_reply, screen_reply, update_norm
+from fedmeta.strategies.screening import norm_outliers, reply_view, screen_evaluate_reply, screen_reply, update_norm
 
 logger = logging.getLogger("fedmeta")
 
 EVAL_KEYS = (C.ACC_BEFORE, C.ACC_AFTER, C.LOSS_BEFORE, C.LOSS_AFTER)
 """The personalized-evaluation metrics of a reply."""
+FLOWER_EVAL_KEYS = ("eval_loss", "eval_acc", "loss", "accuracy")
+"""The evaluation metrics of Flower's quickstart clients, summarised when a reply has them."""
+SUMMARY_KEYS = EVAL_KEYS + FLOWER_EVAL_KEYS
 
 
 @dataclass(frozen=True)
@@ -52,7 +55,7 @@ class ReplyScreening:
     def _reply_rows(self, message: Message, sent: SentRound) -> list[dict[str, Any]]:
         """:meth:`client_rows` of a screened reply; a single-client reply without ``partition-id``
         is attributed to the partition its node was sent."""
-        record = next(iter(message.content.metric_records.values()))
+        record = reply_view(message.content)
         rows = self.client_rows(record)
         if C.CLIENT_IDS not in record and C.PARTITION_ID not in record:
             rows[0][C.PARTITION_ID] = sent.clients[message.metadata.src_node_id][0]
@@ -75,10 +78,11 @@ class ReplyScreening:
                 served = self._node_clients.get(node, ())
                 if sent.reference is not None:  # a train round
                     reason = screen_reply(m.content, sent.reference, sent=sent.clients[node], expect_ids=sent.with_ids,
-                                          served=served, weighted_by_key=weighted_by)
+                                          served=served, weighted_by_key=weighted_by,
+                                          examples_key=self.weighted_by_key)
                 else:
                     reason = screen_evaluate_reply(m.content, sent=sent.clients[node], expect_ids=sent.with_ids,
-                                                   served=served, numeric_keys=EVAL_KEYS)
+                                                   served=served, numeric_keys=SUMMARY_KEYS)
                 if reason:
                     reasons[i] = reason
             seen.add(node)

@@ -36,8 +36,26 @@ def _is_number(v: Any) -> bool:
     return isinstance(v, Real) and not isinstance(v, bool)
 
 
+def _numbers(v: Any) -> bool:
+    return _is_number(v) or (isinstance(v, list) and all(_is_number(x) for x in v))
+
+
+def reply_view(content: RecordDict) -> dict[str, Any]:
+    """What the strategy reads of a reply: its ``MetricRecord`` (quantities) with the identifiers of its
+    ``client-info`` ``ConfigRecord`` (``partition-id``, ``client-ids``, ``memory-round``,
+    ``memory-digest``, ``per-client-`` lists) over it. A client that sends its identifiers in the
+    ``MetricRecord`` instead (the README's minimal contract, fedmeta before 0.3) is read the same way.
+    Call after :func:`screen_structure`."""
+    view = dict(next(iter(content.metric_records.values()))) if content.metric_records else {}
+    info = content.config_records.get(C.CLIENT_INFO)
+    if info is not None:
+        view.update({k: v for k, v in info.items() if _numbers(v)})
+    return view
+
+
 def screen_structure(content: RecordDict, *, with_arrays: bool) -> str | None:
-    """Exactly one ``MetricRecord`` and, when ``with_arrays`` (train replies), exactly one ``ArrayRecord``.
+    """Exactly one ``MetricRecord`` and, when ``with_arrays`` (train replies), exactly one ``ArrayRecord``;
+    a ``client-info`` ``ConfigRecord``, if any, holds only numbers and lists of numbers.
 
     These are the shape requirements of Flower's ``validate_message_reply_consistency``, checked
     per reply so that a bad reply is dropped instead of failing the round.
@@ -46,6 +64,10 @@ def screen_structure(content: RecordDict, *, with_arrays: bool) -> str | None:
         return f"expected exactly one ArrayRecord, got {len(content.array_records)}"
     if len(content.metric_records) != 1:
         return f"expected exactly one MetricRecord, got {len(content.metric_records)}"
+    info = content.config_records.get(C.CLIENT_INFO)
+    bad = sorted(k for k, v in (info or {}).items() if not _numbers(v))
+    if bad:
+        return f"{C.CLIENT_INFO} values {bad} must be numbers or lists of numbers"
     return None
 
 
@@ -87,15 +109,17 @@ def screen_clients(
     return None
 
 
-def screen_weights(record: MetricRecord, weighted_by_key: str) -> str | None:
-    """With example weighting: every client's ``weighted_by_key`` is a finite number >= 0, summing to > 0.
+def screen_weights(record: MetricRecord, weighted_by_key: str, *, required: bool = True) -> str | None:
+    """Every client's ``weighted_by_key`` (``num-examples``) is a finite number >= 0, summing to > 0.
 
     A single-client reply carries it as a scalar; a multi-client reply as the ``per-client-`` list
-    (its alignment with ``client-ids`` is :func:`screen_clients`' check).
+    (its alignment with ``client-ids`` is :func:`screen_clients`' check). Without ``required``
+    (uniform weighting, where the average does not use it) a reply may leave it out, but a value it
+    sends is checked all the same: a -5 or a NaN says the reply is not to be trusted.
     """
     key = C.PER_CLIENT + weighted_by_key if C.CLIENT_IDS in record else weighted_by_key
     if key not in record:
-        return f"no {key} in the reply, needed to weight it"
+        return f"no {key} in the reply, needed to weight it" if required else None
     values = record[key] if isinstance(record[key], list) else [record[key]]
     if not all(_is_number(v) and math.isfinite(v) and v >= 0 for v in values) or not sum(values) > 0:
         return f"{key} must be finite numbers >= 0 with a positive sum, got {record[key]!r}"
@@ -136,20 +160,22 @@ def screen_reply(
     expect_ids: bool,
     served: Collection[int] = (),
     weighted_by_key: str | None = None,
+    examples_key: str = C.NUM_EXAMPLES,
 ) -> str | None:
     """Why a train reply cannot be averaged, or ``None``: :func:`screen_structure`, then
-    :func:`screen_clients`, :func:`screen_weights` (only when ``weighted_by_key`` is given, i.e.
-    weighting by examples) and :func:`screen_arrays` against ``reference``; the first failure wins.
+    :func:`screen_clients`, :func:`screen_weights` (required when ``weighted_by_key`` is given, i.e.
+    weighting by examples; else ``examples_key`` is checked when the reply has it) and
+    :func:`screen_arrays` against ``reference``; the first failure wins.
 
     The update-norm check needs the other replies of the round: see :func:`norm_outliers`.
     """
     reason = screen_structure(content, with_arrays=True)
     if reason:
         return reason
-    record = next(iter(content.metric_records.values()))
+    record = reply_view(content)
     reason = screen_clients(record, sent, expect_ids=expect_ids, served=served)
-    if reason is None and weighted_by_key is not None:
-        reason = screen_weights(record, weighted_by_key)
+    if reason is None:
+        reason = screen_weights(record, weighted_by_key or examples_key, required=weighted_by_key is not None)
     if reason is None:
         reason = screen_arrays(next(iter(content.array_records.values())), reference)
     return reason
@@ -159,20 +185,26 @@ def screen_evaluate_reply(
     content: RecordDict, *, sent: Sequence[int], expect_ids: bool, served: Collection[int] = (), numeric_keys: Sequence[str] = ()
 ) -> str | None:
     """Why an evaluate reply cannot be summarized, or ``None``: :func:`screen_structure` (no arrays
-    needed), :func:`screen_clients`, and every ``numeric_keys`` metric present is a number per client."""
+    needed), :func:`screen_clients`, ``num-examples`` (when present) as in :func:`screen_weights`, and
+    at least one of ``numeric_keys`` present, each one present a finite number per client (a reply
+    with no score, or a NaN score, would silently change the summary)."""
     reason = screen_structure(content, with_arrays=False)
     if reason:
         return reason
-    record = next(iter(content.metric_records.values()))
-    reason = screen_clients(record, sent, expect_ids=expect_ids, served=served)
+    record = reply_view(content)
+    reason = screen_clients(record, sent, expect_ids=expect_ids, served=served) or screen_weights(record, C.NUM_EXAMPLES, required=False)
     if reason:
         return reason
+    found = False
     for key in numeric_keys:
         wire = C.PER_CLIENT + key if C.CLIENT_IDS in record else key
         if wire in record:
+            found = True
             values = record[wire] if C.CLIENT_IDS in record else [record[wire]]  # lists aligned by screen_clients
-            if not all(_is_number(v) for v in values):
-                return f"{wire} must be numbers, got {record[wire]!r}"
+            if not all(_is_number(v) and math.isfinite(v) for v in values):
+                return f"{wire} must be finite numbers, got {record[wire]!r}"
+    if numeric_keys and not found:
+        return f"no evaluation metric in the reply (expected one of {list(numeric_keys)}; it has {sorted(record)})"
     return None
 
 

@@ -8,6 +8,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
+from fedmeta.strategies.screening import reply_view
 from fedmeta import config as C
 from fedmeta import meta
 from fedmeta.clients import ContextMemory, MetaClient, make_client_app, select_device
@@ -93,13 +94,16 @@ def test_train_handler_reply_contract_and_memory():
     cfg = {C.ALGORITHM: "local-moml", C.SERVER_ROUND: 3, C.SEED: 1, **C.LocalMOMLConfig(local_steps=2, memory_policy="keep").to_wire()}
     reply = app(_train_message(cfg), ctx)
     assert not reply.has_error()
-    m = reply.content["metrics"]
+    m = reply_view(reply.content)
     assert m[C.NUM_EXAMPLES] == 40 and m[C.NUM_SAMPLES] == 5 + 2 * 3 * 5 and m[C.NUM_GRADIENTS] == 1 + 2 * 2 and m[C.NUM_HVPS] == 2
     assert m[C.MEMORY_ROUND] == -1 and m[C.PARTITION_ID] == 0
+    # identifiers travel in client-info, where no strategy averages them; the MetricRecord holds quantities
+    ids = (C.PARTITION_ID, C.MEMORY_ROUND, C.MEMORY_DIGEST)
+    assert set(ids) <= set(reply.content[C.CLIENT_INFO]) and not set(ids) & set(reply.content["metrics"])
     assert set(reply.content["arrays"]) == set(_model().state_dict())
     assert ContextMemory().written_in_round(ctx) == 3
     cfg[C.SERVER_ROUND] = 5
-    assert app(_train_message(cfg), ctx).content["metrics"][C.MEMORY_ROUND] == 3
+    assert reply_view(app(_train_message(cfg), ctx).content)[C.MEMORY_ROUND] == 3
 
 
 def test_train_handler_rejects_bad_config_before_work():
@@ -154,7 +158,7 @@ def test_train_handler_runs_every_estimator_and_reports_its_work(name, grads_per
         torch.manual_seed(0)  # _train_message draws a fresh model: the same one both times
         reply = app(_train_message(cfg), _context())
         assert not reply.has_error()
-        m = reply.content["metrics"]
+        m = reply_view(reply.content)
         assert m[C.NUM_SAMPLES] == init[0] + 2 * (2 * 2 + 1) * 5
         assert (m[C.NUM_GRADIENTS], m[C.NUM_HVPS], m[C.NUM_LOSS_EVALS]) == (
             init[1] + 2 * grads_per_step, 2 * hvps_per_step, 2 * losses_per_step)

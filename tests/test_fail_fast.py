@@ -242,7 +242,8 @@ def test_a_run_where_every_client_raises_stops_after_max_failed_rounds(failed_ru
     proc, results = failed_run
     out = proc.stdout + proc.stderr
     assert proc.returncode == 1, out
-    assert out.count(MESSAGE) == 1, out  # the distinct error once, with its first traceback
+    # the distinct error once, with its first traceback, and named again in the last line (the cause)
+    assert out.count(MESSAGE) == 2 and proc.stderr.strip().splitlines()[-1].count(MESSAGE) == 1, out
     assert "Traceback (most recent call last)" in out and "ClientAppException" not in out and "ray::" not in out
     assert re.search(r"raised 12 times by 4 clients in train of rounds 1-3", out), out
     last = proc.stderr.strip().splitlines()[-1]

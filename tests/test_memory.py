@@ -16,6 +16,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
+from fedmeta.strategies.screening import reply_view
 from fedmeta import config as C
 from fedmeta.clients import ContextMemory, DiskMemory, MemoryFileError, file_digest, make_client_app, params_digest
 from fedmeta.clients import memory as M
@@ -221,7 +222,7 @@ def test_digest_identifies_the_parameters_and_fits_an_int64_metric(tmp_path):
 def test_train_handler_uses_disk_memory_when_node_config_names_a_directory(tmp_path):
     app = make_client_app(_model, lambda pid: _data(pid))
     ctx = _context(tmp_path)
-    first = app(_train_message(1), ctx).content["metrics"]
+    first = reply_view(app(_train_message(1), ctx).content)
     assert (first[C.MEMORY_ROUND], first[C.MEMORY_DIGEST]) == (-1, -1)
     path = tmp_path / "run-7" / "partition-0.pt"
     assert path.is_file() and len(ctx.state) == 0
@@ -229,14 +230,14 @@ def test_train_handler_uses_disk_memory_when_node_config_names_a_directory(tmp_p
 
     # A restarted SuperNode: a new node id and an empty context.state, same run and node config.
     restarted = _context(tmp_path, node_id=99)
-    second = app(_train_message(2), restarted).content["metrics"]
+    second = reply_view(app(_train_message(2), restarted).content)
     assert (second[C.MEMORY_ROUND], second[C.MEMORY_DIGEST]) == (1, saved_round1)
     assert file_digest(path) != saved_round1 and DiskMemory(tmp_path).written_in_round(restarted) == 2
 
     # A node that loses its memory (both versions) instead starts over: the restart above really did read the file.
     path.unlink()
     path.with_name("partition-0.prev.pt").unlink()
-    fresh = app(_train_message(3), _context(tmp_path, node_id=5)).content["metrics"]
+    fresh = reply_view(app(_train_message(3), _context(tmp_path, node_id=5)).content)
     assert (fresh[C.MEMORY_ROUND], fresh[C.MEMORY_DIGEST]) == (-1, -1)
 
 
@@ -259,7 +260,7 @@ def test_train_handler_refuses_memory_of_another_model(tmp_path):
 def test_reset_policy_clears_the_disk_memory(tmp_path):
     app = make_client_app(_model, lambda pid: _data(pid))
     app(_train_message(1), _context(tmp_path))
-    reply = app(_train_message(2, memory_policy="reset"), _context(tmp_path)).content["metrics"]
+    reply = reply_view(app(_train_message(2, memory_policy="reset"), _context(tmp_path)).content)
     assert (reply[C.MEMORY_ROUND], reply[C.MEMORY_DIGEST]) == (-1, -1)
     assert not (tmp_path / "run-7" / "partition-0.pt").exists()
 
@@ -271,7 +272,7 @@ def test_simulation_default_stays_context_state(tmp_path, monkeypatch):
     app(_train_message(1), ctx)
     assert ContextMemory().written_in_round(ctx) == 1 and list(tmp_path.iterdir()) == []
     u1 = ContextMemory().load(ctx, CPU)
-    reply = app(_train_message(2), ctx).content["metrics"]
+    reply = reply_view(app(_train_message(2), ctx).content)
     assert (reply[C.MEMORY_ROUND], reply[C.MEMORY_DIGEST]) == (1, params_digest(u1))
 
 

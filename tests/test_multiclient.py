@@ -10,6 +10,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
+from fedmeta.strategies.screening import reply_view
 from fedmeta import config as C
 from fedmeta import meta
 from fedmeta.clients import make_client_app
@@ -84,7 +85,7 @@ def test_group_node_equals_one_client_per_node_over_rounds(tmp_path, algorithm, 
     for rnd in (1, 2, 3):
         cfg = _hp_config(algorithm, estimator, rnd)
         reply = group(_message(MessageType.TRAIN, {**cfg, C.CLIENT_IDS: sampled, C.NUM_CLIENTS: N_CLIENTS}, w))
-        metrics = reply.content["metrics"]
+        metrics = reply_view(reply.content)
         assert list(metrics[C.CLIENT_IDS]) == sampled
         memory_rounds = list(metrics[C.PER_CLIENT + C.MEMORY_ROUND])
         ref = [singles[c](_message(MessageType.TRAIN, cfg, w)) for c in sampled]
@@ -92,9 +93,9 @@ def test_group_node_equals_one_client_per_node_over_rounds(tmp_path, algorithm, 
         got = {k: reply.content["arrays"][k].numpy() for k in w}
         for k in w:
             np.testing.assert_allclose(got[k], mean[k], atol=3e-6, rtol=0)
-        assert memory_rounds == [int(r.content["metrics"][C.MEMORY_ROUND]) for r in ref]
+        assert memory_rounds == [int(reply_view(r.content)[C.MEMORY_ROUND]) for r in ref]
         losses = list(metrics[C.PER_CLIENT + C.TRAIN_LOSS])
-        assert losses == pytest.approx([float(r.content["metrics"][C.TRAIN_LOSS]) for r in ref], abs=1e-5)
+        assert losses == pytest.approx([float(reply_view(r.content)[C.TRAIN_LOSS]) for r in ref], abs=1e-5)
         w = {k: torch.from_numpy(v.copy()) for k, v in got.items()}
     if algorithm == C.LOCAL_MOML:
         assert memory_rounds == [2] * len(sampled)  # round 3 started from the memories of round 2
@@ -123,9 +124,9 @@ def test_group_evaluation_reports_each_client_like_its_own_node():
     w = _w0()
     cfg = {C.EVAL_STEPS: 2, C.EVAL_SHOTS: 5, C.INNER_LR: 0.1, C.SEED: 1, C.SERVER_ROUND: 4}
     reply = Node(app, 1, N_NODES)(_message(MessageType.EVALUATE, {**cfg, C.CLIENT_IDS: [3, 4, 5], C.NUM_CLIENTS: N_CLIENTS}, w))
-    m = reply.content["metrics"]
+    m = reply_view(reply.content)
     for i, c in enumerate([3, 4, 5]):
-        alone = Node(app, c, N_CLIENTS)(_message(MessageType.EVALUATE, cfg, w)).content["metrics"]
+        alone = reply_view(Node(app, c, N_CLIENTS)(_message(MessageType.EVALUATE, cfg, w)).content)
         for key in (C.ACC_BEFORE, C.ACC_AFTER, C.LOSS_BEFORE, C.LOSS_AFTER):
             assert m[C.PER_CLIENT + key][i] == pytest.approx(alone[key], abs=1e-6)
 
@@ -162,7 +163,7 @@ def test_a_diverging_client_is_left_out_and_keeps_its_memory(tmp_path, vectorize
     w = _w0()
     cfg = {**_hp_config(C.LOCAL_MOML, "exact", 1), C.CLIENT_IDS: [0, 1, 2], C.NUM_CLIENTS: N_CLIENTS}
     reply = node(_message(MessageType.TRAIN, cfg, w))
-    m = reply.content["metrics"]
+    m = reply_view(reply.content)
     assert list(m[C.CLIENT_IDS]) == [0, 2] and m[C.NUM_DIVERGED] == 1
     assert all(np.isfinite(reply.content["arrays"][k].numpy()).all() for k in w)
     alone = make_client_app(_model, data)
