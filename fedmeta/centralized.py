@@ -25,7 +25,14 @@ not change how many tasks and batches are drawn, so for one seed all estimators 
 tasks, the same initial model and the same evaluation set. Nothing touches the global RNG.
 
 Two task families of multistep-maml-ggs Section 5 (:data:`TASKS`): ``matrix-factorization``
-(5.1) and ``sine`` / ``sine-1x200`` (5.2).
+(5.1) and ``sine`` / ``sine-1x200`` (5.2); ``quadratic`` (closed forms, for tests) and
+``sine-table2`` (localmoml Section 6.1).
+
+**MOML** (``algorithm="moml"``, localmoml-memory-based-maml.txt Algorithm 1, MOMLv1, eqs. v1 and 3)
+and **LocalMOML run centrally** (``algorithm="local-moml"``, Algorithm 3) work on a fixed set of
+``num_tasks`` tasks, B distinct ones sampled per iteration, with every task's memory kept stacked
+(:class:`TaskMemory`); see :func:`train`. ``eval_protocol="few-shot"`` is localmoml Table 2's test
+error (:func:`few_shot_error`).
 
 Command line: ``python -m fedmeta.centralized --task sine --meta-gradient ggs --delta 1e-2``;
 every field of :class:`CentralizedConfig` is a flag. FO-MuML is ``--meta-gradient fo_muml``, with
@@ -116,6 +123,27 @@ class MatrixFactorization:
 
 
 @dataclass(frozen=True)
+class Quadratic:
+    """``l_i(w) = 1/2 ||w - c_i||^2`` with centers ``c_i ~ N(0, I_d)``: gradient ``w - c_i``, Hessian ``I``,
+    so every algorithm's recursion has a closed form (the tests check the runner against it). Like
+    matrix factorization, a "sample" of task i is ``c_i`` itself."""
+
+    dim: int = 3
+
+    def init_params(self, gen: torch.Generator) -> Params:
+        return {"w": torch.randn(self.dim, generator=gen)}
+
+    def loss(self, params: Params, x: Tensor, y: Tensor) -> Tensor:
+        return 0.5 * (params["w"] - x).pow(2).sum(-1).mean()
+
+    def sample_tasks(self, num_tasks: int, gen: torch.Generator) -> Tensor:
+        return torch.randn(num_tasks, self.dim, generator=gen)
+
+    def sample(self, tasks: Tensor, size: int, gen: torch.Generator) -> Batch:
+        return tasks[:, None, :].expand(-1, size, -1), torch.zeros(tasks.shape[0], size)
+
+
+@dataclass(frozen=True)
 class SineRegression:
     """Sine-wave regression, multistep-maml-ggs.txt Section 5.2 (after Finn et al. 2017)::
 
@@ -130,6 +158,9 @@ class SineRegression:
     amplitude: tuple[float, float] = (0.1, 5.0)
     phase: tuple[float, float] = (0.0, math.pi)
     x_range: tuple[float, float] = (-5.0, 5.0)
+    init: str = "kaiming-normal"
+    """``kaiming-normal`` (the GGS authors' code) or ``torch`` (``nn.Linear``'s default: weights and biases
+    ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))``, drawn from the run's generator)."""
 
     @cached_property
     def network(self) -> nn.Module:
@@ -137,6 +168,12 @@ class SineRegression:
 
     def init_params(self, gen: torch.Generator) -> Params:
         params = {}
+        if self.init == "torch":
+            fan_in = {name: p.shape[1] for name, p in self.network.named_parameters() if p.dim() == 2}
+            for name, p in self.network.named_parameters():
+                bound = 1.0 / math.sqrt(fan_in[name.rsplit(".", 1)[0] + ".weight"])
+                params[name] = (torch.rand(p.shape, generator=gen) * 2 - 1) * bound
+            return params
         for name, p in self.network.named_parameters():
             if p.dim() == 2:  # a weight, [fan_out, fan_in]
                 params[name] = torch.randn(p.shape, generator=gen) * math.sqrt(2.0 / p.shape[1])
@@ -159,11 +196,18 @@ class SineRegression:
 
 
 TASKS: dict[str, TaskFamily] = {
+    "quadratic": Quadratic(),
     "matrix-factorization": MatrixFactorization(),
     "sine": SineRegression(),
     "sine-1x200": SineRegression(hidden=(200,)),
+    "sine-table2": SineRegression(init="torch"),
 }
-"""Values of the ``task`` setting: Section 5.1, and Section 5.2 with its two networks."""
+"""Values of the ``task`` setting: Section 5.1, and Section 5.2 with its two networks; ``sine-table2`` is
+the 1-40-40-1 network with PyTorch's default initialization, for localmoml Section 6.1 (which, with
+Finn et al.'s alpha = 0.01 on x in [-5, 5], diverges from the Kaiming-normal start)."""
+
+ALGORITHMS = ("maml", "moml", "local-moml")
+"""Values of the ``algorithm`` setting."""
 
 OUTER_OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam}
 """Values of ``outer_optimizer``: plain SGD is eq. (7) / (19); the paper uses Adam for sine regression."""
@@ -207,6 +251,30 @@ class CentralizedConfig:
     """Held-out tasks of the meta-loss estimate (drawn once per seed)."""
     seed: int = 0
     """Seeds the initial model, the training tasks and batches, the directions and the evaluation tasks."""
+    algorithm: str = "maml"
+    """``maml`` (Algorithms 1-2 above), ``moml`` (localmoml Algorithm 1, MOMLv1: a memory per task) or
+    ``local-moml`` (localmoml Algorithm 3 run centrally: every sampled task runs ``local_steps`` LocalMOML
+    steps from a fresh memory and w becomes their average)."""
+    num_tasks: int = 0
+    """n: a fixed set of training tasks, B of them sampled (distinct) per iteration; 0: a fresh task
+    from p(T) every time (the resampling setting). ``moml`` and ``local-moml`` need n >= B."""
+    task_set: str = "random"
+    """``random``: the n tasks are drawn once from p(T); ``grid`` (sine, n = 25): localmoml Section
+    6.1's ``A sin(phi + x)``, A in {1..5}, phi = i pi / 5, i = 1..5."""
+    momentum: float = 1.0
+    """beta of MOML's memory update (eq. v1) and of LocalMOML's (eq. 7), in (0, 1]; 1 makes MOML MAML."""
+    local_steps: int = 5
+    """H: LocalMOML's local steps per sampled task and iteration."""
+    init_batch_size: int = 0
+    """K0: LocalMOML's samples per memory-reset batch S0; 0 means 2 x batch_size (localmoml Section 6.1)."""
+    decay_at: float = 1.0
+    """Divide the outer step size by 10 after this fraction of the iterations (localmoml Section 6.1: 0.75); 1: never."""
+    eval_protocol: str = "meta-loss"
+    """``meta-loss``: eq. (2) on held-out tasks (above). ``few-shot`` (localmoml Section 6.1): unseen sine
+    tasks A ~ U(1, 5), phi ~ U(pi/5, pi); 10 steps of gradient descent at lr 0.01 on 10 points, then the
+    MSE on 100 more points (:func:`few_shot_error`)."""
+    eval_seed: int = -1
+    """Seed of the evaluation tasks; -1: derived from ``seed``. A tuning run scores on other tasks than the test."""
 
     def __post_init__(self) -> None:
         def bad(name: str, allowed: str) -> ValueError:
@@ -230,6 +298,31 @@ class CentralizedConfig:
                 raise bad(name, "an integer >= 1")
         if not (is_int(self.seed) and self.seed >= 0):
             raise bad("seed", "an integer >= 0")
+        if self.algorithm not in ALGORITHMS:
+            raise bad("algorithm", f"one of {list(ALGORITHMS)}")
+        if not (is_int(self.num_tasks) and self.num_tasks >= 0):
+            raise bad("num_tasks", "an integer >= 0 (0: resample tasks)")
+        if self.algorithm != "maml" and self.num_tasks < self.tasks_per_iteration:
+            raise bad("num_tasks", f"an integer >= tasks_per_iteration={self.tasks_per_iteration} for {self.algorithm} (a memory per task)")
+        if self.task_set not in ("random", "grid"):
+            raise bad("task_set", "'random' or 'grid'")
+        if self.task_set == "grid" and (not self.task.startswith("sine") or self.num_tasks != 25):
+            raise bad("task_set", "'grid' only for a sine task with num_tasks=25")
+        if not (isinstance(self.momentum, (int, float)) and not isinstance(self.momentum, bool) and 0 < self.momentum <= 1):
+            raise bad("momentum", "a number in (0, 1]")
+        for name, low in (("local_steps", 1), ("init_batch_size", 0)):
+            if not (is_int(getattr(self, name)) and getattr(self, name) >= low):
+                raise bad(name, f"an integer >= {low}")
+        if not (isinstance(self.decay_at, (int, float)) and not isinstance(self.decay_at, bool) and 0 < self.decay_at <= 1):
+            raise bad("decay_at", "a fraction in (0, 1]")
+        if self.algorithm == "local-moml" and (self.outer_optimizer != "sgd" or self.meta_gradient == "fo_muml"):
+            raise bad("algorithm", "local-moml with outer_optimizer='sgd' and a meta_gradient other than fo_muml")
+        if self.eval_protocol not in ("meta-loss", "few-shot"):
+            raise bad("eval_protocol", "'meta-loss' or 'few-shot'")
+        if self.eval_protocol == "few-shot" and not self.task.startswith("sine"):
+            raise bad("eval_protocol", "'few-shot' only for a sine task")
+        if not (is_int(self.eval_seed) and self.eval_seed >= -1):
+            raise bad("eval_seed", "an integer >= -1")
 
     @property
     def family(self) -> TaskFamily:
@@ -309,10 +402,86 @@ def draw_task_batches(
 ) -> TaskBatches:
     """Sample ``num_tasks`` tasks and their fresh batches, in the order tasks, inner, outer, Hessian."""
     tasks = family.sample_tasks(num_tasks, gen)
+    return draw_batches(family, tasks, inner_steps, batch_size, test_batch_size, gen)
+
+
+def draw_batches(
+    family: TaskFamily, tasks: Tensor, inner_steps: int, batch_size: int, test_batch_size: int, gen: torch.Generator
+) -> TaskBatches:
+    """Fresh batches of the given tasks, in the order inner, outer, Hessian. For MOML these are S1
+    (inner), S3 (outer) and S2 (Hessian) of Algorithm 1: independent batches of K samples each."""
     inner = _stack([family.sample(tasks, batch_size, gen) for _ in range(inner_steps)])
     outer = family.sample(tasks, test_batch_size, gen)
     hessian = _stack([family.sample(tasks, batch_size, gen) for _ in range(inner_steps)])
     return TaskBatches(inner, outer, hessian)
+
+
+def grid_tasks() -> Tensor:
+    """localmoml Section 6.1's 25 training tasks ``A sin(phi + x)``: rows ``(A, phi)``, A in {1..5}, phi = i pi/5, i = 1..5."""
+    return torch.cartesian_prod(torch.arange(1.0, 6.0), torch.arange(1.0, 6.0) * math.pi / 5)
+
+
+FEW_SHOT_TASKS = SineRegression(amplitude=(1.0, 5.0), phase=(math.pi / 5, math.pi))
+"""localmoml Section 6.1's unseen tasks: A ~ U(1, 5), phi ~ U(pi/5, pi), x ~ U(-5, 5)."""
+FEW_SHOT_SHOTS, FEW_SHOT_STEPS, FEW_SHOT_LR, FEW_SHOT_TEST = 10, 10, 0.01, 100
+"""localmoml Section 6.1: adapt with 10 steps of gradient descent at lr 0.01 on 10 points, test on 100 more."""
+
+
+@dataclass(frozen=True)
+class FewShotSet:
+    """Held-out unseen tasks with their support and test points (drawn once per run)."""
+
+    support: Batch
+    test: Batch
+
+    @classmethod
+    def draw(cls, num_tasks: int, gen: torch.Generator, test_size: int = FEW_SHOT_TEST) -> "FewShotSet":
+        tasks = FEW_SHOT_TASKS.sample_tasks(num_tasks, gen)
+        return cls(FEW_SHOT_TASKS.sample(tasks, FEW_SHOT_SHOTS, gen), FEW_SHOT_TASKS.sample(tasks, test_size, gen))
+
+
+def few_shot_error(f: meta.LossFn, w: Params, held_out: FewShotSet, lr: float = FEW_SHOT_LR, steps: int = FEW_SHOT_STEPS) -> float:
+    """localmoml Table 2's test error: every unseen task adapts w with ``steps`` full-batch gradient
+    steps on its support points, then its loss on its test points; the mean over the tasks."""
+    return float(few_shot_errors(f, w, held_out, lr, steps).mean())
+
+
+def few_shot_errors(f: meta.LossFn, w: Params, held_out: FewShotSet, lr: float = FEW_SHOT_LR, steps: int = FEW_SHOT_STEPS) -> Tensor:
+    """:func:`few_shot_error` of every task (one value per held-out task)."""
+
+    def one(sx: Tensor, sy: Tensor, tx: Tensor, ty: Tensor) -> Tensor:
+        v = w
+        for _ in range(steps):
+            v = meta.adapt(f, v, (sx, sy), lr)
+        return f(v, tx, ty)
+
+    return vmap(one)(*held_out.support, *held_out.test)
+
+
+@dataclass
+class TaskMemory:
+    """MOML's personalized models ``u_i`` of all n tasks, stacked (``[n, *shape]`` per parameter: one
+    copy, O(n d) memory), and which tasks have been visited. An iteration gathers the rows of its
+    sampled tasks, updates them together and scatters them back; other rows are not touched."""
+
+    rows: Params
+    visited: Tensor
+
+    @classmethod
+    def empty(cls, num_tasks: int, like: Params) -> "TaskMemory":
+        return cls({k: torch.zeros(num_tasks, *v.shape, dtype=v.dtype) for k, v in like.items()}, torch.zeros(num_tasks, dtype=torch.bool))
+
+    def gather(self, ids: Tensor) -> tuple[Params, Tensor]:
+        return {k: v.index_select(0, ids) for k, v in self.rows.items()}, self.visited.index_select(0, ids)
+
+    def scatter(self, ids: Tensor, u: Params) -> None:
+        for k, v in self.rows.items():
+            v.index_copy_(0, ids, u[k])
+        self.visited[ids] = True
+
+    @property
+    def nbytes(self) -> int:
+        return sum(v.numel() * v.element_size() for v in self.rows.values())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -339,6 +508,59 @@ def task_meta_gradients(
         return g, f(w_n, *mb.outer)
 
     return vmap(one, randomness="different")(*batches.inner, *batches.outer, *batches.hessian)
+
+
+def moml_directions(
+    f: meta.LossFn,
+    w: Params,
+    u: Params,
+    momentum: Tensor,
+    batches: TaskBatches,
+    inner_lr: float,
+    estimator: meta.MetaGradient,
+    gen: torch.Generator | None = None,
+) -> tuple[Params, Params, Tensor]:
+    """MOML's per-task work of one iteration (localmoml Algorithm 1 lines 3-7), the sampled tasks together:
+    ``v_i = w_N(w; S_i1)``, ``u_i <- (1 - beta_i) u_i + beta_i v_i`` (eq. v1) and the direction
+    ``(I - alpha H_i(w; S_i2)) grad L_i(u_i; S_i3)`` (one term of eq. 3), by :func:`fedmeta.meta.moml_direction`.
+
+    ``u``: the tasks' memories stacked on a leading task axis; ``momentum``: one beta per task.
+    Returns the directions and the new memories (stacked) and the losses ``L_i(u_i; S_i3)``."""
+
+    def one(u_i: Params, beta: Tensor, ix: Tensor, iy: Tensor, ox: Tensor, oy: Tensor, hx: Tensor, hy: Tensor):
+        mb = _meta_batches(ix, iy, ox, oy, hx, hy)
+        d, u_new = meta.moml_direction(f, w, u_i, mb, inner_lr, beta, estimator, gen)
+        return d, u_new, f(u_new, *mb.outer)
+
+    return vmap(one, randomness="different")(u, momentum, *batches.inner, *batches.outer, *batches.hessian)
+
+
+def local_moml_models(
+    f: meta.LossFn,
+    w: Params,
+    init: Batch,
+    steps: Sequence[TaskBatches],
+    inner_lr: float,
+    lr: float,
+    momentum: float,
+    estimator: meta.MetaGradient,
+    gen: torch.Generator | None = None,
+) -> tuple[Params, Tensor]:
+    """LocalMOML run centrally (localmoml Algorithm 3, memory reset): every sampled task resets its
+    memory from w with the batches ``init`` (S0, line 5), runs ``len(steps)`` = H LocalMOML steps
+    (:func:`fedmeta.meta.local_moml_step`, eqs. 7-8) and returns its local model; stacked, with the
+    last step's loss ``L_i(u_i; S3)``."""
+
+    def one(ix: Tensor, iy: Tensor, *flat: Tensor):
+        u = meta.local_moml_init_memory(f, w, list(zip(ix, iy)), inner_lr, estimator)
+        v = w
+        for h in range(len(steps)):
+            mb = _meta_batches(*flat[6 * h: 6 * h + 6])
+            v, u = meta.local_moml_step(f, v, u, mb, inner_lr, lr, momentum, estimator, gen)
+        return v, f(u, *mb.outer)
+
+    flat = [t for b in steps for t in (*b.inner, *b.outer, *b.hessian)]
+    return vmap(one, randomness="different")(*init, *flat)
 
 
 def meta_loss(f: meta.LossFn, w: Params, batches: TaskBatches, inner_lr: float) -> float:
@@ -374,8 +596,16 @@ class RunResult:
     """Oracle calls of all meta-gradients (inner and outer gradients, HVPs, loss evaluations)."""
     diverged_at: int | None = None
     """The iteration whose update made the meta-parameters non-finite; the run stopped there."""
+    train_seconds: float = 0.0
+    """Wall time of the iterations alone (no evaluation): ``train_seconds / iterations`` is the time per iteration."""
+    final_task_errors: tuple[float, ...] = ()
+    """``few-shot`` evaluation: the final model's test error on each held-out task (their mean is the last meta-loss)."""
     params: Params | None = dataclasses.field(default=None, compare=False)
     """The final meta-parameters (not serialized)."""
+    task_ids: tuple[tuple[int, ...], ...] = dataclasses.field(default=(), compare=False)
+    """With a fixed task set: the tasks sampled in each iteration (not serialized)."""
+    memory: TaskMemory | None = dataclasses.field(default=None, compare=False)
+    """MOML: the final memories of all tasks (not serialized)."""
 
     @property
     def final_meta_loss(self) -> float:
@@ -383,7 +613,8 @@ class RunResult:
         return float("nan") if self.diverged_at is not None else self.meta_loss[-1]
 
     def to_dict(self) -> dict[str, Any]:
-        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "params"}
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("params", "task_ids", "memory")}
+        d["final_task_errors"] = list(self.final_task_errors)
         return {**d, "config": self.config.to_dict(), "cost": dataclasses.asdict(self.cost),
                 "iterations": list(self.iterations), "meta_loss": list(self.meta_loss), "train_loss": list(self.train_loss)}
 
@@ -397,15 +628,26 @@ class RunResult:
             seconds=d["seconds"],
             cost=meta.Cost(**d["cost"]),
             diverged_at=d["diverged_at"],
+            train_seconds=d.get("train_seconds", 0.0),
+            final_task_errors=tuple(d.get("final_task_errors", ())),
         )
 
 
 def train(cfg: CentralizedConfig, *, log: Callable[[str], None] | None = None) -> RunResult:
-    """Run Algorithm 1 (exact, first_order, hessian_free), Algorithm 2 (ggs), ZO-MAML or FO-MuML.
+    """Run Algorithm 1 (exact, first_order, hessian_free), Algorithm 2 (ggs), ZO-MAML or FO-MuML; with
+    ``algorithm="moml"`` localmoml's MOMLv1 (Algorithm 1), with ``"local-moml"`` its Algorithm 3 centrally.
 
     The outer step is ``torch.optim`` on leaf tensors that no differentiated computation reads while
     they change: each iteration computes the meta-gradients on a detached view of the current
-    parameters, then the optimizer steps.
+    parameters, then the optimizer steps. MOML hands the optimizer ``Delta`` of eq. (3) in place of
+    MAML's average meta-gradient, so with ``momentum = 1`` (and the same draws: one seed) it is MAML
+    bit for bit (localmoml lines ~461-462). A task's memory starts as its first ``v_i`` (the paper does
+    not say; this is LocalMOML's reset with S1's draw). LocalMOML replaces w by the average of the
+    sampled tasks' local models (outer SGD only).
+
+    With a fixed task set (``num_tasks`` > 0) each iteration samples B distinct task ids from the task
+    stream (a permutation's first B), then draws their batches; the tasks themselves are drawn once,
+    before the first iteration (or are the grid).
     """
     t0 = time.perf_counter()
     family, streams = cfg.family, Streams.from_seed(cfg.seed)
@@ -413,21 +655,67 @@ def train(cfg: CentralizedConfig, *, log: Callable[[str], None] | None = None) -
     estimator = meta.meta_gradient(cfg.meta_gradient, delta=cfg.delta, num_directions=cfg.num_directions)
     leaves = family.init_params(streams.init)
     optimizer = OUTER_OPTIMIZERS[cfg.outer_optimizer](list(leaves.values()), lr=cfg.meta_lr)
-    held_out = draw_task_batches(family, cfg.eval_tasks, cfg.inner_steps, cfg.batch_size, cfg.test_batch_size, streams.evaluation)
+    eval_gen = streams.evaluation if cfg.eval_seed < 0 else Streams.from_seed(cfg.eval_seed).evaluation
+    if cfg.eval_protocol == "few-shot":
+        few_shot = FewShotSet.draw(cfg.eval_tasks, eval_gen)
+
+        def evaluate(w: Params) -> float:
+            return few_shot_error(f, w, few_shot)
+    else:
+        held_out = draw_task_batches(family, cfg.eval_tasks, cfg.inner_steps, cfg.batch_size, cfg.test_batch_size, eval_gen)
+
+        def evaluate(w: Params) -> float:
+            return meta_loss(f, w, held_out, cfg.inner_lr)
+
+    train_tasks = None
+    if cfg.num_tasks:
+        train_tasks = grid_tasks() if cfg.task_set == "grid" else family.sample_tasks(cfg.num_tasks, streams.tasks)
+    memory = TaskMemory.empty(cfg.num_tasks, leaves) if cfg.algorithm == "moml" else None
+    init_size = cfg.init_batch_size or 2 * cfg.batch_size
 
     def current() -> Params:
         return {k: v.detach() for k, v in leaves.items()}
 
-    recorded, losses, train_losses = [0], [meta_loss(f, current(), held_out, cfg.inner_lr)], []
-    diverged_at, done = None, 0
+    recorded, losses, train_losses, task_ids = [0], [evaluate(current())], [], []
+    diverged_at, done, train_seconds = None, 0, 0.0
+    decay_after = int(cfg.decay_at * cfg.iterations) if cfg.decay_at < 1 else cfg.iterations
     for k in range(1, cfg.iterations + 1):
-        batches = draw_task_batches(
-            family, cfg.tasks_per_iteration, cfg.inner_steps, cfg.batch_size, cfg.test_batch_size, streams.tasks
-        )
-        grads, outer = task_meta_gradients(f, current(), batches, cfg.inner_lr, estimator, streams.directions)
-        for name, p in leaves.items():
-            p.grad = grads[name].mean(0)  # eq. (7) / (19): the average over the B tasks
-        optimizer.step()
+        t_iter = time.perf_counter()
+        lr = cfg.meta_lr if k <= decay_after else cfg.meta_lr / 10
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        if train_tasks is None:
+            ids = None
+            batches = draw_task_batches(family, cfg.tasks_per_iteration, cfg.inner_steps, cfg.batch_size, cfg.test_batch_size,
+                                        streams.tasks)
+        else:
+            ids = torch.randperm(cfg.num_tasks, generator=streams.tasks)[: cfg.tasks_per_iteration]
+            task_ids.append(tuple(int(i) for i in ids))
+            tasks = train_tasks.index_select(0, ids)
+            if cfg.algorithm == "local-moml":
+                init = _stack([family.sample(tasks, init_size, streams.tasks) for _ in range(cfg.inner_steps)])
+                steps = [draw_batches(family, tasks, cfg.inner_steps, cfg.batch_size, cfg.batch_size, streams.tasks)
+                         for _ in range(cfg.local_steps)]
+            else:
+                batches = draw_batches(family, tasks, cfg.inner_steps, cfg.batch_size, cfg.test_batch_size, streams.tasks)
+        if cfg.algorithm == "maml":
+            grads, outer = task_meta_gradients(f, current(), batches, cfg.inner_lr, estimator, streams.directions)
+        elif cfg.algorithm == "moml":
+            u, visited = memory.gather(ids)
+            # eq. (v1); a task's first visit takes v_i itself (beta = 1)
+            beta = torch.where(visited, torch.tensor(float(cfg.momentum)), torch.tensor(1.0))
+            grads, u, outer = moml_directions(f, current(), u, beta, batches, cfg.inner_lr, estimator, streams.directions)
+            memory.scatter(ids, u)
+        if cfg.algorithm == "local-moml":
+            models, outer = local_moml_models(f, current(), init, steps, cfg.inner_lr, lr, cfg.momentum, estimator, streams.directions)
+            with torch.no_grad():
+                for name, p in leaves.items():
+                    p.copy_(models[name].mean(0))  # Algorithm 3 line 14: the server's average
+        else:
+            for name, p in leaves.items():
+                p.grad = grads[name].mean(0)  # eq. (7) / (19), or MOML's eq. (3): the average over the B tasks
+            optimizer.step()
+        train_seconds += time.perf_counter() - t_iter
         done = k
         train_losses.append(float(outer.mean()))
         if not all(bool(torch.isfinite(p).all()) for p in leaves.values()):
@@ -435,18 +723,26 @@ def train(cfg: CentralizedConfig, *, log: Callable[[str], None] | None = None) -
             break
         if k % cfg.eval_every == 0 or k == cfg.iterations:
             recorded.append(k)
-            losses.append(meta_loss(f, current(), held_out, cfg.inner_lr))
+            losses.append(evaluate(current()))
             if log:
-                log(f"{cfg.meta_gradient} iteration {k}: meta-loss {losses[-1]:.6g}")
+                log(f"{cfg.algorithm} {cfg.meta_gradient} iteration {k}: {cfg.eval_protocol} {losses[-1]:.6g}")
+    per_task = estimator.cost(cfg.inner_steps) * (cfg.local_steps if cfg.algorithm == "local-moml" else 1)
+    task_errors = ()
+    if cfg.eval_protocol == "few-shot" and diverged_at is None:
+        task_errors = tuple(float(e) for e in few_shot_errors(f, current(), few_shot))
     return RunResult(
         config=cfg,
         iterations=tuple(recorded),
         meta_loss=tuple(losses),
         train_loss=tuple(train_losses),
         seconds=time.perf_counter() - t0,
-        cost=estimator.cost(cfg.inner_steps) * (cfg.tasks_per_iteration * done),
+        cost=per_task * (cfg.tasks_per_iteration * done),
         diverged_at=diverged_at,
+        train_seconds=train_seconds,
+        final_task_errors=task_errors,
         params=current(),
+        task_ids=tuple(task_ids),
+        memory=memory,
     )
 
 

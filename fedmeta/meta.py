@@ -523,11 +523,35 @@ def local_moml_step(
     else:
         s1, s2, s3 = batches
         mb = MetaBatches((s1,), s3, (s2,))
-    est = _as_estimator(estimator)
-    traj = est.trajectory(f, w, mb.inner, inner_lr)
+    delta, u = moml_direction(f, w, u, mb, inner_lr, momentum, _as_estimator(estimator), gen)
+    return axpy(-lr, delta, w), u
+
+
+def moml_direction(
+    f: LossFn,
+    w: Params,
+    u: Params,
+    batches: MetaBatches,
+    inner_lr: float,
+    momentum: float | Tensor,
+    estimator: MetaGradient,
+    gen: torch.Generator | None = None,
+) -> tuple[Params, Params]:
+    """One task's memory update and meta-direction, shared by LocalMOML (Algorithm 3 lines 10-11, eqs.
+    7-8) and centralized MOML (Algorithm 1 lines 4-7, eqs. v1 and 3), with an N-step inner loop::
+
+        v = w_N(w; S1)                                   (line 4; N = 1: w - alpha grad L(w; S1))
+        u <- (1 - beta) u + beta v                       (eq. 7 / eq. v1)
+        Delta = prod_j (I - alpha H(w_j; S2_j)) grad L(u; S3)    (eq. 8 / one term of eq. 3)
+
+    ``batches``: ``inner = S1``, ``hessian = S2``, ``outer = S3``. ``momentum`` may be a 0-d tensor
+    (one beta per task under ``vmap``). Returns ``(Delta, u)``; ``beta = 1`` gives ``u = v`` exactly and
+    ``Delta`` the MAML meta-gradient of :func:`maml_gradient` with ``T = S3`` and ``D = S2``.
+    """
+    traj = estimator.trajectory(f, w, batches.inner, inner_lr)
     u = lerp(u, traj[-1], momentum)
-    g = gradient(f, u, mb.outer)
-    return axpy(-lr, est.backward(f, traj, g, mb.hessian, inner_lr, gen), w), u
+    g = gradient(f, u, batches.outer)
+    return estimator.backward(f, traj, g, batches.hessian, inner_lr, gen), u
 
 
 # ----------------------------------------------------------------------------------------------
