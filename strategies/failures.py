@@ -16,8 +16,9 @@ from __future__ import annotations
 import logging
 import re
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable, Sequence
 
+logger = logging.getLogger("fedmeta")
 error_log = logging.getLogger("fedmeta.errors")
 """Every error reply in full, at DEBUG. It does not propagate: only a handler attached to it (the
 command line tools' run log, :func:`fedmeta.simulations.progress.run_log`) receives these lines."""
@@ -109,6 +110,25 @@ class ClientFailures:
 
     def __init__(self) -> None:
         self.errors: dict[str, ClientError] = {}
+
+    def record_replies(self, server_round: int, stage: str, replies: Iterable[Any],
+                       clients_of: Callable[[int], Sequence[int]] | None = None) -> None:
+        """Count a round's error replies (non-error replies are skipped): a new error is logged once
+        (logger ``fedmeta``, INFO, its key and who raised it: ``clients_of(node)`` when the caller knows
+        the clients it sent each node, else the node), every error reply in full to ``fedmeta.errors``
+        (the command line tools' run log)."""
+        for m in replies:
+            if not m.has_error():
+                continue
+            node = m.metadata.src_node_id
+            clients = tuple(clients_of(node)) if clients_of is not None else ()
+            known = len(self.errors)
+            err = self.record(server_round, stage, clients, m.error.reason)
+            if len(self.errors) > known:
+                who = f"clients {list(clients)[:8]}" if clients_of is not None else f"node {node}"
+                logger.info("round %d: new client error (%s, %s): %s", server_round, stage, who, err.key)
+            error_log.debug("round %d: %s error reply of node %d (clients %s), code %s:\n%s", server_round, stage, node,
+                            list(clients), m.error.code, m.error.reason)
 
     def record(self, server_round: int, stage: str, clients: Iterable[int], reason: str) -> ClientError:
         """Count one error reply of ``stage`` (``train`` / ``evaluate``) from a node that ran ``clients``."""

@@ -31,6 +31,9 @@ def messages_to(nodes: Iterable[int], content: RecordDict, message_type: str) ->
 class PartitionNodes:
     """Mixin: the ``client id -> node id`` map and the messages to the nodes."""
 
+    nodes_by_order: bool = False
+    """Whether the nodes have no ``query`` handler and client i is the i-th node by node id (see :meth:`partition_nodes`)."""
+
     def partition_nodes(self, grid: Grid) -> dict[int, int]:
         """``client id -> node id`` for the connected nodes, asking new nodes with a ``query``.
 
@@ -49,27 +52,23 @@ class PartitionNodes:
         error) is retried on the next poll.
 
         Nodes without a ``query`` handler (an ordinary Flower ClientApp): when every node answers the
-        query with Flower's no-handler error (or a reply without ``partition-id``) and each node serves one client (``num_nodes == num_clients``), client i
-        is the i-th node in sorted node-id order, and one warning says that partition-keyed sampling
-        is off (seeded sampling then picks nodes, not data partitions).
+        query with Flower's no-handler error (or a reply without ``partition-id``) and each node serves
+        one client (``num_nodes == num_clients``), client i is the i-th node in sorted node-id order,
+        and one warning says that partition-keyed sampling is off (seeded sampling then picks nodes,
+        not data partitions).
         """
         deadline = time.monotonic() + self.node_wait_timeout
         while True:
             node_ids = set(grid.get_node_ids())
-            if self.nodes_by_order:
-                if len(node_ids) >= self.num_nodes:
-                    return self._order_nodes(sorted(node_ids)[: self.num_nodes])
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"only {len(node_ids)} of num_nodes={self.num_nodes} nodes connected after "
-                                       f"{self.node_wait_timeout:.0f} s")
-                time.sleep(0.2)
-                continue
             for gone in set(self._node_to_partition) - node_ids:
                 del self._node_to_partition[gone]
                 self._node_clients.pop(gone, None)
             unknown = sorted(node_ids - set(self._node_to_partition))
             if unknown and len(node_ids) >= self.num_nodes:
-                self._query_partitions(grid, unknown, max(1.0, deadline - time.monotonic()))
+                if not self.nodes_by_order:
+                    self._query_partitions(grid, unknown, max(1.0, deadline - time.monotonic()))
+                if self.nodes_by_order:  # the nodes have no query handler (this query or an earlier one said so)
+                    self._order_nodes(sorted(node_ids)[: self.num_nodes])
             mapping = {c: node for node, ids in self._node_clients.items() if node in node_ids for c in ids}
             missing = sorted(set(range(self.num_clients)) - set(mapping))
             if not missing:
@@ -81,13 +80,10 @@ class PartitionNodes:
                 )
             time.sleep(0.2)
 
-    nodes_by_order: bool = False
-    """Whether the nodes have no ``query`` handler and client i is the i-th node by node id (see :meth:`partition_nodes`)."""
-
-    def _order_nodes(self, nodes: list[int]) -> dict[int, int]:
+    def _order_nodes(self, nodes: list[int]) -> None:
+        """Client i is ``nodes[i]`` (nodes without a ``query`` handler)."""
         self._node_to_partition = {node: i for i, node in enumerate(nodes)}
         self._node_clients = {node: (i,) for i, node in enumerate(nodes)}
-        return {i: node for i, node in enumerate(nodes)}
 
     def _query_partitions(self, grid: Grid, nodes: list[int], timeout: float) -> None:
         """Ask ``nodes`` for their ``partition-id`` (and clients); a reported partition moves to its newest node."""

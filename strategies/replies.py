@@ -13,7 +13,6 @@ from typing import Any
 from flwr.app import ArrayRecord, Message, MetricRecord
 
 from fedmeta import config as C
-from fedmeta.strategies.failures import error_log
 from fedmeta.strategies.screening import norm_outliers, reply_view, screen_evaluate_reply, screen_reply, update_norm
 
 logger = logging.getLogger("fedmeta")
@@ -106,14 +105,7 @@ class ReplyScreening:
     def _record_errors(self, server_round: int, stage: str, errors: list[Message], sent: SentRound) -> None:
         """Count the round's error replies by distinct error: a new error is logged once (INFO, its key),
         every error reply in full to ``fedmeta.errors`` (the command line tools' run log)."""
-        for m in errors:
-            clients = sent.clients.get(m.metadata.src_node_id, ())
-            known = len(self.failures.errors)
-            err = self.failures.record(server_round, stage, clients, m.error.reason)
-            if len(self.failures.errors) > known:
-                logger.info("round %d: new client error (%s, clients %s): %s", server_round, stage, list(clients)[:8], err.key)
-            error_log.debug("round %d: %s error reply of node %d (clients %s), code %s:\n%s", server_round, stage,
-                         m.metadata.src_node_id, list(clients), m.error.code, m.error.reason)
+        self.failures.record_replies(server_round, stage, errors, lambda node: sent.clients.get(node, ()))
 
     @staticmethod
     def _missing(server_round: int, stage: str, replies: list[Message], sent: SentRound) -> int:

@@ -24,7 +24,7 @@ from flwr.serverapp.strategy import Result, Strategy
 
 from fedmeta import validation as V
 from fedmeta.strategies.checkpoint import CheckpointDir, CheckpointError, check_can_start, fingerprint_mismatch, new_memory_key
-from fedmeta.strategies.failures import ClientFailures, TrainingStopped, error_log
+from fedmeta.strategies.failures import ClientFailures, TrainingStopped
 
 logger = logging.getLogger("fedmeta")
 
@@ -184,7 +184,7 @@ def start(
         replies = list(grid.send_and_receive(messages=strategy.configure_train(current_round, arrays, train_config, grid),
                                              timeout=timeout))
         if not bare:
-            _record_errors(failures, current_round, "train", replies)
+            failures.record_replies(current_round, "train", replies)
         agg_arrays, agg_train_metrics = strategy.aggregate_train(current_round, replies)
         if agg_arrays is not None:
             result.arrays = arrays = agg_arrays
@@ -200,7 +200,7 @@ def start(
         replies = list(grid.send_and_receive(messages=strategy.configure_evaluate(current_round, arrays, evaluate_config, grid),
                                              timeout=timeout))
         if not bare:
-            _record_errors(failures, current_round, "evaluate", replies)
+            failures.record_replies(current_round, "evaluate", replies)
         agg_evaluate_metrics = strategy.aggregate_evaluate(current_round, replies)
         if agg_evaluate_metrics is not None:
             log(INFO, "\t└──> Aggregated MetricRecord: %s", agg_evaluate_metrics)
@@ -225,19 +225,6 @@ def start(
         log(INFO, "\t%s", line.strip("\n"))
     log(INFO, "")
     return result
-
-
-def _record_errors(failures: ClientFailures, server_round: int, stage: str, replies: list) -> None:
-    """Count the error replies of a round that no fedmeta strategy screened (a new error logged once)."""
-    for m in replies:
-        if not m.has_error():
-            continue
-        known = len(failures.errors)
-        node = m.metadata.src_node_id
-        err = failures.record(server_round, stage, (), m.error.reason)
-        if len(failures.errors) > known:
-            logger.info("round %d: new client error (%s, node %d): %s", server_round, stage, node, err.key)
-        error_log.debug("round %d: %s error reply of node %d, code %s:\n%s", server_round, stage, node, m.error.code, m.error.reason)
 
 
 def _stop(server_round: int, failed_rounds: int, max_failed_rounds: int, failures: ClientFailures, result: Result,
