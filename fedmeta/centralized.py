@@ -484,6 +484,20 @@ class TaskMemory:
         return sum(v.numel() * v.element_size() for v in self.rows.values())
 
 
+def memory_age_counts(task_ids: Sequence[Sequence[int]], num_tasks: int) -> tuple[int, ...]:
+    """Histogram of memory ages: entry ``a - 1`` counts the samplings of a task whose memory was last
+    updated ``a`` iterations earlier (``task_ids[t]``: the tasks of iteration t + 1). With B of n tasks
+    drawn uniformly the age is geometric with p = B / n (mean n / B iterations)."""
+    last = [0] * num_tasks
+    counts: dict[int, int] = {}
+    for t, ids in enumerate(task_ids, start=1):
+        for i in ids:
+            if last[i]:
+                counts[t - last[i]] = counts.get(t - last[i], 0) + 1
+            last[i] = t
+    return tuple(counts.get(a, 0) for a in range(1, max(counts, default=0) + 1))
+
+
 # ----------------------------------------------------------------------------------------------
 # One meta-iteration and the meta-loss
 
@@ -606,6 +620,9 @@ class RunResult:
     """With a fixed task set: the tasks sampled in each iteration (not serialized)."""
     memory: TaskMemory | None = dataclasses.field(default=None, compare=False)
     """MOML: the final memories of all tasks (not serialized)."""
+    memory_ages: tuple[int, ...] = ()
+    """MOML: how old a sampled task's memory ``u_i`` was when the task came back: entry ``a - 1`` counts the
+    revisits ``a`` iterations after the previous visit (:func:`memory_age_counts`; first visits not counted)."""
 
     @property
     def final_meta_loss(self) -> float:
@@ -615,6 +632,7 @@ class RunResult:
     def to_dict(self) -> dict[str, Any]:
         d = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("params", "task_ids", "memory")}
         d["final_task_errors"] = list(self.final_task_errors)
+        d["memory_ages"] = list(self.memory_ages)
         return {**d, "config": self.config.to_dict(), "cost": dataclasses.asdict(self.cost),
                 "iterations": list(self.iterations), "meta_loss": list(self.meta_loss), "train_loss": list(self.train_loss)}
 
@@ -630,6 +648,7 @@ class RunResult:
             diverged_at=d["diverged_at"],
             train_seconds=d.get("train_seconds", 0.0),
             final_task_errors=tuple(d.get("final_task_errors", ())),
+            memory_ages=tuple(d.get("memory_ages", ())),
         )
 
 
@@ -743,6 +762,7 @@ def train(cfg: CentralizedConfig, *, log: Callable[[str], None] | None = None) -
         params=current(),
         task_ids=tuple(task_ids),
         memory=memory,
+        memory_ages=memory_age_counts(task_ids, cfg.num_tasks) if cfg.algorithm == "moml" else (),
     )
 
 

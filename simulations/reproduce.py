@@ -531,7 +531,25 @@ def plot_table2(curves: dict[str, list[RunResult]], out: Path) -> list[Path]:
         ax.set(xlabel="iteration", ylabel="test error after adaptation (unseen tasks)", yscale="log", title=f"K = {k} (mean over seeds)")
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=8)
-    return _save(fig, out / "test_error_vs_iteration.png")
+    paths = _save(fig, out / "test_error_vs_iteration.png")
+    moml = {label: rs for label, rs in curves.items() if " MOML " in label and any(r.memory_ages for r in rs)}
+    if moml:
+        fig, axes = plt.subplots(1, len(moml), figsize=(6 * len(moml), 4), squeeze=False)
+        for ax, (label, rs) in zip(axes[0], moml.items()):
+            counts = np.zeros(max(len(r.memory_ages) for r in rs))
+            for r in rs:
+                counts[: len(r.memory_ages)] += r.memory_ages
+            ages = np.arange(1, len(counts) + 1)
+            ax.bar(ages, counts / counts.sum(), width=1.0, alpha=0.6, label="measured (all seeds)")
+            cfg = rs[0].config
+            p = cfg.tasks_per_iteration / cfg.num_tasks
+            ax.plot(ages, p * (1 - p) ** (ages - 1), "k-", lw=1, label=f"geometric, p = B/n = {p:.2f}")
+            mean = float((ages * counts).sum() / counts.sum())
+            ax.set(xlabel="age of the memory u_i when task i is sampled again (iterations)", ylabel="fraction of revisits",
+                   title=f"{label}: mean age {mean:.1f}", xlim=(0, min(len(counts), 60)))
+            ax.legend(fontsize=8)
+        paths += _save(fig, out / "memory_age_histogram.png")
+    return paths
 
 
 def _save(fig: Any, path: Path) -> list[Path]:

@@ -9,7 +9,7 @@ import torch
 
 from fedmeta import meta
 from fedmeta.centralized import (
-    CentralizedConfig, Streams, TaskMemory, TASKS, _meta_batches, draw_batches, grid_tasks, main, moml_directions, train,
+    CentralizedConfig, Streams, TaskMemory, TASKS, _meta_batches, draw_batches, grid_tasks, main, memory_age_counts, moml_directions, RunResult, train,
 )
 
 SINE = dict(task="sine-table2", num_tasks=25, task_set="grid", tasks_per_iteration=3, batch_size=2, test_batch_size=2,
@@ -95,6 +95,16 @@ def test_unsampled_memories_are_bit_unchanged_and_sampled_ids_distinct():
         for i in range(25):
             same = torch.equal(rows[i], before.memory.rows[k][i])
             assert same == (i not in last), (k, i)
+
+
+def test_memory_ages_count_iterations_since_the_last_visit():
+    assert memory_age_counts([(0, 1), (2, 0), (1, 3), (0, 2)], 4) == (1, 3)  # task 0: ages 1 and 2; tasks 1 and 2: 2; task 3: once
+    run = train(CentralizedConfig(algorithm="moml", momentum=0.5, iterations=40, **SINE))
+    ages = run.memory_ages
+    revisits = sum(len(ids) for ids in run.task_ids) - len({i for ids in run.task_ids for i in ids})
+    assert sum(ages) == revisits and ages == memory_age_counts(run.task_ids, 25)
+    assert RunResult.from_dict(run.to_dict()).memory_ages == ages
+    assert train(CentralizedConfig(algorithm="maml", iterations=3, **SINE)).memory_ages == ()
 
 
 def test_vmapped_task_directions_equal_a_per_task_loop():
