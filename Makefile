@@ -25,7 +25,8 @@ run: $(STAMP)
 # Both ends of the supported Flower range: the strategy and client unit tests under flwr 1.39 (the
 # build/flwr139 venv, built once), then the whole suite under the main venv's flwr (1.42).
 FLWR139_TESTS := tests/test_strategies.py tests/test_clients.py tests/test_screening.py tests/test_multiclient.py \
-                 tests/test_checkpoint.py tests/test_fail_fast.py tests/test_flower_api.py tests/test_interop.py
+                 tests/test_checkpoint.py tests/test_fail_fast.py tests/test_flower_api.py tests/test_interop.py \
+                 tests/test_dif_maml_flower.py
 
 test: $(STAMP)
 	$(PY) scripts/provision_data.py --optional

@@ -1,6 +1,7 @@
 """Client side of fedmeta: a stateful meta-learning client, its memory stores and its Flower ``ClientApp`` factory."""
 
 from fedmeta.clients.app import fashion_mnist_data, make_client_app, sinewave_data
+from fedmeta.clients.dif_maml import make_dif_maml_client_app
 from fedmeta.clients.client import MetaClient, select_device
 from fedmeta.clients.records import CLIENT_INFO, evaluate_config, train_config
 from fedmeta.clients.memory import ContextMemory, DiskMemory, MemoryFileError, file_digest, params_digest
@@ -15,6 +16,7 @@ __all__ = [
     "fashion_mnist_data",
     "file_digest",
     "make_client_app",
+    "make_dif_maml_client_app",
     "params_digest",
     "select_device",
     "sinewave_data",

@@ -59,6 +59,17 @@ MEMORY_KEY = "memory-key"  # train config (server checkpoints): key the memory u
 PER_CLIENT = "per-client-"  # reply prefix (multi-client nodes): per-client lists aligned with client-ids
 CLIENT_INFO = "client-info"  # reply ConfigRecord: identifiers (partition-id, client-ids, memory-*) and per-client- lists, never averaged
 
+# --- Dif-MAML relay (fedmeta.strategies.DifMAML <-> fedmeta.clients.make_dif_maml_client_app) ----
+DIF_MAML = "dif-maml"
+AGENT = "agent"  # train config: the agent k the message is for (its node's partition-id)
+NEIGHBOURHOOD = "neighbourhood"  # train config: the agents l whose phi_l the message carries (k itself included)
+COMBINATION_WEIGHTS = "combination-weights"  # train config: a_lk for those agents, renormalised to sum to 1
+PHI_PREFIX = "phi-"  # train message ArrayRecord keys: "phi-<l>", agent l's intermediate state phi_l
+MODELS_UP = "models-up"  # round metric: models the agents sent up (replies with a model)
+MODELS_DOWN = "models-down"  # round metric: models the relay sent down (one ArrayRecord per phi_l in a message)
+DIF_MAML_OPTIMIZER = "dif-maml-optimizer"  # context.state: the agent's optimizer state (Adam moments; ArrayRecord)
+DIF_MAML_OPTIMIZER_ROUND = "dif-maml-optimizer-round"  # context.state: ConfigRecord, the round that state was written in
+
 # --- node-config keys (SuperNode --node-config) -----------------------------------------------
 MEMORY_DIR = "memory-dir"  # keep the memory u on disk under this directory (DiskMemory), not in context.state
 

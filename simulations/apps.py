@@ -167,6 +167,11 @@ server_app = ServerApp()
 
 @server_app.main()
 def _main(grid: Grid, context: Context) -> None:
+    if context.run_config.get("algorithm") == C.DIF_MAML:  # decentralized: the relay app (fedmeta.simulations.dif_maml_app)
+        from fedmeta.simulations import dif_maml_app
+
+        dif_maml_app.run_from_run_config(grid, context.run_config)
+        return
     cfg = ExperimentConfig.from_mapping(context.run_config)
     if cfg.check_data:  # before the first message: data and model, in this process (see check-data)
         print(f"inputs checked: {check_inputs(cfg)}", flush=True)
@@ -185,6 +190,10 @@ def _client_app_for(cfg: ExperimentConfig) -> ClientApp:
 
 
 def _forward(msg: Message, context: Context) -> Message:
+    if context.run_config.get("algorithm") == C.DIF_MAML:
+        from fedmeta.simulations import dif_maml_app
+
+        return dif_maml_app.client_app(msg, context)
     return _client_app_for(ExperimentConfig.from_mapping(context.run_config))(msg, context)
 
 

@@ -166,6 +166,9 @@ class ExperimentConfig:
         between fields, then the algorithm's own validation."""
         for f in fields(self):
             object.__setattr__(self, f.name, _checked_type(f.name, getattr(self, f.name), type(f.default)))
+        if self.algorithm == C.DIF_MAML:
+            raise ValueError("algorithm 'dif-maml' is not an experiment of this config: it runs with `flwr run .` (its settings in "
+                             "[tool.flwr.app.config.dif-maml]), fedmeta.simulations.dif_maml_app or fedmeta.dif_maml.simulate")
         for name, (options, empty_ok) in _CHOICES.items():
             _check_choice(name, getattr(self, name), options(), empty_ok)
         if self.device:
@@ -233,6 +236,8 @@ class ExperimentConfig:
         spelled: dict[str, str] = {}
         for key, value in values.items():
             text = key if isinstance(key, str) else repr(key)
+            if text == C.DIF_MAML or text.startswith(C.DIF_MAML + "."):
+                continue  # the [tool.flwr.app.config.dif-maml] section: fedmeta.simulations.dif_maml_app's settings
             name = text.replace("-", "_")
             if name not in known:
                 options = sorted(_kebab(k) for k in known)

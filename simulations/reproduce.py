@@ -13,6 +13,10 @@ LocalMOML's momentum tuned on the first seed.
 (BSGD), MOML and LocalMOML on 25 sine tasks, K in {1, 5}, eta tuned on validation tasks, 5 seeds
 (:func:`table2`; the centralized runner).
 
+``fedmeta-reproduce dif-maml-fig2 [--quick] [--jobs 2]`` -- dif-maml.txt Figure 2 (and Figure 6): Dif-MAML
+on a graph of 6 sine-regression agents against centralized and non-cooperative agents, Adam and SGD,
+and Theorem 1's O(mu^2) disagreement (:mod:`fedmeta.simulations.reproduce_dif`; the vmapped simulator).
+
 ``fedmeta-reproduce ggs-fig1 [--quick] [--jobs 2]`` -- multistep-maml-ggs.txt Figure 1 (Section
 5.1): rank-one matrix factorization, 10 tasks per iteration, N = 3, alpha = 0.01, outer SGD with
 its step size from {0.01, 0.003}, U = 10, delta from {1e-2, 1e-4} for GGS-MAML and ZO-MAML.
@@ -656,16 +660,20 @@ class _Stop(Exception):
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="fedmeta-reproduce", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 allow_abbrev=False)
-    p.add_argument("name", choices=sorted([*REPRODUCTIONS, *GGS_FIGURES, "localmoml-table2"]))
+    p.add_argument("name", choices=sorted([*REPRODUCTIONS, *GGS_FIGURES, "localmoml-table2", "dif-maml-fig2"]))
     p.add_argument("--quick", action="store_true", help="a reduced budget that finishes in under 10 minutes on 2 cores (ggs-*: under a minute)")
     p.add_argument("--out", default="docs/results", help="where the summary and plots go (default: docs/results/<name>)")
     p.add_argument("--runs", default="results/reproduce", help="where every run's results go (default: results/reproduce/<name>)")
-    p.add_argument("--jobs", type=int, default=1, help="ggs-*, localmoml-table2: runs in parallel processes, one thread each (default: 1)")
+    p.add_argument("--jobs", type=int, default=1, help="ggs-*, localmoml-table2, dif-maml-fig2: runs in parallel processes, one thread each (default: 1)")
     args = p.parse_args(argv)
     if args.jobs < 1:
         p.error(f"--jobs must be an integer >= 1, got {args.jobs}")
     if args.name in GGS_FIGURES or args.name == "localmoml-table2":
         return _main_centralized(args)
+    if args.name == "dif-maml-fig2":
+        from fedmeta.simulations.reproduce_dif import main_dif
+
+        return main_dif(args)
     experiment, full, quick = REPRODUCTIONS[args.name]
     budget = quick if args.quick else full
     tag = args.name + ("-quick" if args.quick else "")

@@ -396,7 +396,15 @@ def app_config() -> dict[str, Any]:
 
 
 def test_every_pyproject_key_parses_with_its_field_type():
+    from fedmeta.dif_maml import DifMAMLConfig
+
     app = app_config()
+    dif = app.pop("dif-maml")  # [tool.flwr.app.config.dif-maml]: DifMAMLConfig's fields (tuples as "low,high" strings)
+    dif_types = {f.name.replace("_", "-"): type(f.default) for f in dataclasses.fields(DifMAMLConfig)}
+    for key, value in dif.items():
+        assert type(value) is (str if dif_types[key] is tuple else dif_types[key]), f"dif-maml.{key} = {value!r}"
+    assert DifMAMLConfig.from_mapping(dif) == DifMAMLConfig()
+    assert ExperimentConfig.from_mapping({**app, **{f"dif-maml.{k}": v for k, v in dif.items()}}) == ExperimentConfig.from_mapping(app)
     assert set(app) == set(KEYS)
     for key, value in app.items():
         assert type(value) is FIELDS[key.replace("-", "_")], f"{key} = {value!r} has the wrong TOML type for flwr's override check"

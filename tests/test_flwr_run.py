@@ -38,9 +38,10 @@ def _stop_all(text: str) -> None:
             time.sleep(0.2)
 
 
-def test_flwr_run_with_the_app_declared_in_pyproject(tmp_path):
+def _flwr_run(tmp_path: Path, run_config: str, supernodes: int) -> subprocess.CompletedProcess:
+    """``flwr run .`` on Flower's local simulation SuperLink under a private FLWR_HOME; every process it
+    started is stopped (by pid) and checked gone."""
     home = tmp_path / "flwr-home"
-    results = tmp_path / "results"
     env = {
         **os.environ,
         "FLWR_HOME": str(home),
@@ -50,16 +51,21 @@ def test_flwr_run_with_the_app_declared_in_pyproject(tmp_path):
         "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
     }
-    run_config = f'num-clients=4 clients-per-round=2 num-rounds=2 evaluate-every=2 results-dir="{results}"'
     try:
         proc = subprocess.run(
-            ["flwr", "run", str(ROOT), "--run-config", run_config, "--federation-config", "num-supernodes=4", "--stream"],
+            ["flwr", "run", str(ROOT), "--run-config", run_config, "--federation-config", f"num-supernodes={supernodes}", "--stream"],
             env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600,
         )
     finally:
         _stop_all(str(home))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert not pids_mentioning(str(home))
+    return proc
+
+
+def test_flwr_run_with_the_app_declared_in_pyproject(tmp_path):
+    results = tmp_path / "results"
+    proc = _flwr_run(tmp_path, f'num-clients=4 clients-per-round=2 num-rounds=2 evaluate-every=2 results-dir="{results}"', 4)
     res = json.loads((results / "local-moml-fashion-mnist-n4-seed0.json").read_text())
     assert res["status"] == "ok" and sorted(res["train"], key=int) == ["1", "2"]
     assert res["final_round"] == 2 and len(res["clients"]) == 4
@@ -87,12 +93,30 @@ def test_flwr_run_with_the_app_declared_in_pyproject(tmp_path):
         assert here["clients"][client] == pytest.approx(metrics, rel=1e-6, abs=1e-9), client
 
 
+def test_flwr_run_selects_dif_maml_and_relays_like_the_simulator(tmp_path):
+    run_config = "algorithm='dif-maml' num-rounds=2 seed=3 dif-maml.shots=5 dif-maml.optimizer='sgd' dif-maml.step-size=0.01"
+    proc = _flwr_run(tmp_path, run_config, 6)
+    out = proc.stdout
+    assert "dif-maml: 6 agents on ring-chords (9 edges, lambda_2 = 0.5000), 2 rounds, sgd mu = 0.01" in out
+    assert "dif-maml round 1: 6 models up, 24 down" in out and "dif-maml round 2: 6 models up, 24 down" in out
+    from fedmeta.dif_maml import DifMAMLConfig, disagreement, simulate
+
+    sim = simulate(DifMAMLConfig(shots=5, optimizer="sgd", step_size=0.01, seed=3, iterations=2), record=False)
+    relayed = float(out.split("disagreement of the relayed states ")[1].split()[0])
+    assert relayed == pytest.approx(disagreement(sim.phi), rel=1e-4) and relayed > 0
+
+
 def test_pyproject_app_config_lists_every_experiment_key_with_its_default():
     import tomllib
 
     from fedmeta.simulations.config import ExperimentConfig
 
     app_config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    dif = app_config.pop("dif-maml")  # the Dif-MAML table: DifMAMLConfig fields at their defaults
+    from fedmeta.dif_maml import DifMAMLConfig
+
+    dif_defaults = {k.replace("_", "-"): v for k, v in DifMAMLConfig().to_dict().items()}
+    assert set(dif) <= set(dif_defaults) and DifMAMLConfig.from_mapping(dif) == DifMAMLConfig()
     defaults = ExperimentConfig().to_dict()
     assert set(app_config) == set(defaults)
     demo = {"num-clients", "clients-per-round", "num-rounds", "evaluate-every"}  # a small flwr-run demo

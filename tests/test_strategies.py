@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
+from fakes import FakeGrid, set_task_identity
 from fedmeta import config as C
 from fedmeta.strategies import LocalMOML, PerFedAvg
 from fedmeta.strategies.aggregation import average_arrays, sample_partitions
@@ -14,29 +14,7 @@ from fedmeta.strategies.aggregation import average_arrays, sample_partitions
 
 @pytest.fixture(autouse=True)
 def _task_identity():
-    # Instruction messages need the process-global task identity outside a running app.
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
-
-
-class FakeGrid:
-    """Duck-typed Grid: nodes with random-looking ids that answer the partition query."""
-
-    def __init__(self, num_nodes: int, offset: int = 7000):
-        self.node_to_pid = {offset + 13 * p: p for p in reversed(range(num_nodes))}
-        self.sent: list[list[Message]] = []
-
-    def get_node_ids(self):
-        return set(self.node_to_pid)
-
-    def send_and_receive(self, messages, timeout=None):
-        messages = list(messages)
-        self.sent.append(messages)
-        out = []
-        for m in messages:
-            assert m.metadata.message_type == MessageType.QUERY
-            pid = self.node_to_pid[m.metadata.dst_node_id]
-            out.append(Message(RecordDict({"metrics": MetricRecord({C.PARTITION_ID: pid})}), reply_to=m))
-        return out
+    set_task_identity()
 
 
 def reply(to: Message, w: np.ndarray, pid: int, num_examples: int, loss: float) -> Message:
