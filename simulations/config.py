@@ -142,6 +142,10 @@ class ExperimentConfig:
     """Directory of the clients' memories (memory banks on multi-client nodes, a file per client otherwise);
     empty: ``<checkpoint-dir>/memory`` when checkpointing, else a temporary directory per run on
     multi-client nodes and ``context.state`` on single-client nodes."""
+    ray_address: str = ""
+    """An existing Ray cluster to run the clients on (``host:port`` of its head, or ``auto``); empty: the
+    ``RAY_ADDRESS`` environment variable if set, else Ray starts inside this process. On a multi-node cluster
+    the clients' memories must be on a directory every host mounts (checked before round 1; docs/cluster.md)."""
     max_update_norm_ratio: float = 0.0
     """Update screening: reject a reply whose update norm exceeds this many times the round's median; 0: off."""
     min_valid_replies: int = _strategy_default("min_valid_replies")
@@ -351,7 +355,8 @@ class ExperimentConfig:
 _FIELDS = frozenset(f.name for f in fields(ExperimentConfig))
 
 _NOT_IN_FINGERPRINT = frozenset({"num-rounds", "results-dir", "data-dir", "download", "memory-dir", "checkpoint", "checkpoint-dir",
-                                  "resume", "round-timeout", "num-cpus", "num-gpus", "max-failed-rounds", "check-data"})
+                                  "resume", "round-timeout", "num-cpus", "num-gpus", "max-failed-rounds", "check-data",
+                                  "ray-address"})
 
 
 def _kebab(name: str) -> str:

@@ -30,6 +30,7 @@ from fedmeta import config as C
 from fedmeta.simulations.apps import build_client_app, build_server_app
 from fedmeta.simulations.config import ExperimentConfig, parse_cli
 from fedmeta.simulations.engine import run_on_ray
+from fedmeta.simulations import cluster
 from fedmeta.simulations.preflight import InputError, check_inputs
 from fedmeta.simulations.progress import RoundProgress, console_through, run_log
 from fedmeta.strategies.checkpoint import CheckpointError, check_can_start
@@ -61,8 +62,21 @@ def simulate(cfg: ExperimentConfig, *, verbose: bool = False, check: bool = True
                 if not cfg.resume:
                     shutil.rmtree(ckpt / "memory", ignore_errors=True)  # a finished earlier run's
                 client_cfg = cfg.replace(memory_dir=str(ckpt / "memory"))
-        elif cfg.num_nodes and not cfg.memory_dir:  # multi-client nodes: memory banks for this run only
+        address = cluster.cluster_address(cfg.ray_address)
+        nodes = []
+        if address:  # an existing cluster: attach before any temp dir is chosen, detach (not stop it) at the end
+            stack.callback(cluster.disconnect)
+            nodes = cluster.connect(address)
+        if ckpt is None and cfg.num_nodes and not cfg.memory_dir:  # multi-client nodes: memory banks for this run only
+            refusal = cluster.memory_dir_required(len(nodes), cfg.memory_dir, checkpoint=False)
+            if refusal:
+                raise InputError(refusal)
             client_cfg = cfg.replace(memory_dir=stack.enter_context(tempfile.TemporaryDirectory(prefix="fedmeta-memory-")))
+        if client_cfg.memory_dir and len(nodes) > 1:  # every host must see the memories (and the checkpoint beside them)
+            try:
+                cluster.check_shared_storage({"memory-dir" if cfg.memory_dir else "checkpoint-dir": client_cfg.memory_dir}, nodes)
+            except cluster.SharedStorageError as err:
+                raise InputError(str(err)) from None
         stack.enter_context(run_log(log_path, verbose=verbose, append=cfg.resume))  # a resumed run continues its log
         stream = sys.stdout if progress else stack.enter_context(open(os.devnull, "w"))
         bar = stack.enter_context(RoundProgress(cfg.num_rounds, label=cfg.algorithm, stream=stream))
