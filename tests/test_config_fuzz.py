@@ -72,7 +72,7 @@ FLOAT_RANGE = {  # field: (low, low allowed, high or None)
     "lr": (0.0, False, None), "momentum": (0.0, False, 1.0), "delta": (0.0, False, None),
     "num_cpus": (0.0, False, None), "num_gpus": (0.0, True, None), "round_timeout": (0.0, False, None),
 }
-FREE_STRINGS = ("data_dir", "results_dir", "memory_dir", "checkpoint_dir")
+FREE_STRINGS = ("data_dir", "results_dir", "memory_dir", "checkpoint_dir", "ray_address")
 
 
 def test_the_tables_cover_every_field():
