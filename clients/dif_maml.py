@@ -38,11 +38,10 @@ def load_optimizer_state(context: Context, w: Params, cfg: DifMAMLConfig) -> Par
     return dict(context.state[C.DIF_MAML_OPTIMIZER].to_torch_state_dict())
 
 
-def save_optimizer_state(context: Context, state: Params, server_round: int) -> None:
+def save_optimizer_state(context: Context, state: Params) -> None:
     """Keep the optimizer state (an ArrayRecord survives the ClientApp being rebuilt or run in a new process)."""
     if state:  # SGD has none
         context.state[C.DIF_MAML_OPTIMIZER] = ArrayRecord({k: v.detach().cpu() for k, v in state.items()})
-        context.state[C.DIF_MAML_OPTIMIZER_ROUND] = ConfigRecord({C.SERVER_ROUND: server_round})
 
 
 def neighbour_states(msg: Message, neighbourhood: Sequence[int]) -> list[Params]:
@@ -69,7 +68,7 @@ def dif_maml_train(msg: Message, context: Context) -> Message:
     w = combine(neighbour_states(msg, ids), weights)  # eq. (6b)
     state = load_optimizer_state(context, w, cfg)
     phi, state = agent_round(cfg, agent, server_round, w, state)  # eqs. (4), (6a)
-    save_optimizer_state(context, state, server_round)
+    save_optimizer_state(context, state)
     metrics = MetricRecord({C.NUM_EXAMPLES: 2 * cfg.shots * cfg.tasks_per_agent})  # x_in and x_o of every task
     info = ConfigRecord({C.PARTITION_ID: pid})
     arrays = ArrayRecord({k: v.detach().cpu() for k, v in phi.items()})

@@ -68,7 +68,6 @@ PHI_PREFIX = "phi-"  # train message ArrayRecord keys: "phi-<l>", agent l's inte
 MODELS_UP = "models-up"  # round metric: models the agents sent up (replies with a model)
 MODELS_DOWN = "models-down"  # round metric: models the relay sent down (one ArrayRecord per phi_l in a message)
 DIF_MAML_OPTIMIZER = "dif-maml-optimizer"  # context.state: the agent's optimizer state (Adam moments; ArrayRecord)
-DIF_MAML_OPTIMIZER_ROUND = "dif-maml-optimizer-round"  # context.state: ConfigRecord, the round that state was written in
 
 # --- node-config keys (SuperNode --node-config) -----------------------------------------------
 MEMORY_DIR = "memory-dir"  # keep the memory u on disk under this directory (DiskMemory), not in context.state

@@ -43,14 +43,13 @@ from torch.func import vmap
 from fedmeta import graph as G
 from fedmeta import meta
 from fedmeta import validation as V
+from fedmeta.algorithms.base import VMAP_ESTIMATORS  # computed under vmap; the stochastic ones loop over agents
 from fedmeta.centralized import SineRegression
 from fedmeta.meta import Params
 
 OPTIMIZERS = ("adam", "sgd")
 ADAM_BETAS = (0.9, 0.999)
 ADAM_EPS = 1e-8
-VMAP_ESTIMATORS = ("exact", "first_order", "hessian_free")
-"""Estimators whose agents are computed together under ``vmap``; the others run as a loop over agents."""
 
 
 @dataclass(frozen=True)

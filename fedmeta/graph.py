@@ -15,6 +15,7 @@ Figure 2a, whose edges the text does not give), :func:`erdos_renyi` (redrawn unt
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -46,9 +47,18 @@ class Graph:
         V.check("edges", len(set(self.edges)) == len(self.edges) and list(self.edges) == sorted(self.edges),
                 "sorted and without repeats", self.edges)
 
+    @cached_property
+    def adjacency(self) -> tuple[tuple[int, ...], ...]:
+        """Every agent's neighbours, sorted (built once from ``edges``)."""
+        out: list[list[int]] = [[] for _ in range(self.num_agents)]
+        for l, k in self.edges:
+            out[l].append(k)
+            out[k].append(l)
+        return tuple(tuple(sorted(n)) for n in out)
+
     def neighbours(self, k: int) -> tuple[int, ...]:
         """The agents linked to k (k itself not included)."""
-        return tuple(sorted({l for e in self.edges if k in e for l in e if l != k}))
+        return self.adjacency[k]
 
     def degree(self, k: int) -> int:
         """n_k: the size of k's neighbourhood, k itself counted (dif-maml's Metropolis rule)."""
@@ -163,7 +173,7 @@ def combination(g: Graph, rule: str) -> np.ndarray:
     """The matrix of the ``combination`` setting on ``g``: ``metropolis`` or ``uniform`` (complete graph only)."""
     V.check_choice("combination", rule, COMBINATIONS)
     if rule == "uniform":
-        V.check("combination", g.name == "complete" or len(g.edges) == g.num_agents * (g.num_agents - 1) // 2,
+        V.check("combination", len(g.edges) == g.num_agents * (g.num_agents - 1) // 2,
                 "'metropolis' unless the topology is complete ('uniform' needs every pair linked)", rule)
         return uniform(g.num_agents)
     return metropolis(g)

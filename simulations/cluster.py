@@ -8,14 +8,13 @@ live beside) must be on storage every host sees. Before round 1, :func:`check_sh
 one Ray task on every alive node read a probe file the driver wrote and write one back; a node that
 cannot see the directory stops the run with one line naming the node, its host and the path. A
 single-node cluster needs no check; a multi-node cluster is never given a host-local temporary
-directory (see :func:`memory_dir_required`).
+directory (see :func:`temp_memory_refusal`).
 """
 
 from __future__ import annotations
 
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -37,13 +36,32 @@ def cluster_address(configured: str) -> str | None:
     return configured or os.environ.get(RAY_ADDRESS_ENV) or None
 
 
+class ClusterUnreachable(RuntimeError):
+    """Nothing answers at the configured Ray address."""
+
+
+def check_reachable(address: str, timeout: float = 5.0) -> None:
+    """A TCP connection to ``host:port`` (``ray://`` stripped; ``auto`` and port-less addresses are left to Ray),
+    so that a wrong address fails in one line instead of Ray retrying for minutes."""
+    target = address.removeprefix("ray://")
+    host, _, port = target.rpartition(":")
+    if not host or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as err:
+        raise ClusterUnreachable(f"ray-address {address}: no Ray cluster answers there ({err.strerror or err}); start one with "
+                                 "`ray start --head --port <port>` or fix ray-address / RAY_ADDRESS (docs/cluster.md)") from None
+
+
 def connect(address: str) -> list[dict[str, Any]]:
     """Connect this process to the cluster at ``address`` (as Flower's Ray backend would, with the driver's
     ``sys.path`` in the workers' ``PYTHONPATH``) and return its alive nodes. Flower's backend then finds Ray
-    initialised and uses this connection."""
+    initialised and uses this connection. Raises :class:`ClusterUnreachable` when nothing listens there."""
     import ray
 
     if not ray.is_initialized():
+        check_reachable(address)
         pythonpath = os.pathsep.join([*sys.path, *([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])])
         ray.init(address=address, logging_level="ERROR", log_to_driver=False,
                  runtime_env={"env_vars": {"PYTHONPATH": pythonpath}})
@@ -116,16 +134,14 @@ def check_shared_storage(paths: Mapping[str, str | Path], nodes: list[dict[str, 
                 f.unlink(missing_ok=True)
 
 
-def memory_dir_required(num_nodes_in_cluster: int, memory_dir: str, checkpoint: bool) -> str | None:
-    """Why a run on a cluster of ``num_nodes_in_cluster`` Ray nodes cannot keep its memories where it would
-    by default, or None. Multi-client simulations keep memories on disk; without ``memory-dir`` and without
-    a checkpoint (beside which they would live) that would be a temporary directory of the driver's host."""
-    if num_nodes_in_cluster > 1 and not memory_dir and not checkpoint:
+def temp_memory_refusal(num_nodes_in_cluster: int) -> str | None:
+    """Why multi-client nodes cannot keep their memories in a temporary directory of this host (a run without
+    ``memory-dir`` and without a checkpoint) on a cluster of ``num_nodes_in_cluster`` Ray nodes, or None."""
+    if num_nodes_in_cluster > 1:
         return (f"memory-dir must be set to a directory every host of the {num_nodes_in_cluster}-node Ray cluster mounts "
                 "(multi-client nodes keep client memories on disk, and a temporary directory of this host is not seen by the "
                 "others; docs/cluster.md)")
     return None
-
 
 class LocalCluster:
     """A Ray cluster of ``raylets`` raylets on 127.0.0.1 (``ray start --head`` plus ``ray start --address``), for
@@ -184,24 +200,12 @@ class LocalCluster:
         return sorted(self.root.glob("*/session_*"))
 
     def __exit__(self, *exc: Any) -> None:
-        from fedmeta.simulations.processes import pids_mentioning
+        from fedmeta.simulations.processes import pids_mentioning, terminate
 
-        for w in self.workers:
-            w.terminate()
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            for pid in pids_mentioning(str(self.root)):
-                try:
-                    os.kill(pid, sig)
-                except ProcessLookupError:
-                    pass
-            deadline = time.monotonic() + 15
-            while pids_mentioning(str(self.root)) and time.monotonic() < deadline:
-                time.sleep(0.2)
-        for w in self.workers:
-            w.wait(timeout=15)
+        for _ in range(2):  # a raylet may start a worker while the first pass stops it
+            terminate(pids_mentioning(str(self.root)), popens=self.workers)
         self.left = pids_mentioning(str(self.root))
         shutil.rmtree(self.root, ignore_errors=True)
 
-
-__all__ = ["LocalCluster", "RAY_ADDRESS_ENV", "SharedStorageError", "alive_nodes", "check_shared_storage", "cluster_address", "connect", "disconnect",
-           "memory_dir_required"]
+__all__ = ["ClusterUnreachable", "LocalCluster", "RAY_ADDRESS_ENV", "check_reachable", "SharedStorageError", "alive_nodes", "check_shared_storage", "cluster_address", "connect", "disconnect",
+           "temp_memory_refusal"]

@@ -31,9 +31,13 @@ def run_relay(grid: Grid, cfg: DifMAMLConfig, num_rounds: int, timeout: float = 
     """Run ``num_rounds`` rounds of Dif-MAML on ``grid`` from :func:`fedmeta.dif_maml.initial_model`; the
     strategy (its store ``phi``, ``models_sent``, ``rejections``) and Flower's ``Result`` (``arrays``: the
     final phi's stacked ``[K, ...]``; ``train_metrics_clientapp``: per round the message counts)."""
-    strategy = DifMAML(cfg)
-    w0 = ArrayRecord({k: v.detach().clone() for k, v in initial_model(cfg).items()})
-    return strategy, strategy.start(grid=grid, initial_arrays=w0, num_rounds=num_rounds, timeout=timeout)
+    strategy = DifMAML(cfg)  # checks A (Assumption 6) before any message
+    return strategy, strategy.start(grid=grid, initial_arrays=initial_arrays(cfg), num_rounds=num_rounds, timeout=timeout)
+
+
+def initial_arrays(cfg: DifMAMLConfig) -> ArrayRecord:
+    """Every agent's launch model ``w_k,0`` as the relay's initial ArrayRecord."""
+    return ArrayRecord({k: v.detach().clone() for k, v in initial_model(cfg).items()})
 
 
 def build_server_app(cfg: DifMAMLConfig, num_rounds: int, sink: Callable[[DifMAML, Result], None] | None = None) -> ServerApp:
@@ -68,7 +72,6 @@ def config_from_run_config(run_config: Mapping[str, Any]) -> tuple[DifMAMLConfig
     rounds = run_config.get(NUM_ROUNDS, cfg.iterations)
     if not (isinstance(rounds, int) and not isinstance(rounds, bool) and rounds >= 1):
         raise ValueError(f"num-rounds must be an integer >= 1, got {rounds!r}")
-    cfg.combination_matrix()  # Assumption 6, before any message
     return cfg.replace(iterations=rounds), rounds
 
 
@@ -76,10 +79,11 @@ def run_from_run_config(grid: Grid, run_config: Mapping[str, Any]) -> Result:
     """``flwr run``: the relay for the run config's settings, one line per round (models up / down, replies
     accepted) and a last line with the final disagreement of the relayed states."""
     cfg, rounds = config_from_run_config(run_config)
-    g, _, lam = cfg.combination_matrix()
-    print(f"dif-maml: {cfg.num_agents} agents on {g.name} ({len(g.edges)} edges, lambda_2 = {lam:.4f}), {rounds} rounds, "
+    strategy = DifMAML(cfg)  # checks A (Assumption 6) before any message
+    g = strategy.graph
+    print(f"dif-maml: {cfg.num_agents} agents on {g.name} ({len(g.edges)} edges, lambda_2 = {strategy.lambda_2:.4f}), {rounds} rounds, "
           f"{cfg.optimizer} mu = {cfg.step_size:g}", flush=True)
-    strategy, result = run_relay(grid, cfg, rounds)
+    result = strategy.start(grid=grid, initial_arrays=initial_arrays(cfg), num_rounds=rounds)
     for r, metrics in sorted(result.train_metrics_clientapp.items()):
         m = dict(metrics)
         print(f"dif-maml round {r}: {int(m[C.MODELS_UP])} models up, {int(m[C.MODELS_DOWN])} down", flush=True)

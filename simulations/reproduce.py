@@ -566,8 +566,56 @@ def _save(fig: Any, path: Path) -> list[Path]:
     return [path]
 
 
-def _centralized_key(cfg: CentralizedConfig) -> str:
+def _config_key(cfg: Any) -> str:
     return json.dumps(cfg.to_dict(), sort_keys=True)
+
+
+class CachedRuns:
+    """The runs of one reproduction, each kept as JSON in ``runs_dir`` under its configuration: a run that
+    finished before is reused (an interrupted command resumes), the others run in ``jobs`` processes with
+    one thread each. Calling it with configurations returns their results, in order.
+
+    ``run(cfg)``: a picklable function returning a result with ``config``, ``seconds`` and ``to_dict()``;
+    ``load(dict)``: the result read back; ``describe(cfg, result)``: its progress line."""
+
+    def __init__(self, runs_dir: Path, jobs: int, run: Callable[[Any], Any], load: Callable[[dict[str, Any]], Any],
+                 describe: Callable[[Any, Any], str]) -> None:
+        self.runs_dir, self.jobs, self.run, self.describe = runs_dir, jobs, run, describe
+        runs_dir.mkdir(parents=True, exist_ok=True)
+        self.finished = {}
+        for path in sorted(runs_dir.glob("*.json")):
+            res = load(json.loads(path.read_text()))
+            self.finished[_config_key(res.config)] = res
+        self.count = self.reused = 0
+
+    def _report(self, cfg: Any, res: Any, how: str) -> None:
+        self.count += 1
+        print(f"[{self.count}] {self.describe(cfg, res)} ({how}, {res.seconds:.0f} s)", flush=True)
+
+    def _keep(self, cfg: Any, res: Any) -> None:
+        key = _config_key(cfg)
+        (self.runs_dir / f"{hashlib.sha1(key.encode()).hexdigest()[:12]}.json").write_text(json.dumps(res.to_dict()))
+        self.finished[key] = res
+        self._report(cfg, res, "ran")
+
+    def __call__(self, cfgs: list[Any]) -> list[Any]:
+        pending = list({_config_key(c): c for c in cfgs if _config_key(c) not in self.finished}.values())
+        for c in cfgs:
+            if _config_key(c) in self.finished:
+                self.reused += 1
+                self._report(c, self.finished[_config_key(c)], "reused")
+        if self.jobs > 1 and len(pending) > 1:
+            from concurrent.futures import ProcessPoolExecutor, as_completed
+            from multiprocessing import get_context
+
+            with ProcessPoolExecutor(self.jobs, mp_context=get_context("spawn"), initializer=_one_thread) as pool:
+                futures = {pool.submit(self.run, c): c for c in pending}
+                for fut in as_completed(futures):
+                    self._keep(futures[fut], fut.result())
+        else:
+            for c in pending:
+                self._keep(c, self.run(c))
+        return [self.finished[_config_key(c)] for c in cfgs]
 
 
 def _one_thread() -> None:
@@ -577,53 +625,20 @@ def _one_thread() -> None:
     torch.set_num_threads(1)
 
 
+def _describe_centralized(cfg: CentralizedConfig, res: RunResult) -> str:
+    state = f"diverged at iteration {res.diverged_at}" if res.diverged_at is not None else f"final meta-loss {res.final_meta_loss:.5g}"
+    return (f"{cfg.algorithm} {cfg.meta_gradient} K={cfg.batch_size} meta-lr={cfg.meta_lr:g} delta={cfg.delta:g} seed={cfg.seed}: "
+            f"{state}")
+
+
 def _main_centralized(args: argparse.Namespace) -> int:
     from fedmeta.centralized import train
 
     tag = args.name + ("-quick" if args.quick else "")
-    out, runs_dir = Path(args.out) / tag, Path(args.runs) / tag
+    out = Path(args.out) / tag
     out.mkdir(parents=True, exist_ok=True)
-    runs_dir.mkdir(parents=True, exist_ok=True)
     _one_thread()
-    finished: dict[str, RunResult] = {}
-    for path in sorted(runs_dir.glob("*.json")):
-        res = RunResult.from_dict(json.loads(path.read_text()))
-        finished[_centralized_key(res.config)] = res
-    count = reused = 0
-
-    def report(cfg: CentralizedConfig, res: RunResult, how: str) -> None:
-        nonlocal count
-        count += 1
-        state = f"diverged at iteration {res.diverged_at}" if res.diverged_at is not None else f"final meta-loss {res.final_meta_loss:.5g}"
-        print(f"[{count}] {cfg.algorithm} {cfg.meta_gradient} K={cfg.batch_size} meta-lr={cfg.meta_lr:g} delta={cfg.delta:g} seed={cfg.seed}: "
-              f"{state} ({how}, {res.seconds:.0f} s)", flush=True)
-
-    def run_all(cfgs: list[CentralizedConfig]) -> list[RunResult]:
-        nonlocal reused
-        pending = list({_centralized_key(c): c for c in cfgs if _centralized_key(c) not in finished}.values())
-        for c in cfgs:
-            if _centralized_key(c) in finished:  # finished before: reuse it (an interrupted command resumes)
-                reused += 1
-                report(c, finished[_centralized_key(c)], "reused")
-
-        def keep(cfg: CentralizedConfig, res: RunResult) -> None:
-            key = _centralized_key(cfg)
-            (runs_dir / f"{hashlib.sha1(key.encode()).hexdigest()[:12]}.json").write_text(json.dumps(res.to_dict()))
-            finished[key] = res
-            report(cfg, res, "ran")
-
-        if args.jobs > 1 and len(pending) > 1:
-            from concurrent.futures import ProcessPoolExecutor, as_completed
-            from multiprocessing import get_context
-
-            with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn"), initializer=_one_thread) as pool:
-                futures = {pool.submit(train, c): c for c in pending}
-                for fut in as_completed(futures):
-                    keep(futures[fut], fut.result())
-        else:
-            for c in pending:
-                keep(c, train(c))
-        return [finished[_centralized_key(c)] for c in cfgs]
+    run_all = CachedRuns(Path(args.runs) / tag, args.jobs, train, RunResult.from_dict, _describe_centralized)
 
     t0 = time.perf_counter()
     if args.name == "localmoml-table2":
@@ -636,6 +651,7 @@ def _main_centralized(args: argparse.Namespace) -> int:
     minutes = (time.perf_counter() - t0) / 60
     run_minutes = sum(r.seconds for rs in grid.values() for r in rs) / 60
     command = f"fedmeta-reproduce {args.name}" + (" --quick" if args.quick else "") + (f" --jobs {args.jobs}" if args.jobs > 1 else "")
+    count, reused = run_all.count, run_all.reused
     text = f"## {args.name}{' (quick budget)' if args.quick else ''}\n\n`{command}`: {count} runs"
     if reused == count:
         text += ", all reused from an earlier invocation"

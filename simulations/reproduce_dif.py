@@ -12,8 +12,6 @@ halving mu under SGD. The vmapped simulator (:func:`fedmeta.dif_maml.simulate`),
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -162,48 +160,18 @@ def plot_dif(runs: dict[str, list[DifResult]], out: Path) -> list[Path]:
     return paths
 
 
+def _describe(cfg: DifMAMLConfig, res: DifResult) -> str:
+    state = f"diverged at {res.diverged_at}" if res.diverged_at else f"final test loss {res.test_loss[-1]:.4f}"
+    return f"{cfg.topology} {cfg.optimizer} mu={cfg.step_size:g} seed={cfg.seed}: {state}"
+
+
 def main_dif(args: argparse.Namespace) -> int:
+    from fedmeta.simulations.reproduce import CachedRuns
+
     tag = args.name + ("-quick" if args.quick else "")
-    out, runs_dir = Path(args.out) / tag, Path(args.runs) / tag
+    out = Path(args.out) / tag
     out.mkdir(parents=True, exist_ok=True)
-    runs_dir.mkdir(parents=True, exist_ok=True)
-    finished = {}
-    for path in sorted(runs_dir.glob("*.json")):
-        res = DifResult.from_dict(json.loads(path.read_text()))
-        finished[json.dumps(res.config.to_dict(), sort_keys=True)] = res
-    count = ran = 0
-
-    def keep(cfg: DifMAMLConfig, res: DifResult, how: str) -> None:
-        nonlocal count, ran
-        ran += how == "ran"
-        key = json.dumps(cfg.to_dict(), sort_keys=True)
-        if how == "ran":
-            (runs_dir / f"{hashlib.sha1(key.encode()).hexdigest()[:12]}.json").write_text(json.dumps(res.to_dict()))
-        finished[key] = res
-        count += 1
-        state = f"diverged at {res.diverged_at}" if res.diverged_at else f"final test loss {res.test_loss[-1]:.4f}"
-        print(f"[{count}] {cfg.topology} {cfg.optimizer} mu={cfg.step_size:g} seed={cfg.seed}: {state} ({how}, {res.seconds:.0f} s)", flush=True)
-
-    def run_all(cfgs: list[DifMAMLConfig]) -> list[DifResult]:
-        key = lambda c: json.dumps(c.to_dict(), sort_keys=True)  # noqa: E731
-        for c in cfgs:
-            if key(c) in finished:
-                keep(c, finished[key(c)], "reused")
-        pending = list({key(c): c for c in cfgs if key(c) not in finished}.values())
-        if args.jobs > 1 and len(pending) > 1:
-            from concurrent.futures import ProcessPoolExecutor, as_completed
-            from multiprocessing import get_context
-
-            from fedmeta.simulations.reproduce import _one_thread
-
-            with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn"), initializer=_one_thread) as pool:
-                futures = {pool.submit(_run_record, c): c for c in pending}
-                for fut in as_completed(futures):
-                    keep(futures[fut], fut.result(), "ran")
-        else:
-            for c in pending:
-                keep(c, _run_record(c), "ran")
-        return [finished[key(c)] for c in cfgs]
+    run_all = CachedRuns(Path(args.runs) / tag, args.jobs, _run_record, DifResult.from_dict, _describe)
 
     t0 = time.perf_counter()
     summary, runs = dif_fig2(DIF_BUDGETS["quick" if args.quick else "full"], run_all)
@@ -211,7 +179,7 @@ def main_dif(args: argparse.Namespace) -> int:
     minutes = (time.perf_counter() - t0) / 60
     total = sum(r.seconds for rs in runs.values() for r in rs) / 60
     command = f"fedmeta-reproduce {args.name}" + (" --quick" if args.quick else "") + (f" --jobs {args.jobs}" if args.jobs > 1 else "")
-    n = sum(len(rs) for rs in runs.values())
+    n, ran = run_all.count, run_all.count - run_all.reused
     if ran == 0:
         wall = "all reused from earlier invocations"
     else:

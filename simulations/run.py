@@ -66,9 +66,12 @@ def simulate(cfg: ExperimentConfig, *, verbose: bool = False, check: bool = True
         nodes = []
         if address:  # an existing cluster: attach before any temp dir is chosen, detach (not stop it) at the end
             stack.callback(cluster.disconnect)
-            nodes = cluster.connect(address)
+            try:
+                nodes = cluster.connect(address)
+            except cluster.ClusterUnreachable as err:
+                raise InputError(str(err)) from None
         if ckpt is None and cfg.num_nodes and not cfg.memory_dir:  # multi-client nodes: memory banks for this run only
-            refusal = cluster.memory_dir_required(len(nodes), cfg.memory_dir, checkpoint=False)
+            refusal = cluster.temp_memory_refusal(len(nodes))
             if refusal:
                 raise InputError(refusal)
             client_cfg = cfg.replace(memory_dir=stack.enter_context(tempfile.TemporaryDirectory(prefix="fedmeta-memory-")))
@@ -195,6 +198,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             t0 = time.perf_counter()
             try:
                 res = simulate(cfg, verbose=args.verbose, check=False)
+            except InputError as err:  # the cluster or its shared storage: one line, before round 1
+                print(f"fedmeta-sim: error: {err}", file=sys.stderr)
+                return 2
             except Exception as err:  # the ServerApp or the engine crashed: one line, the traceback is in the log
                 log = Path(cfg.results_dir) / "logs" / f"{cfg.stem}.log"
                 print(f"fedmeta-sim: error: {cfg.algorithm}: the simulation failed: {type(err).__name__}: "

@@ -244,7 +244,8 @@ class DifMAML(PartitionNodes, Strategy):
             "num-failures": len(errors),
             NUM_MISSING: len(missing),
         })
-        losses = [float(reply_view(m.content)[C.TRAIN_LOSS]) for m in accepted.values() if C.TRAIN_LOSS in reply_view(m.content)]
+        views = [reply_view(m.content) for m in accepted.values()]
+        losses = [float(v[C.TRAIN_LOSS]) for v in views if C.TRAIN_LOSS in v]
         if losses:
             metrics[C.TRAIN_LOSS] = float(np.mean(losses))
         self.round_seconds[server_round] = time.perf_counter() - self._round_started

@@ -65,3 +65,16 @@ def test_a_multi_node_cluster_gets_no_host_local_temporary_memory_dir(two_raylet
     monkeypatch.setenv(cluster.RAY_ADDRESS_ENV, address)  # RAY_ADDRESS alone attaches
     with pytest.raises(InputError, match="memory-dir must be set to a directory every host of the 2-node Ray cluster mounts"):
         sim_run.simulate(CFG.replace(checkpoint=False, results_dir=str(root / "runs" / "tmp")), progress=False)
+
+
+def test_an_address_where_no_cluster_answers_fails_in_one_line(tmp_path, capsys):
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    argv = ["--algorithms", "local-moml", "--dataset", "sinewave", "--num-clients", "4", "--clients-per-round", "2", "--num-rounds", "1",
+            "--ray-address", f"127.0.0.1:{port}", "--results-dir", str(tmp_path)]
+    assert sim_run.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"fedmeta-sim: error: ray-address 127.0.0.1:{port}: no Ray cluster answers there")
