@@ -23,7 +23,7 @@ from fedmeta import config as C
 from fedmeta.simulations import cluster
 from fedmeta.simulations import run as sim_run
 from fedmeta.simulations.config import ExperimentConfig
-from fedmeta.simulations.processes import descendants, pids_mentioning
+from fedmeta.simulations.processes import descendants
 
 
 def _rss(pid: int) -> int:
@@ -83,7 +83,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="fedmeta-bench-") as tmp:  # in-process first, with no cluster running
         here = {n: measure(config(n, args.rounds, Path(tmp) / str(n), per_round=args.per_round), lambda: descendants(os.getpid())) for n in sizes}
     with cluster.LocalCluster(raylets=2, cpus_per_raylet=1, hidden=False) as local:
-        there = {n: measure(config(n, args.rounds, local.root / f"cluster-{n}", local.address, args.per_round), lambda: pids_mentioning(str(local.root)))
+        there = {n: measure(config(n, args.rounds, local.root / f"cluster-{n}", local.address, args.per_round), local.processes)
                  for n in sizes}
     rows = [{"clients": n, "in_process": here[n], "two_raylets": there[n]} for n in sizes]
     print(f"LocalMOML keep, sinewave, 2 multi-client nodes, {args.per_round} clients per round, H = 2, {args.rounds} rounds; "

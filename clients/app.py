@@ -108,6 +108,26 @@ def default_memory_root() -> Path:
     return Path(env) if env else Path(tempfile.gettempdir()) / f"fedmeta-memory-{os.getuid()}"
 
 
+def ray_cluster_size() -> int:
+    """Alive nodes of the Ray cluster this process runs in (a Ray actor of a simulation), 0 outside Ray."""
+    import sys
+
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():
+        return 0
+    return sum(1 for n in ray.nodes() if n.get("Alive"))
+
+
+def host_local_refusal(cluster_nodes: int, root: Path) -> str | None:
+    """Why a multi-client node must not keep its memories under the host-local default ``root`` on a Ray
+    cluster of ``cluster_nodes`` nodes (Flower serves a node from actors on any host), or None."""
+    if cluster_nodes > 1:
+        return (f"memory-dir is not set and this {cluster_nodes}-node Ray cluster would keep client memories in {root}, a "
+                f"directory of each host: set run-config memory-dir (or {MEMORY_DIR_ENV}) to a directory every host mounts "
+                "(docs/cluster.md)")
+    return None
+
+
 def _requested_clients(cfg, context: Context) -> tuple[list[int], list[int]]:
     """The clients a multi-client message asks for, checked against those the node hosts."""
     num_clients = int(cfg[C.NUM_CLIENTS])
@@ -195,6 +215,10 @@ def make_client_app(
 
     def bank_for(context: Context, group: ClientGroup, hosted: list[int], memory_key: str | None) -> MemoryBank:
         node_dir = str(context.node_config.get(C.MEMORY_DIR, ""))
+        if not (node_dir or memory_dir or os.environ.get(MEMORY_DIR_ENV)):  # never a host-local default on a multi-host cluster
+            refusal = host_local_refusal(ray_cluster_size(), default_memory_root())
+            if refusal:
+                raise RuntimeError(refusal)
         root = node_dir or memory_dir or str(default_memory_root())
         nodes = int(context.node_config.get("num-partitions", 1))
         path = bank_path(Path(root), experiment_key(context, memory_key), partition_id(context), nodes)

@@ -25,6 +25,8 @@ from pathlib import Path
 from typing import Any, Mapping
 
 RAY_ADDRESS_ENV = "RAY_ADDRESS"
+LOCAL_CLUSTER_ENV = "FEDMETA_LOCAL_CLUSTER"
+"""Set to a :class:`LocalCluster`'s directory in the environment of every process it starts."""
 
 
 class SharedStorageError(RuntimeError):
@@ -143,6 +145,32 @@ def temp_memory_refusal(num_nodes_in_cluster: int) -> str | None:
                 "others; docs/cluster.md)")
     return None
 
+def actor_slots(nodes: list[Mapping[str, Any]], num_cpus: float, num_gpus: float = 0.0) -> int:
+    """How many ClientApp actors of ``num_cpus`` CPUs and ``num_gpus`` GPUs fit on ``nodes`` (Ray's node
+    records: ``{"Resources": {"CPU": .., "GPU": ..}}``), counted per node as Flower's actor pool counts
+    them: on each node the floor of its CPUs / ``num_cpus``, and with ``num_gpus`` > 0 at most the floor
+    of its GPUs / ``num_gpus``. ``num-nodes = -1`` gives a run one multi-client node per slot, so every
+    actor on every host has a node to train."""
+    total = 0
+    for node in nodes:
+        res = node.get("Resources") or {}
+        fit = int(res.get("CPU", 0) // num_cpus)
+        if num_gpus > 0:
+            fit = min(fit, int(res.get("GPU", 0) // num_gpus))
+        total += fit
+    return total
+
+
+def local_resources() -> list[dict[str, Any]]:
+    """This machine as one Ray node record (what Ray started in-process sees): its cores and CUDA devices."""
+    gpus = 0
+    import torch
+
+    if torch.cuda.is_available():
+        gpus = torch.cuda.device_count()
+    return [{"Resources": {"CPU": float(os.cpu_count() or 1), "GPU": float(gpus)}}]
+
+
 class LocalCluster:
     """A Ray cluster of ``raylets`` raylets on 127.0.0.1 (``ray start --head`` plus ``ray start --address``), for
     tests and benchmarks; every process it starts is stopped by pid (``ray stop`` would stop every Ray on the
@@ -166,6 +194,7 @@ class LocalCluster:
         self.hidden.mkdir()
         env = {k: v for k, v in os.environ.items() if k != RAY_ADDRESS_ENV}
         env["RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO"] = "0"
+        env[LOCAL_CLUSTER_ENV] = str(self.root)  # inherited by every process Ray starts, renamed or re-parented
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
@@ -199,13 +228,22 @@ class LocalCluster:
         """Each raylet's session directory (its logs name the actors it ran)."""
         return sorted(self.root.glob("*/session_*"))
 
+    def processes(self) -> set[int]:
+        """Every live process of this cluster: those whose command line names its directory, those that inherited
+        its marker from ``ray start`` (its client server names no path), and those holding a file open below it
+        (Ray's agents rename themselves, and the new title overwrites the environment /proc shows)."""
+        from fedmeta.simulations.processes import pids_holding, pids_mentioning, pids_with_env
+
+        root = str(self.root)
+        return set(pids_mentioning(root)) | pids_with_env(LOCAL_CLUSTER_ENV, root) | pids_holding(root)
+
     def __exit__(self, *exc: Any) -> None:
-        from fedmeta.simulations.processes import pids_mentioning, terminate
+        from fedmeta.simulations.processes import terminate
 
         for _ in range(2):  # a raylet may start a worker while the first pass stops it
-            terminate(pids_mentioning(str(self.root)), popens=self.workers)
-        self.left = pids_mentioning(str(self.root))
+            terminate(self.processes(), popens=self.workers, timeout=5.0)
+        self.left = self.processes()
         shutil.rmtree(self.root, ignore_errors=True)
 
-__all__ = ["ClusterUnreachable", "LocalCluster", "RAY_ADDRESS_ENV", "check_reachable", "SharedStorageError", "alive_nodes", "check_shared_storage", "cluster_address", "connect", "disconnect",
+__all__ = ["ClusterUnreachable", "LOCAL_CLUSTER_ENV", "LocalCluster", "RAY_ADDRESS_ENV", "actor_slots", "check_reachable", "local_resources", "SharedStorageError", "alive_nodes", "check_shared_storage", "cluster_address", "connect", "disconnect",
            "temp_memory_refusal"]

@@ -32,6 +32,8 @@ from fedmeta.strategies.aggregation import holdout_partitions
 DATASET_MODELS = {"fashion-mnist": "mlp-40-40", "mnist": "mlp-40-40", "cifar10": "cnn", "cifar100": "cnn", "sinewave": "sine-mlp"}
 """The default model of each dataset (the papers' MLPs; a small CNN for CIFAR)."""
 PARTITIONS = ("fallah", "dirichlet", "pathological")
+AUTO_NODES = -1
+"""``num-nodes = -1``: one multi-client node per Ray actor slot (resolved when the simulation starts)."""
 EVAL_PROTOCOLS = {"one-step": (1, 0), "5-shot-10-step": (10, 5)}
 """Named personalized-evaluation protocols: (fine-tuning steps, support-set size; 0 = whole train split).
 ``one-step``: per-fedavg.txt Section 5; ``5-shot-10-step``: localmoml Section 6.2."""
@@ -133,7 +135,9 @@ class ExperimentConfig:
     """Where the results JSON is written."""
     num_nodes: int = 0
     """Simulated SuperNodes. 0: one per client. Fewer than the clients: each node hosts a block of
-    clients and trains its sampled clients together (vectorized, :mod:`fedmeta.batched`)."""
+    clients and trains its sampled clients together (vectorized, :mod:`fedmeta.batched`). -1 (``AUTO_NODES``):
+    one multi-client node per actor slot of the Ray cluster (its CPUs / num-cpus, or GPUs / num-gpus),
+    resolved by :func:`fedmeta.simulations.run.simulate` (docs/cluster.md)."""
     chunk_size: int = DEFAULT_CHUNK_SIZE
     """Multi-client nodes: clients per vectorized call (bounds memory)."""
     vectorize: str = "auto"
@@ -182,7 +186,8 @@ class ExperimentConfig:
                 raise _bad(name, allowed, getattr(self, name))
         self._check_cross_field()
         try:
-            self.strategy_kwargs()  # the algorithm's own validation, before any work starts
+            # the algorithm's own validation, before any work starts (num-nodes = -1: checked as the most nodes it can become)
+            (self if self.num_nodes != AUTO_NODES else dataclasses.replace(self, num_nodes=0)).strategy_kwargs()
         except ValueError as err:  # (all caught above; kept so no rule of the dataclasses goes unchecked)
             raise ValueError(f"{_kebab(str(err).split(' ', 1)[0])}: {err}") from None
 
@@ -200,10 +205,10 @@ class ExperimentConfig:
         if self.clients_per_round > n:
             raise _bad("clients_per_round", f"an integer in [0, num-clients={n}] (0 = all clients)", self.clients_per_round)
         if self.num_nodes > self.num_partitions:
-            raise _bad("num_nodes", f"an integer in [0, {self.num_partitions}] (0 = one node per client; at most "
-                                    f"num-clients + num-new-clients)", self.num_nodes)
+            raise _bad("num_nodes", f"an integer in [-1, {self.num_partitions}] (-1 = one node per Ray actor slot, 0 = one node "
+                                    f"per client; at most num-clients + num-new-clients)", self.num_nodes)
         per_round = n if not self.clients_per_round else min(n, self.clients_per_round * self.sampling_groups)
-        most = min(per_round, self.num_supernodes)
+        most = per_round if self.num_nodes == AUTO_NODES else min(per_round, self.num_supernodes)
         if self.min_valid_replies > most:
             raise _bad("min_valid_replies", f"an integer in [1, {most}] (at most the clients per round and the nodes)",
                        self.min_valid_replies)
@@ -272,8 +277,17 @@ class ExperimentConfig:
 
     @property
     def num_supernodes(self) -> int:
-        """Simulated SuperNodes: ``num_nodes``, or one per client."""
+        """Simulated SuperNodes: ``num_nodes``, or one per client (``num_nodes = -1`` must be resolved first)."""
+        if self.num_nodes == AUTO_NODES:
+            raise ValueError("num-nodes = -1 (one node per Ray actor slot) is resolved when a simulation starts "
+                             "(fedmeta.simulations.run.simulate); elsewhere set num-nodes to a number")
         return self.num_nodes or self.num_partitions
+
+    def with_nodes_for(self, slots: int) -> "ExperimentConfig":
+        """``num_nodes = -1`` resolved to ``slots`` actor slots (at least 1, at most the clients); else unchanged."""
+        if self.num_nodes != AUTO_NODES:
+            return self
+        return self.replace(num_nodes=max(1, min(slots, self.num_partitions)))
 
     @property
     def stem(self) -> str:
@@ -494,7 +508,7 @@ _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "seed": ((lambda v: v >= 0), "an integer in [0, 2**63 - 1]"),
     "num_cpus": _POSITIVE,
     "num_gpus": _NONNEG,
-    "num_nodes": _at_least(0, " (0 = one node per client)"),
+    "num_nodes": _at_least(AUTO_NODES, " (-1 = one node per Ray actor slot, 0 = one node per client)"),
     "chunk_size": _at_least(1),
     "max_update_norm_ratio": ((lambda v: v == 0 or v > 1), "0 (off) or a finite number > 1"),
     "min_valid_replies": _at_least(1),

@@ -52,6 +52,39 @@ def _ancestors(table: Mapping[int, tuple[int, str, list[str], bytes]], pid: int)
     return out
 
 
+def pids_with_env(name: str, value: str) -> set[int]:
+    """Live processes (not zombies, never this process or its ancestors) whose environment holds ``name=value``:
+    what a launcher marks its processes with, found even after they rename themselves (Ray's agents set
+    their command line to ``ray::DashboardAgent``) or re-parent to init."""
+    table = process_table()
+    spared = _ancestors(table, os.getpid())
+    entry = f"{name}={value}".encode()
+    return {p for p, (_, state, _, env) in table.items() if p not in spared and state != "Z" and entry in env.split(b"\0")}
+
+
+def pids_holding(prefix: str) -> set[int]:
+    """Live processes (never this process or its ancestors) with an open file below the directory ``prefix``: Ray's
+    agents rename themselves and their title overwrites the environment /proc shows, but they keep their logs open."""
+    me = _ancestors(process_table(), os.getpid())
+    root = prefix.rstrip(os.sep) + os.sep
+    found = set()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) in me:
+            continue
+        try:
+            fds = os.listdir(f"/proc/{entry}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                if os.readlink(f"/proc/{entry}/fd/{fd}").startswith(root):
+                    found.add(int(entry))
+                    break
+            except OSError:
+                continue
+    return {p for p in found if is_alive(p)}
+
+
 def related_processes(roots: Iterable[int], home: str | None = None) -> set[int]:
     """Live processes that belong to ``roots``: the roots, their descendants, processes started with
     ``--parent-pid`` of one of them (Flower's superexec and app processes, also after re-parenting),
@@ -137,4 +170,4 @@ def pids_mentioning(text: str) -> list[int]:
             if pid != me and state != "Z" and text in " ".join(argv)]
 
 
-__all__ = ["descendants", "is_alive", "pids_mentioning", "process_table", "related_processes", "terminate"]
+__all__ = ["descendants", "is_alive", "pids_holding", "pids_mentioning", "pids_with_env", "process_table", "related_processes", "terminate"]

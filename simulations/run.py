@@ -28,7 +28,7 @@ from pathlib import Path
 
 from fedmeta import config as C
 from fedmeta.simulations.apps import build_client_app, build_server_app
-from fedmeta.simulations.config import ExperimentConfig, parse_cli
+from fedmeta.simulations.config import AUTO_NODES, ExperimentConfig, parse_cli
 from fedmeta.simulations.engine import run_on_ray
 from fedmeta.simulations import cluster
 from fedmeta.simulations.preflight import InputError, check_inputs
@@ -70,6 +70,9 @@ def simulate(cfg: ExperimentConfig, *, verbose: bool = False, check: bool = True
                 nodes = cluster.connect(address)
             except cluster.ClusterUnreachable as err:
                 raise InputError(str(err)) from None
+        if cfg.num_nodes == AUTO_NODES:  # one multi-client node per actor slot of the cluster (or of this machine)
+            cfg = cfg.with_nodes_for(cluster.actor_slots(nodes or cluster.local_resources(), cfg.num_cpus, cfg.num_gpus))
+            client_cfg = client_cfg.replace(num_nodes=cfg.num_nodes)
         if ckpt is None and cfg.num_nodes and not cfg.memory_dir:  # multi-client nodes: memory banks for this run only
             refusal = cluster.temp_memory_refusal(len(nodes))
             if refusal:

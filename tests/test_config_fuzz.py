@@ -65,7 +65,7 @@ INT_MIN = {  # each integer field's own lower bound
     "a_train": 2, "classes_per_client": 1, "train_per_client": 1, "test_per_client": 1, "num_clients": 1,
     "num_new_clients": 0, "clients_per_round": 0, "sampling_groups": 1, "num_rounds": 1, "local_steps": 1,
     "batch_size": 1, "init_batch_size": 1, "inner_steps": 1, "num_directions": 1, "eval_steps": 0, "eval_shots": 0,
-    "evaluate_every": 0, "seed": 0, "num_nodes": 0, "chunk_size": 1, "min_valid_replies": 1, "max_failed_rounds": 0,
+    "evaluate_every": 0, "seed": 0, "num_nodes": -1, "chunk_size": 1, "min_valid_replies": 1, "max_failed_rounds": 0,
 }
 FLOAT_RANGE = {  # field: (low, low allowed, high or None)
     "dirichlet_alpha": (0.0, False, None), "inner_lr": (0.0, True, None), "meta_lr": (0.0, False, None),
@@ -115,7 +115,7 @@ def valid_configs(draw) -> dict[str, Any]:
         eval_shots=draw(st.integers(0, 50)), evaluate_every=draw(st.integers(0, 1000)),
         seed=draw(st.integers(0, 2**63 - 1)), num_cpus=draw(st.floats(0.01, 64.0)), num_gpus=draw(st.floats(0.0, 8.0)),
         device=draw(st.sampled_from(["", "cpu", "cuda", "cuda:1"])), results_dir=draw(st.sampled_from(["results", "/tmp/r"])),
-        num_nodes=draw(st.integers(0, n + new)), chunk_size=draw(st.integers(1, 10**4)),
+        num_nodes=draw(st.integers(-1, n + new)), chunk_size=draw(st.integers(1, 10**4)),
         vectorize=draw(st.sampled_from(VECTORIZE if vmap_ok else ("auto", "loop"))),
         memory_dir=draw(st.sampled_from(["", "/tmp/m"])), max_update_norm_ratio=draw(st.sampled_from([0.0, 1.5, 10.0])),
         min_valid_replies=1, round_timeout=draw(st.floats(1e-3, 1e6)), checkpoint=(ckpt := draw(st.booleans())),
@@ -221,9 +221,9 @@ def test_valid_configs_construct_and_round_trip(kwargs):
     assert ExperimentConfig.from_mapping({k: str(v) for k, v in cfg.to_dict().items()}) == cfg
     # snake_case keys too
     assert ExperimentConfig.from_mapping(dataclasses.asdict(cfg)) == cfg
-    # every algorithm's strategy accepts the derived keyword arguments
+    # every algorithm's strategy accepts the derived keyword arguments (num-nodes = -1 once resolved, here to 3 actor slots)
     check_strategy_kwargs({C.FEDAVG: FedAvg, C.PER_FEDAVG: PerFedAvg, C.LOCAL_MOML: LocalMOML}[cfg.algorithm],
-                          cfg.strategy_kwargs())
+                          cfg.with_nodes_for(3).strategy_kwargs())
 
 
 @st.composite
@@ -453,7 +453,7 @@ def wire_invalid(cls: type, attr: str) -> st.SearchStrategy[Any]:
 @st.composite
 def wire_cases(draw):
     kwargs = draw(valid_configs())
-    cfg = ExperimentConfig(**kwargs)
+    cfg = ExperimentConfig(**kwargs).with_nodes_for(3)
     cls = draw(st.sampled_from([C.ALGORITHM_CONFIGS[cfg.algorithm], C.EvalConfig]))
     if cls is C.EvalConfig:
         steps, shots = cfg.eval_setting

@@ -3,69 +3,19 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from fedmeta.simulations.processes import pids_mentioning
+from fakes import flwr_run
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.ray
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _stop_all(text: str) -> None:
-    """Stop every process whose command line names our private FLWR_HOME (the detached SuperLink and its superexec)."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in pids_mentioning(text):
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
-        deadline = time.monotonic() + 10
-        while pids_mentioning(text) and time.monotonic() < deadline:
-            time.sleep(0.2)
-
-
-def _flwr_run(tmp_path: Path, run_config: str, supernodes: int) -> subprocess.CompletedProcess:
-    """``flwr run .`` on Flower's local simulation SuperLink under a private FLWR_HOME; every process it
-    started is stopped (by pid) and checked gone."""
-    home = tmp_path / "flwr-home"
-    env = {
-        **os.environ,
-        "FLWR_HOME": str(home),
-        "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(_free_port()),
-        "FLWR_LOCAL_CONTROL_API_PORT": str(_free_port()),
-        "FLWR_DISABLE_UPDATE_CHECK": "1",
-        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-    }
-    try:
-        proc = subprocess.run(
-            ["flwr", "run", str(ROOT), "--run-config", run_config, "--federation-config", f"num-supernodes={supernodes}", "--stream"],
-            env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600,
-        )
-    finally:
-        _stop_all(str(home))
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert not pids_mentioning(str(home))
-    return proc
-
-
 def test_flwr_run_with_the_app_declared_in_pyproject(tmp_path):
     results = tmp_path / "results"
-    proc = _flwr_run(tmp_path, f'num-clients=4 clients-per-round=2 num-rounds=2 evaluate-every=2 results-dir="{results}"', 4)
+    proc = flwr_run(tmp_path, f'num-clients=4 clients-per-round=2 num-rounds=2 evaluate-every=2 results-dir="{results}"', 4)
     res = json.loads((results / "local-moml-fashion-mnist-n4-seed0.json").read_text())
     assert res["status"] == "ok" and sorted(res["train"], key=int) == ["1", "2"]
     assert res["final_round"] == 2 and len(res["clients"]) == 4
@@ -95,7 +45,7 @@ def test_flwr_run_with_the_app_declared_in_pyproject(tmp_path):
 
 def test_flwr_run_selects_dif_maml_and_relays_like_the_simulator(tmp_path):
     run_config = "algorithm='dif-maml' num-rounds=2 seed=3 dif-maml.shots=5 dif-maml.optimizer='sgd' dif-maml.step-size=0.01"
-    proc = _flwr_run(tmp_path, run_config, 6)
+    proc = flwr_run(tmp_path, run_config, 6)
     out = proc.stdout
     assert "dif-maml: 6 agents on ring-chords (9 edges, lambda_2 = 0.5000), 2 rounds, sgd mu = 0.01" in out
     assert "dif-maml round 1: 6 models up, 24 down" in out and "dif-maml round 2: 6 models up, 24 down" in out
