@@ -17,9 +17,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from fedmeta import algorithms, batched, meta
+from fedmeta import algorithms, batched, fast, meta
 from fedmeta import config as C
-from fedmeta.algorithms.executor import local_round, local_rounds
+from fedmeta.algorithms.executor import STEP_IMPLS, local_round, local_rounds, resolve_step_impl
 from fedmeta.clients.memory import ContextMemory, ParamSpec  # noqa: F401  (ContextMemory: re-exported)
 from fedmeta.config import EvalConfig
 from fedmeta.data import ClientData
@@ -27,6 +27,12 @@ from fedmeta.meta import Params
 
 AlgorithmConfig = Any
 """A registered algorithm's config (:data:`fedmeta.algorithms.REGISTRY`): ``FedAvgConfig``, ``PerFedAvgConfig``, ..."""
+
+STEP_IMPL = "auto"
+"""How :meth:`MetaClient.train` computes its steps unless the client was built with ``step_impl``:
+``auto`` (plain autograd, :mod:`fedmeta.fast`, where the algorithm and estimator have it, else
+``torch.func``), ``fast`` (an error where there is no fast path) or ``func`` (always the ``torch.func``
+path of :mod:`fedmeta.meta`). See :data:`fedmeta.algorithms.executor.STEP_IMPLS`."""
 
 
 def select_device(override: str | None = None) -> torch.device:
@@ -93,6 +99,10 @@ class MetaClient:
         The client's train/test data (moved to ``device`` once, here).
     device
         Where the computation runs.
+    step_impl
+        ``auto`` / ``fast`` / ``func``: how :meth:`train` computes its steps (:data:`STEP_IMPL`, read at
+        each call, when ``None``). One client alone takes the plain-autograd fast path by default; the
+        multi-client nodes (:class:`ClientGroup`) keep the vmapped ``torch.func`` path.
     """
 
     def __init__(
@@ -101,9 +111,16 @@ class MetaClient:
         criterion: Callable[[Tensor, Tensor], Tensor],
         data: ClientData,
         device: torch.device,
+        *,
+        step_impl: str | None = None,
     ) -> None:
+        if step_impl is not None and step_impl not in STEP_IMPLS:
+            raise ValueError(f"step_impl must be one of {list(STEP_IMPLS)}, got {step_impl!r}")
+        self.step_impl = step_impl
         self.model = model.to(device)
         self.loss = meta.make_loss(self.model, criterion)
+        self.fast_loss = fast.make_loss(self.model, criterion)
+        """The same loss without ``functional_call`` where the model allows it (the fast path's)."""
         self.data = data.to(device)
         self.device = device
         self.param_spec: ParamSpec = {k: (tuple(v.shape), v.dtype) for k, v in self.model.named_parameters()}
@@ -113,12 +130,19 @@ class MetaClient:
         """Move received arrays to the device, after checking names and shapes against the model."""
         return params_from(state, self.param_spec, self.device)
 
+    def step_impl_for(self, hp: AlgorithmConfig) -> str:
+        """``"fast"`` or ``"func"``: the path :meth:`train` takes for ``hp``."""
+        requested = STEP_IMPL if self.step_impl is None else self.step_impl
+        return resolve_step_impl(algorithms.for_config(hp), hp, requested)
+
     def train(self, w: Params, hp: AlgorithmConfig, u: Params | None, gen: torch.Generator) -> TrainResult:
         """One local round of the algorithm ``hp`` configures (:func:`~fedmeta.algorithms.executor.local_round`)
         from the meta-model ``w``; ``u`` is the kept state (LocalMOML's memory), if any. ``gen`` draws
-        the batches; the estimators' random directions come from :func:`directions_generator`."""
-        r = local_round(algorithms.for_config(hp), self.loss, w, lambda k: self.data.sample(k, gen), hp, state=u,
-                        gen=directions_generator(gen))
+        the batches; the estimators' random directions come from :func:`directions_generator`. The
+        steps run on the path :meth:`step_impl_for` names (the same batches and numbers on both)."""
+        impl = self.step_impl_for(hp)
+        r = local_round(algorithms.for_config(hp), self.fast_loss if impl == "fast" else self.loss, w,
+                        lambda k: self.data.sample(k, gen), hp, state=u, gen=directions_generator(gen), step_impl=impl)
         return TrainResult(r.meta_model, r.state, r.stats).check_finite()
 
     def evaluate(self, w: Params, ev: EvalConfig, gen: torch.Generator) -> dict[str, float]:

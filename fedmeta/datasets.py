@@ -133,17 +133,25 @@ def _locate_idx(name: str, base: Path, download: bool) -> Path:
     raise _not_found(name, absent, search, layout)
 
 
+_CIFAR_FILES = {  # torchvision's CIFAR10 / CIFAR100: base_folder, train_list + test_list + meta file, archive
+    "cifar10": ("cifar-10-batches-py", [*(f"data_batch_{i}" for i in range(1, 6)), "test_batch", "batches.meta"],
+                "cifar-10-python.tar.gz"),
+    "cifar100": ("cifar-100-python", ["train", "test", "meta"], "cifar-100-python.tar.gz"),
+}
+"""The files torchvision's CIFAR classes read (checked by a test against torchvision's own lists), so that
+finding them needs no torchvision import."""
+
+
 def _locate_cifar(name: str, base: Path, download: bool) -> Path:
-    cls = _torchvision_class(name)
-    folder = base / cls.base_folder
-    files = [f for f, _ in cls.train_list + cls.test_list] + [cls.meta["filename"]]
+    base_folder, files, archive = _CIFAR_FILES[name]
+    folder = base / base_folder
     missing = [f for f in files if not (folder / f).is_file()]
     if not missing:
         return base
     if download:
-        cls(str(base), train=True, download=True)
+        _torchvision_class(name)(str(base), train=True, download=True)
         return base
-    raise _not_found(name, missing, [folder], f"{cls.base_folder}/ (extracted from {cls.filename})")
+    raise _not_found(name, missing, [folder], f"{base_folder}/ (extracted from {archive})")
 
 
 def locate_dataset(
@@ -235,8 +243,62 @@ def load_fashion_mnist(
     return load_dataset("fashion-mnist", root, download)
 
 
+_SOURCE_DIRS = {"mnist": "MNIST/raw", "fashion-mnist": "FashionMNIST/raw", "cifar10": "cifar-10-batches-py",
+                "cifar100": "cifar-100-python"}
+"""Where below ``ROOT`` torchvision reads each data set's files."""
+ARRAY_CACHE = "fedmeta-arrays-v1"
+"""Directory beside a data set's files holding its decoded arrays (``.npy``), so that a process that needs
+the data (every deployed ClientApp message starts one) reads them without importing torchvision."""
+_ARRAY_NAMES = ("x_train", "y_train", "x_test", "y_test")
+
+
+def _source_stamp(name: str, root: str) -> str:
+    """Names, sizes and modification times of the files torchvision reads for ``name``: the key of its array cache."""
+    folder = Path(root) / _SOURCE_DIRS[name]
+    entries = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in folder.iterdir() if p.is_file())
+    return repr(entries)
+
+
+def _cached_arrays(name: str, root: str) -> tuple[Tensor, Tensor, Tensor, Tensor] | None:
+    """The decoded arrays from :data:`ARRAY_CACHE`, if written from the files as they are now."""
+    import numpy as np
+
+    cache = Path(root) / _SOURCE_DIRS[name] / ARRAY_CACHE
+    try:
+        if (cache / "source").read_text() != _source_stamp(name, root):
+            return None
+        arrays = [torch.from_numpy(np.load(cache / f"{a}.npy", allow_pickle=False)) for a in _ARRAY_NAMES]
+    except (OSError, ValueError):
+        return None
+    return arrays[0], arrays[1], arrays[2], arrays[3]
+
+
+def _write_array_cache(name: str, root: str, arrays: tuple[Tensor, ...]) -> None:
+    """Write :data:`ARRAY_CACHE` (atomically, file by file; the source stamp last). A read-only data directory
+    is left alone: the data set is then decoded by torchvision in every process, as without the cache."""
+    import numpy as np
+
+    cache = Path(root) / _SOURCE_DIRS[name] / ARRAY_CACHE
+    try:
+        for a, t in zip(_ARRAY_NAMES, arrays):
+            atomic_write(cache / f"{a}.npy", lambda fh, t=t: np.save(fh, t.numpy(), allow_pickle=False), sync=False)
+        atomic_write(cache / "source", lambda fh: fh.write(_source_stamp(name, root).encode()), sync=False)
+    except OSError:
+        pass
+
+
 @functools.lru_cache(maxsize=4)
 def _load_dataset(name: str, root: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    cached = _cached_arrays(name, root)
+    if cached is not None:
+        return cached
+    arrays = _decode_dataset(name, root)
+    _write_array_cache(name, root, arrays)
+    return arrays
+
+
+def _decode_dataset(name: str, root: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The data set's uint8 images and int64 labels, decoded by torchvision from its files under ``root``."""
     cls = _torchvision_class(name)
     out: list[Tensor] = []
     for train in (True, False):

@@ -13,6 +13,7 @@ from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 
 from fedmeta import config as C
+from fedmeta.strategies.exchange import exchange
 from fedmeta.strategies.failures import parse_reason
 from fedmeta.strategies.screening import reply_view
 
@@ -94,7 +95,7 @@ class PartitionNodes:
         ]
         reported: dict[int, tuple[int, tuple[int, ...]]] = {}
         refused: dict[int, str] = {}
-        for reply in grid.send_and_receive(queries, timeout=timeout):
+        for reply in exchange(grid, queries, timeout=timeout):
             node = reply.metadata.src_node_id
             if reply.has_error():
                 if reply.error.code == ErrorCode.NODE_UNAVAILABLE:

@@ -24,6 +24,7 @@ from flwr.serverapp.strategy import Result, Strategy
 
 from fedmeta import validation as V
 from fedmeta.strategies.checkpoint import CheckpointDir, CheckpointError, check_can_start, fingerprint_mismatch, new_memory_key
+from fedmeta.strategies.exchange import exchange
 from fedmeta.strategies.failures import ClientFailures, TrainingStopped
 
 logger = logging.getLogger("fedmeta")
@@ -181,8 +182,7 @@ def start(
     for current_round in range(first, num_rounds + 1):
         log(INFO, "")
         log(INFO, "[ROUND %s/%s]", current_round, num_rounds)
-        replies = list(grid.send_and_receive(messages=strategy.configure_train(current_round, arrays, train_config, grid),
-                                             timeout=timeout))
+        replies = exchange(grid, strategy.configure_train(current_round, arrays, train_config, grid), timeout=timeout)
         if not bare:
             failures.record_replies(current_round, "train", replies)
         agg_arrays, agg_train_metrics = strategy.aggregate_train(current_round, replies)
@@ -197,8 +197,7 @@ def start(
             meta.failed_rounds = failed_rounds
         if max_failed_rounds and failed_rounds >= max_failed_rounds:
             _stop(current_round, failed_rounds, max_failed_rounds, failures, result, ckpt, on_round)
-        replies = list(grid.send_and_receive(messages=strategy.configure_evaluate(current_round, arrays, evaluate_config, grid),
-                                             timeout=timeout))
+        replies = exchange(grid, strategy.configure_evaluate(current_round, arrays, evaluate_config, grid), timeout=timeout)
         if not bare:
             failures.record_replies(current_round, "evaluate", replies)
         agg_evaluate_metrics = strategy.aggregate_evaluate(current_round, replies)

@@ -425,6 +425,33 @@ def test_load_mnist_raw_idx(mnist_root, no_system_data):
     assert torch.equal(tvd.MNIST(root, train=False).data, x_test[:, 0])
 
 
+@pytest.mark.parametrize("name", ["mnist", "cifar10"])
+def test_decoded_arrays_are_cached_beside_the_files_and_follow_them(request, name, no_system_data, monkeypatch):
+    """A second process reads the data set from the array cache, without torchvision, bit for bit; a changed
+    source file is decoded again."""
+    root, _ = request.getfixturevalue(f"{name}_root")
+    first = load_dataset(name, root)
+    cache = root / datasets._SOURCE_DIRS[name] / datasets.ARRAY_CACHE
+    assert sorted(p.name for p in cache.iterdir()) == ["source", "x_test.npy", "x_train.npy", "y_test.npy", "y_train.npy"]
+    datasets._load_dataset.cache_clear()  # as in a new process
+    with monkeypatch.context() as m:
+        m.setattr(datasets, "_torchvision_class", lambda name: pytest.fail("torchvision used despite the cache"))
+        again = load_dataset(name, root)
+    assert all(a.dtype == b.dtype and torch.equal(a, b) for a, b in zip(first, again))
+    if name == "mnist":  # a changed source file: the cache is stale and the data set is decoded again
+        arrays = write_idx_dataset(root / "MNIST" / "raw", per_class_train=13)
+        datasets._load_dataset.cache_clear()
+        fresh = load_dataset(name, root)
+        assert np.array_equal(fresh[0][:, 0].numpy(), arrays["train_images"]) and not torch.equal(fresh[0], first[0])
+
+
+def test_the_cifar_file_table_is_torchvisions():
+    for name, cls in (("cifar10", tvd.CIFAR10), ("cifar100", tvd.CIFAR100)):
+        folder, files, archive = datasets._CIFAR_FILES[name]
+        assert (folder, archive) == (cls.base_folder, cls.filename) and datasets._SOURCE_DIRS[name] == folder
+        assert files == [f for f, _ in cls.train_list + cls.test_list] + [cls.meta["filename"]]
+
+
 def test_load_mnist_decompresses_gz_from_root(tmp_path, no_system_data):
     root = tmp_path / "root"
     arrays = write_idx_dataset(root, compress=True)

@@ -252,17 +252,27 @@ def test_tls_run_succeeds_and_a_supernode_without_the_ca_is_refused(tmp_path):
 # --- (c) restart with memory on disk ------------------------------------------------------------------
 
 
-def test_restarted_supernode_continues_from_the_personalized_model_it_saved(tmp_path):
+@pytest.mark.parametrize("isolation", deploy.ISOLATIONS)
+def test_restarted_supernode_continues_from_the_personalized_model_it_saved(tmp_path, isolation):
+    """Under both isolation modes: with ``process`` the SuperNode's executor (``flower-superexec``, which starts
+    the ClientApp processes) is a process of its own, stopped and restarted with it."""
     from fedmeta.clients.memory import read_memory_file
 
     k = 1  # the SuperNode that is killed and restarted
     baseline = _descendants_of_pytest()
     seen: set[int] = set()
-    dep = LocalDeployment(3, workdir=tmp_path / "deploy", memory=True, data_dirs=_data_dirs(tmp_path, 3))
+    dep = LocalDeployment(3, workdir=tmp_path / "deploy", memory=True, data_dirs=_data_dirs(tmp_path, 3), isolation=isolation)
     with dep:
         _watch(dep, seen)
         before = dep.supernodes[k]
         assert before is not None
+        executor = dep.executors[k]
+        if isolation == "process":
+            assert "--isolation" in before.argv and executor is not None and executor.popen.poll() is None
+            assert executor.argv[-2:] == ["--runtime-api-address", f"127.0.0.1:{dep.node_ports[k]}"]
+        else:
+            assert "--isolation" not in before.argv and executor is None
+        assert before.env[deploy.TASK_POLL_ENV] == "0.05"
         assert f'{deploy.MEMORY_DIR}="{dep.memory_dir(k)}"' in before.argv[-1]
         assert before.env[deploy.DATA_ENV] == str(tmp_path / f"data-{k}")
         old_id = dep.node_ids[k]
@@ -286,8 +296,13 @@ def test_restarted_supernode_continues_from_the_personalized_model_it_saved(tmp_
 
         dep.stop_node(k)  # SIGTERM: the SuperNode deregisters; its superexec and ClientApps go too
         assert not deploy.related_processes([before.pid])
+        if executor is not None:
+            assert executor.popen.poll() is not None and not deploy.related_processes([executor.pid])
         after = dep.start_node(k)  # same node config, memory and data directory
         assert (after.argv, after.env) == (before.argv, before.env) and after.pid != before.pid
+        if executor is not None:  # and a new executor beside it
+            assert dep.executors[k] is not executor and dep.executors[k].argv == executor.argv
+            assert dep.executors[k].popen.poll() is None
         assert dep.node_ids[k] != old_id  # the SuperLink sees a new node for partition k
 
         results = run.wait(timeout=420)

@@ -20,6 +20,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 
 from fedmeta.simulations.deploy import clean_environ
 
@@ -109,11 +110,13 @@ def test_flwr139_venv_is_cached_and_has_its_own_flwr_and_grpc(flwr139_bin):
 # --- the deployment ----------------------------------------------------------------------------------
 
 
-def test_grpc_deployment_local_moml_cross_silo_three_nodes(flwr139_bin, tmp_path):
+@pytest.mark.parametrize("isolation", ["subprocess", "process"])
+def test_grpc_deployment_local_moml_cross_silo_three_nodes(flwr139_bin, tmp_path, isolation):
     from fedmeta.simulations.deploy import LocalDeployment
 
     pyproject = (ROOT / "pyproject.toml").read_bytes()
-    dep = LocalDeployment(3, workdir=tmp_path / "deploy", flwr_bin=flwr139_bin, startup_timeout=120, stop_timeout=15)
+    dep = LocalDeployment(3, workdir=tmp_path / "deploy", flwr_bin=flwr139_bin, startup_timeout=120, stop_timeout=15,
+                          isolation=isolation)
     assert dep.version == FLWR and dep.transport.name == "grpc-rere"
     assert dep.fleet_port != dep.port  # gRPC Fleet API on a port of its own
 
@@ -128,8 +131,12 @@ def test_grpc_deployment_local_moml_cross_silo_three_nodes(flwr139_bin, tmp_path
         assert (dep.fleet_port, 0, LISTEN) in tcp_of(link.pid)
         nodes = [p for p in dep.supernodes if p is not None]
         assert len(nodes) == 3 and all(n.popen.poll() is None for n in nodes)
+        executors = [e for e in dep.executors if e is not None]
+        assert len(executors) == (3 if isolation == "process" else 0)  # a flower-superexec of its own per SuperNode
+        assert all(e.popen.poll() is None and e.argv[0].startswith(str(flwr139_bin)) for e in executors)
         for n in nodes:
             assert "--grpc-rere" in n.argv and dep.fleet_address in n.argv
+            assert ("--isolation" in n.argv) == (isolation == "process")
             log = n.log.read_text(errors="replace")
             assert f"insecure channel to {dep.fleet_address}" in log and "SuperNode ID:" in log, log[-3000:]
 

@@ -25,7 +25,7 @@ from typing import Any, ClassVar
 import torch
 
 from fedmeta import config as C
-from fedmeta import meta
+from fedmeta import fast, meta
 from fedmeta import validation as V
 from fedmeta.meta import Batch, Cost, LossFn, MetaBatches, Params, Sampler
 
@@ -92,6 +92,24 @@ class Algorithm:
         """The loss a client reports after its round (on the last step's batches)."""
         raise NotImplementedError
 
+    # The single-client fast path (:mod:`fedmeta.fast`): optional, same math without torch.func.
+
+    def fast_refusal(self, hp: Any) -> str | None:
+        """Why a one-client round of ``hp`` cannot take the plain-autograd fast path (it then runs
+        :meth:`step`), or ``None``. By default: whether the unit implements :meth:`fast_step`."""
+        if type(self).fast_step is Algorithm.fast_step:
+            return f"{self.name} has no plain-autograd fast step"
+        return None
+
+    def fast_step(self, f: LossFn, w: Params, state: Params | None, batches: Batches, hp: Any,
+                  gen: torch.Generator | None = None) -> tuple[Params, Params | None]:
+        """:meth:`step` computed with plain ``torch.autograd`` (one client, no ``vmap``): the same result."""
+        raise NotImplementedError
+
+    def fast_init_state(self, f: LossFn, w: Params, batches: Batches, hp: Any) -> Params:
+        """:meth:`init_state` on the fast path (by default :meth:`init_state` itself)."""
+        return self.init_state(f, w, batches, hp)
+
     def cost(self, hp: Any, *, fresh_state: bool) -> RoundCost:
         """Samples and oracle calls of one round (``fresh_state``: the state was built this round)."""
         raise NotImplementedError
@@ -145,6 +163,9 @@ class MAMLAlgorithm(Algorithm):
             return None
         return (f"vectorize='vmap' supports meta_gradient in {list(VMAP_ESTIMATORS)}, got {hp.meta_gradient!r} "
                 "(its random directions are drawn per client: use vectorize='auto' or 'loop')")
+
+    def fast_refusal(self, hp: EstimatorConfig) -> str | None:
+        return super().fast_refusal(hp) or fast.refusal(hp.estimator())
 
     @staticmethod
     def meta_batches(sample: Sampler, inner_steps: int, batch_size: int, *, order: str) -> Batches:

@@ -2,7 +2,8 @@
 
 :func:`local_round` is what a client does between two communications: build its state if it has
 to (:meth:`~fedmeta.algorithms.base.Algorithm.init_state`), then ``local_steps`` times draw the
-step's batches and take the step, with the divergence guard after every step.
+step's batches and take the step, with the divergence guard after every step. Its steps run on the
+``torch.func`` path or, for one client alone, on plain autograd (``step_impl``, :data:`STEP_IMPLS`).
 
 :func:`local_rounds` runs the same round for C clients that start from one meta-model, in chunks of
 ``chunk_size`` clients: their parameters (and states) are stacked on a leading axis and each step is
@@ -61,8 +62,33 @@ def _stats(algo: Algorithm, hp: Any, fresh_state: bool, loss: float) -> RoundSta
                       num_loss_evals=c.cost.loss_evals)
 
 
+STEP_IMPLS = ("auto", "fast", "func")
+"""How one client's steps are computed: ``fast`` is plain ``torch.autograd`` (:mod:`fedmeta.fast`,
+:meth:`~fedmeta.algorithms.base.Algorithm.fast_step`), ``func`` the ``torch.func`` path of
+:mod:`fedmeta.meta` (:meth:`~fedmeta.algorithms.base.Algorithm.step`), ``auto`` the fast path where the
+algorithm and estimator have one, else ``func``. Both give the same numbers (tests/test_fast_step.py)."""
+
+
+def resolve_step_impl(algorithm: str | Algorithm, hp: Any, step_impl: str = "auto") -> str:
+    """``"fast"`` or ``"func"``: the path :func:`local_round` takes for ``hp`` when asked for ``step_impl``.
+
+    Raises
+    ------
+    ValueError
+        For an unknown ``step_impl``, or ``"fast"`` where the algorithm / estimator has no fast path.
+    """
+    if step_impl not in STEP_IMPLS:
+        raise ValueError(f"step_impl must be one of {list(STEP_IMPLS)}, got {step_impl!r}")
+    if step_impl == "func":
+        return "func"
+    refusal = algorithms.get(algorithm).fast_refusal(hp)
+    if refusal and step_impl == "fast":
+        raise ValueError(refusal)
+    return "func" if refusal else "fast"
+
+
 def local_round(algorithm: str | Algorithm, f: LossFn, w: Params, sample: Sampler, hp: Any, *, state: Params | None = None,
-                gen: torch.Generator | None = None) -> LocalRound:
+                gen: torch.Generator | None = None, step_impl: str = "func") -> LocalRound:
     """One client's local round of ``algorithm`` with hyper-parameters ``hp`` from the meta-model ``w``.
 
     Parameters
@@ -74,6 +100,9 @@ def local_round(algorithm: str | Algorithm, f: LossFn, w: Params, sample: Sample
         ``hp``); ``None`` builds a fresh one.
     gen
         Random directions of the ``ggs`` / ``zeroth_order`` estimators.
+    step_impl
+        ``"func"`` (default), ``"fast"`` or ``"auto"``: see :data:`STEP_IMPLS`. The batches are drawn
+        the same way on both paths.
 
     Raises
     ------
@@ -81,17 +110,19 @@ def local_round(algorithm: str | Algorithm, f: LossFn, w: Params, sample: Sample
         As soon as a step yields NaN or Inf (the divergence guard): the remaining steps are skipped.
     """
     algo = algorithms.get(algorithm)
+    use_fast = resolve_step_impl(algo, hp, step_impl) == "fast"
+    init_state, take_step = (algo.fast_init_state, algo.fast_step) if use_fast else (algo.init_state, algo.step)
     w = _detached(w)
     if not algo.keeps_state(hp):
         state = None
     fresh = algo.stateful and state is None
     if fresh:
-        state = algo.init_state(f, w, algo.draw_init(sample, hp), hp)
+        state = init_state(f, w, algo.draw_init(sample, hp), hp)
     state = _detached(state)
     batches: tuple = ()
     for step in range(1, hp.local_steps + 1):
         batches = algo.draw(sample, hp)
-        w, state = algo.step(f, w, state, batches, hp, gen)
+        w, state = take_step(f, w, state, batches, hp, gen)
         w, state = _detached(w), _detached(state)
         check_finite(step, **{algo.model_label: w}, **({algo.state_label: state} if state is not None else {}))
     loss = float(algo.train_loss(f, w, state, batches).detach())
@@ -231,4 +262,4 @@ def local_rounds(
     return LocalRounds(models, kept, stats)
 
 
-__all__ = ["LocalRound", "LocalRounds", "local_round", "local_rounds"]
+__all__ = ["LocalRound", "LocalRounds", "STEP_IMPLS", "local_round", "local_rounds", "resolve_step_impl"]

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from fedmeta import config as C
-from fedmeta import meta
+from fedmeta import fast, meta
 from fedmeta import validation as V
 from fedmeta.algorithms.base import Batches, EstimatorConfig, MAMLAlgorithm, RoundCost, as_meta_batches
 from fedmeta.config import WireConfig
@@ -44,7 +44,8 @@ class PerFedAvgConfig(EstimatorConfig, WireConfig):
 class PerFedAvg(MAMLAlgorithm):
     """tau local steps of eq. (8), ``w <- w - beta prod_j (I - alpha H(w_j; D_j)) grad f(w_N; T)``
     (:func:`fedmeta.meta.per_fedavg_step`; eq. (9) for N = 1), each on 2N + 1 fresh batches drawn as
-    D (inner, N), D' (outer), D'' (Hessian, N)."""
+    D (inner, N), D' (outer), D'' (Hessian, N). One client's exact and first-order steps also run on
+    plain autograd (:meth:`fast_step`, :func:`fedmeta.fast.per_fedavg_step`)."""
 
     name = C.PER_FEDAVG
     config = PerFedAvgConfig
@@ -54,6 +55,9 @@ class PerFedAvg(MAMLAlgorithm):
 
     def step(self, f, w, state, batches, hp: PerFedAvgConfig, gen=None):
         return meta.per_fedavg_step(f, w, as_meta_batches(batches), hp.inner_lr, hp.meta_lr, hp.estimator(), gen), None
+
+    def fast_step(self, f, w, state, batches, hp: PerFedAvgConfig, gen=None):
+        return fast.per_fedavg_step(f, w, as_meta_batches(batches), hp.inner_lr, hp.meta_lr, hp.estimator()), None
 
     def train_loss(self, f, w, state, batches):
         return f(w, *batches[1])

@@ -1,0 +1,306 @@
+"""The single-client fast path: Per-FedAvg and LocalMOML local steps with plain ``torch.autograd``.
+
+:mod:`fedmeta.meta` builds every step from ``torch.func`` transforms so that the same code runs
+``vmap``-ped over the clients of a node. One client alone (a Flower SuperNode usually hosts exactly
+one) pays the transforms' wrapping on every call for nothing: here the same equations are computed
+with ``torch.autograd.grad`` on fresh leaf tensors, and the exact Hessian-vector product is the
+double backward ``grad(<grad f(w), v>)`` with ``create_graph=True`` (reverse over reverse, as
+:func:`fedmeta.meta.hvp`). The loss can also skip ``functional_call``: :func:`make_loss` runs an
+``nn.Sequential`` of ``Linear`` / ``Conv`` layers and parameter-free modules directly on the parameter
+dict (:func:`sequential_forward`).
+
+Same contract as :mod:`fedmeta.meta`: pure functions over parameter dicts (nothing updated in place,
+nothing written to ``.data``), same signatures, same batches, same order of operations. Measured
+(tests/test_fast_step.py, tests/test_golden_rounds.py) the results equal the ``torch.func`` path's
+bit for bit on the papers' MLPs on CPU; the tests hold them to 1e-6 (float32) and 1e-10 (float64).
+
+Covered (:data:`ESTIMATORS`): the ``exact`` and ``first_order`` meta-gradients with any number N of
+inner steps (multistep-maml-ggs.txt eqs. 6 and 8), and ``fo_muml`` (its anchored inner loop, first
+order). The other estimators (``hessian_free``, ``ggs``, ``zeroth_order``) and FedAvg stay on the
+``torch.func`` path; :func:`refusal` says why a setting is not covered. The selection (``step_impl``)
+lives in :func:`fedmeta.algorithms.executor.resolve_step_impl`.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fedmeta import meta
+from fedmeta.meta import Batch, ExactHessian, FirstOrder, HessianCorrection, LossFn, MetaBatches, MetaGradient, Params
+
+Forward = Callable[[Params, Tensor], Tensor]
+"""``forward(params, x)``: a model's output for the parameter dict ``params``."""
+
+ESTIMATORS = ("exact", "first_order", "fo_muml")
+"""Values of the ``meta_gradient`` setting the fast path computes."""
+
+
+# ----------------------------------------------------------------------------------------------
+# The loss without functional_call
+
+
+def _hooked(module: nn.Module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks or module._backward_pre_hooks)
+
+
+def _global_hooks() -> bool:
+    m = nn.modules.module
+    return any(bool(getattr(m, name, None)) for name in (
+        "_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks", "_global_backward_pre_hooks",
+    ))
+
+
+def _names(module: nn.Module, prefix: str) -> tuple[str, str | None]:
+    return prefix + "weight", (prefix + "bias" if module.bias is not None else None)
+
+
+def _linear(module: nn.Linear, prefix: str) -> Forward:
+    w, b = _names(module, prefix)
+    if b is None:
+        return lambda p, x: F.linear(x, p[w])
+    return lambda p, x: F.linear(x, p[w], p[b])
+
+
+def _conv(module: nn.Module, prefix: str) -> Forward:
+    w, b = _names(module, prefix)
+    conv = module._conv_forward  # what Conv{1,2,3}d.forward calls, with the weight and bias passed in
+    return lambda p, x: conv(x, p[w], p[b] if b is not None else None)
+
+
+def _stateless(module: nn.Module) -> Forward:
+    fwd = module.forward  # no parameters, buffers or hooks: exactly what module(x) runs
+    return lambda p, x: fwd(x)
+
+
+def _plan(module: nn.Module, prefix: str, used: list[str | None]) -> list[Forward] | None:
+    if _hooked(module):
+        return None
+    kind = type(module)
+    if kind is nn.Sequential:
+        steps: list[Forward] = []
+        for name, child in module.named_children():
+            sub = _plan(child, f"{prefix}{name}.", used)
+            if sub is None:
+                return None
+            steps += sub
+        return steps
+    if kind is nn.Linear:
+        used += _names(module, prefix)
+        return [_linear(module, prefix)]
+    if kind in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
+        used += _names(module, prefix)
+        return [_conv(module, prefix)]
+    stateless = not any(True for _ in module.parameters()) and not any(True for _ in module.buffers())
+    if stateless and not any(_hooked(m) for m in module.modules()):
+        return [_stateless(module)]
+    return None
+
+
+def sequential_forward(model: nn.Module) -> Forward | None:
+    """``model``'s forward as a pure function of a parameter dict, or ``None`` where not supported.
+
+    Supported: an ``nn.Sequential`` (nested ones too) of ``nn.Linear``, ``nn.Conv1d/2d/3d`` and
+    modules without parameters or buffers (``Flatten``, activations, pooling, ...), with no hooks.
+    Each layer runs the very call its ``forward`` makes (``F.linear(x, weight, bias)``,
+    ``Conv._conv_forward(x, weight, bias)``, the parameter-free module's ``forward``) with the
+    tensors of ``params`` (keys as in ``model.named_parameters()``), so the output equals
+    ``functional_call(model, params, (x,))`` bit for bit, without swapping the module's parameters
+    on every call. Hooks registered after this call are not seen; a model with tied parameters is
+    left to ``functional_call``.
+    """
+    if _global_hooks():
+        return None
+    used: list[str | None] = []
+    steps = _plan(model, "", used)
+    # Tied parameters are listed once by named_parameters(): leave them to functional_call.
+    if steps is None or not {k for k in used if k is not None} <= {k for k, _ in model.named_parameters()}:
+        return None
+
+    def forward(params: Params, x: Tensor) -> Tensor:
+        for step in steps:
+            x = step(params, x)
+        return x
+
+    return forward
+
+
+def make_loss(model: nn.Module, criterion: Callable[[Tensor, Tensor], Tensor]) -> LossFn:
+    """``f(params, x, y) = criterion(model_params(x), y)``, as :func:`fedmeta.meta.make_loss`, via
+    :func:`sequential_forward` when the model allows it (else ``functional_call``)."""
+    forward = sequential_forward(model)
+    if forward is None:
+        return meta.make_loss(model, criterion)
+
+    def f(params: Params, x: Tensor, y: Tensor) -> Tensor:
+        return criterion(forward(params, x), y)
+
+    return f
+
+
+# ----------------------------------------------------------------------------------------------
+# Oracles: gradient and exact Hessian-vector product
+
+
+def _leaves(params: Params) -> Params:
+    return {k: v.detach().requires_grad_() for k, v in params.items()}
+
+
+def gradient(f: LossFn, params: Params, batch: Batch) -> Params:
+    """Stochastic gradient ``grad f(params; batch)`` (per-fedavg.txt eq. 7), as :func:`fedmeta.meta.gradient`.
+
+    A parameter the loss does not use gets a zero gradient (as ``torch.func.grad`` gives).
+    """
+    leaves = _leaves(params)
+    with torch.enable_grad():
+        loss = f(leaves, *batch)
+    grads = torch.autograd.grad(loss, tuple(leaves.values()), allow_unused=True, materialize_grads=True)
+    return dict(zip(leaves, grads))
+
+
+def hvp(f: LossFn, params: Params, v: Params, batch: Batch) -> Params:
+    """Exact Hessian-vector product ``H(params; batch) v`` by double backward, as :func:`fedmeta.meta.hvp`.
+
+    ``g = grad f(params; batch)`` with ``create_graph=True``, then ``grad(<g, v>)`` (the vector-Jacobian
+    product of ``grad f``; the Hessian is symmetric, so it is ``H v``). The Hessian is never formed.
+    """
+    leaves = _leaves(params)
+    xs = tuple(leaves.values())
+    with torch.enable_grad():
+        loss = f(leaves, *batch)
+        g = torch.autograd.grad(loss, xs, create_graph=True, allow_unused=True)
+    # Gradient leaves that do not depend on the parameters (a loss linear in them) add nothing to H v.
+    pairs = [(gk, v[k]) for k, gk in zip(leaves, g) if gk is not None and gk.requires_grad]
+    if not pairs:
+        return {k: torch.zeros_like(t) for k, t in params.items()}
+    # grad of the scalar sum_k <g_k, v_k>: its backward hands each g_k exactly v_k (1.0 * v_k), so this is the
+    # vector-Jacobian product with grad_outputs=v bit for bit, without grad_outputs, whose first use in a process
+    # imports sympy (about 0.3 s, paid by every deployed ClientApp process)
+    inner = torch.stack([(gk * vk).sum() for gk, vk in pairs]).sum()
+    hv = torch.autograd.grad(inner, xs, allow_unused=True, materialize_grads=True)
+    return dict(zip(leaves, hv))
+
+
+# ----------------------------------------------------------------------------------------------
+# The meta-gradient (multistep-maml-ggs.txt Section 2.2)
+
+
+def refusal(estimator: MetaGradient | HessianCorrection) -> str | None:
+    """Why the fast path does not compute ``estimator`` (it then runs on :mod:`fedmeta.meta`), or ``None``."""
+    est = meta._as_estimator(estimator)
+    if type(est.correction) in (ExactHessian, FirstOrder):
+        return None
+    return (f"the plain-autograd fast path computes meta_gradient in {list(ESTIMATORS)}, got {est.name!r} "
+            "(it runs on the torch.func path)")
+
+
+def _checked(estimator: MetaGradient | HessianCorrection) -> MetaGradient:
+    why = refusal(estimator)
+    if why:
+        raise ValueError(why)
+    return meta._as_estimator(estimator)
+
+
+def trajectory(f: LossFn, w: Params, batches: Sequence[Batch], inner_lr: float, *, anchored: bool = False) -> list[Params]:
+    """``[w_0, ..., w_N]``: the inner loop ``w_{j+1} = w_j - alpha grad f(w_j; S_j)``, ``w_0 = w``
+    (multistep-maml-ggs.txt eq. 6; per-fedavg.txt eq. 5 for N = 1), or FO-MuML's anchored loop
+    ``z_{l+1} = x - alpha grad f(z_l; S_l)`` (fo-muml Algorithm 3 line 7). As
+    :meth:`fedmeta.meta.MetaGradient.trajectory`."""
+    traj = [w]
+    for batch in batches:
+        z = traj[-1]
+        step = gradient(f, z, batch)
+        base = w if anchored else z
+        traj.append({k: (base[k] - inner_lr * step[k]).detach() for k in w})
+    return traj
+
+
+def backward(f: LossFn, traj: Sequence[Params], g: Params, hessian_batches: Sequence[Batch], inner_lr: float,
+             estimator: MetaGradient) -> Params:
+    """``prod_{j=0}^{N-1} (I - alpha H(w_j; D_j)) g``, right to left (multistep-maml-ggs.txt eq. 8;
+    per-fedavg.txt eq. 9 for N = 1, localmoml eq. 8), with exact HVPs for ``exact``; the identity for
+    the first-order estimators (per-fedavg.txt eq. 23, FO-MAML) and FO-MuML. As
+    :meth:`fedmeta.meta.MetaGradient.backward`."""
+    if estimator.anchored or not isinstance(estimator.correction, ExactHessian):
+        return g
+    for j in reversed(range(len(traj) - 1)):
+        g = meta.axpy(-inner_lr, hvp(f, traj[j], g, hessian_batches[j]), g)
+    return g
+
+
+def maml_gradient(f: LossFn, w: Params, batches: MetaBatches, inner_lr: float,
+                  estimator: MetaGradient | HessianCorrection) -> tuple[Params, Params]:
+    """The N-step meta-gradient ``G(w) = prod_j (I - alpha H(w_j; D_j)) grad f(w_N; T)``
+    (multistep-maml-ggs.txt eq. 8; FO-MuML's ``grad f(z_s)``) and ``w_N``, as :func:`fedmeta.meta.maml_gradient`."""
+    est = _checked(estimator)
+    traj = trajectory(f, w, batches.inner, inner_lr, anchored=est.anchored)
+    g = gradient(f, traj[-1], batches.outer)
+    return backward(f, traj, g, batches.hessian, inner_lr, est), traj[-1]
+
+
+def per_fedavg_step(
+    f: LossFn,
+    w: Params,
+    batches: MetaBatches | tuple[Batch, Batch, Batch],
+    inner_lr: float,
+    meta_lr: float,
+    estimator: MetaGradient | HessianCorrection,
+    gen: torch.Generator | None = None,
+) -> Params:
+    """One local Per-FedAvg step, per-fedavg.txt eqs. (8)-(9), N-step inner loop; as :func:`fedmeta.meta.per_fedavg_step`.
+
+    ``w <- w - beta * prod_j (I - alpha H(w_j; D_j)) grad f(w_N; T)``  (multistep-maml-ggs eq. 8)
+
+    For ``N = 1`` and batches ``(D, D', D'')``, eq. (9):
+    ``w <- w - beta (I - alpha H(w; D'')) grad f(w - alpha grad f(w; D); D')``.
+    ``gen`` is accepted for the common signature and not used (the covered estimators draw nothing).
+    """
+    g, _ = maml_gradient(f, w, meta._as_meta_batches(batches), inner_lr, estimator)
+    return meta.axpy(-meta_lr, g, w)
+
+
+def local_moml_init_memory(f: LossFn, w: Params, batches: Sequence[Batch], inner_lr: float,
+                           estimator: MetaGradient = meta.EXACT) -> Params:
+    """Reset of the personalized model, localmoml Algorithm 3 line 5: ``u = w - alpha grad f(w; S0)``
+    (with N batches S0, the N-step inner loop), as :func:`fedmeta.meta.local_moml_init_memory`."""
+    return trajectory(f, w, batches, inner_lr, anchored=_checked(estimator).anchored)[-1]
+
+
+def local_moml_step(
+    f: LossFn,
+    w: Params,
+    u: Params,
+    batches: MetaBatches | tuple[Batch, Batch, Batch],
+    inner_lr: float,
+    lr: float,
+    momentum: float,
+    estimator: MetaGradient | HessianCorrection,
+    gen: torch.Generator | None = None,
+) -> tuple[Params, Params]:
+    """One local LocalMOML step, localmoml eqs. (7)-(8) and Algorithm 3 lines 10-11, N-step inner loop;
+    as :func:`fedmeta.meta.local_moml_step`::
+
+        u <- (1 - beta) u + beta w_N(w; S1)                                (7)
+        Delta = prod_j (I - alpha H(w_j; S2_j)) grad f(u; S3)              (8)
+        w <- w - eta * Delta
+
+    ``batches``: :class:`~fedmeta.meta.MetaBatches` (``inner = S1``, ``hessian = S2``, ``outer = S3``)
+    or the tuple ``(S1, S2, S3)`` for ``N = 1``. Returns ``(w, u)`` after the step.
+    """
+    if isinstance(batches, MetaBatches):
+        mb = batches
+    else:
+        s1, s2, s3 = batches
+        mb = MetaBatches((s1,), s3, (s2,))
+    est = _checked(estimator)
+    traj = trajectory(f, w, mb.inner, inner_lr, anchored=est.anchored)
+    u = meta.lerp(u, traj[-1], momentum)
+    g = gradient(f, u, mb.outer)
+    return meta.axpy(-lr, backward(f, traj, g, mb.hessian, inner_lr, est), w), u
+
+
+__all__ = ["ESTIMATORS", "backward", "gradient", "hvp", "local_moml_init_memory", "local_moml_step", "make_loss",
+           "maml_gradient", "per_fedavg_step", "refusal", "sequential_forward", "trajectory"]
