@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.fedmeta-installed
 # torch/torchvision pinned to the builds this machine provides from local disk.
 TORCH  := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: run test bench bench-step bench-estimators bench-cluster venv clean
+.PHONY: run test bench bench-step bench-estimators bench-single-step bench-deploy bench-cluster venv clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -42,6 +42,12 @@ bench-step: $(STAMP)
 
 bench-estimators: $(STAMP)
 	$(PY) bench/bench_estimators.py $(ARGS)
+
+bench-single-step: $(STAMP)
+	$(PY) bench/bench_single_step.py
+
+bench-deploy: $(STAMP)
+	$(PY) bench/bench_deploy.py $(ARGS)
 
 bench-cluster: $(STAMP)
 	$(PY) bench/bench_cluster.py

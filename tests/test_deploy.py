@@ -364,11 +364,12 @@ GUIDE_DIR = "/srv/fedmeta"
 GUIDE_RUN = {"partition": "dirichlet", "num-rounds": 3, "results-dir": f"{GUIDE_DIR}/results"}
 
 
-def _guide_commands(transport: deploy.Transport, tls: bool) -> list[str]:
+def _guide_commands(transport: deploy.Transport, tls: bool, isolation: str = "subprocess") -> list[str]:
     """What :meth:`LocalDeployment.shell_commands` prints for the guide's layout: work directory
     /srv/fedmeta, SuperLink port 9091 (+ gRPC fleet port 9092), SuperNode ports 9094-9096, a memory
     and a data directory per node; executables by name, the app as ``.``."""
-    dep = LocalDeployment(3, workdir=GUIDE_DIR, memory=True, data_dirs=[f"{GUIDE_DIR}/node-{i}/data" for i in range(3)])
+    dep = LocalDeployment(3, workdir=GUIDE_DIR, memory=True, data_dirs=[f"{GUIDE_DIR}/node-{i}/data" for i in range(3)],
+                          isolation=isolation)
     dep.transport = transport
     dep.port, dep.fleet_port, dep.node_ports = 9091, 9092 if transport.fleet_port_of_its_own else 9091, [9094, 9095, 9096]
     if tls:
@@ -386,6 +387,14 @@ def test_the_deployment_guide_shows_the_launchers_commands(transport, tls):
         assert line in flat, f"docs/deployment.md lacks:\n{line}"
     certs = deploy.Certificates(Path(f"{GUIDE_DIR}/certs/ca.pem"), Path("-"), Path("-")) if tls else None
     assert deploy.connection_toml(f"{HOST}:9091", certs) in guide
+
+
+def test_the_deployment_guide_shows_the_launchers_process_isolation_commands():
+    flat = re.sub(r"[ \t]*\\\n[ \t]*", " ", (ROOT / "docs" / "deployment.md").read_text())
+    node0 = [line for line in _guide_commands(deploy.HTTP, False, isolation="process") if "/node-0/" in line]
+    assert len(node0) == 2 and "--isolation process" in node0[0] and "flower-superexec" in node0[1]
+    for line in node0:
+        assert line in flat, f"docs/deployment.md lacks:\n{line}"
 
 
 def test_transport_is_chosen_by_the_flwr_version_in_one_place():
