@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.fedmeta-installed
 # torch/torchvision pinned to the builds this machine provides from local disk.
 TORCH  := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: run test bench bench-step bench-estimators bench-single-step bench-deploy bench-cluster venv clean
+.PHONY: run test test-fast bench bench-step bench-estimators bench-single-step bench-deploy bench-cluster venv clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,6 +27,12 @@ run: $(STAMP)
 FLWR139_TESTS := tests/test_strategies.py tests/test_clients.py tests/test_screening.py tests/test_multiclient.py \
                  tests/test_checkpoint.py tests/test_fail_fast.py tests/test_flower_api.py tests/test_interop.py \
                  tests/test_dif_maml_flower.py
+
+PYTEST_ARGS ?= --durations=15
+FAST := not ray and not deploy and not subprocess and not flwr139
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -p no:cacheprovider -m "$(FAST)"
 
 test: $(STAMP)
 	$(PY) scripts/provision_data.py --optional

@@ -41,7 +41,7 @@ The figures go to ``bench/results/bench_scale.json``, a table to stdout, with PA
 
 Usage::
 
-    .venv/bin/python bench/bench_scale.py [--quick] [--out PATH]
+    .venv/bin/python bench/bench_scale.py [--quick | --smoke] [--out PATH]
 """
 
 from __future__ import annotations
@@ -128,6 +128,11 @@ FULL = Budget(warmup=3, repeats=7, min_repeat_seconds=0.05, bare_clients=100, si
 QUICK = Budget(warmup=1, repeats=3, min_repeat_seconds=0.02, bare_clients=20, single_clients=10, multi_clients=100,
                e2e_rounds=2, scale_clients=(1000,), scale_per_round=20, scale_rounds=2, pfl_local_steps=10, pfl_rounds=2,
                concurrent_seconds=1.0)
+SMOKE = Budget(warmup=0, repeats=1, min_repeat_seconds=0.001, bare_clients=4, single_clients=2, multi_clients=4,
+               e2e_rounds=2, scale_clients=(40,), scale_per_round=4, scale_rounds=2, pfl_local_steps=2, pfl_rounds=2,
+               concurrent_seconds=0.2)
+"""The smallest sizes that still run every section and code path (the test suite's smoke test): seconds of
+work beside the simulations' start-up; its figures mean nothing."""
 
 
 # --------------------------------------------------------------------------- the workloads
@@ -937,7 +942,8 @@ def _pfllib_table(p: dict[str, Any]) -> list[str]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="a much smaller smoke version (well under 3 minutes)")
+    parser.add_argument("--quick", action="store_true", help="a much smaller version (well under 3 minutes)")
+    parser.add_argument("--smoke", action="store_true", help="the smallest sizes that run every section (the tests' smoke run)")
     parser.add_argument("--out", type=Path, default=RESULTS_PATH, help=f"where to write the JSON (default: {RESULTS_PATH})")
     parser.add_argument("--child", metavar="SPEC", help=argparse.SUPPRESS)  # internal: run one simulation
     parser.add_argument("--bare-child", metavar="SPEC", help=argparse.SUPPRESS)  # internal: concurrent bare math
@@ -953,7 +959,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     def progress(msg: str) -> None:
         print(f"  {time.perf_counter() - t0:6.0f} s  {msg}", file=sys.stderr, flush=True)
 
-    report = run(QUICK if args.quick else FULL, args.quick, progress)
+    report = run(SMOKE if args.smoke else QUICK if args.quick else FULL, args.quick or args.smoke, progress)
     report["wall_s"] = time.perf_counter() - t0
     print(table(report))
     print(f"\ntotal wall time {report['wall_s']:.0f} s")

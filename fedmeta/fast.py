@@ -241,23 +241,11 @@ def maml_gradient(f: LossFn, w: Params, batches: MetaBatches, inner_lr: float,
     return backward(f, traj, g, batches.hessian, inner_lr, est), traj[-1]
 
 
-def per_fedavg_step(
-    f: LossFn,
-    w: Params,
-    batches: MetaBatches | tuple[Batch, Batch, Batch],
-    inner_lr: float,
-    meta_lr: float,
-    estimator: MetaGradient | HessianCorrection,
-    gen: torch.Generator | None = None,
-) -> Params:
-    """One local Per-FedAvg step, per-fedavg.txt eqs. (8)-(9), N-step inner loop; as :func:`fedmeta.meta.per_fedavg_step`.
-
-    ``w <- w - beta * prod_j (I - alpha H(w_j; D_j)) grad f(w_N; T)``  (multistep-maml-ggs eq. 8)
-
-    For ``N = 1`` and batches ``(D, D', D'')``, eq. (9):
-    ``w <- w - beta (I - alpha H(w; D'')) grad f(w - alpha grad f(w; D); D')``.
-    ``gen`` is accepted for the common signature and not used (the covered estimators draw nothing).
-    """
+def per_fedavg_step(f: LossFn, w: Params, batches: MetaBatches | tuple[Batch, Batch, Batch], inner_lr: float, meta_lr: float,
+                    estimator: MetaGradient | HessianCorrection, gen: torch.Generator | None = None) -> Params:
+    """One local Per-FedAvg step, per-fedavg.txt eqs. (8)-(9) with an N-step inner loop (multistep-maml-ggs
+    eq. 8): :func:`fedmeta.meta.per_fedavg_step` with this module's :func:`maml_gradient`. ``gen`` is accepted
+    for the common signature and not used (the covered estimators draw nothing)."""
     g, _ = maml_gradient(f, w, meta._as_meta_batches(batches), inner_lr, estimator)
     return meta.axpy(-meta_lr, g, w)
 
@@ -269,32 +257,13 @@ def local_moml_init_memory(f: LossFn, w: Params, batches: Sequence[Batch], inner
     return trajectory(f, w, batches, inner_lr, anchored=_checked(estimator).anchored)[-1]
 
 
-def local_moml_step(
-    f: LossFn,
-    w: Params,
-    u: Params,
-    batches: MetaBatches | tuple[Batch, Batch, Batch],
-    inner_lr: float,
-    lr: float,
-    momentum: float,
-    estimator: MetaGradient | HessianCorrection,
-    gen: torch.Generator | None = None,
-) -> tuple[Params, Params]:
-    """One local LocalMOML step, localmoml eqs. (7)-(8) and Algorithm 3 lines 10-11, N-step inner loop;
-    as :func:`fedmeta.meta.local_moml_step`::
-
-        u <- (1 - beta) u + beta w_N(w; S1)                                (7)
-        Delta = prod_j (I - alpha H(w_j; S2_j)) grad f(u; S3)              (8)
-        w <- w - eta * Delta
-
-    ``batches``: :class:`~fedmeta.meta.MetaBatches` (``inner = S1``, ``hessian = S2``, ``outer = S3``)
-    or the tuple ``(S1, S2, S3)`` for ``N = 1``. Returns ``(w, u)`` after the step.
-    """
-    if isinstance(batches, MetaBatches):
-        mb = batches
-    else:
-        s1, s2, s3 = batches
-        mb = MetaBatches((s1,), s3, (s2,))
+def local_moml_step(f: LossFn, w: Params, u: Params, batches: MetaBatches | tuple[Batch, Batch, Batch], inner_lr: float, lr: float,
+                    momentum: float, estimator: MetaGradient | HessianCorrection,
+                    gen: torch.Generator | None = None) -> tuple[Params, Params]:
+    """One local LocalMOML step, localmoml eqs. (7)-(8) and Algorithm 3 lines 10-11 with an N-step inner loop,
+    as :func:`fedmeta.meta.local_moml_step` (which states the equations and the batches): ``u <- (1 - beta) u +
+    beta w_N(w; S1)``, then ``w <- w - eta prod_j (I - alpha H(w_j; S2_j)) grad f(u; S3)``. Returns ``(w, u)``."""
+    mb = batches if isinstance(batches, MetaBatches) else MetaBatches((batches[0],), batches[2], (batches[1],))
     est = _checked(estimator)
     traj = trajectory(f, w, mb.inner, inner_lr, anchored=est.anchored)
     u = meta.lerp(u, traj[-1], momentum)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -10,7 +12,9 @@ import sys
 import time
 from pathlib import Path
 
-from flwr.app import Message, MessageType, MetricRecord, RecordDict
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedmeta import config as C
@@ -42,6 +46,96 @@ class FakeGrid:
             pid = self.node_to_pid[m.metadata.dst_node_id]
             out.append(Message(RecordDict({"metrics": MetricRecord({C.PARTITION_ID: pid})}), reply_to=m))
         return out
+
+
+# --- strategies against fake grids -------------------------------------------------------------
+
+
+@pytest.fixture(autouse=True)
+def _task_identity():
+    set_task_identity()
+
+
+def reply(to: Message, w: np.ndarray, pid: int, num_examples: int, loss: float) -> Message:
+    content = RecordDict(
+        {
+            "arrays": ArrayRecord({"w": Array(w.astype(np.float32))}),
+            "metrics": MetricRecord({C.NUM_EXAMPLES: num_examples, C.TRAIN_LOSS: loss, C.PARTITION_ID: pid}),
+        }
+    )
+    return Message(content, reply_to=to)
+
+
+def train_messages(strategy, grid, server_round=1):
+    arrays = ArrayRecord({"w": Array(np.zeros(2, np.float32))})
+    return list(strategy.configure_train(server_round, arrays, ConfigRecord({"user-key": 3}), grid))
+
+
+class GroupGrid(FakeGrid):
+    """Nodes that each host a block of clients and report them (``client-ids``) when asked."""
+
+    def __init__(self, num_nodes: int, num_clients: int, offset: int = 9000):
+        super().__init__(num_nodes, offset)
+        self.num_clients = num_clients
+        self.blocks = {p: [int(i) for i in b] for p, b in enumerate(np.array_split(np.arange(num_clients), num_nodes))}
+
+    def send_and_receive(self, messages, timeout=None):
+        messages = list(messages)
+        self.sent.append(messages)
+        out = []
+        for m in messages:
+            pid = self.node_to_pid[m.metadata.dst_node_id]
+            assert m.content["config"][C.NUM_CLIENTS] == self.num_clients
+            rec = MetricRecord({C.PARTITION_ID: pid, C.CLIENT_IDS: self.blocks[pid]})
+            out.append(Message(RecordDict({"metrics": rec}), reply_to=m))
+        return out
+
+
+def group_reply(to: Message, models: dict[int, np.ndarray], examples: dict[int, int], weighting: str) -> Message:
+    """What a multi-client node answers: its clients' average and per-client lists."""
+    ids = list(to.content["config"][C.CLIENT_IDS])
+    wts = np.array([examples[c] if weighting == "examples" else 1.0 for c in ids])
+    mean = sum(wt * models[c] for wt, c in zip(wts, ids)) / wts.sum()
+    metrics = MetricRecord({
+        C.NUM_EXAMPLES: sum(examples[c] for c in ids), C.PARTITION_ID: 0, C.CLIENT_IDS: ids,
+        C.PER_CLIENT + C.NUM_EXAMPLES: [examples[c] for c in ids],
+        C.PER_CLIENT + C.TRAIN_LOSS: [float(c) for c in ids],
+        C.PER_CLIENT + C.MEMORY_ROUND: [-1 for _ in ids],
+    })
+    return Message(RecordDict({"arrays": ArrayRecord({"w": Array(mean.astype(np.float32))}), "metrics": metrics}), reply_to=to)
+
+
+# --- the README's snippets and a strategy on Ray -----------------------------------------------------
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def readme_snippet(name: str, lang: str = "python") -> str:
+    """The code block after ``<!-- snippet: name -->`` in the README."""
+    m = re.search(rf"<!-- snippet: {re.escape(name)} -->\n```{lang}\n(.*?)```", README.read_text(), re.S)
+    assert m, f"README has no {lang} snippet {name!r}"
+    return m.group(1)
+
+
+def simulate_strategy(strategy, cfg, client_app=None, **start_kwargs):
+    """Run ``strategy`` in a user-written ServerApp against the fedmeta ClientApp (or ``client_app``) on Ray
+    (``start_kwargs``: more arguments of ``strategy.start``)."""
+    from flwr.serverapp import Grid, ServerApp
+
+    from fedmeta.simulations.apps import build_client_app, initial_model
+    from fedmeta.simulations.engine import run_on_ray
+
+    box = {}
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        box["result"] = strategy.start(grid=grid, initial_arrays=ArrayRecord(initial_model(cfg).state_dict()), num_rounds=cfg.num_rounds,
+                                       **start_kwargs)
+
+    logging.getLogger("flwr").setLevel(logging.ERROR)
+    run_on_ray(app, client_app or build_client_app(cfg), num_supernodes=cfg.num_supernodes)
+    return box["result"]
 
 
 # --- `flwr run .` on Flower's auto-started local SuperLink -------------------------------------------

@@ -27,6 +27,7 @@ def test_bench_quick_runs_and_reports_every_mode(tmp_path):
     assert report["round"]["end_to_end_over_bare_loop"] > 0
 
 
+@pytest.mark.subprocess
 def test_bench_estimators_quick_reports_every_estimator(tmp_path):
     out = tmp_path / "bench_estimators.json"
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_estimators.py"), "--quick", "--out", str(out)],
@@ -42,10 +43,12 @@ def test_bench_estimators_quick_reports_every_estimator(tmp_path):
 
 
 @pytest.mark.ray
-def test_bench_scale_quick_reports_every_section(tmp_path):
+def test_bench_scale_smoke_reports_every_section(tmp_path):
+    """``--smoke``: every section on the smallest sizes (the figures stay in ``make bench``). The timeout is a hang
+    guard, many times the idle duration."""
     out = tmp_path / "bench_scale.json"
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_scale.py"), "--quick", "--out", str(out)],
-                          capture_output=True, text=True, timeout=900)
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_scale.py"), "--smoke", "--out", str(out)],
+                          capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     report = json.loads(out.read_text())
     for wl in ("mlp", "sine"):

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 import os
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -654,8 +653,7 @@ def test_client_data_validates_before_touching_the_disk(tmp_path):
 def test_plans_scale_to_10000_clients():
     # Fashion-MNIST's class sizes: 6000 training and 1000 test samples per class.
     y_train, y_test = synthetic_labels(6000), synthetic_labels(1000, seed=5)
-    n = 10_000
-    start = time.perf_counter()
+    n = 10_000  # a plan quadratic in n would not finish: the suite's hang guard would report it
     train, test = partition_indices(
         "pathological", y_train, y_test, n, np.random.default_rng(0),
         classes_per_client=1, train_per_client=5, test_per_client=1,
@@ -680,7 +678,6 @@ def test_plans_scale_to_10000_clients():
     assert_disjoint(parts)
     with pytest.raises(ValueError, match="too few samples in the test split"):
         split_by_plan(y_test, test_plan, rng, "the test split")
-    assert time.perf_counter() - start < 10  # about 1 s; quadratic in n would take minutes
 
 
 def test_fallah_partitions_wrapper_and_cifar100_default_a_test(cifar100_root, no_system_data):
@@ -809,10 +806,9 @@ def test_client_data_10000_clients_fashion_mnist(fashion_cache):
     n = 10_000
     params = {"classes_per_client": 1, "train_per_client": 5, "test_per_client": 1}
     partitions.cache_clear()
-    start = time.perf_counter()
     clients = {pid: client_data("fashion-mnist", pid, n, 0, partition="pathological", **params) for pid in (0, 1, n - 1)}
-    elapsed = time.perf_counter() - start
-    assert data._partitions.cache_info().currsize == 0
+    # What makes 10,000 clients cheap: the three requested clients were built, not the 10,000-client split
+    assert data._partitions.cache_info().currsize == 0 and data._client.cache_info().currsize == 3
     x_train, y_train, x_test, y_test = load_fashion_mnist()
     train_idx, test_idx = partition_indices(
         "pathological", y_train.numpy(), y_test.numpy(), n, np.random.default_rng(0), **params
@@ -822,7 +818,6 @@ def test_client_data_10000_clients_fashion_mnist(fashion_cache):
         expected = ClientData(x_train[tr].float() / 255, y_train[tr], x_test[te].float() / 255, y_test[te])
         assert_bit_equal(c, expected)
         assert c.num_train == 5 and len(c.y_test) == 1 and len(set(c.y_train.tolist())) == 1
-    assert elapsed < 30  # about 1 s: data set, plan, three clients
 
 
 def test_pathological_20_clients_pfllib_workload_fashion_mnist(fashion_cache):
@@ -954,10 +949,12 @@ def test_sinewave_task_alone_equals_the_full_list():
         sinewave_task(0, 40, 3, train_points=0)
 
 
-def test_sinewave_10000_tasks_one_at_a_time_is_cheap():
-    start = time.perf_counter()
+def test_sinewave_10000_tasks_one_at_a_time_is_cheap(monkeypatch):
+    built = []  # the tasks whose points and tensors are made: only the ten requested (sinewave_tasks builds all)
+    build = data._sinewave_task
+    monkeypatch.setattr(data, "_sinewave_task", lambda task, *a: built.append(task) or build(task, *a))
     last = [client_data("sinewave", i, 10_000, 0) for i in range(9_990, 10_000)]
-    assert time.perf_counter() - start < 2  # milliseconds; sinewave_tasks(10_000) takes ~1 s
+    assert built == list(range(9_990, 10_000))
     rng = np.random.default_rng(0)
     amplitudes = rng.uniform(1.0, 5.0, size=10_000 - 25)
     phases = rng.uniform(math.pi / 5, math.pi, size=10_000 - 25)

@@ -17,7 +17,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -27,6 +26,7 @@ from fedmeta.simulations.deploy import clean_environ
 ROOT = Path(__file__).resolve().parents[1]
 FLWR = "1.39.0"
 LISTEN, ESTABLISHED = "0A", "01"  # TCP states in /proc/net/tcp{,6}
+pytestmark = [pytest.mark.deploy, pytest.mark.flwr139]
 
 
 # --- sockets from /proc (no dependency on ss/netstat) --------------------------------------------
@@ -86,11 +86,10 @@ def _alive(pid: int) -> bool:
 def test_flwr139_venv_is_cached_and_has_its_own_flwr_and_grpc(flwr139_bin):
     """The fixture built (or found) the venv; a second build is a cache hit; flwr 1.39 and its own
     grpcio/protobuf win over the main venv's, torch comes from the main venv; fedmeta's apps import."""
-    t0 = time.perf_counter()
     again = subprocess.run([sys.executable, str(ROOT / "scripts" / "build_flwr_venv.py"), "--flwr", FLWR,
                             "--dest", str(flwr139_bin.parent)], capture_output=True, text=True, timeout=120)
     assert again.returncode == 0, again.stderr
-    assert "cached" in again.stderr and time.perf_counter() - t0 < 10
+    assert "cached" in again.stderr  # a cache hit: nothing rebuilt
     code = (
         "import importlib.metadata as md, flwr, grpc, google.protobuf, torch, fedmeta\n"
         "from fedmeta.simulations.apps import server_app, client_app\n"
@@ -177,7 +176,7 @@ def test_grpc_deployment_local_moml_cross_silo_three_nodes(flwr139_bin, tmp_path
     assert all(0.0 <= final[k] <= 1.0 for k in ("accuracy-before", "accuracy-after"))
     assert final["num-clients"] == 3 and final.get("num-failures", 0) == 0
     assert Path(dep.runs[-1].results_path).with_suffix(".csv").is_file()
-    assert seconds is not None and seconds < 400
+    assert seconds is not None
 
     # flwr 1.39 reads the SuperLink connection from $FLWR_HOME/config.toml: pyproject.toml untouched.
     assert (ROOT / "pyproject.toml").read_bytes() == pyproject

@@ -73,6 +73,7 @@ def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
 # --- inputs, checked in the driver ------------------------------------------------------------------
 
 
+@pytest.mark.subprocess
 def test_missing_dataset_exits_2_with_one_line_and_no_ray_process(tmp_path):
     """`fedmeta-sim` on a machine without the data: exit 2, one line on stderr naming the data set and
     the fix, and no Ray process (raylet, gcs_server) ever started under it."""
@@ -144,6 +145,7 @@ def test_fedmeta_reproduce_checks_the_data_before_its_first_simulation(no_data, 
     assert not list((no_data / "runs").rglob("*.json"))
 
 
+@pytest.mark.subprocess
 def test_fedmeta_deploy_local_checks_the_data_before_starting_any_process(no_data, capsys):
     from fedmeta.simulations import deploy
 

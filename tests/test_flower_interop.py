@@ -18,7 +18,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, FedAvg
-from test_interop import readme_snippet
+from fakes import readme_snippet
 
 from fedmeta import config as C
 from fedmeta.clients import fashion_mnist_data, make_client_app

@@ -17,7 +17,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp.mod import fixedclipping_mod
 from flwr.serverapp.strategy import FedAvg as FlowerFedAvg
-from test_strategies import FakeGrid, _task_identity, reply, train_messages  # noqa: F401 (autouse fixture)
+from fakes import README, FakeGrid, _task_identity, readme_snippet, reply, train_messages  # noqa: F401 (autouse fixture)
 
 from fedmeta import config as C
 from fedmeta.algorithms import LocalMOMLConfig, PerFedAvgConfig
@@ -26,14 +26,6 @@ from fedmeta.data import ClientData
 from fedmeta.strategies import LocalMOML, PerFedAvg, TrainingStopped, start
 from fedmeta.strategies.screening import reply_view
 
-README = Path(__file__).resolve().parents[1] / "README.md"
-
-
-def readme_snippet(name: str, lang: str = "python") -> str:
-    """The code block after ``<!-- snippet: name -->`` in the README."""
-    m = re.search(rf"<!-- snippet: {re.escape(name)} -->\n```{lang}\n(.*?)```", README.read_text(), re.S)
-    assert m, f"README has no {lang} snippet {name!r}"
-    return m.group(1)
 
 
 # --- client side ---------------------------------------------------------------------------------

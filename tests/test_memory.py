@@ -373,6 +373,7 @@ def test_bank_save_leaves_the_rows_of_other_clients_bit_identical(tmp_path):
     assert _bits_equal(_unstack(got, _BANK_IDS.index(19)), _unstack(u2, 0))
 
 
+@pytest.mark.subprocess
 def test_bank_saves_are_seen_by_a_new_bank_object_and_by_another_process(tmp_path):
     spec, path = _bank_spec(), tmp_path / "bank"
     bank = M.MemoryBank(path, _BANK_IDS, spec)
@@ -834,6 +835,7 @@ def test_bank_killed_between_the_rows_and_their_records_keeps_every_keeper(tmp_p
     _check_after_bank_crash(path, spec)
 
 
+@pytest.mark.subprocess
 def test_bank_a_real_kill_mid_save_keeps_every_keeper(tmp_path):
     spec, path = _bank_spec(), tmp_path / "bank"
     _bank_crash_setup(path, spec).close()

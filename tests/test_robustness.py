@@ -22,7 +22,7 @@ from fedmeta.simulations.apps import build_client_app
 from fedmeta.simulations.config import ExperimentConfig
 from fedmeta.strategies import LocalMOML, PerFedAvg
 from fedmeta.strategies.checkpoint import CheckpointDir, CheckpointError
-from test_simulation import simulate_strategy
+from fakes import simulate_strategy
 
 pytestmark = pytest.mark.ray
 
@@ -69,23 +69,46 @@ def test_a_raising_client_and_a_nan_client_cost_only_their_updates():
     assert sorted(strategy.client_train[2]) == [0, 3]
 
 
-def test_a_client_that_hangs_past_the_round_timeout_is_counted_missing_and_the_run_goes_on():
-    """Flower's own round timeout: client 1 sleeps through round 2; the round averages the other 3,
-    says ``num-missing`` 1, and round 3 has all 4 again (its late round-2 reply is never used)."""
+def test_a_client_that_hangs_past_the_round_timeout_is_counted_missing_and_the_run_goes_on(tmp_path):
+    """Flower's own round timeout: client 1 hangs through round 2; the round averages the other 3,
+    says ``num-missing`` 1, and round 3 has all 4 again (its late round-2 reply is never used).
+
+    No wall-clock bet: client 1 waits for a file the test writes only once round 2 has been aggregated
+    (so it always misses the round, however slow the machine), and the round timeout is three times the
+    first round of the same config measured just before on this machine (so a loaded machine slows the
+    good clients and the timeout alike)."""
     cfg = CFG.replace(algorithm=C.PER_FEDAVG, num_rounds=3)
+    probe = PerFedAvg(**cfg.strategy_kwargs())
+    run(probe, build_client_app(cfg), cfg.replace(num_rounds=1))
+    # the probe's round 1 starts the actors and loads the data, as the run's round 1 will: three times it covers
+    # that round and the good clients of round 2 on this machine, at its current load
+    timeout = max(10.0, 3 * max(probe.round_seconds.values()))
+
+    release = tmp_path / "round-2-aggregated"
     inner = build_client_app(cfg)
     app = ClientApp()
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
         if int(context.node_config[C.PARTITION_ID]) == 1 and int(msg.content["config"][C.SERVER_ROUND]) == 2:
-            time.sleep(35)
+            hang_guard = time.monotonic() + 600
+            while not release.exists() and time.monotonic() < hang_guard:  # another process's event: a file
+                time.sleep(0.05)
         return inner(msg, context)
 
     app.query()(lambda msg, context: inner(msg, context))
     app.evaluate()(lambda msg, context: inner(msg, context))
     strategy = PerFedAvg(**cfg.strategy_kwargs())
-    result = run(strategy, app, cfg, timeout=15)
+    aggregate = strategy.aggregate_train
+
+    def aggregate_and_release(server_round, replies):
+        out = aggregate(server_round, replies)
+        if server_round == 2:
+            release.touch()
+        return out
+
+    strategy.aggregate_train = aggregate_and_release
+    result = run(strategy, app, cfg, timeout=timeout)
     counts = {r: (m["num-clients"], m["num-missing"], m["num-failures"]) for r, m in result.train_metrics_clientapp.items()}
     assert counts == {1: (4, 0, 0), 2: (3, 1, 0), 3: (4, 0, 0)}
     assert sorted(strategy.client_train[2]) == [0, 2, 3]

@@ -8,7 +8,7 @@ import logging
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
-from test_strategies import FakeGrid, GroupGrid, _task_identity, group_reply, reply, train_messages  # noqa: F401 (autouse fixture)
+from fakes import FakeGrid, GroupGrid, _task_identity, group_reply, reply, train_messages  # noqa: F401 (autouse fixture)
 
 from fedmeta import config as C
 from fedmeta.strategies import LocalMOML, PerFedAvg

@@ -22,27 +22,13 @@ from fedmeta.simulations.engine import run_on_ray
 from fedmeta.strategies import LocalMOML
 from fedmeta.strategies.aggregation import average_arrays, sample_partitions
 
+from fakes import simulate_strategy
+
 pytestmark = pytest.mark.ray
 
 N, B, ROUNDS, SEED = 6, 2, 8, 4
 CFG = ExperimentConfig(num_clients=N, clients_per_round=B, num_rounds=ROUNDS, local_steps=2, inner_lr=0.05, lr=0.1,
                        momentum=0.5, seed=SEED, evaluate_every=0)
-
-
-def simulate_strategy(strategy: LocalMOML, cfg: ExperimentConfig, client_app=None, **start_kwargs):
-    """Run ``strategy`` in a user-written ServerApp against the fedmeta ClientApp (or ``client_app``) on Ray
-    (``start_kwargs``: more arguments of ``strategy.start``)."""
-    box = {}
-    app = ServerApp()
-
-    @app.main()
-    def main(grid: Grid, context: Context) -> None:
-        box["result"] = strategy.start(grid=grid, initial_arrays=ArrayRecord(initial_model(cfg).state_dict()), num_rounds=cfg.num_rounds,
-                                       **start_kwargs)
-
-    logging.getLogger("flwr").setLevel(logging.ERROR)
-    run_on_ray(app, client_app or build_client_app(cfg), num_supernodes=cfg.num_supernodes)
-    return box["result"]
 
 
 def replay(cfg: ExperimentConfig, hp: LocalMOMLConfig) -> dict[str, np.ndarray]:

@@ -6,30 +6,10 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
 
-from fakes import FakeGrid, set_task_identity
+from fakes import FakeGrid, GroupGrid, _task_identity, group_reply, reply, train_messages  # noqa: F401 (autouse fixture)
 from fedmeta import config as C
 from fedmeta.strategies import LocalMOML, PerFedAvg
 from fedmeta.strategies.aggregation import average_arrays, sample_partitions
-
-
-@pytest.fixture(autouse=True)
-def _task_identity():
-    set_task_identity()
-
-
-def reply(to: Message, w: np.ndarray, pid: int, num_examples: int, loss: float) -> Message:
-    content = RecordDict(
-        {
-            "arrays": ArrayRecord({"w": Array(w.astype(np.float32))}),
-            "metrics": MetricRecord({C.NUM_EXAMPLES: num_examples, C.TRAIN_LOSS: loss, C.PARTITION_ID: pid}),
-        }
-    )
-    return Message(content, reply_to=to)
-
-
-def train_messages(strategy, grid, server_round=1):
-    arrays = ArrayRecord({"w": Array(np.zeros(2, np.float32))})
-    return list(strategy.configure_train(server_round, arrays, ConfigRecord({"user-key": 3}), grid))
 
 
 def test_uniform_average_of_replies_is_the_papers_mean():
@@ -349,40 +329,6 @@ def test_memory_ids_are_kept_per_client_and_not_averaged():
 
 
 # --- multi-client nodes ------------------------------------------------------------------------
-
-
-class GroupGrid(FakeGrid):
-    """Nodes that each host a block of clients and report them (``client-ids``) when asked."""
-
-    def __init__(self, num_nodes: int, num_clients: int, offset: int = 9000):
-        super().__init__(num_nodes, offset)
-        self.num_clients = num_clients
-        self.blocks = {p: [int(i) for i in b] for p, b in enumerate(np.array_split(np.arange(num_clients), num_nodes))}
-
-    def send_and_receive(self, messages, timeout=None):
-        messages = list(messages)
-        self.sent.append(messages)
-        out = []
-        for m in messages:
-            pid = self.node_to_pid[m.metadata.dst_node_id]
-            assert m.content["config"][C.NUM_CLIENTS] == self.num_clients
-            rec = MetricRecord({C.PARTITION_ID: pid, C.CLIENT_IDS: self.blocks[pid]})
-            out.append(Message(RecordDict({"metrics": rec}), reply_to=m))
-        return out
-
-
-def group_reply(to: Message, models: dict[int, np.ndarray], examples: dict[int, int], weighting: str) -> Message:
-    """What a multi-client node answers: its clients' average and per-client lists."""
-    ids = list(to.content["config"][C.CLIENT_IDS])
-    wts = np.array([examples[c] if weighting == "examples" else 1.0 for c in ids])
-    mean = sum(wt * models[c] for wt, c in zip(wts, ids)) / wts.sum()
-    metrics = MetricRecord({
-        C.NUM_EXAMPLES: sum(examples[c] for c in ids), C.PARTITION_ID: 0, C.CLIENT_IDS: ids,
-        C.PER_CLIENT + C.NUM_EXAMPLES: [examples[c] for c in ids],
-        C.PER_CLIENT + C.TRAIN_LOSS: [float(c) for c in ids],
-        C.PER_CLIENT + C.MEMORY_ROUND: [-1 for _ in ids],
-    })
-    return Message(RecordDict({"arrays": ArrayRecord({"w": Array(mean.astype(np.float32))}), "metrics": metrics}), reply_to=to)
 
 
 @pytest.mark.parametrize("weighting", ["uniform", "examples"])
