@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import sys
 import tempfile
 from pathlib import Path
 from typing import Callable, Sequence
@@ -110,8 +111,6 @@ def default_memory_root() -> Path:
 
 def ray_cluster_size() -> int:
     """Alive nodes of the Ray cluster this process runs in (a Ray actor of a simulation), 0 outside Ray."""
-    import sys
-
     ray = sys.modules.get("ray")
     if ray is None or not ray.is_initialized():
         return 0

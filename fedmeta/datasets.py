@@ -243,9 +243,9 @@ def load_fashion_mnist(
     return load_dataset("fashion-mnist", root, download)
 
 
-_SOURCE_DIRS = {"mnist": "MNIST/raw", "fashion-mnist": "FashionMNIST/raw", "cifar10": "cifar-10-batches-py",
-                "cifar100": "cifar-100-python"}
-"""Where below ``ROOT`` torchvision reads each data set's files."""
+_SOURCE_DIRS = {**{n: f"{_TORCHVISION_CLASSES[n]}/raw" for n in ("mnist", "fashion-mnist")},
+                **{n: folder for n, (folder, _, _) in _CIFAR_FILES.items()}}
+"""Where below ``ROOT`` torchvision reads each data set's files (the IDX ``raw`` folder, the CIFAR folder)."""
 ARRAY_CACHE = "fedmeta-arrays-v1"
 """Directory beside a data set's files holding its decoded arrays (``.npy``), so that a process that needs
 the data (every deployed ClientApp message starts one) reads them without importing torchvision."""

@@ -163,11 +163,9 @@ def actor_slots(nodes: list[Mapping[str, Any]], num_cpus: float, num_gpus: float
 
 def local_resources() -> list[dict[str, Any]]:
     """This machine as one Ray node record (what Ray started in-process sees): its cores and CUDA devices."""
-    gpus = 0
     import torch
 
-    if torch.cuda.is_available():
-        gpus = torch.cuda.device_count()
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     return [{"Resources": {"CPU": float(os.cpu_count() or 1), "GPU": float(gpus)}}]
 
 

@@ -54,8 +54,9 @@ def _ancestors(table: Mapping[int, tuple[int, str, list[str], bytes]], pid: int)
 
 def pids_with_env(name: str, value: str) -> set[int]:
     """Live processes (not zombies, never this process or its ancestors) whose environment holds ``name=value``:
-    what a launcher marks its processes with, found even after they rename themselves (Ray's agents set
-    their command line to ``ray::DashboardAgent``) or re-parent to init."""
+    what a launcher marks its processes with, found also when their command line names no path and they have
+    re-parented to init. A process that renames itself (Ray's ``ray::DashboardAgent``) may overwrite the
+    environment /proc shows: :func:`pids_holding` finds those."""
     table = process_table()
     spared = _ancestors(table, os.getpid())
     entry = f"{name}={value}".encode()
