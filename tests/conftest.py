@@ -53,3 +53,48 @@ def flwr139_bin() -> Path:  # tests using it carry the flwr139 marker
     )
     assert proc.returncode == 0, f"building build/flwr139 failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     return Path(proc.stdout.strip().splitlines()[-1]) / "bin"
+
+
+# --- one Ray for the session's in-process simulations ------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def _session_ray():
+    """A one-raylet Ray on 127.0.0.1 with this machine's cores (``ray start --head``, what Ray started in-process
+    would have), up for the whole session and stopped by pid at its end (:class:`LocalCluster`)."""
+    from fedmeta.simulations.cluster import LocalCluster
+
+    local = LocalCluster(raylets=1, cpus_per_raylet=os.cpu_count() or 1, hidden=False)
+    with local:
+        yield local
+    assert not local.left, f"Ray processes left behind: {local.left}"
+
+
+@pytest.fixture
+def ray_runner(request, _session_ray, monkeypatch):
+    """Simulations in this test attach to the session's Ray instead of starting and stopping one each.
+
+    ``RAY_ADDRESS`` is set for the test, so fedmeta's :func:`~fedmeta.simulations.run.simulate` (through
+    ``cluster.connect``) and Flower's engine (``ray.init`` reads it) attach, and detach at the end of each run: Ray's
+    start-up and shutdown (about 4 s a run on this machine) are paid once. Every run is still a Flower simulation
+    on Ray with its own job, actors and object store entries. Tests that check what a user's first run does
+    (Ray started in the process, a CLI in a process of its own) do not use it; a subprocess the test starts inherits
+    the address unless its environment drops it. Requires the ``ray`` marker."""
+    assert request.node.get_closest_marker("ray"), f"{request.node.nodeid} uses ray_runner without the ray marker"
+    monkeypatch.setenv("RAY_ADDRESS", _session_ray.address)
+    return _session_ray
+
+
+# --- real deployments ---------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def deployment(request, tmp_path):
+    """Start real deployments for this test (:class:`fakes.Deployments`: ``deployment.start(3, tls=True)``); at the
+    end every process they started is stopped and checked gone, by pid. Requires the ``deploy`` marker."""
+    from fakes import Deployments
+
+    assert request.node.get_closest_marker("deploy"), f"{request.node.nodeid} uses deployment without the deploy marker"
+    deployments = Deployments(tmp_path)
+    yield deployments
+    deployments.stop()

@@ -175,7 +175,7 @@ def flwr_run(tmp_path: Path, run_config: str, supernodes: int, env: dict[str, st
     started is stopped (by pid) and checked gone."""
     home = tmp_path / "flwr-home"
     env = {
-        **os.environ,
+        **{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"},  # Flower starts its own Ray unless ``env`` says
         "FLWR_HOME": str(home),
         "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(_free_port()),
         "FLWR_LOCAL_CONTROL_API_PORT": str(_free_port()),
@@ -194,3 +194,65 @@ def flwr_run(tmp_path: Path, run_config: str, supernodes: int, env: dict[str, st
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert not _flwr_processes(str(home))
     return proc
+
+
+# --- real deployments on 127.0.0.1 (the ``deployment`` fixture) --------------------------------------
+
+
+def descendants_of_pytest() -> set[int]:
+    """Live (non-zombie) descendants of this test process."""
+    from fedmeta.simulations.processes import process_table
+
+    table = process_table()
+    found, grew = set(), True
+    while grew:
+        grew = False
+        for pid, (ppid, state, _, _) in table.items():
+            if pid not in found and state != "Z" and (ppid == os.getpid() or ppid in found):
+                found.add(pid)
+                grew = True
+    return found
+
+
+class Deployments:
+    """What the ``deployment`` fixture gives a test: :meth:`start` launches a
+    :class:`~fedmeta.simulations.deploy.LocalDeployment` (SuperLink and SuperNodes on 127.0.0.1) and returns it
+    running; :meth:`watch` notes the processes alive now (ClientApps come and go); :meth:`stop` stops every
+    deployment and checks that nothing they started is alive: their own processes by PID, every process seen
+    while they ran (superexecs, ServerApps, ClientApps), anything with FLWR_HOME below their work directories,
+    and any new descendant of the test process. The fixture calls :meth:`stop` at teardown if the test did not."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir, self.baseline = workdir, descendants_of_pytest()
+        self.started: list = []
+        self.seen: set[int] = set()
+        self.stopped = False
+
+    def start(self, nodes: int, **kwargs):
+        from fedmeta.simulations.deploy import LocalDeployment
+
+        kwargs.setdefault("workdir", self.workdir / f"deploy{len(self.started) or ''}")
+        dep = LocalDeployment(nodes, **kwargs)
+        self.started.append(dep)
+        dep.__enter__()  # stops what it started if the start fails
+        self.watch()
+        return dep
+
+    def watch(self) -> None:
+        for dep in self.started:
+            self.seen |= dep.live_processes()
+
+    def stop(self) -> None:
+        from fedmeta.simulations.deploy import is_alive
+
+        if self.stopped:
+            return
+        self.stopped = True
+        self.watch()
+        for dep in reversed(self.started):
+            dep.__exit__(None, None, None)
+        started = {p.pid for dep in self.started for p in dep.processes()}
+        assert started and self.seen
+        assert not [p for p in self.seen | started if is_alive(p)]
+        assert not [dep.live_processes() for dep in self.started if dep.live_processes()]
+        assert not descendants_of_pytest() - self.baseline

@@ -150,7 +150,7 @@ def _client_app() -> ClientApp:
 
 
 @pytest.mark.ray
-def test_a_ray_simulation_trains_the_new_algorithm(problem):
+def test_a_ray_simulation_trains_the_new_algorithm(ray_runner, problem):
     from test_simulation import simulate_strategy
 
     from fedmeta.simulations.apps import initial_model

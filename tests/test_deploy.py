@@ -1,14 +1,16 @@
 """Issue 5: real deployments on 127.0.0.1 with the current flwr (HTTP transport), launched by
-:class:`fedmeta.simulations.deploy.LocalDeployment` -- the commands docs/deployment.md shows.
+:class:`fedmeta.simulations.deploy.LocalDeployment` -- the commands docs/deployment.md shows -- through the
+``deployment`` fixture (tests/conftest.py).
 
-(a) SuperLink + 3 SuperNodes, 2 rounds of cross-silo LocalMOML on Fashion-MNIST partitions, compared
-    with the same config in simulation; (b) TLS with self-signed certificates, and a SuperNode without
-    the CA refused; (c) a SuperNode killed after round 1 and restarted with the same node config and
-    data directory continues from the personalized model it saved on disk; (d) a SuperNode facing an
-    unreachable SuperLink exits with a clear message in bounded time. After each test, no process
-    it started is alive (by PID, by the deployment's FLWR_HOMEs, and as descendants of pytest).
+(a) SuperLink + 3 SuperNodes with TLS (self-signed certificates), a SuperNode without the CA refused, and
+    2 rounds of cross-silo LocalMOML on Fashion-MNIST partitions compared with the same config in
+    simulation; 2 SuperNodes without TLS hosting 6 clients, compared likewise; (c) a SuperNode killed
+    after round 1 and restarted with the same node config and data directory continues from the
+    personalized model it saved on disk, under both isolation modes; (d) a SuperNode facing an
+    unreachable SuperLink exits with a clear message in bounded time. After each test, no process it
+    started is alive (by PID, by the deployment's FLWR_HOMEs, and as descendants of pytest).
 
-About 4-5 minutes on 2 cores: every message runs in a fresh ClientApp process (~5 s each).
+About 3-4 minutes on 2 cores: every message runs in a fresh ClientApp process (~5 s each).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from pathlib import Path
 
 import pytest
 
+from fakes import descendants_of_pytest
 from fedmeta import config as C
 from fedmeta.simulations import deploy
 from fedmeta.simulations.deploy import HOST, LocalDeployment
@@ -45,34 +48,7 @@ TINY = {
 }
 
 
-# --- process bookkeeping ---------------------------------------------------------------------------
-
-
-def _descendants_of_pytest() -> set[int]:
-    table = deploy.process_table()
-    found, grew = set(), True
-    while grew:
-        grew = False
-        for pid, (ppid, state, _, _) in table.items():
-            if pid not in found and state != "Z" and (ppid == os.getpid() or ppid in found):
-                found.add(pid)
-                grew = True
-    return found
-
-
-def _assert_all_stopped(dep: LocalDeployment, seen: set[int], baseline: set[int]) -> None:
-    """Nothing the deployment started is alive: its own processes by PID, every process seen while it
-    ran (superexecs, ServerApp, ClientApps), anything with FLWR_HOME below its work directory, and
-    any new descendant of this test process."""
-    started = {p.pid for p in dep.processes()}
-    assert started and seen
-    assert not [p for p in seen | started if deploy.is_alive(p)]
-    assert not dep.live_processes()
-    assert not _descendants_of_pytest() - baseline
-
-
-def _watch(dep: LocalDeployment, seen: set[int]) -> None:
-    seen |= dep.live_processes()
+# --- helpers -----------------------------------------------------------------------------------------
 
 
 def _node_received(proc: deploy.Process, message_type: str) -> bool:
@@ -113,27 +89,54 @@ def _per_round(results: dict) -> float:
     return sum(rounds.values()) / len(rounds)
 
 
-# --- (a) the current transport, compared with simulation -------------------------------------------
+# --- (a) + (b): TLS, a SuperNode without the CA refused, and the run compared with simulation ---------
 
 
-def test_http_deployment_three_nodes_matches_simulation(tmp_path, record_property):
+@pytest.mark.ray  # the simulation it is compared with
+def test_tls_deployment_of_three_nodes_refuses_a_node_without_the_ca_and_matches_simulation(ray_runner, deployment, tmp_path,
+                                                                                            record_property):
     from fedmeta.simulations.config import ExperimentConfig
     from fedmeta.simulations.run import simulate
 
     pyproject = (ROOT / "pyproject.toml").read_bytes()
-    baseline = _descendants_of_pytest()
-    seen: set[int] = set()
-    dep = LocalDeployment(3, workdir=tmp_path / "deploy")
+    dep = deployment.start(3, tls=True)
     assert dep.transport is deploy.HTTP and deploy.version_tuple(dep.version) >= (1, 40)
     assert dep.fleet_port == dep.port  # one HTTP port for Fleet, Control and Runtime APIs
-    with dep:
-        _watch(dep, seen)
-        assert all("--insecure" in p.argv and dep.fleet_address in p.argv for p in dep.supernodes if p)
-        assert len(set(dep.node_ids)) == 3
-        deployed = dep.run(TINY, timeout=420)
-        _watch(dep, seen)
-        run = dep.runs[-1]
-    _assert_all_stopped(dep, seen, baseline)
+    assert len(set(dep.node_ids)) == 3
+    certs = dep.certificates
+    assert certs is not None and certs.ca.is_file() and oct(certs.key.stat().st_mode & 0o777) == "0o600"
+    link = dep.superlink_command()
+    assert "--insecure" not in link and {"--ssl-certfile", "--ssl-keyfile", "--ssl-ca-certfile"} <= set(link)
+    for p in dep.supernodes:
+        assert p is not None and "--insecure" not in p.argv and dep.fleet_address in p.argv
+        assert p.argv[p.argv.index("--root-certificates") + 1] == str(certs.ca)
+    # The SuperLink speaks TLS only.
+    with pytest.raises((urllib.error.URLError, ConnectionError, OSError)):
+        urllib.request.urlopen(f"http://{HOST}:{dep.port}/health", timeout=5).read()
+
+    # The same SuperNode command without the CA certificate: TLS verification fails, it exits.
+    argv = dep.supernode_command(0)
+    i = argv.index("--root-certificates")
+    del argv[i : i + 2]
+    argv[argv.index("--port") + 1] = str(deploy.free_port())
+    argv[argv.index("--max-wait-time") + 1] = "15"
+    home = dep.workdir / "node-without-ca"
+    log = home / "supernode.log"
+    home.mkdir()
+    with log.open("w") as fh:
+        rogue = subprocess.Popen(argv, env={**os.environ, **dep._env(home / "home")}, stdout=fh, stderr=subprocess.STDOUT,
+                                 start_new_session=True)
+        deployment.seen.add(rogue.pid)
+        code = rogue.wait(timeout=120)  # a hang guard: it gives up after --max-wait-time 15
+    out = log.read_text(errors="replace")
+    assert code != 0, out[-2000:]
+    assert deploy.NODE_FAILED in out and "CERTIFICATE_VERIFY_FAILED" in out, out[-2000:]
+    assert deploy.NODE_READY not in out
+
+    deployed = dep.run(TINY, timeout=420)
+    run = dep.runs[-1]
+    deployment.stop()
+    assert not deploy.related_processes([rogue.pid], home=str(home))
     assert (ROOT / "pyproject.toml").read_bytes() == pyproject
 
     # The same experiment (pyproject's app config + the same overrides) in simulation.
@@ -148,6 +151,7 @@ def test_http_deployment_three_nodes_matches_simulation(tmp_path, record_propert
     assert deployed["trained_partitions"] == {"1": [0, 1, 2], "2": [0, 1, 2]}
     for rnd in ("1", "2"):
         assert deployed["train"][rnd]["num-clients"] == 3 and deployed["train"][rnd]["num-failures"] == 0
+    assert deployed["final"]["num-clients"] == 3 and deployed["final"]["num-failures"] == 0
     # Batches are drawn per (seed, partition, round) and the model is seeded: the runtimes compute the
     # same numbers, up to the order in which replies are summed.
     for rnd in ("1", "2"):
@@ -168,23 +172,21 @@ def test_http_deployment_three_nodes_matches_simulation(tmp_path, record_propert
     print(f"\nseconds per round, same config (3 nodes, 2 rounds): {timing}")
 
 
-def test_two_supernodes_hosting_six_clients_match_simulation(tmp_path):
-    """Multi-client nodes on real processes: 2 SuperNodes host 3 clients each (node config
+@pytest.mark.ray  # the simulation it is compared with
+def test_two_supernodes_hosting_six_clients_match_simulation(ray_runner, deployment, tmp_path):
+    """Multi-client nodes on real processes, without TLS: 2 SuperNodes host 3 clients each (node config
     ``num-partitions=2``), keep LocalMOML's memories in memory banks under their ``memory-dir``, and
     compute what the simulation with ``num-nodes=2`` computes."""
     from fedmeta.simulations.config import ExperimentConfig
     from fedmeta.simulations.run import simulate
 
     overrides = {**TINY, "num-clients": 6, "num-nodes": 2, "memory-policy": "keep"}
-    baseline = _descendants_of_pytest()
-    seen: set[int] = set()
-    dep = LocalDeployment(2, workdir=tmp_path / "deploy", memory=True, data_dirs=_data_dirs(tmp_path, 2))
-    with dep:
-        _watch(dep, seen)
-        deployed = dep.run(overrides, timeout=420)
-        _watch(dep, seen)
-        run = dep.runs[-1]
-    _assert_all_stopped(dep, seen, baseline)
+    dep = deployment.start(2, memory=True, data_dirs=_data_dirs(tmp_path, 2))
+    assert all("--insecure" in p.argv and dep.fleet_address in p.argv for p in dep.supernodes if p)
+    assert "--insecure" in dep.superlink_command() and dep.certificates is None
+    deployed = dep.run(overrides, timeout=420)
+    run = dep.runs[-1]
+    deployment.stop()
 
     assert deployed["trained_partitions"] == {"1": list(range(6)), "2": list(range(6))}
     for rnd in ("1", "2"):
@@ -202,112 +204,61 @@ def test_two_supernodes_hosting_six_clients_match_simulation(tmp_path):
         assert deployed["final"][key] == pytest.approx(simulated["final"][key], rel=1e-4)
 
 
-# --- (b) TLS ------------------------------------------------------------------------------------------
-
-
-def test_tls_run_succeeds_and_a_supernode_without_the_ca_is_refused(tmp_path):
-    baseline = _descendants_of_pytest()
-    seen: set[int] = set()
-    dep = LocalDeployment(3, workdir=tmp_path / "deploy", tls=True)
-    with dep:
-        _watch(dep, seen)
-        certs = dep.certificates
-        assert certs is not None and certs.ca.is_file() and oct(certs.key.stat().st_mode & 0o777) == "0o600"
-        link = dep.superlink_command()
-        assert "--insecure" not in link and {"--ssl-certfile", "--ssl-keyfile", "--ssl-ca-certfile"} <= set(link)
-        for p in dep.supernodes:
-            assert p is not None and "--insecure" not in p.argv and p.argv[p.argv.index("--root-certificates") + 1] == str(certs.ca)
-        # The SuperLink speaks TLS only.
-        with pytest.raises((urllib.error.URLError, ConnectionError, OSError)):
-            urllib.request.urlopen(f"http://{HOST}:{dep.port}/health", timeout=5).read()
-
-        # The same SuperNode command without the CA certificate: TLS verification fails, it exits.
-        argv = dep.supernode_command(0)
-        i = argv.index("--root-certificates")
-        del argv[i : i + 2]
-        argv[argv.index("--port") + 1] = str(deploy.free_port())
-        argv[argv.index("--max-wait-time") + 1] = "15"
-        home = dep.workdir / "node-without-ca"
-        log = home / "supernode.log"
-        home.mkdir()
-        with log.open("w") as fh:
-            rogue = subprocess.Popen(argv, env={**os.environ, **dep._env(home / "home")}, stdout=fh, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
-            seen.add(rogue.pid)
-            code = rogue.wait(timeout=120)  # a hang guard: it gives up after --max-wait-time 15
-        out = log.read_text(errors="replace")
-        assert code != 0, out[-2000:]
-        assert deploy.NODE_FAILED in out and "CERTIFICATE_VERIFY_FAILED" in out, out[-2000:]
-        assert deploy.NODE_READY not in out
-
-        results = dep.run({**TINY, "num-rounds": 1, "evaluate-every": 1}, timeout=300)
-        _watch(dep, seen)
-    _assert_all_stopped(dep, seen, baseline)
-    assert not deploy.related_processes([rogue.pid], home=str(home))
-    assert sorted(results["train"]) == ["1"] and results["train"]["1"]["num-clients"] == 3
-    assert results["final"]["num-clients"] == 3 and results["final"]["num-failures"] == 0
-
-
 # --- (c) restart with memory on disk ------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("isolation", deploy.ISOLATIONS)
-def test_restarted_supernode_continues_from_the_personalized_model_it_saved(tmp_path, isolation):
+def test_restarted_supernode_continues_from_the_personalized_model_it_saved(deployment, tmp_path, isolation):
     """Under both isolation modes: with ``process`` the SuperNode's executor (``flower-superexec``, which starts
     the ClientApp processes) is a process of its own, stopped and restarted with it."""
     from fedmeta.clients.memory import read_memory_file
 
     k = 1  # the SuperNode that is killed and restarted
-    baseline = _descendants_of_pytest()
-    seen: set[int] = set()
-    dep = LocalDeployment(3, workdir=tmp_path / "deploy", memory=True, data_dirs=_data_dirs(tmp_path, 3), isolation=isolation)
-    with dep:
-        _watch(dep, seen)
-        before = dep.supernodes[k]
-        assert before is not None
-        executor = dep.executors[k]
-        if isolation == "process":
-            assert "--isolation" in before.argv and executor is not None and executor.popen.poll() is None
-            assert executor.argv[-2:] == ["--runtime-api-address", f"127.0.0.1:{dep.node_ports[k]}"]
-        else:
-            assert "--isolation" not in before.argv and executor is None
-        assert before.env[deploy.TASK_POLL_ENV] == "0.05"
-        assert f'{deploy.MEMORY_DIR}="{dep.memory_dir(k)}"' in before.argv[-1]
-        assert before.env[deploy.DATA_ENV] == str(tmp_path / f"data-{k}")
-        old_id = dep.node_ids[k]
-        # Evaluate after round 1 too. The node pulls its round-1 evaluate message only after the
-        # ServerApp has aggregated round-1 training (its train reply included), and the ServerApp
-        # cannot start round 2 before that evaluate message is answered -- by the node or, once it
-        # has deregistered, by the SuperLink with a node-unavailable error. Killing the node when the
-        # message arrives therefore always lands between its round-1 reply and round 2, which then
-        # waits until all 3 partitions are served again. (Killing it right after its train reply
-        # would race: a reply the ServerApp has not pulled yet when its node deregisters is replaced
-        # by a node-unavailable error.)
-        run = dep.start_run({**TINY, "evaluate-every": 1})
-        deadline = time.monotonic() + 300
-        while not _node_received(before, "evaluate"):
-            assert run.process.popen.poll() is None, run.output()[-3000:]
-            assert time.monotonic() < deadline, "SuperNode never got its round-1 evaluate message"
-            time.sleep(0.1)
-        _watch(dep, seen)
-        saved = read_memory_file(next(dep.memory_dir(k).glob(f"experiment-resume-*/partition-{k}.pt")))
-        assert saved.partition == k and saved.server_round == 1
+    dep = deployment.start(3, memory=True, data_dirs=_data_dirs(tmp_path, 3), isolation=isolation)
+    before = dep.supernodes[k]
+    assert before is not None
+    executor = dep.executors[k]
+    if isolation == "process":
+        assert "--isolation" in before.argv and executor is not None and executor.popen.poll() is None
+        assert executor.argv[-2:] == ["--runtime-api-address", f"127.0.0.1:{dep.node_ports[k]}"]
+    else:
+        assert "--isolation" not in before.argv and executor is None
+    assert before.env[deploy.TASK_POLL_ENV] == "0.05"
+    assert f'{deploy.MEMORY_DIR}="{dep.memory_dir(k)}"' in before.argv[-1]
+    assert before.env[deploy.DATA_ENV] == str(tmp_path / f"data-{k}")
+    old_id = dep.node_ids[k]
+    # Evaluate after round 1 too. The node pulls its round-1 evaluate message only after the
+    # ServerApp has aggregated round-1 training (its train reply included), and the ServerApp
+    # cannot start round 2 before that evaluate message is answered -- by the node or, once it
+    # has deregistered, by the SuperLink with a node-unavailable error. Killing the node when the
+    # message arrives therefore always lands between its round-1 reply and round 2, which then
+    # waits until all 3 partitions are served again. (Killing it right after its train reply
+    # would race: a reply the ServerApp has not pulled yet when its node deregisters is replaced
+    # by a node-unavailable error.)
+    run = dep.start_run({**TINY, "evaluate-every": 1})
+    deadline = time.monotonic() + 300
+    while not _node_received(before, "evaluate"):
+        assert run.process.popen.poll() is None, run.output()[-3000:]
+        assert time.monotonic() < deadline, "SuperNode never got its round-1 evaluate message"
+        time.sleep(0.1)
+    deployment.watch()
+    saved = read_memory_file(next(dep.memory_dir(k).glob(f"experiment-resume-*/partition-{k}.pt")))
+    assert saved.partition == k and saved.server_round == 1
 
-        dep.stop_node(k)  # SIGTERM: the SuperNode deregisters; its superexec and ClientApps go too
-        assert not deploy.related_processes([before.pid])
-        if executor is not None:
-            assert executor.popen.poll() is not None and not deploy.related_processes([executor.pid])
-        after = dep.start_node(k)  # same node config, memory and data directory
-        assert (after.argv, after.env) == (before.argv, before.env) and after.pid != before.pid
-        if executor is not None:  # and a new executor beside it
-            assert dep.executors[k] is not executor and dep.executors[k].argv == executor.argv
-            assert dep.executors[k].popen.poll() is None
-        assert dep.node_ids[k] != old_id  # the SuperLink sees a new node for partition k
+    dep.stop_node(k)  # SIGTERM: the SuperNode deregisters; its superexec and ClientApps go too
+    assert not deploy.related_processes([before.pid])
+    if executor is not None:
+        assert executor.popen.poll() is not None and not deploy.related_processes([executor.pid])
+    after = dep.start_node(k)  # same node config, memory and data directory
+    assert (after.argv, after.env) == (before.argv, before.env) and after.pid != before.pid
+    if executor is not None:  # and a new executor beside it
+        assert dep.executors[k] is not executor and dep.executors[k].argv == executor.argv
+        assert dep.executors[k].popen.poll() is None
+    assert dep.node_ids[k] != old_id  # the SuperLink sees a new node for partition k
 
-        results = run.wait(timeout=420)
-        _watch(dep, seen)
-        restarted_log = after.log.read_text(errors="replace")[after.log_offset :]
-    _assert_all_stopped(dep, seen, baseline)
+    results = run.wait(timeout=420)
+    restarted_log = after.log.read_text(errors="replace")[after.log_offset :]
+    deployment.stop()
 
     assert sorted(results["train"], key=int) == ["1", "2"]
     assert all(results["train"][r]["num-clients"] == 3 and results["train"][r]["num-failures"] == 0 for r in ("1", "2"))
@@ -334,7 +285,7 @@ def test_supernode_with_an_unreachable_superlink_exits_with_a_clear_message(tmp_
                                     node_config={C.PARTITION_ID: 0, "num-partitions": 1}, max_wait_time=5, bin_dir=bin_dir)
     home = tmp_path / "home"
     env = {**os.environ, "FLWR_HOME": str(home), "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "FLWR_DISABLE_UPDATE_CHECK": "1"}
-    baseline = _descendants_of_pytest()
+    baseline = descendants_of_pytest()
     log = tmp_path / "supernode.log"
     with log.open("w") as fh:
         node = subprocess.Popen(argv, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
@@ -351,7 +302,7 @@ def test_supernode_with_an_unreachable_superlink_exits_with_a_clear_message(tmp_
     while deploy.related_processes([node.pid], home=str(tmp_path)) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not deploy.related_processes([node.pid], home=str(tmp_path))
-    assert not _descendants_of_pytest() - baseline
+    assert not descendants_of_pytest() - baseline
 
 
 # --- the guide shows what the launcher runs ----------------------------------------------------------

@@ -110,44 +110,40 @@ def test_flwr139_venv_is_cached_and_has_its_own_flwr_and_grpc(flwr139_bin):
 
 
 @pytest.mark.parametrize("isolation", ["subprocess", "process"])
-def test_grpc_deployment_local_moml_cross_silo_three_nodes(flwr139_bin, tmp_path, isolation):
-    from fedmeta.simulations.deploy import LocalDeployment
-
+def test_grpc_deployment_local_moml_cross_silo_three_nodes(flwr139_bin, deployment, isolation):
     pyproject = (ROOT / "pyproject.toml").read_bytes()
-    dep = LocalDeployment(3, workdir=tmp_path / "deploy", flwr_bin=flwr139_bin, startup_timeout=120, stop_timeout=15,
-                          isolation=isolation)
+    dep = deployment.start(3, flwr_bin=flwr139_bin, startup_timeout=120, stop_timeout=15, isolation=isolation)
     assert dep.version == FLWR and dep.transport.name == "grpc-rere"
     assert dep.fleet_port != dep.port  # gRPC Fleet API on a port of its own
 
-    pids: set[int] = set()
     connections: dict[int, list[tuple[int, int, str]]] = {}
-    with dep:
-        link = dep.superlink
-        assert link is not None
-        pids = dep.live_processes()
-        link_log = link.log.read_text(errors="replace")
-        assert f"Starting Fleet API (gRPC-rere) on 127.0.0.1:{dep.fleet_port}" in link_log, link_log[-3000:]
-        assert (dep.fleet_port, 0, LISTEN) in tcp_of(link.pid)
-        nodes = [p for p in dep.supernodes if p is not None]
-        assert len(nodes) == 3 and all(n.popen.poll() is None for n in nodes)
-        executors = [e for e in dep.executors if e is not None]
-        assert len(executors) == (3 if isolation == "process" else 0)  # a flower-superexec of its own per SuperNode
-        assert all(e.popen.poll() is None and e.argv[0].startswith(str(flwr139_bin)) for e in executors)
-        for n in nodes:
-            assert "--grpc-rere" in n.argv and dep.fleet_address in n.argv
-            assert ("--isolation" in n.argv) == (isolation == "process")
-            log = n.log.read_text(errors="replace")
-            assert f"insecure channel to {dep.fleet_address}" in log and "SuperNode ID:" in log, log[-3000:]
+    link = dep.superlink
+    assert link is not None
+    pids = dep.live_processes()
+    link_log = link.log.read_text(errors="replace")
+    assert f"Starting Fleet API (gRPC-rere) on 127.0.0.1:{dep.fleet_port}" in link_log, link_log[-3000:]
+    assert (dep.fleet_port, 0, LISTEN) in tcp_of(link.pid)
+    nodes = [p for p in dep.supernodes if p is not None]
+    assert len(nodes) == 3 and all(n.popen.poll() is None for n in nodes)
+    executors = [e for e in dep.executors if e is not None]
+    assert len(executors) == (3 if isolation == "process" else 0)  # a flower-superexec of its own per SuperNode
+    assert all(e.popen.poll() is None and e.argv[0].startswith(str(flwr139_bin)) for e in executors)
+    for n in nodes:
+        assert "--grpc-rere" in n.argv and dep.fleet_address in n.argv
+        assert ("--isolation" in n.argv) == (isolation == "process")
+        log = n.log.read_text(errors="replace")
+        assert f"insecure channel to {dep.fleet_address}" in log and "SuperNode ID:" in log, log[-3000:]
 
-        results = dep.run(
-            {"algorithm": "local-moml", "partition": "dirichlet", "num-rounds": 2, "local-steps": 1, "evaluate-every": 2},
-            timeout=480,
-        )
-        # The gRPC channels are long-lived: still established after the run, one per SuperNode.
-        for n in nodes:
-            connections[n.pid] = tcp_of(n.pid)
-        pids |= dep.live_processes()
-        seconds = dep.runs[-1].seconds
+    results = dep.run(
+        {"algorithm": "local-moml", "partition": "dirichlet", "num-rounds": 2, "local-steps": 1, "evaluate-every": 2},
+        timeout=480,
+    )
+    # The gRPC channels are long-lived: still established after the run, one per SuperNode.
+    for n in nodes:
+        connections[n.pid] = tcp_of(n.pid)
+    pids |= dep.live_processes()
+    seconds = dep.runs[-1].seconds
+    deployment.stop()
 
     # --- transport: every SuperNode talks to the gRPC fleet port, none to the HTTP API port ---------
     for pid, conns in connections.items():

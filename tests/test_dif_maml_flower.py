@@ -225,7 +225,7 @@ def test_client_app_refuses_a_message_for_another_agent():
 
 
 @pytest.mark.ray
-def test_ring_of_six_on_ray_equals_the_simulator_with_its_message_counts():
+def test_ring_of_six_on_ray_equals_the_simulator_with_its_message_counts(ray_runner):
     from fedmeta.simulations.dif_maml_app import build_server_app
     from fedmeta.simulations.engine import run_on_ray
 

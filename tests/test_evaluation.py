@@ -136,7 +136,7 @@ def test_holdout_partitions_are_seeded_and_distinct():
 
 
 @pytest.mark.ray
-def test_new_clients_never_train_and_are_scored_by_adaptation(tmp_path):
+def test_new_clients_never_train_and_are_scored_by_adaptation(ray_runner, tmp_path):
     from fedmeta.simulations.run import simulate
 
     cfg = ExperimentConfig(algorithm="fedavg", num_clients=4, num_new_clients=2, clients_per_round=2, num_rounds=4,

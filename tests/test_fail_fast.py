@@ -227,15 +227,16 @@ def test_check_inputs_accepts_good_files_and_names_missing_corrupt_and_misplaced
 
 
 @pytest.fixture(scope="module")
-def failed_run(tmp_path_factory):
-    """`fedmeta-sim` with a ClientApp that raises in every train call, 50 rounds asked, output piped."""
+def failed_run(tmp_path_factory, _session_ray):
+    """`fedmeta-sim` with a ClientApp that raises in every train call, 50 rounds asked, output piped; it attaches
+    to the session's Ray (``RAY_ADDRESS``, as ``ray_runner`` does for in-process runs)."""
     tmp = tmp_path_factory.mktemp("fail-all")
     script = tmp / "fail_all.py"
     script.write_text(FAIL_ALL)
     results = tmp / "results"
     proc = subprocess.run([sys.executable, str(script), "--algorithms", "local-moml", *SINE, "--num-rounds", "50",
                            "--evaluate-every", "10", "--max-failed-rounds", "3", "--results-dir", str(results)],
-                          env=_env(tmp), cwd=tmp, capture_output=True, text=True, timeout=600)
+                          env=_env(tmp, RAY_ADDRESS=_session_ray.address), cwd=tmp, capture_output=True, text=True, timeout=600)
     return proc, results
 
 
@@ -281,7 +282,7 @@ def test_piped_output_shows_plain_round_lines(failed_run):
 
 
 @pytest.mark.ray
-def test_progress_on_a_terminal_is_a_bar(tmp_path):
+def test_progress_on_a_terminal_is_a_bar(ray_runner, tmp_path):
     """The same CLI on a pseudo-terminal: rich's bar (round k/N, bar, elapsed, ETA, score, failures)."""
     master, slave = pty.openpty()
     argv = [sys.executable, "-m", "fedmeta.simulations.run", "--algorithms", "per-fedavg", *SINE, "--num-rounds", "4",
@@ -316,7 +317,7 @@ NO_EVAL = FAIL_ALL.replace("    @app.train()\n    def train(msg, context):", "  
 
 
 @pytest.mark.ray
-def test_a_run_whose_final_evaluation_never_happened_exits_non_zero(tmp_path):
+def test_a_run_whose_final_evaluation_never_happened_exits_non_zero(ray_runner, tmp_path):
     """Training works, every evaluate call raises: the run finishes its rounds, says failed, exits 1."""
     assert "@app.evaluate()\n    def evaluate" in NO_EVAL and "app.train()(lambda" in NO_EVAL
     script = tmp_path / "no_eval.py"

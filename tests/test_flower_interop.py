@@ -51,7 +51,7 @@ def _accuracy(result, rnd: int, key: str = C.ACC_AFTER) -> float:
 
 
 @pytest.mark.parametrize("snippets", [("stock-fedavg",), ("stock-fedavg", "stock-fedadam")], ids=["FedAvg", "FedAdam"])
-def test_stock_strategies_drive_fedmeta_clients_through_the_helper(snippets):
+def test_stock_strategies_drive_fedmeta_clients_through_the_helper(ray_runner, snippets):
     ns = run_snippets(*snippets)
     [result] = ns["results"]
     assert type(ns["server_app"]) is ServerApp
@@ -65,7 +65,7 @@ def test_stock_strategies_drive_fedmeta_clients_through_the_helper(snippets):
         assert C.PARTITION_ID not in result.evaluate_metrics_clientapp[rnd]
 
 
-def test_stock_fedavg_with_no_fedmeta_config_stops_early_with_the_clear_line(caplog):
+def test_stock_fedavg_with_no_fedmeta_config_stops_early_with_the_clear_line(ray_runner, caplog):
     app = ServerApp()
     box: dict = {}
 
@@ -131,7 +131,7 @@ def quickstart_client_app() -> tuple[ClientApp, type]:
 
 
 @pytest.mark.parametrize("strategy", ["PerFedAvg (README)", "LocalMOML"])
-def test_fedmeta_strategies_drive_a_quickstart_style_client(strategy, caplog):
+def test_fedmeta_strategies_drive_a_quickstart_style_client(ray_runner, strategy, caplog):
     client_app, net = quickstart_client_app()
     with caplog.at_level(logging.INFO, logger="fedmeta"):
         if strategy == "LocalMOML":
@@ -217,7 +217,7 @@ def contract_client_app() -> ClientApp:
 
 
 @pytest.mark.parametrize("name", ["PerFedAvg", "LocalMOML"])
-def test_a_client_honoring_the_readme_contract_runs_under_both_strategies(name, caplog):
+def test_a_client_honoring_the_readme_contract_runs_under_both_strategies(ray_runner, name, caplog):
     from fedmeta.strategies import PerFedAvg
 
     cls = {"PerFedAvg": PerFedAvg, "LocalMOML": LocalMOML}[name]
@@ -246,7 +246,7 @@ def _arrays(result) -> dict[str, np.ndarray]:
     return {k: v.numpy() for k, v in result.arrays.items()}
 
 
-def test_dp_wrapped_per_fedavg_checkpoints_and_resumes_to_the_uninterrupted_model(tmp_path, monkeypatch, caplog):
+def test_dp_wrapped_per_fedavg_checkpoints_and_resumes_to_the_uninterrupted_model(ray_runner, tmp_path, monkeypatch, caplog):
     torch.manual_seed(0)
     shared = {}
     exec(compile(readme_snippet("stock-fedavg"), "README:stock-fedavg", "exec"), shared)  # imports and the model
@@ -279,7 +279,7 @@ def test_dp_wrapped_per_fedavg_checkpoints_and_resumes_to_the_uninterrupted_mode
         np.testing.assert_array_equal(_arrays(resumed)[k], v)
 
 
-def test_client_side_clipping_mod_through_make_client_app():
+def test_client_side_clipping_mod_through_make_client_app(ray_runner):
     torch.manual_seed(0)
     ns = run_snippets("stock-fedavg", "dp-server-side", "dp-client-side")
     [result] = ns["results"]

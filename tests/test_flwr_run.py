@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.ray
 
 
-def test_flwr_run_with_the_app_declared_in_pyproject(tmp_path):
+def test_flwr_run_with_the_app_declared_in_pyproject(ray_runner, tmp_path):
     results = tmp_path / "results"
     proc = flwr_run(tmp_path, f'num-clients=4 clients-per-round=2 num-rounds=2 evaluate-every=2 results-dir="{results}"', 4)
     res = json.loads((results / "local-moml-fashion-mnist-n4-seed0.json").read_text())

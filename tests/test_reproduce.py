@@ -42,7 +42,7 @@ def test_table3_tunes_momentum_on_the_first_seed_only():
 
 
 @pytest.mark.ray
-def test_reproduce_command_end_to_end_with_a_tiny_budget(tmp_path, monkeypatch, capsys):
+def test_reproduce_command_end_to_end_with_a_tiny_budget(ray_runner, tmp_path, monkeypatch, capsys):
     tiny = Budget(rounds=2, evaluate_every=2, seeds=(0,), cells=((2, 5),))
     monkeypatch.setitem(reproduce.REPRODUCTIONS, "per-fedavg-fig1", (reproduce.fig1, tiny, tiny))
     assert reproduce.main(["per-fedavg-fig1", "--quick", "--out", str(tmp_path), "--runs", str(tmp_path / "runs")]) == 0
@@ -109,7 +109,12 @@ def test_ggs_figure_runs_the_grid_and_picks_each_algorithm_by_its_mean_over_seed
 
 
 @pytest.mark.parametrize("name", ["ggs-fig1", "ggs-fig2"])
-def test_ggs_quick_commands_write_their_summary_and_plot(tmp_path, capsys, name):
+def test_ggs_quick_commands_write_their_summary_and_plot(tmp_path, capsys, monkeypatch, name):
+    from dataclasses import replace
+
+    fig = reproduce.GGS_FIGURES[name]  # the --quick grid with 2 seeds, half the iterations and 50 held-out tasks
+    small = replace(fig.quick, seeds=fig.quick.seeds[:2], iterations=fig.quick.iterations // 2, eval_tasks=50)
+    monkeypatch.setitem(reproduce.GGS_FIGURES, name, replace(fig, quick=small))
     args = [name, "--quick", "--out", str(tmp_path), "--runs", str(tmp_path / "runs")]
     assert reproduce.main(args) == 0
     out = tmp_path / f"{name}-quick"

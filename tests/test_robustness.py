@@ -57,7 +57,7 @@ def broken_client_app(cfg: ExperimentConfig) -> ClientApp:
     return app
 
 
-def test_a_raising_client_and_a_nan_client_cost_only_their_updates():
+def test_a_raising_client_and_a_nan_client_cost_only_their_updates(ray_runner):
     strategy = PerFedAvg(**CFG.replace(algorithm=C.PER_FEDAVG).strategy_kwargs())
     result = run(strategy, broken_client_app(CFG), CFG)
     for rnd in (1, 2):
@@ -69,7 +69,7 @@ def test_a_raising_client_and_a_nan_client_cost_only_their_updates():
     assert sorted(strategy.client_train[2]) == [0, 3]
 
 
-def test_a_client_that_hangs_past_the_round_timeout_is_counted_missing_and_the_run_goes_on(tmp_path):
+def test_a_client_that_hangs_past_the_round_timeout_is_counted_missing_and_the_run_goes_on(ray_runner, tmp_path):
     """Flower's own round timeout: client 1 hangs through round 2; the round averages the other 3,
     says ``num-missing`` 1, and round 3 has all 4 again (its late round-2 reply is never used).
 
@@ -115,7 +115,7 @@ def test_a_client_that_hangs_past_the_round_timeout_is_counted_missing_and_the_r
 
 
 @pytest.mark.parametrize("num_nodes", [0, 2], ids=["one-client-per-node", "multi-client-nodes"])
-def test_same_config_and_seed_give_bit_identical_runs(tmp_path, num_nodes):
+def test_same_config_and_seed_give_bit_identical_runs(ray_runner, tmp_path, num_nodes):
     cfg = CFG.replace(algorithm=C.LOCAL_MOML, num_nodes=num_nodes, memory_policy="keep", num_rounds=3, clients_per_round=2,
                       evaluate_every=2)
     results = []
@@ -134,14 +134,16 @@ def test_same_config_and_seed_give_bit_identical_runs(tmp_path, num_nodes):
 
 # --- kill and resume a real simulation process ------------------------------------------------------
 
+ROUNDS = 12
+
 SIM = ["-m", "fedmeta.simulations.run", "--algorithms", C.LOCAL_MOML, "--dataset", "sinewave", "--num-clients", "6",
-       "--clients-per-round", "3", "--memory-policy", "keep", "--num-rounds", "30", "--evaluate-every", "10",
+       "--clients-per-round", "3", "--memory-policy", "keep", "--num-rounds", str(ROUNDS), "--evaluate-every", "4",
        "--local-steps", "2", "--seed", "3"]
 
 
 def _simulation(results: Path, log: Path, *extra: str) -> subprocess.Popen:
-    """``fedmeta-sim`` in its own session: its Ray daemons and actors share its process group."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    """``fedmeta-sim`` in its own session, starting its own Ray: its Ray daemons and actors share its process group."""
+    env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "PYTHONUNBUFFERED": "1"}
     with log.open("ab") as fh:
         return subprocess.Popen([sys.executable, *SIM, "--results-dir", str(results), *extra], stdout=fh, stderr=subprocess.STDOUT,
                                 cwd=results.parent, env=env, start_new_session=True)
@@ -181,15 +183,18 @@ def _checkpoint_round(path: Path) -> int:
 
 
 @pytest.mark.parametrize("num_nodes", ["0", "2"], ids=["one-client-per-node", "multi-client-nodes"])
-def test_a_simulation_killed_after_round_k_resumes_to_the_uninterrupted_model(tmp_path, num_nodes):
+def test_a_simulation_killed_after_round_k_resumes_to_the_uninterrupted_model(ray_runner, tmp_path, num_nodes, capsys):
     """SIGKILL to the whole simulation (driver, Ray daemons, actors) once round 3 is checkpointed, then
-    ``--resume``: same final model, bit for bit, and the same per-client records as a run never killed."""
+    ``--resume``: same final model, bit for bit, and the same per-client records as a run never killed (the same
+    command, run in this process on the session's Ray)."""
+    from fedmeta.simulations import run as sim_run
+
     stem = f"{C.LOCAL_MOML}-sinewave-n6-seed3"
     ref_dir, run_dir = tmp_path / "ref" / "results", tmp_path / "run" / "results"
     for d in (ref_dir, run_dir):
         d.parent.mkdir()
     log = tmp_path / "log.txt"
-    _finish(_simulation(ref_dir, log, "--num-nodes", num_nodes), log)
+    assert sim_run.main([*SIM[2:], "--results-dir", str(ref_dir), "--num-nodes", num_nodes]) == 0, capsys.readouterr()
 
     ckpt = run_dir / "checkpoints" / stem
     proc = _simulation(run_dir, log, "--num-nodes", num_nodes)
@@ -200,17 +205,17 @@ def test_a_simulation_killed_after_round_k_resumes_to_the_uninterrupted_model(tm
         killed_at = _checkpoint_round(ckpt)
     finally:
         _kill_group(proc)
-    assert 3 <= killed_at < 30, f"checkpoint round {killed_at} when killed\n{log.read_text()[-3000:]}"
+    assert 3 <= killed_at < ROUNDS, f"checkpoint round {killed_at} when killed\n{log.read_text()[-3000:]}"
     assert _group_gone(proc.pid), "processes of the killed simulation are still running"  # Ray's daemons and actors too
     assert not (run_dir / f"{stem}.json").exists()
 
     _finish(_simulation(run_dir, log, "--num-nodes", num_nodes, "--resume"), log)
     ref, resumed = CheckpointDir(ref_dir / "checkpoints" / stem).load(), CheckpointDir(ckpt).load()
-    assert resumed.round == 30
+    assert resumed.round == ROUNDS
     for k in ref.arrays:
         np.testing.assert_array_equal(resumed.arrays[k].numpy(), ref.arrays[k].numpy(), err_msg=k)
     a, b = (json.loads((d / f"{stem}.json").read_text()) for d in (ref_dir, run_dir))
     assert b["resumed_from"] >= killed_at and a["resumed_from"] is None
     for key in ("train", "evaluate", "client_train", "clients", "final"):
         assert b[key] == a[key], key
-    assert max(m[C.MEMORY_ROUND] for m in b["client_train"]["30"].values()) > 0  # memories were carried
+    assert max(m[C.MEMORY_ROUND] for m in b["client_train"][str(ROUNDS)].values()) > 0  # memories were carried

@@ -66,7 +66,7 @@ def assert_different_model(result, other: dict[str, np.ndarray]) -> None:
     assert max(float(np.abs(result.arrays[k].numpy() - v).max()) for k, v in other.items()) > 1e-4
 
 
-def test_keep_memory_persists_across_rounds_in_which_the_client_was_not_sampled():
+def test_keep_memory_persists_across_rounds_in_which_the_client_was_not_sampled(ray_runner):
     strategy = LocalMOML(**{**CFG.strategy_kwargs(), "memory_policy": "keep"})
     result = simulate_strategy(strategy, CFG)
 
@@ -86,7 +86,7 @@ def test_keep_memory_persists_across_rounds_in_which_the_client_was_not_sampled(
 
 
 @pytest.mark.parametrize("meta_gradient", ["exact", "first_order"])
-def test_multi_client_nodes_run_the_same_experiment_as_one_client_per_node(tmp_path, meta_gradient):
+def test_multi_client_nodes_run_the_same_experiment_as_one_client_per_node(ray_runner, tmp_path, meta_gradient):
     """The run of the test above on 2 nodes hosting 3 clients each (batched, memory banks): the
     same memories and the same final model as the per-client replay."""
     cfg = CFG.replace(num_nodes=2, memory_dir=str(tmp_path), meta_gradient=meta_gradient)
@@ -99,7 +99,7 @@ def test_multi_client_nodes_run_the_same_experiment_as_one_client_per_node(tmp_p
     assert_same_model(result, replay(cfg, strategy.hparams))
 
 
-def test_reset_memory_is_rebuilt_every_round():
+def test_reset_memory_is_rebuilt_every_round(ray_runner):
     strategy = LocalMOML(**CFG.strategy_kwargs())  # cross-device default: reset
     assert strategy.hparams.memory_policy == "reset"
     result = simulate_strategy(strategy, CFG)
@@ -108,7 +108,7 @@ def test_reset_memory_is_rebuilt_every_round():
     assert_different_model(result, replay(CFG, strategy.hparams.replace(memory_policy="keep")))
 
 
-def test_default_experiment_smoke_run(tmp_path, capsys):
+def test_default_experiment_smoke_run(ray_runner, tmp_path, capsys):
     code = sim_run.main([
         "--num-clients", "6", "--clients-per-round", "3", "--num-rounds", "3", "--evaluate-every", "3",
         "--results-dir", str(tmp_path),
@@ -135,7 +135,7 @@ def test_bad_cli_input_fails_before_any_work(capsys):
         ExperimentConfig.from_mapping({"num-round": 3})
 
 
-def test_the_estimator_setting_reaches_the_clients_through_the_engine():
+def test_the_estimator_setting_reaches_the_clients_through_the_engine(ray_runner):
     """GGS with N=2 inner steps, set in the experiment config, is what the simulated clients run."""
     # delta=1e-2: the gradient difference divides float32 round-off (threads differ between Ray workers
     # and this process) by delta only 100x, so the replay can match to 1e-5
@@ -151,7 +151,7 @@ def test_the_estimator_setting_reaches_the_clients_through_the_engine():
     assert_different_model(result, replay(cfg, strategy.hparams.replace(meta_gradient="exact")))
 
 
-def test_thousand_clients_on_two_multi_client_nodes(tmp_path):
+def test_thousand_clients_on_two_multi_client_nodes(ray_runner, tmp_path):
     """1,000 sinewave clients on 2 simulated SuperNodes, B=100 per round, LocalMOML keeping each
     client's memory in the nodes' memory banks: every round trains exactly the sampled clients,
     and a client that trains again starts from the memory of its last round."""
