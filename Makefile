@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.fedmeta-installed
 # torch/torchvision pinned to the builds this machine provides from local disk.
 TORCH  := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: run test test-fast bench bench-step bench-estimators bench-single-step bench-deploy bench-cluster venv clean
+.PHONY: run test test-fast bench bench-peers bench-local-round bench-step bench-estimators bench-single-step bench-deploy bench-cluster venv clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -42,6 +42,14 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/bench_scale.py $(ARGS)
+
+# fedmeta against pfl-research on one workload, side by side in one run; pfl's venv (build/pfl060) built on first use.
+bench-peers: $(STAMP)
+	$(PY) scripts/provision_data.py
+	$(PY) bench/bench_peers.py $(ARGS)
+
+bench-local-round: $(STAMP)
+	$(PY) bench/bench_local_round.py $(ARGS)
 
 bench-step: $(STAMP)
 	$(PY) bench/bench_meta_step.py

@@ -29,10 +29,8 @@ and once:
 6. **Exact vs first-order**: one Per-FedAvg meta-step with the exact HVP against first-order
    (MLP 784-40-40-10, K=5, N=1), single client (``meta.per_fedavg_step``) and vmapped over 100
    clients (per client-step), 1 thread, timed interleaved.
-7. **PFLlib comparison workload** (fedmeta's side): Per-FedAvg first-order, ``mlp-100``, 20 clients
-   of a pathological 2-class Fashion-MNIST split (2,625 train samples each), K=10, H=131 (one local
-   epoch at 20 samples per step), cross-silo on ``num_nodes=2``: client meta-steps/s end to end
-   against PFLlib's ~740/s measured on this machine (single process, no federation).
+The peers (pfl-research, PFLlib) are compared in ``bench_peers.py`` (``make bench-peers``), against
+figures measured in the same run.
 
 Every simulation runs in a child process (this script re-invoked with ``--child``) so that its
 memory can be sampled whole and no Ray process outlives it (checked: the child's Ray uses a temporary
@@ -82,12 +80,9 @@ from fedmeta.simulations.run import simulate
 
 RESULTS_PATH = Path(__file__).resolve().parent / "results" / "bench_scale.json"
 GIB = 1024**3
-PFLLIB_STEPS_PER_S = 740.0
-"""PFLlib's Per-FedAvg on this workload, client meta-steps/s measured on this machine (single process)."""
 TARGET_E2E_OVER_BARE = 0.8
 TARGET_PEAK_GIB = 8.0
 TARGET_EXACT_OVER_FO = 1.8
-TARGET_OVER_PFLLIB = 2.0
 
 
 @dataclass(frozen=True)
@@ -114,10 +109,6 @@ class Budget:
     """Scale runs: clients per round (cross-device B)."""
     scale_rounds: int
     """Scale runs: rounds."""
-    pfl_local_steps: int
-    """PFLlib workload: local steps H (131 = one local epoch)."""
-    pfl_rounds: int
-    """PFLlib workload: rounds."""
     concurrent_seconds: float
     """Bare math in 2 concurrent processes: seconds each process loops the round."""
     workloads: tuple[str, ...] = ("mlp", "sine")
@@ -125,14 +116,13 @@ class Budget:
 
 
 FULL = Budget(warmup=3, repeats=7, min_repeat_seconds=0.05, bare_clients=100, single_clients=100, multi_clients=1000,
-              e2e_rounds=5, scale_clients=(1000, 10000), scale_per_round=100, scale_rounds=5, pfl_local_steps=131,
-              pfl_rounds=5, concurrent_seconds=8.0)
+              e2e_rounds=5, scale_clients=(1000, 10000), scale_per_round=100, scale_rounds=5,
+              concurrent_seconds=8.0)
 QUICK = Budget(warmup=1, repeats=3, min_repeat_seconds=0.02, bare_clients=20, single_clients=10, multi_clients=100,
-               e2e_rounds=2, scale_clients=(1000,), scale_per_round=20, scale_rounds=2, pfl_local_steps=10, pfl_rounds=2,
-               concurrent_seconds=1.0)
+               e2e_rounds=2, scale_clients=(1000,), scale_per_round=20, scale_rounds=2, concurrent_seconds=1.0)
 SMOKE = Budget(warmup=0, repeats=1, min_repeat_seconds=0.001, bare_clients=4, single_clients=2, multi_clients=4,
-               e2e_rounds=2, scale_clients=(40,), scale_per_round=4, scale_rounds=2, pfl_local_steps=2, pfl_rounds=2,
-               concurrent_seconds=0.2, workloads=("sine",))
+               e2e_rounds=2, scale_clients=(40,), scale_per_round=4, scale_rounds=2, concurrent_seconds=0.2,
+               workloads=("sine",))
 """The smallest sizes that still run every section and code path (the test suite's smoke test): seconds of
 work beside the simulations' start-up (5 simulation processes, each starting its own Ray); its figures mean
 nothing. One workload: the two differ in data and model only, which the Fashion-MNIST tests and the
@@ -169,15 +159,6 @@ def scale_config(base: ExperimentConfig, num_clients: int, budget: Budget) -> Ex
     if base.dataset != "sinewave" and num_clients > 1000:
         cfg = cfg.replace(train_per_client=5, test_per_client=1)
     return cfg
-
-
-def pfllib_config(budget: Budget) -> ExperimentConfig:
-    """PFLlib's Per-FedAvg comparison workload (see the module docstring), cross-silo on 2 nodes."""
-    return ExperimentConfig(algorithm=C.PER_FEDAVG, meta_gradient="first_order", model="mlp-100",
-                            dataset="fashion-mnist", partition="pathological", classes_per_client=2,
-                            train_per_client=2625, test_per_client=500, num_clients=20, num_nodes=2,
-                            clients_per_round=0, batch_size=10, local_steps=budget.pfl_local_steps,
-                            num_rounds=budget.pfl_rounds, evaluate_every=0, num_cpus=1.0)
 
 
 def describe(cfg: ExperimentConfig) -> str:
@@ -297,7 +278,7 @@ class TreeSampler(threading.Thread):
         peak = rss > r.peak_rss_bytes
         if peak:
             r.peak_rss_bytes, r.processes_at_peak = rss, len(pids)
-        if peak or r.samples % self.pss_every == 0:
+        if self.pss_every and (peak or r.samples % self.pss_every == 0):
             rollups = [_read(f"/proc/{pid}/smaps_rollup") for pid in pids]
             if any(rollups):
                 pss = sum(1024 * _kib(text, "Pss") for text in rollups)
@@ -419,7 +400,46 @@ def end_leftovers(marker: str, grace_s: float = 10.0) -> list[str]:
     return list(alive.values())
 
 
-def run_child(label: str, cfg: ExperimentConfig, results_dir: str) -> SimRun:
+@dataclass
+class Child:
+    """A child process run by :func:`measured_child`: its exit, output, wall time, memory and CPU, and the machine's load."""
+
+    returncode: int
+    log: str
+    wall_s: float
+    memory: TreeMemory
+    ray_leftovers: list[str]
+    load: Load
+
+    @property
+    def busy_cores(self) -> float:
+        """Average cores the child's process tree used over its wall time (start-up included)."""
+        return self.memory.cpu_ticks / CLOCK_TICKS / self.wall_s
+
+
+def measured_child(cmd: list[str], work: str, env: dict[str, str] | None = None, *, interval: float = 0.2,
+                   pss_every: int = 5) -> Child:
+    """Run ``cmd`` to its end while sampling its process tree's memory and CPU (:class:`TreeSampler`, every
+    ``interval`` s; ``pss_every=0``: RSS only, the cheapest sampling).
+
+    ``work`` is a temporary directory of the child's own: it becomes the child's ``RAY_TMPDIR``, so that
+    any Ray process still naming it after the child exits is found and ended (:func:`end_leftovers`).
+    """
+    env = {**(os.environ if env is None else env), "RAY_TMPDIR": work}  # marks every Ray process of this child
+    meter = LoadMeter()
+    t0 = time.perf_counter()
+    child = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    sampler = TreeSampler(child.pid, interval, pss_every)
+    sampler.start()
+    log, _ = child.communicate()
+    wall = time.perf_counter() - t0
+    memory = sampler.stop()
+    ChildCpu.ticks += memory.cpu_ticks
+    leftovers = end_leftovers(work)
+    return Child(child.returncode, log, wall, memory, leftovers, meter.stop(memory.cpu_ticks))
+
+
+def run_child(label: str, cfg: ExperimentConfig, results_dir: str, **sampling: Any) -> SimRun:
     """Run ``simulate(cfg)`` in a child process, sampling the memory of its whole process tree.
 
     Raises
@@ -432,22 +452,11 @@ def run_child(label: str, cfg: ExperimentConfig, results_dir: str) -> SimRun:
         spec, out = Path(work) / "spec.json", Path(work) / "out.json"
         cfg = cfg.replace(results_dir=results_dir)
         spec.write_text(json.dumps({"config": cfg.to_dict(), "out": str(out)}))
-        env = {**os.environ, "RAY_TMPDIR": work}  # marks every Ray process of this child
-        meter = LoadMeter()
-        t0 = time.perf_counter()
-        child = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--child", str(spec)], env=env,
-                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        sampler = TreeSampler(child.pid)
-        sampler.start()
-        log, _ = child.communicate()
-        child_s = time.perf_counter() - t0
-        memory = sampler.stop()
-        ChildCpu.ticks += memory.cpu_ticks
-        leftovers = end_leftovers(work)
-        load = meter.stop(memory.cpu_ticks)
+        child = measured_child([sys.executable, str(Path(__file__).resolve()), "--child", str(spec)], work, **sampling)
         if child.returncode != 0 or not out.exists():
-            raise RuntimeError(f"{label}: the simulation child failed (exit {child.returncode}):\n{log[-4000:]}")
+            raise RuntimeError(f"{label}: the simulation child failed (exit {child.returncode}):\n{child.log[-4000:]}")
         res = json.loads(out.read_text())
+        memory, leftovers, load, child_s = child.memory, child.ray_leftovers, child.load, child.wall_s
     per_round = cfg.clients_per_round or cfg.num_clients
     round_seconds = {int(r): float(s) for r, s in res["round_seconds"].items()}
     for r, metrics in res["train"].items():
@@ -725,33 +734,6 @@ def measure_workload(name: str, base: ExperimentConfig, budget: Budget, results_
     }
 
 
-def measure_pfllib(budget: Budget, results_dir: str, progress: Callable[[str], None]) -> dict[str, Any]:
-    """Part 7: the PFLlib comparison workload end to end, and its bare vmapped rate for one node's 10 clients
-    (in one process, and in 2 concurrent processes)."""
-    cfg = pfllib_config(budget)
-    clients = cfg.num_clients // cfg.num_nodes
-    progress(f"[pfllib] bare vmapped, {clients} clients, H={cfg.local_steps}")
-    work = NodeWork.build(cfg, clients)
-    meter = LoadMeter()
-    rate = bare_rates(work, ("vmap",), (1,), budget, slow_call_seconds=1.0)[0]
-    bare_load = meter.stop()
-    progress("[pfllib] bare vmapped, single-threaded processes: 1 alone, then 2 at once")
-    concurrent = concurrent_rate(cfg, clients, budget.concurrent_seconds)
-    progress(f"[pfllib] end to end: {cfg.num_clients} clients on {cfg.num_nodes} nodes, H={cfg.local_steps}")
-    run = run_child("pfllib", cfg, results_dir)
-    return {
-        "workload": describe(cfg) + f", {cfg.num_clients} clients cross-silo on {cfg.num_nodes} nodes",
-        "e2e": asdict(run),
-        "bare_vmap_1thread": asdict(rate),
-        "concurrent_vmap_1thread": asdict(concurrent),
-        "bare_load": asdict(bare_load),
-        "pfllib_reference_steps_per_s": PFLLIB_STEPS_PER_S,
-        "over_pfllib": run.client_steps_per_s / PFLLIB_STEPS_PER_S,
-        "over_2x_bare_vmap_1thread": run.client_steps_per_s / (2 * rate.steps_per_s_median),
-        "over_bare_vmap_2processes": run.client_steps_per_s / concurrent.steps_per_s,
-    }
-
-
 def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
     """Every target of the issue, computed from this run's figures.
 
@@ -778,8 +760,6 @@ def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
     for kind in ("single", "vmapped"):
         add(f"exact / first-order meta-step, {kind}", report["exact_vs_first_order"][kind]["exact_over_first_order"],
             f"<= {TARGET_EXACT_OVER_FO}", lambda v: v <= TARGET_EXACT_OVER_FO)
-    add("PFLlib workload: fedmeta e2e / PFLlib", {"median": report["pfllib"]["over_pfllib"]}, f">= {TARGET_OVER_PFLLIB}",
-        at_least(TARGET_OVER_PFLLIB))
     return rows
 
 
@@ -812,7 +792,6 @@ def run(budget: Budget, quick: bool, progress: Callable[[str], None]) -> dict[st
             **exact_vs_first_order(NodeWork.build(configs["mlp"].replace(num_clients=budget.bare_clients),
                                                   budget.bare_clients), budget),
         }
-        report["pfllib"] = measure_pfllib(budget, results_dir, progress)
     report["load"] = asdict(meter.stop(ChildCpu.ticks - child_ticks))
     report["targets"] = targets(report)
     return report
@@ -840,7 +819,7 @@ def table(report: dict[str, Any]) -> str:
     for wl, title in (("mlp", "A. paper FL workload"), ("sine", "B. sinewave workload")):
         if wl in report:
             lines += [""] + _workload_table(report[wl], title)
-    lines += [""] + _exact_table(report["exact_vs_first_order"]) + [""] + _pfllib_table(report["pfllib"])
+    lines += [""] + _exact_table(report["exact_vs_first_order"])
     lines += ["", "Targets, from the figures above (timing ratios judged on the median-based and the min-based figure)"]
     for t in report["targets"]:
         verdicts = set(t["pass"].values())
@@ -930,21 +909,6 @@ def _exact_table(x: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _pfllib_table(p: dict[str, Any]) -> list[str]:
-    e, b = p["e2e"], p["bare_vmap_1thread"]
-    return [
-        f"== 7. PFLlib comparison workload: {p['workload']} ==",
-        f"   {'setup':<24} {'clients':>7} {'nodes':>5} {'steps/rnd':>9} {'rounds':>6} {'round 1 s':>9} {'steady s':>8} "
-        f"{'client-steps/s':>14} {'RSS GiB':>7} {'PSS GiB':>7} {'others':>6}",
-        _sim_row("fedmeta e2e", e),
-        f"   bare vmapped, 1 thread, one node's {b['clients']} clients: {b['steps_per_s_min']:.0f} / "
-        f"{b['steps_per_s_median']:.0f} client-steps/s (min / med); e2e / (2 x bare) = {p['over_2x_bare_vmap_1thread']:.2f}",
-        f"   bare {_concurrent_line(p['concurrent_vmap_1thread'])}; e2e / that = {p['over_bare_vmap_2processes']:.2f}",
-        f"   PFLlib reference: ~{p['pfllib_reference_steps_per_s']:.0f} client meta-steps/s on this machine "
-        f"(single process, no federation); fedmeta e2e / PFLlib = {p['over_pfllib']:.2f}x (target >= {TARGET_OVER_PFLLIB}x)",
-    ]
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a much smaller version (well under 3 minutes)")
@@ -959,19 +923,32 @@ def main(argv: Sequence[str] | None = None) -> int:
         return bare_child_main(args.bare_child)
     # As simulate() does: build_strategy() would log Flower's "evaluation skipped" warning.
     logging.getLogger("flwr").setLevel(logging.ERROR)
-    t0 = time.perf_counter()
-
-    def progress(msg: str) -> None:
-        print(f"  {time.perf_counter() - t0:6.0f} s  {msg}", file=sys.stderr, flush=True)
-
+    progress = Progress()
     report = run(SMOKE if args.smoke else QUICK if args.quick else FULL, args.quick or args.smoke, progress)
-    report["wall_s"] = time.perf_counter() - t0
-    print(table(report))
-    print(f"\ntotal wall time {report['wall_s']:.0f} s")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=1) + "\n")
-    print(f"figures written to {args.out}")
+    report["wall_s"] = progress.seconds()
+    emit(report, table(report) + f"\n\ntotal wall time {report['wall_s']:.0f} s", args.out)
     return 0
+
+
+class Progress:
+    """``progress(msg)``: one line on stderr with the seconds since this object was made."""
+
+    def __init__(self) -> None:
+        self.t0 = time.perf_counter()
+
+    def seconds(self) -> float:
+        return time.perf_counter() - self.t0
+
+    def __call__(self, msg: str) -> None:
+        print(f"  {self.seconds():6.0f} s  {msg}", file=sys.stderr, flush=True)
+
+
+def emit(report: dict[str, Any], text: str, out: Path) -> None:
+    """Print a benchmark's table and write its figures to ``out`` (JSON)."""
+    print(text)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1) + "\n")
+    print(f"figures written to {out}")
 
 
 if __name__ == "__main__":

@@ -228,7 +228,8 @@ class ClientGroup:
         batched.check_vectorize(vectorize, chunk_size)
         self.model = model.to(device)
         self.criterion = criterion
-        self.loss = meta.make_loss(self.model, criterion)
+        self.loss = fast.make_loss(self.model, criterion)
+        """The loss without ``functional_call`` where the model allows it: the same floats, vmapped or not."""
         self.data_fn = data_fn
         self.device = device
         self.chunk_size = chunk_size

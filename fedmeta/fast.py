@@ -1,4 +1,4 @@
-"""The single-client fast path: Per-FedAvg and LocalMOML local steps with plain ``torch.autograd``.
+"""The single-client fast path: FedAvg, Per-FedAvg and LocalMOML local steps with plain ``torch.autograd``.
 
 :mod:`fedmeta.meta` builds every step from ``torch.func`` transforms so that the same code runs
 ``vmap``-ped over the clients of a node. One client alone (a Flower SuperNode usually hosts exactly
@@ -16,8 +16,8 @@ bit for bit on the papers' MLPs on CPU; the tests hold them to 1e-6 (float32) an
 
 Covered (:data:`ESTIMATORS`): the ``exact`` and ``first_order`` meta-gradients with any number N of
 inner steps (multistep-maml-ggs.txt eqs. 6 and 8), and ``fo_muml`` (its anchored inner loop, first
-order). The other estimators (``hessian_free``, ``ggs``, ``zeroth_order``) and FedAvg stay on the
-``torch.func`` path; :func:`refusal` says why a setting is not covered. The selection (``step_impl``)
+order), and FedAvg's SGD step (:func:`adapt`). The other estimators (``hessian_free``, ``ggs``,
+``zeroth_order``) stay on the ``torch.func`` path; :func:`refusal` says why a setting is not covered. The selection (``step_impl``)
 lives in :func:`fedmeta.algorithms.executor.resolve_step_impl`.
 """
 
@@ -161,6 +161,24 @@ def gradient(f: LossFn, params: Params, batch: Batch) -> Params:
     return dict(zip(leaves, grads))
 
 
+def adapt(f: LossFn, params: Params, batch: Batch, lr: float) -> Params:
+    """One SGD step ``params - lr * grad f(params; batch)`` (per-fedavg.txt eq. 5), as :func:`fedmeta.meta.adapt`."""
+    step = gradient(f, params, batch)
+    return {k: (params[k] - lr * step[k]).detach() for k in params}
+
+
+def descend_(params: Params, direction: Params, lr: float) -> Params:
+    """``params <- params - lr * direction`` **in place** (both dicts' tensors are overwritten: ``direction``
+    holds ``lr * direction`` after it) and returns ``params``. The same floats as the pure update
+    ``meta.axpy(-lr, direction, params)``, computed as ``lr * d`` then a subtraction (no fused multiply-add),
+    without allocating: for a caller that owns both dicts, e.g. the executor's fast path
+    (:meth:`fedmeta.algorithms.base.Algorithm.fast_step`)."""
+    with torch.no_grad():
+        for k, p in params.items():
+            p.sub_(direction[k].mul_(lr))
+    return params
+
+
 def hvp(f: LossFn, params: Params, v: Params, batch: Batch) -> Params:
     """Exact Hessian-vector product ``H(params; batch) v`` by double backward, as :func:`fedmeta.meta.hvp`.
 
@@ -271,5 +289,5 @@ def local_moml_step(f: LossFn, w: Params, u: Params, batches: MetaBatches | tupl
     return meta.axpy(-lr, backward(f, traj, g, mb.hessian, inner_lr, est), w), u
 
 
-__all__ = ["ESTIMATORS", "backward", "gradient", "hvp", "local_moml_init_memory", "local_moml_step", "make_loss",
+__all__ = ["ESTIMATORS", "adapt", "backward", "descend_", "gradient", "hvp", "local_moml_init_memory", "local_moml_step", "make_loss",
            "maml_gradient", "per_fedavg_step", "refusal", "sequential_forward", "trajectory"]

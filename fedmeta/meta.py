@@ -570,19 +570,21 @@ class RoundStats:
     num_loss_evals: int = 0
 
 
-def check_finite(step: int, **params: Params) -> None:
-    """Divergence guard: raise ``FloatingPointError`` as soon as a local step yields NaN or Inf.
+def check_finite(steps: int, **params: Params) -> None:
+    """Divergence guard: raise ``FloatingPointError`` if a round's result holds NaN or Inf.
 
-    The client's remaining local steps are skipped, and its caller returns an error instead of a
-    poisoned model (and leaves the kept memory at its last finite value). One summing pass per
-    tensor: a sum is non-finite iff a value is (or the sum overflows, which only a diverged
-    model's does).
+    Checked once, after the round's ``steps`` local steps: a NaN or an infinity in the model or
+    the state propagates through every later step of the algorithms (each step adds to the model,
+    LocalMOML's memory is a convex combination), so the result of a round that diverged at any step
+    is non-finite. The caller then returns an error instead of a poisoned model (and leaves the
+    kept memory at its last finite value). One summing pass per tensor: a sum is non-finite iff a
+    value is (or the sum overflows, which only a diverged model's does).
     """
     for name, p in params.items():
         bad = [k for k, v in p.items() if not bool(torch.isfinite(v.sum()))]
         if bad:
             raise FloatingPointError(
-                f"local training diverged at local step {step}: the {name} has non-finite values in {bad}; "
+                f"local training diverged within {steps} local steps: the {name} has non-finite values in {bad}; "
                 "lower lr / meta-lr / inner-lr"
             )
 

@@ -15,6 +15,9 @@ site-packages, this script's version); a matching stamp means nothing to do (wel
 A missing or different stamp (also after a change of fedmeta's package layout in pyproject.toml,
 which the editable install depends on) rebuilds from scratch. A file lock makes concurrent callers wait
 instead of building twice. Prints the venv's directory on stdout.
+
+:func:`build_peer` builds the same kind of venv for another project's package without fedmeta (the
+pfl-research venv of ``bench/bench_peers.py``).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import sys
 import sysconfig
 import time
 from pathlib import Path
+from typing import Callable
 
 ROOT = Path(__file__).resolve().parents[1]
 BUILDER_VERSION = 1
@@ -93,8 +97,50 @@ def _venv_site_packages(dest: Path) -> Path:
     return Path(out.stdout.strip())
 
 
-def verify(dest: Path, flwr: str) -> None:
-    """Import flwr (the pinned one), torch and fedmeta's apps in the new venv."""
+def _build(dest: Path, key: dict, install: Callable[[list[str], Path], None], verify_code: str, *, force: bool,
+           log) -> Path:
+    """Build the venv at ``dest`` (``install(pip, dest)`` fills it) unless its stamp matches ``key``; return ``dest``."""
+    if Path(sys.prefix).resolve() == dest.resolve():
+        raise SystemExit(f"run this with the main venv's python, not {sys.executable}")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    stamp = dest / STAMP
+    with open(dest.parent / f".{dest.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not force and stamp.is_file():
+            try:
+                if json.loads(stamp.read_text()) == key:
+                    print(f"{dest}: cached", file=log)
+                    return dest
+            except ValueError:
+                pass
+        t0 = time.perf_counter()
+        print(f"{dest}: building", file=log, flush=True)
+        shutil.rmtree(dest, ignore_errors=True)
+        # --without-pip: the main venv's pip installs into it (`pip --python`), which saves ensurepip.
+        _run([sys.executable, "-m", "venv", "--without-pip", str(dest)], log)
+        pip = [sys.executable, "-m", "pip", "--python", str(dest / "bin" / "python"), "install", "-q",
+               "--disable-pip-version-check"]
+        install(pip, dest)
+        subprocess.run([str(dest / "bin" / "python"), "-c", verify_code], check=True, cwd="/", env=_clean_env())
+        stamp.write_text(json.dumps(key, indent=1))
+        print(f"{dest}: built in {time.perf_counter() - t0:.1f} s", file=log)
+    return dest
+
+
+def _share_main_venv(dest: Path, key: dict) -> None:
+    # Lines of a .pth are appended to sys.path after the venv's own site-packages.
+    (_venv_site_packages(dest) / PTH).write_text("".join(p + "\n" for p in key["main_site_packages"]))
+
+
+def build(flwr: str, dest: Path, *, force: bool = False, log=sys.stderr) -> Path:
+    """Build the flwr venv at ``dest`` unless its stamp matches; return ``dest``."""
+    key = stamp_key(flwr)
+
+    def install(pip: list[str], venv: Path) -> None:
+        _run([*pip, f"flwr=={flwr}"], log)
+        _run([*pip, "--no-deps", "-e", str(ROOT)], log)
+        _share_main_venv(venv, key)  # after the install: flwr's own dependencies go into the venv
+
     code = (
         "import flwr, torch, numpy, fedmeta, importlib.metadata as md\n"
         "from fedmeta.simulations.apps import server_app, client_app\n"
@@ -103,41 +149,23 @@ def verify(dest: Path, flwr: str) -> None:
         "import grpc, google.protobuf\n"
         "print(flwr.__version__, torch.__version__, grpc.__file__)\n"
     )
-    subprocess.run([str(dest / "bin" / "python"), "-c", code], check=True, cwd="/", env=_clean_env())
+    return _build(dest, key, install, code, force=force, log=log)
 
 
-def build(flwr: str, dest: Path, *, force: bool = False, log=sys.stderr) -> Path:
-    """Build the venv at ``dest`` unless its stamp matches; return ``dest``."""
-    if Path(sys.prefix).resolve() == dest.resolve():
-        raise SystemExit(f"run this with the main venv's python, not {sys.executable}")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    key = stamp_key(flwr)
-    stamp = dest / STAMP
-    with open(dest.parent / f".{dest.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not force and stamp.is_file():
-            try:
-                if json.loads(stamp.read_text()) == key:
-                    print(f"{dest}: cached (flwr {flwr})", file=log)
-                    return dest
-            except ValueError:
-                pass
-        t0 = time.perf_counter()
-        print(f"{dest}: building with flwr=={flwr}", file=log, flush=True)
-        shutil.rmtree(dest, ignore_errors=True)
-        # --without-pip: the main venv's pip installs into it (`pip --python`), which saves ensurepip.
-        _run([sys.executable, "-m", "venv", "--without-pip", str(dest)], log)
-        pip = [sys.executable, "-m", "pip", "--python", str(dest / "bin" / "python"), "install", "-q",
-               "--disable-pip-version-check"]
-        _run([*pip, f"flwr=={flwr}"], log)
-        _run([*pip, "--no-deps", "-e", str(ROOT)], log)
-        site = _venv_site_packages(dest)
-        # Lines of a .pth are appended to sys.path after the venv's own site-packages.
-        (site / PTH).write_text("".join(p + "\n" for p in key["main_site_packages"]))
-        verify(dest, flwr)
-        stamp.write_text(json.dumps(key, indent=1))
-        print(f"{dest}: built in {time.perf_counter() - t0:.1f} s", file=log)
-    return dest
+def build_peer(requirement: str, dest: Path, *, verify: str, force: bool = False, log=sys.stderr) -> Path:
+    """A venv for another project's package (``requirement``, e.g. ``pfl[pytorch]==0.6.0``) without fedmeta.
+
+    The main venv's site-packages are shared *before* the install, so that pip finds torch (and
+    whatever else the main venv has that satisfies the requirement) there instead of downloading a
+    second copy; packages whose versions the requirement excludes are installed into the venv, which
+    comes first on ``sys.path``. ``verify`` is Python code run by the new interpreter."""
+    key = {**stamp_key("none"), "flwr": None, "requirement": requirement}
+
+    def install(pip: list[str], venv: Path) -> None:
+        _share_main_venv(venv, key)
+        _run([*pip, requirement], log)
+
+    return _build(dest, key, install, verify, force=force, log=log)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -3,9 +3,11 @@
 Flower's ``Grid.send_and_receive`` pulls the replies, and between pulls its deployment grid
 (``flwr/superlink/grid/http_grid.py``) sleeps 3 s: a deployed round that takes 1 s of client work
 ends 3 s after it started at best, and up to 3 s after its last reply. :func:`exchange` does the same
-with the public ``Grid.push_messages`` / ``Grid.pull_messages``, pulling after ``first_poll`` s and
-then at intervals growing by half up to ``max_poll`` s (a reply is noticed within 10-250 ms; a long
-round costs a few pulls per second). Used by every fedmeta strategy, in simulation and deployment.
+with the public ``Grid.push_messages`` / ``Grid.pull_messages``, pulling at intervals of
+``poll_fraction`` of the time the round has taken so far, at least ``first_poll`` and at most
+``max_poll`` s: a reply is noticed within 5 % of the round's duration (10 ms at the start of a round,
+250 ms at most), so the wait adds a bounded share to a round of any length, at about 20 pulls per round
+(a few per second for long rounds). Used by every fedmeta strategy, in simulation and deployment.
 """
 
 from __future__ import annotations
@@ -18,10 +20,11 @@ from flwr.serverapp import Grid
 
 FIRST_POLL = 0.01
 MAX_POLL = 0.25
+POLL_FRACTION = 0.05
 
 
 def exchange(grid: Grid, messages: Iterable[Message], *, timeout: float | None = None, first_poll: float = FIRST_POLL,
-             max_poll: float = MAX_POLL) -> list[Message]:
+             max_poll: float = MAX_POLL, poll_fraction: float = POLL_FRACTION) -> list[Message]:
     """Push ``messages`` and return the replies that arrive within ``timeout`` s (None: wait for all), as
     ``Grid.send_and_receive`` does. An object that is not a Flower ``Grid`` (a duck-typed stand-in offering
     only ``send_and_receive``) is asked through ``send_and_receive``."""
@@ -29,8 +32,8 @@ def exchange(grid: Grid, messages: Iterable[Message], *, timeout: float | None =
         return list(grid.send_and_receive(messages, timeout=timeout))
     pending = set(grid.push_messages(messages))
     replies: list[Message] = []
-    deadline = None if timeout is None else time.monotonic() + timeout
-    poll = first_poll
+    start = time.monotonic()
+    deadline = None if timeout is None else start + timeout
     while pending:
         got = list(grid.pull_messages(pending))
         replies.extend(got)
@@ -40,8 +43,8 @@ def exchange(grid: Grid, messages: Iterable[Message], *, timeout: float | None =
         now = time.monotonic()
         if deadline is not None and now >= deadline:
             break
+        poll = min(max_poll, max(first_poll, poll_fraction * (now - start)))
         time.sleep(poll if deadline is None else min(poll, max(0.0, deadline - now)))
-        poll = min(max_poll, poll * 1.5)
     return replies
 
 

@@ -43,7 +43,7 @@ def test_bench_estimators_quick_reports_every_estimator(tmp_path):
 
 
 @pytest.mark.ray
-def test_bench_scale_smoke_reports_every_section(tmp_path):
+def test_bench_scale_smoke_reports_every_section(ray_runner, tmp_path):  # its simulations attach to the session's Ray
     """``--smoke``: every section on the smallest sizes (the figures stay in ``make bench``). The timeout is a hang
     guard, many times the idle duration."""
     out = tmp_path / "bench_scale.json"
@@ -66,8 +66,65 @@ def test_bench_scale_smoke_reports_every_section(tmp_path):
         assert part["bare"]["concurrent_vmap_1thread"]["steps_per_s"] > 0
     for kind in ("single", "vmapped"):
         assert report["exact_vs_first_order"][kind]["exact_over_first_order"]["median"] > 0
-    assert report["pfllib"]["e2e"]["client_steps_per_s"] > 0 and report["pfllib"]["over_pfllib"] > 0
-    assert report["pfllib"]["bare_vmap_1thread"]["steps_per_s_median"] > 0
-    assert report["pfllib"]["concurrent_vmap_1thread"]["steps_per_s"] > 0
     assert report["targets"] and all(v > 0 for t in report["targets"] for v in t["values"].values())
     assert "Targets" in proc.stdout and ("PASS" in proc.stdout or "MISS" in proc.stdout)
+
+
+@pytest.mark.subprocess
+def test_bench_local_round_quick_times_every_cell(tmp_path):
+    out = tmp_path / "local_round.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_local_round.py"), "--quick", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    cells = json.loads(out.read_text())["cells"]
+    assert {"plain PyTorch, epoch slices", "FedAvg func, check/step", "FedAvg fast", "Per-FedAvg FO fast"} <= set(cells)
+    assert all(c["us_per_step_min"] > 0 and c["us_per_step_median"] >= c["us_per_step_min"] for c in cells.values())
+
+
+def _bench_module(name: str):
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        return __import__(name)
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+
+
+def test_bench_peers_exports_fedmetas_own_clients_for_the_peer(tmp_path):
+    """The peer trains on fedmeta's split: the file holds each client's training data, flattened, unchanged."""
+    import numpy as np
+
+    from fedmeta.data import client_data
+
+    peers = _bench_module("bench_peers")
+    cfg = peers.fedmeta_configs(peers.SMOKE)["fedavg_multi"]
+    info = peers.export_split(cfg, tmp_path / "split.npz")
+    f = np.load(tmp_path / "split.npz")
+    assert int(f["num_clients"]) == cfg.num_clients == info["clients"]
+    for c in range(cfg.num_clients):
+        d = client_data(cfg.dataset, c, **cfg.data_kwargs())
+        assert np.array_equal(f[f"x_{c}"], d.x_train.reshape(d.num_train, -1).numpy()) and f[f"x_{c}"].shape[1] == 784
+        assert np.array_equal(f[f"y_{c}"], d.y_train.numpy()) and len(set(f[f"y_{c}"].tolist())) == 2  # 2 classes each
+    assert info["train_samples"] == [peers.SMOKE.train_per_client] * cfg.num_clients
+
+
+@pytest.mark.ray
+def test_bench_peers_smoke_measures_pfl_and_fedmeta_in_one_run(ray_runner, tmp_path):  # fedmeta's runs attach to the session's Ray
+    """``bench_peers.py --smoke``: pfl-research's venv built (cached in build/pfl060), its thread probe, and one
+    interleaved repeat of pfl and fedmeta's three runs; every ratio comes from this run's figures. The timeout is a
+    hang guard."""
+    out = tmp_path / "peers.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_peers.py"), "--smoke", "--out", str(out)],
+                          capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert set(report["pfl_probe"]) == {"1", "2"} and report["pfl_threads"] in (1, 2)
+    (rep,) = report["repeats"]
+    assert rep["pfl"]["versions"]["pfl"] == "0.6.0" and rep["pfl"]["threads"] == report["pfl_threads"]
+    clients, n, batch = (report["workload"][k] for k in ("clients", "train_per_client", "batch_size"))
+    assert rep["pfl"]["client_steps_per_round"] == clients * -(-n // batch)  # one local epoch, every client once
+    for key in ("fedavg_multi", "fedavg_single", "per_fedavg_fo"):
+        assert rep[key]["client_steps_per_s"] > 0 and rep[key]["ray_leftovers"] == [] and rep[key]["busy_cores"] > 0
+    assert rep["fedavg_multi"]["config"]["num-nodes"] == 2 and rep["fedavg_single"]["config"]["num-nodes"] == 0
+    for key in ("fedavg_multi", "fedavg_single"):
+        assert rep["ratios"][f"{key}_over_pfl"] == pytest.approx(rep[key]["client_steps_per_s"] / rep["pfl"]["client_steps_per_s"])
+    assert "no ratio is computed" in proc.stdout and "Targets" in proc.stdout

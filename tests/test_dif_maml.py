@@ -11,7 +11,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fedmeta import graph as G
-from fedmeta import meta
 from fedmeta.dif_maml import (
     DifMAMLConfig, DifResult, agent_batches, agent_gradient, agent_round, combine, disagreement, init_optimizer_state,
     initial_model, loss_fn, main, simulate,

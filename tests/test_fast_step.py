@@ -218,12 +218,32 @@ def test_a_local_round_equals_the_torch_func_round_with_the_same_draws(name, est
             assert max(float((r_fast.meta_model[k] - w[k]).abs().max()) for k in w) > 1e-4  # it did move
 
 
+@pytest.mark.parametrize("hp", [FedAvgConfig(lr=0.05, local_steps=4, batch_size=5),
+                                PerFedAvgConfig(inner_lr=0.05, meta_lr=0.05, local_steps=3, batch_size=5, meta_gradient="exact"),
+                                LocalMOMLConfig(inner_lr=0.05, lr=0.05, momentum=0.4, local_steps=3, batch_size=5, init_batch_size=4,
+                                                memory_policy="keep")], ids=lambda hp: hp.algorithm)
+def test_the_fast_round_updates_its_own_copy_in_place_and_leaves_the_callers_tensors_alone(hp):
+    """The fast steps update the round's model in place (fast.descend_): the meta-model and kept state the
+    caller passed must not change, and the float32 MLP round equals the torch.func round bit for bit."""
+    _, f_func, f_fast, w, x, y = _problem("mlp-classifier", torch.float32)
+    u = {k: v + 0.01 for k, v in w.items()} if hp.algorithm == "local-moml" else None
+    w_before = {k: v.clone() for k, v in w.items()}
+    u_before = None if u is None else {k: v.clone() for k, v in u.items()}
+    runs = {impl: local_round(hp.algorithm, f, w, _recording_sampler(x, y, torch.Generator().manual_seed(3), []), hp, state=u,
+                              step_impl=impl) for impl, f in (("fast", f_fast), ("func", f_func))}
+    assert all(torch.equal(w[k], w_before[k]) for k in w)
+    assert u is None or all(torch.equal(u[k], u_before[k]) for k in u)
+    assert all(torch.equal(runs["fast"].meta_model[k], runs["func"].meta_model[k]) for k in w)
+    assert max(float((runs["fast"].meta_model[k] - w[k]).abs().max()) for k in w) > 1e-4  # it did move
+
+
 def test_step_impl_is_resolved_per_algorithm_and_estimator():
     assert resolve_step_impl("per-fedavg", PerFedAvgConfig(meta_gradient="exact")) == "fast"
     assert resolve_step_impl("local-moml", LocalMOMLConfig(meta_gradient="first_order", inner_steps=3)) == "fast"
     assert resolve_step_impl("local-moml", LocalMOMLConfig(meta_gradient="fo_muml")) == "fast"
     assert resolve_step_impl("per-fedavg", PerFedAvgConfig(meta_gradient="exact"), "func") == "func"
-    for hp in (PerFedAvgConfig(meta_gradient="hessian_free"), LocalMOMLConfig(meta_gradient="ggs"), FedAvgConfig()):
+    assert resolve_step_impl("fedavg", FedAvgConfig()) == "fast"
+    for hp in (PerFedAvgConfig(meta_gradient="hessian_free"), LocalMOMLConfig(meta_gradient="ggs")):
         assert resolve_step_impl(hp.algorithm, hp) == "func"
         with pytest.raises(ValueError):
             resolve_step_impl(hp.algorithm, hp, "fast")
@@ -258,12 +278,12 @@ COVERED = {
     "local-moml-exact-n3": LocalMOMLConfig(inner_lr=0.05, lr=0.02, local_steps=2, inner_steps=3),
     "local-moml-fo": LocalMOMLConfig(inner_lr=0.05, lr=0.02, local_steps=3, meta_gradient="first_order"),
     "local-moml-fo-muml": LocalMOMLConfig(inner_lr=0.05, lr=0.02, local_steps=2, inner_steps=2, meta_gradient="fo_muml"),
+    "fedavg": FedAvgConfig(lr=0.02, local_steps=3),
 }
 NOT_COVERED = {
     "per-fedavg-hessian-free": PerFedAvgConfig(inner_lr=0.05, meta_lr=0.02, local_steps=2, meta_gradient="hessian_free",
                                                delta=1e-3),
     "local-moml-ggs": LocalMOMLConfig(inner_lr=0.05, lr=0.02, local_steps=2, meta_gradient="ggs", num_directions=2, delta=1e-3),
-    "fedavg": FedAvgConfig(lr=0.02, local_steps=3),
 }
 
 
@@ -281,8 +301,9 @@ def calls(monkeypatch):
 
         monkeypatch.setattr(module, name, wrapper)
 
-    for name in ("per_fedavg_step", "local_moml_step", "local_moml_init_memory"):
+    for name in ("descend_", "local_moml_step", "local_moml_init_memory"):  # every fast step ends in one of these
         counting(fast, name, "fast")
+    for name in ("per_fedavg_step", "local_moml_step", "local_moml_init_memory"):
         counting(meta, name, "func")
     counting(meta, "adapt", "func")
     return counts

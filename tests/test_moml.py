@@ -9,7 +9,7 @@ import torch
 
 from fedmeta import meta
 from fedmeta.centralized import (
-    CentralizedConfig, Streams, TaskMemory, TASKS, _meta_batches, draw_batches, grid_tasks, main, memory_age_counts, moml_directions, RunResult, train,
+    CentralizedConfig, Streams, TaskMemory, TASKS, draw_batches, grid_tasks, main, memory_age_counts, moml_directions, RunResult, train,
 )
 
 SINE = dict(task="sine-table2", num_tasks=25, task_set="grid", tasks_per_iteration=3, batch_size=2, test_batch_size=2,

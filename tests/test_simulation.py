@@ -3,22 +3,19 @@
 from __future__ import annotations
 
 import json
-import logging
 
 import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord, Context
-from flwr.serverapp import Grid, ServerApp
+from flwr.app import ArrayRecord
 
 from fedmeta import config as C
 from fedmeta.clients.client import MetaClient, round_generator
 from fedmeta.config import LocalMOMLConfig
 from fedmeta.data import partitions
 from fedmeta.simulations import run as sim_run
-from fedmeta.simulations.apps import build_client_app, initial_model
+from fedmeta.simulations.apps import initial_model
 from fedmeta.simulations.config import ExperimentConfig
-from fedmeta.simulations.engine import run_on_ray
 from fedmeta.strategies import LocalMOML
 from fedmeta.strategies.aggregation import average_arrays, sample_partitions
 

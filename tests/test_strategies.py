@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 
 from fakes import FakeGrid, GroupGrid, _task_identity, group_reply, reply, train_messages  # noqa: F401 (autouse fixture)
 from fedmeta import config as C

@@ -103,7 +103,9 @@ class Algorithm:
 
     def fast_step(self, f: LossFn, w: Params, state: Params | None, batches: Batches, hp: Any,
                   gen: torch.Generator | None = None) -> tuple[Params, Params | None]:
-        """:meth:`step` computed with plain ``torch.autograd`` (one client, no ``vmap``): the same result."""
+        """:meth:`step` computed with plain ``torch.autograd`` (one client, no ``vmap``): the same result.
+        ``w`` and ``state`` are the round's own copies (:func:`~fedmeta.algorithms.executor.local_round`):
+        the step may update them in place and return them (:func:`fedmeta.fast.descend_`)."""
         raise NotImplementedError
 
     def fast_init_state(self, f: LossFn, w: Params, batches: Batches, hp: Any) -> Params:

@@ -2,8 +2,9 @@
 
 :func:`local_round` is what a client does between two communications: build its state if it has
 to (:meth:`~fedmeta.algorithms.base.Algorithm.init_state`), then ``local_steps`` times draw the
-step's batches and take the step, with the divergence guard after every step. Its steps run on the
-``torch.func`` path or, for one client alone, on plain autograd (``step_impl``, :data:`STEP_IMPLS`).
+step's batches and take the step, then check the result (the divergence guard). Its steps run on the
+``torch.func`` path or on plain autograd (``step_impl``, :data:`STEP_IMPLS`); on the latter a step may
+update the round's own copy of the model and state in place.
 
 :func:`local_rounds` runs the same round for C clients that start from one meta-model, in chunks of
 ``chunk_size`` clients: their parameters (and states) are stacked on a leading axis and each step is
@@ -13,7 +14,8 @@ batched matrix products sum in another order). ``vectorize="auto"`` falls back t
 loop where vmap cannot run: an algorithm setting that refuses it (the stochastic estimators), clients
 whose batches differ in shape (fewer training samples than the batch size), or a model that vmap
 rejects (the failing chunk is replayed as a loop from the saved generator states, and the rest of
-the round loops). ``"vmap"`` raises instead of falling back; ``"loop"`` never vmaps. A client whose
+the round loops). ``"vmap"`` raises instead of falling back; ``"loop"`` never vmaps (a looped client's
+steps take the plain-autograd path where the algorithm has one, ``step_impl="auto"``). A client whose
 loop diverges gets NaN rows, so the caller drops it (:func:`fedmeta.batched.nonfinite_rows`).
 """
 
@@ -54,6 +56,10 @@ class LocalRounds:
 
 def _detached(p: Params | None) -> Params | None:
     return None if p is None else {k: v.detach() for k, v in p.items()}
+
+
+def _cloned(p: Params | None) -> Params | None:
+    return None if p is None else {k: v.detach().clone() for k, v in p.items()}
 
 
 def _stats(algo: Algorithm, hp: Any, fresh_state: bool, loss: float) -> RoundStats:
@@ -107,24 +113,27 @@ def local_round(algorithm: str | Algorithm, f: LossFn, w: Params, sample: Sample
     Raises
     ------
     FloatingPointError
-        As soon as a step yields NaN or Inf (the divergence guard): the remaining steps are skipped.
+        If the round's model or state holds NaN or Inf (the divergence guard, :func:`fedmeta.meta.check_finite`).
     """
     algo = algorithms.get(algorithm)
     use_fast = resolve_step_impl(algo, hp, step_impl) == "fast"
     init_state, take_step = (algo.fast_init_state, algo.fast_step) if use_fast else (algo.init_state, algo.step)
-    w = _detached(w)
+    # The fast path's steps may update the round's tensors in place: they get a private copy.
+    own = _cloned if use_fast else _detached
+    w = own(w)
     if not algo.keeps_state(hp):
         state = None
     fresh = algo.stateful and state is None
     if fresh:
         state = init_state(f, w, algo.draw_init(sample, hp), hp)
-    state = _detached(state)
+    state = own(state)
     batches: tuple = ()
-    for step in range(1, hp.local_steps + 1):
+    for _ in range(hp.local_steps):
         batches = algo.draw(sample, hp)
         w, state = take_step(f, w, state, batches, hp, gen)
         w, state = _detached(w), _detached(state)
-        check_finite(step, **{algo.model_label: w}, **({algo.state_label: state} if state is not None else {}))
+    # NaN and Inf propagate through every later step, so one check of the round's result finds a divergence.
+    check_finite(hp.local_steps, **{algo.model_label: w}, **({algo.state_label: state} if state is not None else {}))
     loss = float(algo.train_loss(f, w, state, batches).detach())
     return LocalRound(w, state, _stats(algo, hp, fresh, loss))
 
@@ -194,7 +203,7 @@ def local_rounds(
         """Client i on its own; a diverged client gets NaN rows (its caller leaves it out)."""
         si = {k: v[i] for k, v in states.items()} if has_state[i] else None
         try:
-            r = local_round(algo, f, w, samplers[i], hp, state=si, gen=dgens[i])
+            r = local_round(algo, f, w, samplers[i], hp, state=si, gen=dgens[i], step_impl="auto")
             return r.meta_model, r.state, r.stats.last_loss
         except FloatingPointError as err:
             logger.warning("%s", err)

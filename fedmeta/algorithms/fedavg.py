@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from fedmeta import config as C
-from fedmeta import meta
+from fedmeta import fast, meta
 from fedmeta import validation as V
 from fedmeta.algorithms.base import Algorithm, Batches, RoundCost
 from fedmeta.config import WireConfig
@@ -36,7 +36,8 @@ class FedAvgConfig(WireConfig):
 
 
 class FedAvg(Algorithm):
-    """Local SGD: ``w <- w - lr grad f(w; D)`` on a fresh batch D of ``batch_size``, tau times."""
+    """Local SGD: ``w <- w - lr grad f(w; D)`` on a fresh batch D of ``batch_size``, tau times (one client
+    alone on plain autograd, :meth:`fast_step`; many clients vmapped by the executor)."""
 
     name = C.FEDAVG
     config = FedAvgConfig
@@ -47,6 +48,9 @@ class FedAvg(Algorithm):
 
     def step(self, f, w, state, batches, hp: FedAvgConfig, gen=None):
         return meta.adapt(f, w, batches[0], hp.lr), None
+
+    def fast_step(self, f, w, state, batches, hp: FedAvgConfig, gen=None):
+        return fast.descend_(w, fast.gradient(f, w, batches[0]), hp.lr), None
 
     def train_loss(self, f, w, state, batches):
         return f(w, *batches[0])

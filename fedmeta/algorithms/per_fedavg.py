@@ -57,7 +57,8 @@ class PerFedAvg(MAMLAlgorithm):
         return meta.per_fedavg_step(f, w, as_meta_batches(batches), hp.inner_lr, hp.meta_lr, hp.estimator(), gen), None
 
     def fast_step(self, f, w, state, batches, hp: PerFedAvgConfig, gen=None):
-        return fast.per_fedavg_step(f, w, as_meta_batches(batches), hp.inner_lr, hp.meta_lr, hp.estimator()), None
+        g, _ = fast.maml_gradient(f, w, as_meta_batches(batches), hp.inner_lr, hp.estimator())
+        return fast.descend_(w, g, hp.meta_lr), None  # eq. (8) in place, as fast.per_fedavg_step computes it
 
     def train_loss(self, f, w, state, batches):
         return f(w, *batches[1])

@@ -1,0 +1,295 @@
+"""Side-by-side peer benchmark (``make bench-peers``): fedmeta against pfl-research, measured in one run.
+
+The workload of issue 21: 20 clients of a pathological 2-class Fashion-MNIST split (2,625 train
+samples each), MLP 784-100-10, batch 10, one local epoch per round, every client in every round
+(cross-silo), training rounds only (no evaluation).
+
+* **pfl-research** (Apple's simulator, ``pip install pfl[pytorch]``, its own venv under ``build/``,
+  sharing the main venv's torch): ``FederatedAveraging``, one process, on fedmeta's split exported
+  to a file, so both train on the very same clients (``bench/peers/pfl_fedavg.py``). One local
+  epoch = ceil(2625 / 10) = 263 SGD steps per client. Its best thread count (1 or 2) is probed first
+  and used for the repeats.
+* **fedmeta FedAvg**, ``simulate()`` on Flower's Ray engine: (a) multi-client nodes, ``num_nodes=2``
+  (one per core), (b) one client per node (20 SuperNodes). ``local_steps = 262`` (2625 // 10) SGD
+  steps of batch 10 per client.
+* **fedmeta Per-FedAvg first-order**, ``num_nodes=2``, H = 131 meta-steps of K = 10 (one local epoch
+  at 20 samples per meta-step, as PFLlib's ``PerAvg``). PFLlib is not on the package registry, so
+  it is not run here: its figure (bench/README.md) is quoted with its date, without a ratio.
+
+Each repeat runs pfl, fedmeta (a), fedmeta (b) and fedmeta Per-FedAvg in turn (interleaved, so the
+machine's drifts hit every side alike); each run is a child process (its process tree's CPU and
+memory sampled from /proc, no Ray process left behind: ``bench_scale.measured_child``). A run's
+rate is client-steps per round / the median of its steady rounds 2..R (round 1 pays start-up). The
+ratios fedmeta / pfl are per repeat (the runs next to each other) and their median. Also reported:
+the busy cores of every run and the other processes' load (``/proc/stat``).
+
+Usage::
+
+    .venv/bin/python bench/bench_peers.py [--repeats 3] [--rounds 5] [--smoke] [--out PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import logging
+import statistics
+import tempfile
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from bench_scale import (  # bench/ is on sys.path
+    CLOCK_TICKS, GIB, ChildCpu, LoadMeter, Progress, describe, emit, environment, measured_child, run_child,
+)
+from fedmeta import config as C
+from fedmeta.data import client_data
+from fedmeta.simulations.config import ExperimentConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS_PATH = ROOT / "bench" / "results" / "bench_peers.json"
+PFL_RUNNER = ROOT / "bench" / "peers" / "pfl_fedavg.py"
+PFL_REQUIREMENT = "pfl[pytorch]==0.6.0"
+PFL_VENV = ROOT / "build" / "pfl060"
+PFLLIB_FIGURE = {"client_meta_steps_per_s": 370.0, "date": "2026-12-03", "commit": "d832e76",
+                 "source": "issue 21 (PFLlib PerAvg, best of 1 or 2 threads, this machine's kind)"}
+"""PFLlib's Per-FedAvg on this workload as measured for issue 21: quoted, not compared (not measured in this run)."""
+SAMPLING = {"interval": 1.0, "pss_every": 0}
+"""The runs' process trees are sampled once a second, RSS only: the sampler's own CPU (about 10 % of a core at
+bench_scale's 0.2 s with PSS) would otherwise come out of the 2 cores that fedmeta's runs use and pfl's leaves idle."""
+TARGETS = {"fedavg_multi_over_pfl": 1.5, "fedavg_single_over_pfl": 1.0, "per_fedavg_steps_per_s": 1100.0}
+
+
+@dataclass(frozen=True)
+class Workload:
+    """The sizes of one benchmark run (``FULL`` for ``make bench-peers``, ``SMOKE`` for the test suite)."""
+
+    clients: int
+    train_per_client: int
+    batch_size: int
+    rounds: int
+    repeats: int
+    probe_rounds: int
+    """Rounds of each pfl run of the thread-count probe."""
+
+    @property
+    def fedavg_steps(self) -> int:
+        """One local epoch of fedmeta's FedAvg: floor(n / batch) batches drawn afresh (pfl: ceil)."""
+        return self.train_per_client // self.batch_size
+
+    @property
+    def per_fedavg_steps(self) -> int:
+        """One local epoch at 2 batches per first-order meta-step (PFLlib's PerAvg)."""
+        return self.train_per_client // (2 * self.batch_size)
+
+
+FULL = Workload(clients=20, train_per_client=2625, batch_size=10, rounds=5, repeats=3, probe_rounds=3)
+SMOKE = Workload(clients=4, train_per_client=40, batch_size=10, rounds=2, repeats=1, probe_rounds=2)
+
+
+def base_config(w: Workload) -> ExperimentConfig:
+    """The split and model both sides train: Fashion-MNIST pathological 2-class, MLP 784-100-10."""
+    return ExperimentConfig(model="mlp-100", dataset="fashion-mnist", partition="pathological", classes_per_client=2,
+                            train_per_client=w.train_per_client, test_per_client=10,  # no evaluation: the test split is unused
+                            num_clients=w.clients, clients_per_round=0, batch_size=w.batch_size, num_rounds=w.rounds,
+                            evaluate_every=0, num_cpus=1.0, lr=0.05)
+
+
+def fedmeta_configs(w: Workload) -> dict[str, ExperimentConfig]:
+    """fedmeta's three runs of one repeat."""
+    base = base_config(w)
+    fedavg = base.replace(algorithm=C.FEDAVG, local_steps=w.fedavg_steps)
+    return {
+        "fedavg_multi": fedavg.replace(num_nodes=2),
+        "fedavg_single": fedavg.replace(num_nodes=0),
+        "per_fedavg_fo": base.replace(algorithm=C.PER_FEDAVG, meta_gradient="first_order", local_steps=w.per_fedavg_steps,
+                                      num_nodes=2),
+    }
+
+
+def export_split(cfg: ExperimentConfig, path: Path) -> dict[str, Any]:
+    """Write the clients' train splits (flattened float32 images in [0, 1], int64 labels) for the peer."""
+    arrays: dict[str, np.ndarray] = {"num_clients": np.array(cfg.num_clients)}
+    sizes = []
+    for c in range(cfg.num_clients):
+        d = client_data(cfg.dataset, c, **cfg.data_kwargs())
+        arrays[f"x_{c}"] = d.x_train.reshape(d.num_train, -1).numpy().astype(np.float32)
+        arrays[f"y_{c}"] = d.y_train.numpy().astype(np.int64)
+        sizes.append(d.num_train)
+    np.savez(path, **arrays)
+    return {"clients": cfg.num_clients, "train_samples": sizes, "file": str(path)}
+
+
+def _builder():
+    """scripts/build_flwr_venv.py, which builds side venvs that share the main venv's torch."""
+    spec = importlib.util.spec_from_file_location("build_flwr_venv", ROOT / "scripts" / "build_flwr_venv.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def pfl_venv() -> Path:
+    """The pfl-research venv (built on first use, cached by a stamp)."""
+    return _builder().build_peer(PFL_REQUIREMENT, PFL_VENV, verify="import pfl, torch; print(pfl.__version__, torch.__version__)")
+
+
+@dataclass
+class PeerRun:
+    """One pfl-research run in a child process."""
+
+    threads: int
+    round_seconds: dict[int, float]
+    client_steps_per_round: int
+    steady_median_s: float
+    client_steps_per_s: float
+    wall_s: float
+    busy_cores: float
+    peak_rss_bytes: int
+    others_cores: float
+    versions: dict[str, str]
+
+
+def run_pfl(python: Path, split: Path, w: Workload, threads: int, rounds: int) -> PeerRun:
+    """pfl-research's FederatedAveraging on the exported split (``bench/peers/pfl_fedavg.py``)."""
+    with tempfile.TemporaryDirectory(prefix="fmb-pfl-") as work:
+        out = Path(work) / "out.json"
+        cmd = [str(python), str(PFL_RUNNER), "--split", str(split), "--rounds", str(rounds), "--threads", str(threads),
+               "--lr", "0.05", "--batch-size", str(w.batch_size), "--local-epochs", "1", "--seed", "0", "--out", str(out)]
+        child = measured_child(cmd, work, **SAMPLING)
+        if child.returncode != 0 or not out.exists():
+            raise RuntimeError(f"pfl-research run failed (exit {child.returncode}):\n{child.log[-4000:]}")
+        res = json.loads(out.read_text())
+    rounds_s = {int(r): float(s) for r, s in res["round_seconds"].items()}
+    if sorted(rounds_s) != list(range(1, rounds + 1)):
+        raise RuntimeError(f"pfl-research: expected {rounds} rounds, got {sorted(rounds_s)}")
+    return PeerRun(threads=threads, round_seconds=rounds_s, client_steps_per_round=int(res["client_steps_per_round"]),
+                   steady_median_s=float(res["steady_median_s"]), client_steps_per_s=float(res["client_steps_per_s"]),
+                   wall_s=child.wall_s, busy_cores=child.busy_cores, peak_rss_bytes=child.memory.peak_rss_bytes,
+                   others_cores=child.load.others_cores,
+                   versions={"pfl": res["pfl_version"], "torch": res["torch_version"]})
+
+
+def run(w: Workload, progress: Callable[[str], None], pfl_python: Path | None = None) -> dict[str, Any]:
+    meter, child_ticks = LoadMeter(), ChildCpu.ticks
+    configs = fedmeta_configs(w)
+    report: dict[str, Any] = {"environment": environment(), "workload": asdict(w), "pfllib_reference": PFLLIB_FIGURE,
+                              "targets": TARGETS, "describe": {k: describe(c) for k, c in configs.items()}}
+    if pfl_python is None:
+        progress(f"building / checking the pfl-research venv ({PFL_REQUIREMENT}) in {PFL_VENV}")
+        python = pfl_venv() / "bin" / "python"
+    else:
+        python = pfl_python
+    with tempfile.TemporaryDirectory(prefix="bench_peers-") as tmp:
+        split = Path(tmp) / "split.npz"
+        progress(f"exporting fedmeta's split: {w.clients} clients x {w.train_per_client} train samples")
+        report["split"] = export_split(configs["fedavg_multi"], split)
+        probe = {}
+        for threads in (1, 2):
+            progress(f"[pfl] thread probe: {threads} thread(s), {w.probe_rounds} rounds")
+            probe[threads] = run_pfl(python, split, w, threads, w.probe_rounds)
+        best = max(probe, key=lambda t: probe[t].client_steps_per_s)
+        report["pfl_probe"] = {str(t): asdict(r) for t, r in probe.items()}
+        report["pfl_threads"] = best
+        repeats = []
+        for i in range(1, w.repeats + 1):
+            rep: dict[str, Any] = {}
+            progress(f"[repeat {i}/{w.repeats}] pfl-research FedAvg, {best} thread(s)")
+            rep["pfl"] = asdict(run_pfl(python, split, w, best, w.rounds))
+            for key, cfg in configs.items():
+                progress(f"[repeat {i}/{w.repeats}] fedmeta {key}: {cfg.num_supernodes} nodes, H={cfg.local_steps}")
+                sim = run_child(key, cfg, tmp, **SAMPLING)
+                rep[key] = {**asdict(sim), "busy_cores": sim.memory.cpu_ticks / CLOCK_TICKS / sim.child_s}
+            pfl_rate = rep["pfl"]["client_steps_per_s"]
+            rep["ratios"] = {"fedavg_multi_over_pfl": rep["fedavg_multi"]["client_steps_per_s"] / pfl_rate,
+                             "fedavg_single_over_pfl": rep["fedavg_single"]["client_steps_per_s"] / pfl_rate}
+            repeats.append(rep)
+    report["repeats"] = repeats
+    report["medians"] = {
+        **{k: statistics.median(r["ratios"][k] for r in repeats) for k in repeats[0]["ratios"]},
+        **{f"{k}_steps_per_s": statistics.median(r[k]["client_steps_per_s"] for r in repeats)
+           for k in ("pfl", *configs)},
+    }
+    report["load"] = asdict(meter.stop(ChildCpu.ticks - child_ticks))
+    return report
+
+
+def verdicts(report: dict[str, Any]) -> list[str]:
+    m, t = report["medians"], report["targets"]
+    rows = [("FedAvg, fedmeta num_nodes=2 / pfl-research", m["fedavg_multi_over_pfl"], t["fedavg_multi_over_pfl"], "x"),
+            ("FedAvg, fedmeta one client per node / pfl-research", m["fedavg_single_over_pfl"], t["fedavg_single_over_pfl"], "x"),
+            ("Per-FedAvg first-order, fedmeta num_nodes=2, client meta-steps/s", m["per_fedavg_fo_steps_per_s"],
+             t["per_fedavg_steps_per_s"], "/s")]
+    return [f"  {'PASS' if v >= goal else 'MISS'}  {name:<66} {v:>8.2f}{unit}  (target >= {goal:g}{unit}, median of repeats)"
+            for name, v, goal, unit in rows]
+
+
+def table(report: dict[str, Any]) -> str:
+    env, load, w = report["environment"], report["load"], report["workload"]
+    lines = [
+        f"fedmeta peer benchmark, {env['date']}",
+        f"environment: python {env['python']}, torch {env['torch']}, flwr {env['flwr']}, ray {env['ray']}, "
+        f"{env['cpu_count']} CPUs, {env['mem_total_gib']:.1f} GiB; pfl-research {report['repeats'][0]['pfl']['versions']['pfl']}",
+        f"machine load: load average {' '.join(env['loadavg_at_start'])} at start; over the run (wall {load['wall_s']:.0f} s) "
+        f"the machine was busy {load['machine_busy_cores']:.2f} cores on average, other processes {load['others_cores']:.2f}"
+        + ("  << shared machine: timings disturbed" if load["others_cores"] > 0.25 else ""),
+        f"workload: {w['clients']} clients x {w['train_per_client']} train samples (Fashion-MNIST pathological 2-class, "
+        f"fedmeta's split exported to pfl), MLP 784-100-10, batch {w['batch_size']}, one local epoch per round, "
+        f"{w['rounds']} rounds, rate = steps per round / median of rounds 2..R",
+        "pfl-research thread probe: " + ", ".join(f"{t} thread(s) {r['client_steps_per_s']:.0f} client-steps/s"
+                                                  for t, r in report["pfl_probe"].items())
+        + f" -> {report['pfl_threads']} thread(s)",
+        "",
+        f"  {'repeat':<6} {'run':<40} {'steps/rnd':>9} {'steady s':>8} {'client-steps/s':>14} {'busy cores':>10} "
+        f"{'RSS GiB':>7} {'others':>6} {'/ pfl':>6}",
+    ]
+    labels = {"pfl": f"pfl-research FedAvg, {report['pfl_threads']} thread(s)", "fedavg_multi": "fedmeta FedAvg, num_nodes=2",
+              "fedavg_single": "fedmeta FedAvg, one client per node", "per_fedavg_fo": "fedmeta Per-FedAvg FO, num_nodes=2"}
+    for i, rep in enumerate(report["repeats"], 1):
+        for key, label in labels.items():
+            r = rep[key]
+            rss = r["peak_rss_bytes"] if key == "pfl" else r["memory"]["peak_rss_bytes"]
+            others = r["others_cores"] if key == "pfl" else r["load"]["others_cores"]
+            ratio = rep["ratios"].get(f"{key}_over_pfl")
+            lines.append(f"  {i:<6} {label:<40} {r['client_steps_per_round']:>9} {r['steady_median_s']:>8.3f} "
+                         f"{r['client_steps_per_s']:>14.0f} {r['busy_cores']:>10.2f} {rss / GIB:>7.2f} {others:>6.2f} "
+                         f"{'' if ratio is None else f'{ratio:.2f}x':>6}")
+    ref = report["pfllib_reference"]
+    lines += ["", f"PFLlib (not installable from the package registry, not run here): {ref['client_meta_steps_per_s']:.0f} "
+                  f"client meta-steps/s on {ref['date']} ({ref['source']}, commit {ref['commit']}); no ratio is computed.",
+              "", "Targets (medians over the repeats):", *verdicts(report)]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, help=f"interleaved repeats (default {FULL.repeats})")
+    parser.add_argument("--rounds", type=int, help=f"rounds per run, >= 2 (default {FULL.rounds})")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes that run every part (the test suite's run)")
+    parser.add_argument("--out", type=Path, default=RESULTS_PATH, help=f"where to write the JSON (default: {RESULTS_PATH})")
+    parser.add_argument("--pfl-python", type=Path, help="the python of an existing pfl-research venv (default: build and use "
+                                                        f"{PFL_VENV.relative_to(ROOT)}), e.g. to run an older fedmeta against it")
+    args = parser.parse_args(argv)
+    if args.pfl_python is not None and not args.pfl_python.is_file():
+        parser.error(f"--pfl-python must be a Python interpreter, got {args.pfl_python} (no such file)")
+    w = SMOKE if args.smoke else FULL
+    if args.repeats is not None:
+        if args.repeats < 1:
+            parser.error(f"--repeats must be >= 1, got {args.repeats}")
+        w = replace(w, repeats=args.repeats)
+    if args.rounds is not None:
+        if args.rounds < 2:
+            parser.error(f"--rounds must be >= 2 (round 1 is warm-up), got {args.rounds}")
+        w = replace(w, rounds=args.rounds)
+    logging.getLogger("flwr").setLevel(logging.ERROR)
+    progress = Progress()
+    report = run(w, progress, args.pfl_python)
+    report["wall_s"] = progress.seconds()
+    emit(report, table(report) + f"\n\ntotal wall time {report['wall_s']:.0f} s", args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
