@@ -4,10 +4,11 @@ Flower's ``Grid.send_and_receive`` pulls the replies, and between pulls its depl
 (``flwr/superlink/grid/http_grid.py``) sleeps 3 s: a deployed round that takes 1 s of client work
 ends 3 s after it started at best, and up to 3 s after its last reply. :func:`exchange` does the same
 with the public ``Grid.push_messages`` / ``Grid.pull_messages``, pulling at intervals of
-``poll_fraction`` of the time the round has taken so far, at least ``first_poll`` and at most
-``max_poll`` s: a reply is noticed within 5 % of the round's duration (10 ms at the start of a round,
-250 ms at most), so the wait adds a bounded share to a round of any length, at about 20 pulls per round
-(a few per second for long rounds). Used by every fedmeta strategy, in simulation and deployment.
+``poll_fraction`` (5 %) of the time the round has taken so far, within ``[first_poll, max_poll]`` (10 to
+250 ms), and never sooner than ``1 / poll_fraction`` times the last empty pull's own duration: a reply is
+noticed within 5 % of the round's duration where a pull is cheap (the simulation's in-process grid,
+well under a millisecond), while over a network (a deployment's SuperLink) the pulls themselves take
+at most about 5 % of the wait. Used by every fedmeta strategy, in simulation and deployment.
 """
 
 from __future__ import annotations
@@ -34,8 +35,12 @@ def exchange(grid: Grid, messages: Iterable[Message], *, timeout: float | None =
     replies: list[Message] = []
     start = time.monotonic()
     deadline = None if timeout is None else start + timeout
+    pull_s = 0.0
     while pending:
+        t_pull = time.monotonic()
         got = list(grid.pull_messages(pending))
+        if not got:  # what polling costs: an empty pull (one that returns replies also moves them)
+            pull_s = time.monotonic() - t_pull
         replies.extend(got)
         pending.difference_update(m.metadata.reply_to_message_id for m in got)
         if not pending:
@@ -43,7 +48,7 @@ def exchange(grid: Grid, messages: Iterable[Message], *, timeout: float | None =
         now = time.monotonic()
         if deadline is not None and now >= deadline:
             break
-        poll = min(max_poll, max(first_poll, poll_fraction * (now - start)))
+        poll = min(max_poll, max(first_poll, poll_fraction * (now - start), pull_s / poll_fraction))
         time.sleep(poll if deadline is None else min(poll, max(0.0, deadline - now)))
     return replies
 
