@@ -11,7 +11,7 @@ timed interleaved with ``bench/timing.py``, reported per client-step:
 * **FedAvg** (262 SGD steps), the changes of issue 21 one at a time, each a real configuration:
   ``func, check/step`` (the ``torch.func`` step and a finiteness check after every step: the round of
   a one-client node before), ``func`` (one check per round), ``fast, pure`` (plain autograd,
-  :func:`fedmeta.fast.adapt`, new tensors each step), ``fast`` (plain autograd updating the round's
+  :func:`fedmeta.fast.gradient` and the pure ``meta.axpy`` update, new tensors each step), ``fast`` (plain autograd updating the round's
   own copy in place: :func:`fedmeta.algorithms.executor.local_round` now).
 * **Per-FedAvg first-order** (131 meta-steps of K=10): ``func`` and ``fast`` (now).
 * **A node's 10 clients**: :func:`~fedmeta.algorithms.executor.local_rounds` vmapped (chunk 10) against
@@ -86,7 +86,7 @@ def calls(clients: int, steps: int) -> tuple[dict[str, tuple[Callable[[], object
     def pure_fast() -> None:
         wk, draw = w, sampler()
         for _ in range(steps):
-            wk = fast.adapt(f_fast, wk, unit.draw(draw, fedavg)[0], fedavg.lr)
+            wk = meta.axpy(-fedavg.lr, fast.gradient(f_fast, wk, unit.draw(draw, fedavg)[0]), wk)  # new tensors each step
         meta.check_finite(steps, model=wk)
 
     def group(vectorize: str) -> Callable[[], object]:

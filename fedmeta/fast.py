@@ -16,7 +16,7 @@ bit for bit on the papers' MLPs on CPU; the tests hold them to 1e-6 (float32) an
 
 Covered (:data:`ESTIMATORS`): the ``exact`` and ``first_order`` meta-gradients with any number N of
 inner steps (multistep-maml-ggs.txt eqs. 6 and 8), and ``fo_muml`` (its anchored inner loop, first
-order), and FedAvg's SGD step (:func:`adapt`). The other estimators (``hessian_free``, ``ggs``,
+order), and FedAvg's SGD step (:func:`gradient`, then :func:`descend_`). The other estimators (``hessian_free``, ``ggs``,
 ``zeroth_order``) stay on the ``torch.func`` path; :func:`refusal` says why a setting is not covered. The selection (``step_impl``)
 lives in :func:`fedmeta.algorithms.executor.resolve_step_impl`.
 """
@@ -161,12 +161,6 @@ def gradient(f: LossFn, params: Params, batch: Batch) -> Params:
     return dict(zip(leaves, grads))
 
 
-def adapt(f: LossFn, params: Params, batch: Batch, lr: float) -> Params:
-    """One SGD step ``params - lr * grad f(params; batch)`` (per-fedavg.txt eq. 5), as :func:`fedmeta.meta.adapt`."""
-    step = gradient(f, params, batch)
-    return {k: (params[k] - lr * step[k]).detach() for k in params}
-
-
 def descend_(params: Params, direction: Params, lr: float) -> Params:
     """``params <- params - lr * direction`` **in place** (both dicts' tensors are overwritten: ``direction``
     holds ``lr * direction`` after it) and returns ``params``. The same floats as the pure update
@@ -289,5 +283,5 @@ def local_moml_step(f: LossFn, w: Params, u: Params, batches: MetaBatches | tupl
     return meta.axpy(-lr, backward(f, traj, g, mb.hessian, inner_lr, est), w), u
 
 
-__all__ = ["ESTIMATORS", "adapt", "backward", "descend_", "gradient", "hvp", "local_moml_init_memory", "local_moml_step", "make_loss",
+__all__ = ["ESTIMATORS", "backward", "descend_", "gradient", "hvp", "local_moml_init_memory", "local_moml_step", "make_loss",
            "maml_gradient", "per_fedavg_step", "refusal", "sequential_forward", "trajectory"]

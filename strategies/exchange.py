@@ -6,8 +6,8 @@ ends 3 s after it started at best, and up to 3 s after its last reply. :func:`ex
 with the public ``Grid.push_messages`` / ``Grid.pull_messages``, pulling at intervals of
 ``poll_fraction`` (5 %) of the time the round has taken so far, within ``[first_poll, max_poll]`` (10 to
 250 ms), and never sooner than ``1 / poll_fraction`` times the last empty pull's own duration: a reply is
-noticed within 5 % of the round's duration where a pull is cheap (the simulation's in-process grid,
-well under a millisecond), while over a network (a deployment's SuperLink) the pulls themselves take
+noticed within 5 % of the round's duration where a pull is cheap (the simulation's in-process grid),
+while over a network (a deployment's SuperLink) the pulls themselves take
 at most about 5 % of the wait. Used by every fedmeta strategy, in simulation and deployment.
 """
 
