@@ -28,7 +28,10 @@ FLWR139_TESTS := tests/test_strategies.py tests/test_clients.py tests/test_scree
                  tests/test_checkpoint.py tests/test_fail_fast.py tests/test_flower_api.py tests/test_interop.py \
                  tests/test_dif_maml_flower.py
 
-PYTEST_ARGS ?= --durations=15
+# The whole suite in TEST_JOBS pytest workers (pytest-xdist; the test machine has 2 cores, and about a third of
+# the suite waits on processes, sockets and SuperNode polls). TEST_JOBS=1 runs it in one process.
+TEST_JOBS   ?= 2
+PYTEST_ARGS ?= --durations=15 $(if $(filter 1,$(TEST_JOBS)),,-n $(TEST_JOBS) --dist worksteal)
 FAST := not ray and not deploy and not subprocess and not flwr139
 
 test-fast: $(STAMP)

@@ -438,6 +438,11 @@ class LocalDeployment:
         Seconds to wait for the SuperLink's health endpoint and each SuperNode's registration.
     stop_timeout
         Seconds between SIGTERM and SIGKILL in :meth:`stop` and :meth:`stop_node`.
+    isolation
+        SuperNode ``--isolation`` (:data:`ISOLATIONS`) of every node (one mode) or of each node (a list): with
+        ``process`` the node's ``flower-superexec`` is started as a process of its own beside it.
+    task_poll_interval
+        Seconds between the executors' polls for a task (:data:`TASK_POLL_ENV`; ``None``: Flower's default).
     """
 
     def __init__(
@@ -455,16 +460,21 @@ class LocalDeployment:
         max_wait_time: float | None = 60.0,
         startup_timeout: float = 120.0,
         stop_timeout: float = 15.0,
-        isolation: str = "subprocess",
+        isolation: str | Sequence[str] = "subprocess",
         task_poll_interval: float | None = TASK_POLL_INTERVAL,
     ) -> None:
         if nodes < 1:
             raise ValueError(f"nodes must be >= 1, got {nodes}")
-        if isolation not in ISOLATIONS:
-            raise ValueError(f"isolation must be one of {', '.join(ISOLATIONS)}, got {isolation!r}")
+        modes = [isolation] * nodes if isinstance(isolation, str) else list(isolation)
+        if len(modes) != nodes:
+            raise ValueError(f"isolation has {len(modes)} entries for {nodes} nodes")
+        for mode in modes:
+            if mode not in ISOLATIONS:
+                raise ValueError(f"isolation must be one of {', '.join(ISOLATIONS)}, got {mode!r}")
         if task_poll_interval is not None and not 0.01 <= task_poll_interval <= 60:
             raise ValueError(f"task_poll_interval must be in [0.01, 60] seconds (Flower's range) or None, got {task_poll_interval!r}")
-        self.isolation = isolation
+        self.isolations: list[str] = modes
+        """Each SuperNode's ``--isolation`` mode."""
         self.task_poll_interval = task_poll_interval
         self.nodes = nodes
         self.workdir = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="fedmeta-deploy-"))
@@ -497,7 +507,7 @@ class LocalDeployment:
         self.superlink: Process | None = None
         self.supernodes: list[Process | None] = [None] * nodes
         self.executors: list[Process | None] = [None] * nodes
-        """With ``isolation="process"``: each SuperNode's ``flower-superexec``, a process of its own."""
+        """Each SuperNode's ``flower-superexec`` where its isolation is ``process`` (a process of its own), else ``None``."""
         self.node_ids: list[int | None] = [None] * nodes
         """The node id the SuperLink gave each SuperNode (a restarted SuperNode gets a new one)."""
         self.runs: list[FlwrRun] = []
@@ -591,7 +601,8 @@ class LocalDeployment:
 
     def supernode_command(self, i: int) -> list[str]:
         return supernode_command(self.transport, superlink=self.fleet_address, port=self.node_ports[i], node_config=self.node_config(i),
-                                 tls=self.certificates, max_wait_time=self.max_wait_time, bin_dir=self.bin_dir, isolation=self.isolation)
+                                 tls=self.certificates, max_wait_time=self.max_wait_time, bin_dir=self.bin_dir,
+                                 isolation=self.isolations[i])
 
     def superexec_command(self, i: int) -> list[str]:
         return superexec_command(self.node_ports[i], bin_dir=self.bin_dir)
@@ -657,7 +668,7 @@ class LocalDeployment:
         proc = self._spawn(f"supernode-{i}", self.supernode_command(i), self._env(d / "home", self.node_env(i)), d / "supernode.log")
         self.supernodes[i] = proc
         self.node_ids[i] = None
-        if self.isolation == "process":  # its executor, a process of its own (it retries until the Runtime API answers)
+        if self.isolations[i] == "process":  # its executor, a process of its own (it retries until the Runtime API answers)
             if self.executors[i] is not None:
                 self.retired.append(self.executors[i])  # type: ignore[arg-type]
             self.executors[i] = self._spawn(f"superexec-{i}", self.superexec_command(i), self._env(d / "home", self.node_env(i)),
@@ -805,7 +816,7 @@ class LocalDeployment:
         for i in range(self.nodes):
             env = {"FLWR_HOME": self.node_dir(i) / "home", **self.node_env(i)}
             lines.append(shell_line(self.supernode_command(i), env))
-            if self.isolation == "process":
+            if self.isolations[i] == "process":
                 lines.append(shell_line(self.superexec_command(i), env))
         lines.append(shell_line(flwr_run_command(self.project_dir, self.run_config(overrides), bin_dir=self.bin_dir),
                                 {"FLWR_HOME": self.workdir / "cli" / "home"}))

@@ -4,13 +4,15 @@
 
 (a) SuperLink + 3 SuperNodes with TLS (self-signed certificates), a SuperNode without the CA refused, and
     2 rounds of cross-silo LocalMOML on Fashion-MNIST partitions compared with the same config in
-    simulation; 2 SuperNodes without TLS hosting 6 clients, compared likewise; (c) a SuperNode killed
-    after round 1 and restarted with the same node config and data directory continues from the
-    personalized model it saved on disk, under both isolation modes; (d) a SuperNode facing an
-    unreachable SuperLink exits with a clear message in bounded time. After each test, no process it
-    started is alive (by PID, by the deployment's FLWR_HOMEs, and as descendants of pytest).
+    simulation; (b) 2 SuperNodes without TLS hosting 6 clients, one of them killed after round 1 and
+    restarted, compared likewise; (c) a SuperNode killed after round 1 and restarted with the same node
+    config and data directory continues from the personalized model it saved on disk (``subprocess``
+    isolation in (b), ``process`` isolation in (c)); (d) a SuperNode facing an unreachable SuperLink exits
+    with a clear message in bounded time. After each test, no process it started is alive (by PID, by the
+    deployment's FLWR_HOMEs, and as descendants of pytest).
 
-About 3-4 minutes on 2 cores: every message runs in a fresh ClientApp process (~5 s each).
+About 2.5 minutes on 2 cores: every message runs in a fresh ClientApp process, and an idle SuperNode
+polls the SuperLink every 3 s (Flower's fixed interval).
 """
 
 from __future__ import annotations
@@ -114,7 +116,8 @@ def test_tls_deployment_of_three_nodes_refuses_a_node_without_the_ca_and_matches
     with pytest.raises((urllib.error.URLError, ConnectionError, OSError)):
         urllib.request.urlopen(f"http://{HOST}:{dep.port}/health", timeout=5).read()
 
-    # The same SuperNode command without the CA certificate: TLS verification fails, it exits.
+    # The same SuperNode command without the CA certificate: TLS verification fails, it exits. It retries for
+    # its --max-wait-time while the run goes on beside it (it never registers, so the run never sees it).
     argv = dep.supernode_command(0)
     i = argv.index("--root-certificates")
     del argv[i : i + 2]
@@ -126,15 +129,15 @@ def test_tls_deployment_of_three_nodes_refuses_a_node_without_the_ca_and_matches
     with log.open("w") as fh:
         rogue = subprocess.Popen(argv, env={**os.environ, **dep._env(home / "home")}, stdout=fh, stderr=subprocess.STDOUT,
                                  start_new_session=True)
-        deployment.seen.add(rogue.pid)
-        code = rogue.wait(timeout=120)  # a hang guard: it gives up after --max-wait-time 15
+    deployment.seen.add(rogue.pid)
+
+    deployed = dep.run(TINY, timeout=420)
+    run = dep.runs[-1]
+    code = rogue.wait(timeout=120)  # a hang guard: it gives up after --max-wait-time 15
     out = log.read_text(errors="replace")
     assert code != 0, out[-2000:]
     assert deploy.NODE_FAILED in out and "CERTIFICATE_VERIFY_FAILED" in out, out[-2000:]
     assert deploy.NODE_READY not in out
-
-    deployed = dep.run(TINY, timeout=420)
-    run = dep.runs[-1]
     deployment.stop()
     assert not deploy.related_processes([rogue.pid], home=str(home))
     assert (ROOT / "pyproject.toml").read_bytes() == pyproject
@@ -172,31 +175,71 @@ def test_tls_deployment_of_three_nodes_refuses_a_node_without_the_ca_and_matches
     print(f"\nseconds per round, same config (3 nodes, 2 rounds): {timing}")
 
 
+def _wait_for_message(node: deploy.Process, message_type: str, run: deploy.FlwrRun) -> None:
+    """Wait until SuperNode ``node`` has pulled a ``message_type`` message of ``run`` (a hang guard of 300 s)."""
+    deadline = time.monotonic() + 300
+    while not _node_received(node, message_type):
+        assert run.process.popen.poll() is None, run.output()[-3000:]
+        assert time.monotonic() < deadline, f"SuperNode never got its {message_type} message"
+        time.sleep(0.1)
+
+
 @pytest.mark.ray  # the simulation it is compared with
-def test_two_supernodes_hosting_six_clients_match_simulation(ray_runner, deployment, tmp_path):
+def test_two_supernodes_hosting_six_clients_one_restarted_match_simulation(ray_runner, deployment, tmp_path):
     """Multi-client nodes on real processes, without TLS: 2 SuperNodes host 3 clients each (node config
-    ``num-partitions=2``), keep LocalMOML's memories in memory banks under their ``memory-dir``, and
-    compute what the simulation with ``num-nodes=2`` computes."""
+    ``num-partitions=2``), keep LocalMOML's memories in memory banks under their ``memory-dir``, and compute what
+    the simulation with ``num-nodes=2`` computes, although SuperNode 1 is killed after round 1 and restarted
+    (``subprocess`` isolation; the next test restarts one with ``process`` isolation): its three clients start
+    round 2 from the memories their bank saved on disk in round 1."""
+    import torch
+
+    from fedmeta.clients.memory import MemoryBank, param_spec
+    from fedmeta.simulations.apps import initial_model
     from fedmeta.simulations.config import ExperimentConfig
     from fedmeta.simulations.run import simulate
 
-    overrides = {**TINY, "num-clients": 6, "num-nodes": 2, "memory-policy": "keep"}
+    k = 1  # the SuperNode that is killed and restarted
+    overrides = {**TINY, "num-clients": 6, "num-nodes": 2, "memory-policy": "keep", "evaluate-every": 1}
     dep = deployment.start(2, memory=True, data_dirs=_data_dirs(tmp_path, 2))
     assert all("--insecure" in p.argv and dep.fleet_address in p.argv for p in dep.supernodes if p)
     assert "--insecure" in dep.superlink_command() and dep.certificates is None
-    deployed = dep.run(overrides, timeout=420)
-    run = dep.runs[-1]
+    assert dep.isolations == ["subprocess", "subprocess"] and dep.executors == [None, None]
+    before, old_id = dep.supernodes[k], dep.node_ids[k]
+    assert before is not None
+    # Killed when its round-1 evaluate message arrives: after its round-1 train reply was aggregated, before
+    # round 2 (see the next test for why this point, and not the train reply, is race-free).
+    run = dep.start_run(overrides)
+    _wait_for_message(before, "evaluate", run)
+    deployment.watch()
+    (bank_dir,) = dep.memory_dir(k).glob("experiment-resume-*/node-1-of-2")
+    hosted = json.loads((bank_dir / "header.json").read_text())["client_ids"]
+    cfg = ExperimentConfig.from_mapping({**deploy.app_config(ROOT), **run.run_config, "results-dir": str(tmp_path / "sim")})
+    bank = MemoryBank(bank_dir, hosted, param_spec(initial_model(cfg).state_dict()))  # raises on another layout
+    assert hosted == [3, 4, 5] and bank.load(hosted, torch.device("cpu"))[1] == [1, 1, 1]  # round-1 memories on disk
+    bank.close()
+
+    dep.stop_node(k)
+    assert not deploy.related_processes([before.pid])
+    after = dep.start_node(k)  # same node config, memory and data directory
+    assert (after.argv, after.env) == (before.argv, before.env) and after.pid != before.pid
+    assert dep.node_ids[k] != old_id
+    deployed = run.wait(timeout=420)
+    restarted_log = after.log.read_text(errors="replace")[after.log_offset :]
     deployment.stop()
 
+    assert "Receiving: train message" in restarted_log  # round 2 went to the restarted node
     assert deployed["trained_partitions"] == {"1": list(range(6)), "2": list(range(6))}
     for rnd in ("1", "2"):
         assert deployed["train"][rnd]["num-clients"] == 6 and deployed["train"][rnd]["num-failures"] == 0
-    assert all(m[C.MEMORY_ROUND] == 1 for m in deployed["client_train"]["2"].values())
+    assert deployed["evaluate"]["1"]["num-failures"] > 0  # the killed node's clients
+    assert deployed["final"]["num-clients"] == 6 and deployed["final"]["num-failures"] == 0
+    # Every client, the restarted node's three included, started round 2 from the memory it saved in round 1 (the
+    # bank checks each row it loads against its checksum: the bytes written in round 1).
+    assert all(deployed["client_train"]["2"][str(c)][C.MEMORY_ROUND] == 1 for c in range(6))
     banks = sorted(p.parent.name for p in dep.memory_dir(0).glob("experiment-resume-*/node-*/header.json"))
     banks += sorted(p.parent.name for p in dep.memory_dir(1).glob("experiment-resume-*/node-*/header.json"))
     assert banks == ["node-0-of-2", "node-1-of-2"]
 
-    cfg = ExperimentConfig.from_mapping({**deploy.app_config(ROOT), **run.run_config, "results-dir": str(tmp_path / "sim")})
     simulated = json.loads(json.dumps(simulate(cfg), default=str))
     for rnd in ("1", "2"):
         assert deployed["train"][rnd][C.TRAIN_LOSS] == pytest.approx(simulated["train"][rnd][C.TRAIN_LOSS], rel=1e-4)
@@ -207,22 +250,19 @@ def test_two_supernodes_hosting_six_clients_match_simulation(ray_runner, deploym
 # --- (c) restart with memory on disk ------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("isolation", deploy.ISOLATIONS)
-def test_restarted_supernode_continues_from_the_personalized_model_it_saved(deployment, tmp_path, isolation):
-    """Under both isolation modes: with ``process`` the SuperNode's executor (``flower-superexec``, which starts
-    the ClientApp processes) is a process of its own, stopped and restarted with it."""
+def test_restarted_supernode_continues_from_the_personalized_model_it_saved(deployment, tmp_path):
+    """With ``process`` isolation: the SuperNode's executor (``flower-superexec``, which starts the ClientApp
+    processes) is a process of its own, stopped and restarted with it. (The test above restarts a SuperNode with
+    ``subprocess`` isolation, whose executor is its child.)"""
     from fedmeta.clients.memory import read_memory_file
 
     k = 1  # the SuperNode that is killed and restarted
-    dep = deployment.start(3, memory=True, data_dirs=_data_dirs(tmp_path, 3), isolation=isolation)
+    dep = deployment.start(2, memory=True, data_dirs=_data_dirs(tmp_path, 2), isolation="process")
     before = dep.supernodes[k]
     assert before is not None
     executor = dep.executors[k]
-    if isolation == "process":
-        assert "--isolation" in before.argv and executor is not None and executor.popen.poll() is None
-        assert executor.argv[-2:] == ["--runtime-api-address", f"127.0.0.1:{dep.node_ports[k]}"]
-    else:
-        assert "--isolation" not in before.argv and executor is None
+    assert "--isolation" in before.argv and executor is not None and executor.popen.poll() is None
+    assert executor.argv[-2:] == ["--runtime-api-address", f"127.0.0.1:{dep.node_ports[k]}"]
     assert before.env[deploy.TASK_POLL_ENV] == "0.05"
     assert f'{deploy.MEMORY_DIR}="{dep.memory_dir(k)}"' in before.argv[-1]
     assert before.env[deploy.DATA_ENV] == str(tmp_path / f"data-{k}")
@@ -232,28 +272,23 @@ def test_restarted_supernode_continues_from_the_personalized_model_it_saved(depl
     # cannot start round 2 before that evaluate message is answered -- by the node or, once it
     # has deregistered, by the SuperLink with a node-unavailable error. Killing the node when the
     # message arrives therefore always lands between its round-1 reply and round 2, which then
-    # waits until all 3 partitions are served again. (Killing it right after its train reply
+    # waits until both partitions are served again. (Killing it right after its train reply
     # would race: a reply the ServerApp has not pulled yet when its node deregisters is replaced
     # by a node-unavailable error.)
     run = dep.start_run({**TINY, "evaluate-every": 1})
-    deadline = time.monotonic() + 300
-    while not _node_received(before, "evaluate"):
-        assert run.process.popen.poll() is None, run.output()[-3000:]
-        assert time.monotonic() < deadline, "SuperNode never got its round-1 evaluate message"
-        time.sleep(0.1)
+    _wait_for_message(before, "evaluate", run)
     deployment.watch()
     saved = read_memory_file(next(dep.memory_dir(k).glob(f"experiment-resume-*/partition-{k}.pt")))
     assert saved.partition == k and saved.server_round == 1
 
     dep.stop_node(k)  # SIGTERM: the SuperNode deregisters; its superexec and ClientApps go too
     assert not deploy.related_processes([before.pid])
-    if executor is not None:
-        assert executor.popen.poll() is not None and not deploy.related_processes([executor.pid])
+    assert executor.popen.poll() is not None and not deploy.related_processes([executor.pid])
     after = dep.start_node(k)  # same node config, memory and data directory
     assert (after.argv, after.env) == (before.argv, before.env) and after.pid != before.pid
-    if executor is not None:  # and a new executor beside it
-        assert dep.executors[k] is not executor and dep.executors[k].argv == executor.argv
-        assert dep.executors[k].popen.poll() is None
+    new_executor = dep.executors[k]  # and a new executor beside it
+    assert new_executor is not None and new_executor is not executor and new_executor.argv == executor.argv
+    assert new_executor.popen.poll() is None
     assert dep.node_ids[k] != old_id  # the SuperLink sees a new node for partition k
 
     results = run.wait(timeout=420)
@@ -261,16 +296,16 @@ def test_restarted_supernode_continues_from_the_personalized_model_it_saved(depl
     deployment.stop()
 
     assert sorted(results["train"], key=int) == ["1", "2"]
-    assert all(results["train"][r]["num-clients"] == 3 and results["train"][r]["num-failures"] == 0 for r in ("1", "2"))
-    assert (results["evaluate"]["1"]["num-clients"], results["evaluate"]["1"]["num-failures"]) == (2, 1)  # the killed node
-    assert results["final"]["num-clients"] == 3 and results["final"]["num-failures"] == 0
+    assert all(results["train"][r]["num-clients"] == 2 and results["train"][r]["num-failures"] == 0 for r in ("1", "2"))
+    assert (results["evaluate"]["1"]["num-clients"], results["evaluate"]["1"]["num-failures"]) == (1, 1)  # the killed node
+    assert results["final"]["num-clients"] == 2 and results["final"]["num-failures"] == 0
     assert "Receiving: train message" in restarted_log  # round 2 went to the restarted node
     round2 = results["client_train"]["2"]
     # The restarted node started round 2 from the u it saved in round 1, bit for bit.
     assert round2[str(k)][C.MEMORY_ROUND] == 1
     assert round2[str(k)][C.MEMORY_DIGEST] == saved.digest
-    assert all(round2[str(p)][C.MEMORY_ROUND] == 1 for p in range(3))
-    assert all(results["client_train"]["1"][str(p)][C.MEMORY_DIGEST] == -1 for p in range(3))
+    assert all(round2[str(p)][C.MEMORY_ROUND] == 1 for p in range(2))
+    assert all(results["client_train"]["1"][str(p)][C.MEMORY_DIGEST] == -1 for p in range(2))
     assert read_memory_file(saved.path).server_round == 2
 
 
@@ -357,6 +392,19 @@ def test_transport_is_chosen_by_the_flwr_version_in_one_place():
     assert "--fleet-api-address" not in deploy.superlink_command(deploy.HTTP, port=1)
     with pytest.raises(ValueError, match="cannot parse"):
         deploy.version_tuple("unknown")
+
+
+def test_isolation_is_one_mode_or_one_per_node(tmp_path):
+    dep = LocalDeployment(3, workdir=tmp_path, isolation=["subprocess", "process", "subprocess"])
+    assert dep.isolations == ["subprocess", "process", "subprocess"]
+    assert ["--isolation" in dep.supernode_command(i) for i in range(3)] == [False, True, False]
+    superexecs = [line for line in dep.shell_commands({"partition": "dirichlet"}) if "flower-superexec" in line]
+    assert len(superexecs) == 1 and superexecs[0].endswith(f"--runtime-api-address 127.0.0.1:{dep.node_ports[1]}")  # node 1's
+    assert LocalDeployment(2, workdir=tmp_path, isolation="process").isolations == ["process", "process"]
+    with pytest.raises(ValueError, match="2 entries for 3 nodes"):
+        LocalDeployment(3, workdir=tmp_path, isolation=["process", "process"])
+    with pytest.raises(ValueError, match="isolation must be one of subprocess, process, got 'thread'"):
+        LocalDeployment(2, workdir=tmp_path, isolation=["process", "thread"])
 
 
 def test_run_config_is_validated_before_any_process_starts(tmp_path):

@@ -2,7 +2,8 @@
 
 SuperLink + 3 SuperNodes on 127.0.0.1 from the flwr 1.39 venv in build/flwr139 (built and cached by
 scripts/build_flwr_venv.py through the ``flwr139_bin`` fixture), 2 rounds of cross-silo LocalMOML on
-Fashion-MNIST partitions, launched by :class:`fedmeta.simulations.deploy.LocalDeployment`.
+Fashion-MNIST partitions, launched by :class:`fedmeta.simulations.deploy.LocalDeployment`; one SuperNode
+runs with ``--isolation process`` (its executor a process of its own), the other two with ``subprocess``.
 
 The transport is checked on the sockets, not only on the command lines: the SuperLink listens on a
 separate gRPC Fleet API port, every SuperNode holds an established TCP connection to that port and
@@ -109,10 +110,14 @@ def test_flwr139_venv_is_cached_and_has_its_own_flwr_and_grpc(flwr139_bin):
 # --- the deployment ----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("isolation", ["subprocess", "process"])
-def test_grpc_deployment_local_moml_cross_silo_three_nodes(flwr139_bin, deployment, isolation):
+ISOLATIONS = ["subprocess", "process", "subprocess"]
+"""Both isolation modes in one deployment: node 1's executor is a ``flower-superexec`` of its own, nodes 0 and 2
+start theirs as children."""
+
+
+def test_grpc_deployment_local_moml_cross_silo_three_nodes(flwr139_bin, deployment):
     pyproject = (ROOT / "pyproject.toml").read_bytes()
-    dep = deployment.start(3, flwr_bin=flwr139_bin, startup_timeout=120, stop_timeout=15, isolation=isolation)
+    dep = deployment.start(3, flwr_bin=flwr139_bin, startup_timeout=120, stop_timeout=15, isolation=ISOLATIONS)
     assert dep.version == FLWR and dep.transport.name == "grpc-rere"
     assert dep.fleet_port != dep.port  # gRPC Fleet API on a port of its own
 
@@ -126,11 +131,11 @@ def test_grpc_deployment_local_moml_cross_silo_three_nodes(flwr139_bin, deployme
     nodes = [p for p in dep.supernodes if p is not None]
     assert len(nodes) == 3 and all(n.popen.poll() is None for n in nodes)
     executors = [e for e in dep.executors if e is not None]
-    assert len(executors) == (3 if isolation == "process" else 0)  # a flower-superexec of its own per SuperNode
+    assert [e is not None for e in dep.executors] == [mode == "process" for mode in ISOLATIONS]  # a flower-superexec of its own
     assert all(e.popen.poll() is None and e.argv[0].startswith(str(flwr139_bin)) for e in executors)
-    for n in nodes:
+    for n, mode in zip(nodes, ISOLATIONS):
         assert "--grpc-rere" in n.argv and dep.fleet_address in n.argv
-        assert ("--isolation" in n.argv) == (isolation == "process")
+        assert ("--isolation" in n.argv) == (mode == "process")
         log = n.log.read_text(errors="replace")
         assert f"insecure channel to {dep.fleet_address}" in log and "SuperNode ID:" in log, log[-3000:]
 
