@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from fedmeta import config as C
+from fedmeta.provenance import provenance
 from fedmeta.simulations import cluster
 from fedmeta.simulations import run as sim_run
 from fedmeta.simulations.config import ExperimentConfig
@@ -79,6 +80,7 @@ def main() -> None:
     p.add_argument("--clients", default="1000,10000")
     p.add_argument("--per-round", type=int, default=500, help="clients sampled per round")
     args = p.parse_args()
+    started = time.time()
     sizes = [int(x) for x in args.clients.split(",")]
     with tempfile.TemporaryDirectory(prefix="fedmeta-bench-") as tmp:  # in-process first, with no cluster running
         here = {n: measure(config(n, args.rounds, Path(tmp) / str(n), per_round=args.per_round), lambda: descendants(os.getpid())) for n in sizes}
@@ -96,7 +98,7 @@ def main() -> None:
               f"{a['peak_rss_mib']:.0f} | {b['peak_rss_mib']:.0f} |")
     out = Path(__file__).parent / "results"
     out.mkdir(exist_ok=True)
-    (out / "bench_cluster.json").write_text(json.dumps(rows, indent=1))
+    (out / "bench_cluster.json").write_text(json.dumps({"rows": rows, "provenance": provenance(vars(args), started=started)}, indent=1))
 
 
 if __name__ == "__main__":

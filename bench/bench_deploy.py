@@ -25,6 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from fedmeta.provenance import provenance
 from fedmeta.simulations import deploy
 from fedmeta.simulations.config import ExperimentConfig
 from fedmeta.simulations.deploy import LocalDeployment
@@ -57,6 +58,7 @@ def main() -> None:
     p.add_argument("--flwr-bin", default=None, help="a venv's bin/ with another flwr (e.g. build/flwr139/bin for gRPC)")
     p.add_argument("--json", type=Path, default=BENCH / "results" / "bench_deploy.json")
     args = p.parse_args()
+    started = time.time()
     cfg = {**CONFIG, "num-rounds": args.rounds}
     rows = []
     work = Path(tempfile.mkdtemp(prefix="fedmeta-bench-deploy-"))
@@ -84,7 +86,8 @@ def main() -> None:
               f"{r['fedmeta_s'] / sim:>20.1f}x")
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "rounds": args.rounds, "repeats": args.repeats,
-                                     "load_before": os.getloadavg()[0], "rows": rows}, indent=1))
+                                     "load_before": os.getloadavg()[0], "rows": rows,
+                                     "provenance": provenance(vars(args), started=started)}, indent=1))
 
 
 if __name__ == "__main__":

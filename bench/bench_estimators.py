@@ -53,6 +53,7 @@ from fedmeta import config as C
 from fedmeta import meta
 from fedmeta.meta import Batch, LossFn, Params, Sampler
 from fedmeta.models import build_model
+from fedmeta.provenance import provenance
 
 RESULTS_PATH = Path(__file__).resolve().parent / "results" / "bench_estimators.json"
 BASELINE = "first_order"
@@ -424,7 +425,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
+    started = time.time()
     report = run(QUICK if args.quick else FULL, args.quick, lambda msg: print(msg, file=sys.stderr, flush=True))
+    report["provenance"] = provenance(vars(args), started=started)
     print(report_text(report))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1) + "\n")

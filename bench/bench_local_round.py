@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -39,6 +40,7 @@ from fedmeta.algorithms import FedAvgConfig, PerFedAvgConfig
 from fedmeta.algorithms.executor import local_round, local_rounds
 from fedmeta.clients.client import round_generator
 from fedmeta.data import client_data
+from fedmeta.provenance import provenance
 from fedmeta.simulations.apps import initial_model
 from fedmeta.simulations.config import ExperimentConfig
 
@@ -142,7 +144,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="a few seconds (the smoke test)")
     parser.add_argument("--out", type=Path, default=RESULTS_PATH, help=f"where to write the JSON (default: {RESULTS_PATH})")
     args = parser.parse_args(argv)
+    started = time.time()
     report = run(args.quick)
+    report["provenance"] = provenance(vars(args), started=started)
     emit(report, table(report), args.out)
     return 0
 

@@ -40,6 +40,7 @@ import numpy as np
 import torch
 
 from fedmeta.clients.memory import MemoryBank, bank_path, param_spec
+from fedmeta.provenance import provenance
 from fedmeta.simulations.config import ExperimentConfig
 from fedmeta.simulations.processes import descendants
 
@@ -192,7 +193,7 @@ def main() -> None:
         print(json.dumps(one(store, int(clients), args)))
         return
 
-    rows = []
+    rows, started = [], time.time()
     print(f"{args.per_round} clients per round over {args.nodes} multi-client nodes; median of {args.rounds} rounds; "
           "each store in a fresh process")
     print(f"{'clients':>8} {'store':>8} {'ms/round':>9} {'over none':>10} {'peak RSS GB':>12}")
@@ -208,7 +209,7 @@ def main() -> None:
             rows.append(r)
             print(f"{clients:>8} {store:>8} {r['ms_per_round']:>9.1f} {r['over_none_ms']:>+10.1f} {r['peak_rss_gb']:>12.2f}", flush=True)
     if args.json:
-        args.json.write_text(json.dumps(rows, indent=1))
+        args.json.write_text(json.dumps({"rows": rows, "provenance": provenance(vars(args), started=started)}, indent=1, default=str))
 
 
 if __name__ == "__main__":

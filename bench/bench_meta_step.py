@@ -47,6 +47,7 @@ from fedmeta.clients.client import MetaClient, round_generator
 from fedmeta.config import LocalMOMLConfig
 from fedmeta.data import ClientData, partitions
 from fedmeta.meta import Params
+from fedmeta.provenance import provenance
 from fedmeta.simulations.apps import build_strategy, initial_model
 from fedmeta.simulations.config import ExperimentConfig
 from fedmeta.simulations.run import simulate
@@ -309,8 +310,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.set_num_threads(1)
     # As simulate() does: build_strategy() would log Flower's "evaluation skipped" warning.
     logging.getLogger("flwr").setLevel(logging.ERROR)
+    started = time.time()
     with tempfile.TemporaryDirectory(prefix="bench_meta_step-") as results_dir:
         report = run(QUICK if args.quick else FULL, args.quick, results_dir)
+    report["provenance"] = provenance(vars(args), started=started)
     print(table(report))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1) + "\n")

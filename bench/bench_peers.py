@@ -36,6 +36,7 @@ import json
 import logging
 import statistics
 import tempfile
+import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -47,6 +48,7 @@ from bench_scale import (  # bench/ is on sys.path
 )
 from fedmeta import config as C
 from fedmeta.data import client_data
+from fedmeta.provenance import provenance
 from fedmeta.simulations.config import ExperimentConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -285,8 +287,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         w = replace(w, rounds=args.rounds)
     logging.getLogger("flwr").setLevel(logging.ERROR)
     progress = Progress()
+    started = time.time()
     report = run(w, progress, args.pfl_python)
     report["wall_s"] = progress.seconds()
+    report["provenance"] = provenance(vars(args), started=started)
     emit(report, table(report) + f"\n\ntotal wall time {report['wall_s']:.0f} s", args.out)
     return 0
 

@@ -74,6 +74,7 @@ from fedmeta import meta
 from fedmeta.algorithms.executor import local_rounds
 from fedmeta.clients.client import directions_generator, round_generator
 from fedmeta.data import client_data
+from fedmeta.provenance import provenance
 from fedmeta.simulations.apps import build_strategy, initial_model
 from fedmeta.simulations.config import ExperimentConfig
 from fedmeta.simulations.run import simulate
@@ -924,8 +925,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     # As simulate() does: build_strategy() would log Flower's "evaluation skipped" warning.
     logging.getLogger("flwr").setLevel(logging.ERROR)
     progress = Progress()
+    started = time.time()
     report = run(SMOKE if args.smoke else QUICK if args.quick else FULL, args.quick or args.smoke, progress)
     report["wall_s"] = progress.seconds()
+    report["provenance"] = provenance(vars(args), started=started)
     emit(report, table(report) + f"\n\ntotal wall time {report['wall_s']:.0f} s", args.out)
     return 0
 

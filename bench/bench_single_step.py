@@ -31,6 +31,7 @@ import argparse
 import json
 import os
 import platform
+import time
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -44,6 +45,7 @@ from fedmeta import config as C
 from fedmeta.clients.client import MetaClient, round_generator
 from fedmeta.config import LocalMOMLConfig, PerFedAvgConfig
 from fedmeta.data import ClientData, client_data
+from fedmeta.provenance import provenance
 from fedmeta.simulations.apps import initial_model
 from fedmeta.simulations.config import ExperimentConfig
 
@@ -214,7 +216,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=RESULTS_PATH, help=f"where to write the JSON (default: {RESULTS_PATH})")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
+    started = time.time()
     report = run(QUICK if args.quick else FULL, args.quick)
+    report["provenance"] = provenance(vars(args), started=started)
     print(table(report))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1) + "\n")

@@ -60,6 +60,7 @@ from torch.nn import functional as F
 from fedmeta import meta
 from fedmeta.meta import Batch, Params
 from fedmeta.models import mlp
+from fedmeta.provenance import provenance
 
 # ----------------------------------------------------------------------------------------------
 # Task families
@@ -789,13 +790,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as err:
         print(f"fedmeta.centralized: error: {err}", file=sys.stderr)
         return 2
+    started = time.time()
     res = train(cfg, log=lambda line: print(line, flush=True))
     state = f"diverged at iteration {res.diverged_at}" if res.diverged_at is not None else f"final meta-loss {res.final_meta_loss:.6g}"
     print(f"{cfg.task}, {cfg.meta_gradient}: {state}; {res.seconds:.1f} s; "
           f"{res.cost.gradients} gradients, {res.cost.hvps} HVPs, {res.cost.loss_evals} loss evaluations")
     if json_path:
         with open(json_path, "w") as fh:
-            json.dump(res.to_dict(), fh, indent=1)
+            json.dump({**res.to_dict(), "provenance": provenance(cfg.to_dict(), started=started)}, fh, indent=1)
     return 0
 
 

@@ -46,6 +46,7 @@ from fedmeta import validation as V
 from fedmeta.algorithms.base import VMAP_ESTIMATORS  # computed under vmap; the stochastic ones loop over agents
 from fedmeta.centralized import SineRegression
 from fedmeta.meta import Params
+from fedmeta.provenance import provenance
 
 OPTIMIZERS = ("adam", "sgd")
 ADAM_BETAS = (0.9, 0.999)
@@ -415,13 +416,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as err:
         print(f"fedmeta.dif_maml: error: {err}", file=sys.stderr)
         return 2
+    started = time.time()
     res = simulate(cfg, log=lambda line: print(line, flush=True))
     state = f"diverged at iteration {res.diverged_at}" if res.diverged_at else f"final test loss {res.test_loss[-1]:.4f}"
     print(f"dif-maml on {res.graph_name} (lambda_2 = {res.lambda_2:.4f}): {state}; {res.train_seconds:.1f} s training, {res.seconds:.1f} s in all; "
           f"{res.messages_up} models up, {res.messages_down} down")
     if json_path:
         with open(json_path, "w") as fh:
-            json.dump(res.to_dict(), fh, indent=1)
+            json.dump({**res.to_dict(), "provenance": provenance(cfg.to_dict(), started=started)}, fh, indent=1)
     return 0
 
 

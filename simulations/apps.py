@@ -25,6 +25,7 @@ from fedmeta import algorithms
 from fedmeta.clients import make_client_app
 from fedmeta.data import client_data
 from fedmeta import config as C
+from fedmeta.provenance import provenance
 from fedmeta.simulations.config import ExperimentConfig
 from fedmeta.simulations.preflight import check_inputs
 from fedmeta.simulations.progress import RoundProgress
@@ -68,7 +69,7 @@ def run_server(grid: Grid, cfg: ExperimentConfig, on_round: Callable[[int, Resul
     the strategy stopped the run because no client could train (``max-failed-rounds``) or the final
     evaluation never happened; ``results["client_errors"]`` lists every distinct client error."""
     strategy = build_strategy(cfg)
-    t0 = time.perf_counter()
+    started, t0 = time.time(), time.perf_counter()
     failure = None
     try:
         result = strategy.start(
@@ -110,6 +111,7 @@ def run_server(grid: Grid, cfg: ExperimentConfig, on_round: Callable[[int, Resul
         "resumed_from": strategy.resumed_from,
         "client_errors": strategy.failures.to_list(),
         "client_errors_report": strategy.failures.report() if strategy.failures else "",
+        "provenance": provenance(cfg.to_dict(), started=started),  # the ServerApp's start and wall time
     }
     out = Path(cfg.results_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -41,6 +41,7 @@ of them in parallel processes. The summary (markdown) and the plots (PNG) land i
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import logging
@@ -56,6 +57,7 @@ import numpy as np
 from fedmeta import config as C
 from fedmeta import meta
 from fedmeta.centralized import CentralizedConfig, RunResult
+from fedmeta.provenance import provenance
 from fedmeta.simulations.config import ExperimentConfig
 
 logger = logging.getLogger("fedmeta")
@@ -594,7 +596,8 @@ class CachedRuns:
 
     def _keep(self, cfg: Any, res: Any) -> None:
         key = _config_key(cfg)
-        (self.runs_dir / f"{hashlib.sha1(key.encode()).hexdigest()[:12]}.json").write_text(json.dumps(res.to_dict()))
+        record = {**res.to_dict(), "provenance": provenance(cfg.to_dict(), started=time.time() - res.seconds)}
+        (self.runs_dir / f"{hashlib.sha1(key.encode()).hexdigest()[:12]}.json").write_text(json.dumps(record))
         self.finished[key] = res
         self._report(cfg, res, "ran")
 
@@ -726,7 +729,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"({how}, {time.perf_counter() - t0:.0f} s)", flush=True)
         return res
 
-    t0 = time.perf_counter()
+    started, t0 = time.time(), time.perf_counter()
     try:
         summary, runs = experiment(budget, run)
     except _Stop as stop:  # bad inputs (2) or a run that failed (1), already reported in one place
@@ -740,7 +743,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     text += "\n" + "\n".join(f"![{f.stem}]({f.name})" for f in figures) + "\n"
     (out / "summary.md").write_text(text)
     runs_dir.mkdir(parents=True, exist_ok=True)
-    (runs_dir / "runs.json").write_text(json.dumps({k: [r["path"] for r in v] for k, v in runs.items()}, indent=1))
+    index = {"runs": {k: [r["path"] for r in v] for k, v in runs.items()},
+             "provenance": provenance({"name": args.name, "quick": bool(args.quick), **dataclasses.asdict(budget)}, started=started)}
+    (runs_dir / "runs.json").write_text(json.dumps(index, indent=1, default=str))
     print()
     print(text)
     return 0

@@ -256,3 +256,21 @@ class Deployments:
         assert not [p for p in self.seen | started if is_alive(p)]
         assert not [dep.live_processes() for dep in self.started if dep.live_processes()]
         assert not descendants_of_pytest() - self.baseline
+
+
+# --- provenance (issue 22) ----------------------------------------------------------------------------
+
+
+def check_provenance(block: dict, config: dict | None = None) -> None:
+    """The keys of :data:`fedmeta.provenance.KEYS`, filled: used by the writers' tests too."""
+    from fedmeta import provenance as P
+
+    assert tuple(block) == P.KEYS
+    assert set(block["versions"]) == set(P.DISTRIBUTIONS) and block["versions"]["torch"] and block["versions"]["numpy"]
+    assert block["versions"]["fedmeta"] == __import__("fedmeta").__version__
+    assert set(block["git"]) >= {"commit", "dirty"}
+    assert block["cpu"]["cores"] >= 1 and block["cpu"]["usable_cores"] >= 1
+    assert isinstance(block["gpus"], list) and block["python"].count(".") == 2 and block["command"]
+    assert block["wall_seconds"] >= 0 and block["started"][:2] == "20" and block["started"].endswith("+00:00")
+    if config is not None:
+        assert block["config"] == config

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from fakes import check_provenance
 from fedmeta.meta import META_GRADIENTS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -21,6 +22,8 @@ def test_bench_quick_runs_and_reports_every_mode(ray_runner, tmp_path):  # its s
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     report = json.loads(out.read_text())
+    check_provenance(report["provenance"])
+    assert {"quick": True, "out": str(out)}.items() <= report["provenance"]["config"].items()
     text = json.dumps(report)
     for name in ("exact", "first_order", "per-fedavg", "local-moml", "end_to_end_over_bare_loop"):
         assert name in text
@@ -33,7 +36,10 @@ def test_bench_estimators_quick_reports_every_estimator(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_estimators.py"), "--quick", "--out", str(out)],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    cells = json.loads(out.read_text())["cells"]
+    report = json.loads(out.read_text())
+    check_provenance(report["provenance"])
+    assert {"quick": True, "out": str(out)}.items() <= report["provenance"]["config"].items()
+    cells = report["cells"]
     for name in META_GRADIENTS:
         mine = [c for c in cells if c["estimator"] == name]
         assert mine, name
@@ -51,6 +57,9 @@ def test_bench_scale_smoke_reports_every_section(ray_runner, tmp_path):  # its s
                           capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     report = json.loads(out.read_text())
+    check_provenance(report["provenance"])
+    assert {"quick": False, "smoke": True, "out": str(out)}.items() <= report["provenance"]["config"].items()
+    assert report["provenance"]["git"]["commit"]  # run in a process of its own, from this checkout
     assert report["budget"]["workloads"] == ["sine"] and "mlp" not in report  # one workload runs every code path
     for wl in report["budget"]["workloads"]:
         part = report[wl]
@@ -76,7 +85,10 @@ def test_bench_local_round_quick_times_every_cell(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_local_round.py"), "--quick", "--out", str(out)],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    cells = json.loads(out.read_text())["cells"]
+    report = json.loads(out.read_text())
+    check_provenance(report["provenance"])
+    assert {"quick": True, "out": str(out)}.items() <= report["provenance"]["config"].items()
+    cells = report["cells"]
     assert {"plain PyTorch, epoch slices", "FedAvg func, check/step", "FedAvg fast", "Per-FedAvg FO fast"} <= set(cells)
     assert all(c["us_per_step_min"] > 0 and c["us_per_step_median"] >= c["us_per_step_min"] for c in cells.values())
 
@@ -117,6 +129,7 @@ def test_bench_peers_smoke_measures_pfl_and_fedmeta_in_one_run(ray_runner, tmp_p
                           capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     report = json.loads(out.read_text())
+    check_provenance(report["provenance"])
     assert set(report["pfl_probe"]) == {"1", "2"} and report["pfl_threads"] in (1, 2)
     (rep,) = report["repeats"]
     assert rep["pfl"]["versions"]["pfl"] == "0.6.0" and rep["pfl"]["threads"] == report["pfl_threads"]

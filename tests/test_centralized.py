@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch.func import grad
 
+from fakes import check_provenance
 from fedmeta import centralized as c
 from fedmeta import meta
 
@@ -158,7 +159,9 @@ def test_command_line(capsys, tmp_path):
     out = tmp_path / "run.json"
     assert c.main(["--meta-gradient", "fo_muml", "--iterations", "2", "--eval-tasks", "4", "--json", str(out)]) == 0
     assert "matrix-factorization, fo_muml: final meta-loss" in capsys.readouterr().out
-    assert c.RunResult.from_dict(__import__("json").loads(out.read_text())).config.meta_gradient == "fo_muml"
+    record = __import__("json").loads(out.read_text())
+    assert c.RunResult.from_dict(record).config.meta_gradient == "fo_muml"
+    check_provenance(record["provenance"], record["config"])
     assert c.main(["--inner-steps", "0"]) == 2
     assert "inner_steps" in capsys.readouterr().err
     assert c.main(["--iterations", "0.5"]) == 2

@@ -10,6 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from fakes import check_provenance
 from fedmeta import graph as G
 from fedmeta.dif_maml import (
     DifMAMLConfig, DifResult, agent_batches, agent_gradient, agent_round, combine, disagreement, init_optimizer_state,
@@ -191,7 +192,9 @@ def test_a_run_records_tests_disagreement_and_message_counts(tmp_path):
     assert again.test_loss == run.test_loss and again.config == cfg
     assert main(["--iterations", "2", "--shots", "4", "--eval-tasks", "4", "--eval-every", "1", "--topology", "ring",
                  "--json", str(tmp_path / "r.json")]) == 0
-    assert json.loads((tmp_path / "r.json").read_text())["messages_down"] == 2 * 18
+    record = json.loads((tmp_path / "r.json").read_text())
+    assert record["messages_down"] == 2 * 18
+    check_provenance(record["provenance"], record["config"])
 
 
 def test_the_command_line_refuses_a_bad_topology(capsys):

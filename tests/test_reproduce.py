@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 
+from fakes import check_provenance
 from fedmeta import config as C
 from fedmeta.simulations import reproduce
 from fedmeta.simulations.reproduce import Budget
@@ -51,7 +55,12 @@ def test_reproduce_command_end_to_end_with_a_tiny_budget(ray_runner, tmp_path, m
     assert "fedmeta-reproduce per-fedavg-fig1 --quick" in text and "| 2 | 0.5 (5) |" in text
     for png in ("accuracy_vs_round.png", "client_accuracy_distribution.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert (tmp_path / "runs" / "per-fedavg-fig1-quick" / "runs.json").exists()
+    index = json.loads((tmp_path / "runs" / "per-fedavg-fig1-quick" / "runs.json").read_text())
+    check_provenance(index["provenance"], {"name": "per-fedavg-fig1", "quick": True, "rounds": 2, "evaluate_every": 2, "seeds": [0],
+                                      "cells": [[2, 5]], "momenta": index["provenance"]["config"]["momenta"]})
+    for paths in index["runs"].values():
+        for path in paths:  # each run's own results file
+            check_provenance(json.loads(Path(path).read_text())["provenance"])
     capsys.readouterr()
     # Run again: every finished run is reused, none simulated again, and the summary is the same.
     assert reproduce.main(["per-fedavg-fig1", "--quick", "--out", str(tmp_path), "--runs", str(tmp_path / "runs")]) == 0

@@ -19,7 +19,7 @@ from fedmeta.simulations.config import ExperimentConfig
 from fedmeta.strategies import LocalMOML
 from fedmeta.strategies.aggregation import average_arrays, sample_partitions
 
-from fakes import simulate_strategy
+from fakes import check_provenance, simulate_strategy
 
 pytestmark = pytest.mark.ray
 
@@ -116,6 +116,7 @@ def test_default_experiment_smoke_run(ray_runner, tmp_path, capsys):
     for algo in ("local-moml", "per-fedavg"):
         res = json.loads((tmp_path / f"{algo}-fashion-mnist-n6-seed0.json").read_text())
         assert res["config"]["algorithm"] == algo
+        check_provenance(res["provenance"], res["config"])
         assert sorted(res["train"], key=int) == ["1", "2", "3"]
         assert all(m["num-clients"] == 3 for m in res["train"].values())
         assert len(res["clients"]) == 6  # every client evaluated after the last round

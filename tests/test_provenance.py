@@ -1,0 +1,35 @@
+"""Issue 22: every results file says which code, libraries, machine, settings and command produced it."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from fakes import check_provenance
+from fedmeta import provenance as P
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_the_block_has_every_key_and_the_times_of_the_run():
+    started = time.time() - 5
+    block = P.provenance({"seed": 3, "path": Path("/x")}, started=started, argv=["fedmeta-sim", "--seed", "3"])
+    check_provenance(block, {"seed": 3, "path": "/x"})
+    assert block["command"] == "fedmeta-sim --seed 3" and 5 <= block["wall_seconds"] < 60
+    assert block["torch_threads"] == torch.get_num_threads()
+
+
+def test_a_copy_without_git_records_why(tmp_path):
+    assert P.git_state(tmp_path) == {"commit": None, "dirty": None, "why": f"{tmp_path} is not a git checkout"}
+
+
+@pytest.mark.subprocess  # runs git
+def test_the_commit_and_dirtiness_are_the_checkouts():
+    head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    status = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True,
+                            check=True).stdout
+    assert P.git_state() == {"commit": head, "dirty": bool(status.strip())}
