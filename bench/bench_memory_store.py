@@ -209,7 +209,7 @@ def main() -> None:
             rows.append(r)
             print(f"{clients:>8} {store:>8} {r['ms_per_round']:>9.1f} {r['over_none_ms']:>+10.1f} {r['peak_rss_gb']:>12.2f}", flush=True)
     if args.json:
-        args.json.write_text(json.dumps({"rows": rows, "provenance": provenance(vars(args), started=started)}, indent=1, default=str))
+        args.json.write_text(json.dumps({"rows": rows, "provenance": provenance(vars(args), started=started)}, indent=1))
 
 
 if __name__ == "__main__":

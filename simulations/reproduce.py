@@ -745,7 +745,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     runs_dir.mkdir(parents=True, exist_ok=True)
     index = {"runs": {k: [r["path"] for r in v] for k, v in runs.items()},
              "provenance": provenance({"name": args.name, "quick": bool(args.quick), **dataclasses.asdict(budget)}, started=started)}
-    (runs_dir / "runs.json").write_text(json.dumps(index, indent=1, default=str))
+    (runs_dir / "runs.json").write_text(json.dumps(index, indent=1))
     print()
     print(text)
     return 0
