@@ -116,3 +116,20 @@ def provenance(config: Mapping[str, Any] | None, *, started: float, argv: Sequen
         "started": _dt.datetime.fromtimestamp(started, _dt.timezone.utc).isoformat(timespec="seconds"),
         "wall_seconds": round(time.time() - started, 3),
     }
+
+
+def describe(block: Mapping[str, Any]) -> str:
+    """One line naming what a provenance block says produced a result: commit (and whether the tree was clean),
+    date, library versions, Python and CPU, e.g. ``commit 417da75 (clean tree), 2026-12-04; fedmeta 0.1.0,
+    torch 2.14.1+cu130, flwr 1.42.0, ray 2.55.1; Python 3.11.7; AMD EPYC 7B13, 2 cores``. What the docs print
+    under each generated table (``scripts/docs_results.py``)."""
+    git = block.get("git") or {}
+    if git.get("commit"):
+        state = {True: "uncommitted changes", False: "clean tree"}.get(git.get("dirty"), "tree state unknown")
+        code = f"commit {git['commit'][:7]} ({state})"
+    else:
+        code = f"commit unknown ({git.get('why', 'not recorded')})"
+    libs = ", ".join(f"{k} {v}" for k, v in (block.get("versions") or {}).items() if v and k != "numpy")
+    cpu_ = block.get("cpu") or {}
+    machine = f"{cpu_.get('model', '?')}, {cpu_.get('cores', '?')} cores" + (f", GPU {', '.join(block['gpus'])}" if block.get("gpus") else ", no GPU")
+    return f"{code}, {str(block.get('started', '?'))[:10]}; {libs}; Python {block.get('python', '?')}; {machine}"

@@ -57,7 +57,7 @@ import numpy as np
 from fedmeta import config as C
 from fedmeta import meta
 from fedmeta.centralized import CentralizedConfig, RunResult
-from fedmeta.provenance import provenance
+from fedmeta.provenance import describe, provenance
 from fedmeta.simulations.config import ExperimentConfig
 
 logger = logging.getLogger("fedmeta")
@@ -568,6 +568,20 @@ def _save(fig: Any, path: Path) -> list[Path]:
     return [path]
 
 
+RUNS_PREFIX = "Runs: "
+"""The line of a reproduction's ``summary.md`` that says which code, libraries and machine produced it
+(``scripts/docs_results.py`` prints it under the table it copies into docs/results.md)."""
+
+
+def runs_line(block: dict[str, Any], count: int, reused: int) -> str:
+    """``Runs: commit ... (clean tree), <date>; <versions>; ...`` for the invocation whose provenance is ``block``;
+    runs reused from an earlier invocation are counted, since their code may be older."""
+    line = RUNS_PREFIX + describe(block)
+    if reused:
+        line += f" ({reused} of {count} runs reused from an earlier invocation, whose results files record their own commit)"
+    return line + "."
+
+
 def _config_key(cfg: Any) -> str:
     return json.dumps(cfg.to_dict(), sort_keys=True)
 
@@ -643,7 +657,7 @@ def _main_centralized(args: argparse.Namespace) -> int:
     _one_thread()
     run_all = CachedRuns(Path(args.runs) / tag, args.jobs, train, RunResult.from_dict, _describe_centralized)
 
-    t0 = time.perf_counter()
+    started, t0 = time.time(), time.perf_counter()
     if args.name == "localmoml-table2":
         summary, grid = table2(TABLE2_BUDGETS["quick" if args.quick else "full"], run_all)
         figures = plot_table2(grid, out)
@@ -663,7 +677,8 @@ def _main_centralized(args: argparse.Namespace) -> int:
         text += f" for the {count - reused} not reused from an earlier invocation" if reused else ""
     text += f"; the runs' own wall times add up to {run_minutes:.1f} min"
     text += f".\n\n{summary}"
-    text += "\n" + "\n".join(f"![{f.stem}]({f.name})" for f in figures) + "\n"
+    text += "\n" + runs_line(provenance({"name": args.name, "quick": bool(args.quick), "jobs": args.jobs}, started=started), count, reused)
+    text += "\n\n" + "\n".join(f"![{f.stem}]({f.name})" for f in figures) + "\n"
     (out / "summary.md").write_text(text)
     print()
     print(text)
@@ -739,12 +754,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = f"fedmeta-reproduce {args.name}" + (" --quick" if args.quick else "")
     text = f"## {args.name}{' (quick budget)' if args.quick else ''}\n\n`{command}`: {count} simulations, {minutes:.1f} min wall time"
     text += f" for the {count - reused} not reused from an earlier, interrupted invocation" if reused else ""
+    block = provenance({"name": args.name, "quick": bool(args.quick), **dataclasses.asdict(budget)}, started=started)
     text += f".\n\n{summary}"
-    text += "\n" + "\n".join(f"![{f.stem}]({f.name})" for f in figures) + "\n"
+    text += "\n" + runs_line(block, count, reused)
+    text += "\n\n" + "\n".join(f"![{f.stem}]({f.name})" for f in figures) + "\n"
     (out / "summary.md").write_text(text)
     runs_dir.mkdir(parents=True, exist_ok=True)
-    index = {"runs": {k: [r["path"] for r in v] for k, v in runs.items()},
-             "provenance": provenance({"name": args.name, "quick": bool(args.quick), **dataclasses.asdict(budget)}, started=started)}
+    index = {"runs": {k: [r["path"] for r in v] for k, v in runs.items()}, "provenance": block}
     (runs_dir / "runs.json").write_text(json.dumps(index, indent=1))
     print()
     print(text)

@@ -166,14 +166,15 @@ def _describe(cfg: DifMAMLConfig, res: DifResult) -> str:
 
 
 def main_dif(args: argparse.Namespace) -> int:
-    from fedmeta.simulations.reproduce import CachedRuns
+    from fedmeta.provenance import provenance
+    from fedmeta.simulations.reproduce import CachedRuns, runs_line
 
     tag = args.name + ("-quick" if args.quick else "")
     out = Path(args.out) / tag
     out.mkdir(parents=True, exist_ok=True)
     run_all = CachedRuns(Path(args.runs) / tag, args.jobs, _run_record, DifResult.from_dict, _describe)
 
-    t0 = time.perf_counter()
+    started, t0 = time.time(), time.perf_counter()
     summary, runs = dif_fig2(DIF_BUDGETS["quick" if args.quick else "full"], run_all)
     figures = plot_dif(runs, out)
     minutes = (time.perf_counter() - t0) / 60
@@ -186,7 +187,8 @@ def main_dif(args: argparse.Namespace) -> int:
         wall = f"{minutes:.1f} min wall time" + (f" for the {ran} not reused from an earlier invocation" if ran < n else "")
     text = (f"## {args.name}{' (quick budget)' if args.quick else ''}\n\n`{command}`: {n} runs, "
             f"{wall}; the runs' own wall times add up to {total:.1f} min.\n\n{summary}\n"
-            + "\n".join(f"![{f.stem}]({f.name})" for f in figures) + "\n")
+            + runs_line(provenance({"name": args.name, "quick": bool(args.quick), "jobs": args.jobs}, started=started), n, run_all.reused)
+            + "\n\n" + "\n".join(f"![{f.stem}]({f.name})" for f in figures) + "\n")
     (out / "summary.md").write_text(text)
     print()
     print(text)

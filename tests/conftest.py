@@ -11,6 +11,11 @@ os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
 
 _ROOT = Path(__file__).resolve().parents[1]
 
+# matplotlib lists the system's fonts (`fc-list`, a process) the first time it draws on a machine without its font
+# cache; build the cache here, before the fast tests' guard below refuses processes, so that a plotting test does
+# not fail or pass by which test happened to draw first.
+import matplotlib.font_manager  # noqa: E402,F401
+
 SLOW_MARKERS = ("ray", "deploy", "subprocess", "flwr139")
 """A test that starts Ray or any process carries one of these (pyproject's markers); ``make test-fast`` leaves
 them out. :func:`_slow_work_needs_a_marker` fails a test that starts either without one."""

@@ -33,3 +33,15 @@ def test_the_commit_and_dirtiness_are_the_checkouts():
     status = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True,
                             check=True).stdout
     assert P.git_state() == {"commit": head, "dirty": bool(status.strip())}
+
+
+def test_describe_names_the_commit_tree_state_date_versions_and_machine():
+    block = {"git": {"commit": "417da75c0ffee", "dirty": False}, "versions": {"fedmeta": "0.1.0", "torch": "2.14.1", "flwr": "1.42.0",
+             "ray": "2.55.1", "numpy": "2.3.0"}, "python": "3.11.7", "cpu": {"model": "AMD EPYC", "cores": 2}, "gpus": [],
+             "started": "2026-12-04T19:55:00+00:00"}
+    assert P.describe(block) == ("commit 417da75 (clean tree), 2026-12-04; fedmeta 0.1.0, torch 2.14.1, flwr 1.42.0, ray 2.55.1; "
+                                 "Python 3.11.7; AMD EPYC, 2 cores, no GPU")
+    dirty = {**block, "git": {"commit": "abcdef0123", "dirty": True}, "gpus": ["NVIDIA A100"]}
+    assert P.describe(dirty).startswith("commit abcdef0 (uncommitted changes), ") and P.describe(dirty).endswith("2 cores, GPU NVIDIA A100")
+    unknown = P.describe({**block, "git": {"commit": None, "dirty": None, "why": "/x is not a git checkout"}})
+    assert unknown.startswith("commit unknown (/x is not a git checkout), 2026-12-04; ")

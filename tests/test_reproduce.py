@@ -66,7 +66,20 @@ def test_reproduce_command_end_to_end_with_a_tiny_budget(ray_runner, tmp_path, m
     assert reproduce.main(["per-fedavg-fig1", "--quick", "--out", str(tmp_path), "--runs", str(tmp_path / "runs")]) == 0
     log = capsys.readouterr().out
     assert log.count("(reused,") == 2 and "(ran," not in log
-    assert (out / "summary.md").read_text().split("\n\n", 2)[2] == text.split("\n\n", 2)[2]
+    again = (out / "summary.md").read_text()
+    assert _runs_line(text) == reproduce.runs_line(index["provenance"], 2, 0)  # the code, libraries and machine behind it
+    assert "(2 of 2 runs reused from an earlier invocation" in _runs_line(again)
+    assert _without_runs_line(again).split("\n\n", 2)[2] == _without_runs_line(text).split("\n\n", 2)[2]
+
+
+def _runs_line(summary: str) -> str:
+    (line,) = [ln for ln in summary.splitlines() if ln.startswith(reproduce.RUNS_PREFIX)]
+    assert line.startswith("Runs: commit ") and "; Python " in line, line
+    return line
+
+
+def _without_runs_line(summary: str) -> str:
+    return "\n".join(ln for ln in summary.splitlines() if not ln.startswith(reproduce.RUNS_PREFIX))
 
 
 # --- multistep-maml-ggs Figures 1-2 (centralized runner) -------------------------------------
@@ -137,5 +150,6 @@ def test_ggs_quick_commands_write_their_summary_and_plot(tmp_path, capsys, monke
     assert reproduce.main(args) == 0
     assert "(ran," not in capsys.readouterr().out
     again = (out / "summary.md").read_text()
-    assert "all reused from an earlier invocation" in again
-    assert again.split("\n\n", 2)[2] == text.split("\n\n", 2)[2]
+    assert "all reused from an earlier invocation" in again and "runs reused from an earlier invocation" in _runs_line(again)
+    assert "reused" not in _runs_line(text)
+    assert _without_runs_line(again).split("\n\n", 2)[2] == _without_runs_line(text).split("\n\n", 2)[2]
