@@ -78,6 +78,7 @@ from fedmeta.provenance import provenance
 from fedmeta.simulations.apps import build_strategy, initial_model
 from fedmeta.simulations.config import ExperimentConfig
 from fedmeta.simulations.run import simulate
+from fedmeta.simulations.processes import busy_cpu_seconds
 
 RESULTS_PATH = Path(__file__).resolve().parent / "results" / "bench_scale.json"
 GIB = 1024**3
@@ -223,9 +224,7 @@ def _kib(text: str | None, key: str) -> int:
 
 def busy_ticks() -> int:
     """CPU ticks the whole machine spent busy since boot (``/proc/stat``: all but idle and iowait)."""
-    values = [int(v) for v in (_read("/proc/stat") or "").splitlines()[0].split()[1:]]
-    user, nice, system, _idle, _iowait, irq, softirq, steal = (values + [0] * 8)[:8]
-    return user + nice + system + irq + softirq + steal
+    return round(busy_cpu_seconds() * CLOCK_TICKS)
 
 
 def own_ticks() -> int:

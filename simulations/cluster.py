@@ -169,6 +169,17 @@ def local_resources() -> list[dict[str, Any]]:
     return [{"Resources": {"CPU": float(os.cpu_count() or 1), "GPU": float(gpus)}}]
 
 
+def local_cluster_processes(root: str | Path) -> set[int]:
+    """Every live process of the :class:`LocalCluster` in ``root``: those whose command line names its directory,
+    those that inherited its marker from ``ray start`` (its client server names no path), and those holding a file
+    open below it (Ray's agents rename themselves, and the new title overwrites the environment /proc shows). Also
+    finds the processes of a cluster whose owner died before stopping it."""
+    from fedmeta.simulations.processes import pids_holding, pids_mentioning, pids_with_env
+
+    root = str(root)
+    return set(pids_mentioning(root)) | pids_with_env(LOCAL_CLUSTER_ENV, root) | pids_holding(root)
+
+
 class LocalCluster:
     """A Ray cluster of ``raylets`` raylets on 127.0.0.1 (``ray start --head`` plus ``ray start --address``), for
     tests and benchmarks; every process it starts is stopped by pid (``ray stop`` would stop every Ray on the
@@ -227,13 +238,8 @@ class LocalCluster:
         return sorted(self.root.glob("*/session_*"))
 
     def processes(self) -> set[int]:
-        """Every live process of this cluster: those whose command line names its directory, those that inherited
-        its marker from ``ray start`` (its client server names no path), and those holding a file open below it
-        (Ray's agents rename themselves, and the new title overwrites the environment /proc shows)."""
-        from fedmeta.simulations.processes import pids_holding, pids_mentioning, pids_with_env
-
-        root = str(self.root)
-        return set(pids_mentioning(root)) | pids_with_env(LOCAL_CLUSTER_ENV, root) | pids_holding(root)
+        """Every live process of this cluster (:func:`local_cluster_processes`)."""
+        return local_cluster_processes(self.root)
 
     def __exit__(self, *exc: Any) -> None:
         from fedmeta.simulations.processes import terminate
@@ -243,5 +249,5 @@ class LocalCluster:
         self.left = self.processes()
         shutil.rmtree(self.root, ignore_errors=True)
 
-__all__ = ["ClusterUnreachable", "LOCAL_CLUSTER_ENV", "LocalCluster", "RAY_ADDRESS_ENV", "actor_slots", "check_reachable", "local_resources", "SharedStorageError", "alive_nodes", "check_shared_storage", "cluster_address", "connect", "disconnect",
+__all__ = ["ClusterUnreachable", "LOCAL_CLUSTER_ENV", "LocalCluster", "local_cluster_processes", "RAY_ADDRESS_ENV", "actor_slots", "check_reachable", "local_resources", "SharedStorageError", "alive_nodes", "check_shared_storage", "cluster_address", "connect", "disconnect",
            "temp_memory_refusal"]

@@ -38,6 +38,18 @@ def process_table() -> dict[int, tuple[int, str, list[str], bytes]]:
     return table
 
 
+def busy_cpu_seconds() -> float | None:
+    """CPU seconds the whole machine spent busy since boot (``/proc/stat``: all but idle and iowait), ``None`` where
+    there is no ``/proc/stat``. Two readings a wall interval apart give the cores busy on average in between."""
+    try:
+        first = Path("/proc/stat").read_text().splitlines()[0]
+    except (OSError, IndexError):
+        return None
+    values = [int(v) for v in first.split()[1:]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (values + [0] * 8)[:8]
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
 def is_alive(pid: int) -> bool:
     """The process exists and is not a zombie (a zombie has exited; only its parent has not reaped it)."""
     info = _read_proc(pid)

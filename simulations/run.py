@@ -32,6 +32,7 @@ from fedmeta.simulations.config import AUTO_NODES, ExperimentConfig, parse_cli
 from fedmeta.simulations.engine import run_on_ray
 from fedmeta.simulations import cluster
 from fedmeta.simulations.preflight import InputError, check_inputs
+from fedmeta.simulations.processes import busy_cpu_seconds
 from fedmeta.simulations.progress import RoundProgress, console_through, run_log
 from fedmeta.strategies.checkpoint import CheckpointError, check_can_start
 
@@ -166,6 +167,24 @@ def report_failure(res: dict[str, Any], prog: str) -> None:
           f"full log: {res['log']}", file=sys.stderr, flush=True)
 
 
+def client_steps(res: dict[str, Any]) -> int:
+    """Client meta-steps a run trained: clients that replied in each round times their local steps (H / tau)."""
+    return sum(int(m.get("num-clients", 0)) for m in res["train"].values()) * int(res["config"]["local-steps"])
+
+
+def usage_line(rows: list[dict[str, Any]], wall: float, busy0: float | None) -> str:
+    """What the runs cost: wall time (Ray start-ups and evaluations included), client meta-steps per second of it,
+    and the cores the machine had busy meanwhile (``/proc/stat``, every process on the machine)."""
+    steps = sum(client_steps(r) for r in rows)
+    line = (f"{len(rows)} run{'s' * (len(rows) != 1)} in {wall:.1f} s of wall time; {steps:,} client meta-steps, "
+            f"{steps / wall:,.1f} client-steps/s")
+    busy1, cores = busy_cpu_seconds(), os.cpu_count() or 1
+    if busy0 is not None and busy1 is not None and wall > 0:
+        used = (busy1 - busy0) / wall
+        line += f"; CPU: {used:.2f} of {cores} cores busy on average ({100 * used / cores:.0f} %, the whole machine)"
+    return line
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_cli(_parser(), argv)
     overrides = {k: v for k, v in vars(args).items() if v is not None and k not in ("algorithms", "verbose")}
@@ -193,7 +212,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if not check_all(configs, "fedmeta-sim"):  # data and model, in this process, before Ray starts
             return 2
-        rows = []
+        rows, started, busy0 = [], time.perf_counter(), busy_cpu_seconds()
         for cfg in configs:
             mode = f"B={cfg.clients_per_round} of n={cfg.num_clients}" if cfg.clients_per_round else f"all n={cfg.num_clients}"
             print(f"== {cfg.algorithm} on {cfg.dataset} ({mode}, {cfg.num_rounds} rounds, H/tau={cfg.local_steps}, "
@@ -219,6 +238,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print()
         print("Personalized accuracy (after fine-tuning on each client's train split, scored on its test split)")
         print(_table(rows))
+        print()
+        print(usage_line(rows, time.perf_counter() - started, busy0))
         for res in rows:
             if res["client_errors"]:
                 print(f"\n{res['config']['algorithm']}: the run went on without the failed replies; "

@@ -1,6 +1,8 @@
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -63,16 +65,48 @@ def flwr139_bin() -> Path:  # tests using it carry the flwr139 marker
 # --- one Ray for the session's in-process simulations ------------------------------------------------
 
 
+SESSION_RAYS_ENV = "FEDMETA_TEST_SESSION_RAYS"
+"""A directory, made by the pytest process that runs the session (pytest-xdist's controller) and inherited by its
+workers, in which each notes the directory of its session's Ray."""
+
+
+def pytest_configure(config):
+    if not hasattr(config, "workerinput"):  # the controller, or a run without workers
+        os.environ[SESSION_RAYS_ENV] = tempfile.mkdtemp(prefix="fedmeta-session-rays-")
+
+
 @pytest.fixture(scope="session")
 def _session_ray():
     """A one-raylet Ray on 127.0.0.1 with this machine's cores (``ray start --head``, what Ray started in-process
-    would have), up for the whole session and stopped by pid at its end (:class:`LocalCluster`)."""
+    would have), up for the whole session and stopped by pid at its end (:class:`LocalCluster`). Its directory is
+    noted for :func:`pytest_sessionfinish`, which stops it if this process dies first."""
     from fedmeta.simulations.cluster import LocalCluster
 
     local = LocalCluster(raylets=1, cpus_per_raylet=os.cpu_count() or 1, hidden=False)
     with local:
+        (Path(os.environ[SESSION_RAYS_ENV]) / local.root.name).write_text(str(local.root))
         yield local
     assert not local.left, f"Ray processes left behind: {local.left}"
+
+
+def pytest_sessionfinish(session):
+    """In the process that ran the session (pytest-xdist's controller, after its workers): stop, by pid, the session
+    Ray of a worker that died before its fixture could (``make test`` runs a crashed worker's test once more, with
+    pytest-rerunfailures), so that no process the suite started outlives it."""
+    if hasattr(session.config, "workerinput") or not os.environ.get(SESSION_RAYS_ENV):
+        return
+    from fedmeta.simulations.cluster import local_cluster_processes
+    from fedmeta.simulations.processes import terminate
+
+    notes = Path(os.environ[SESSION_RAYS_ENV])
+    for entry in sorted(notes.glob("*")):
+        root = entry.read_text()
+        if pids := local_cluster_processes(root):
+            left = terminate(pids, timeout=5.0)
+            print(f"\nconftest: stopped {len(pids) - len(left)} processes of the session Ray in {root}, left by a pytest "
+                  f"process that died" + (f"; still alive: {sorted(left)}" if left else ""))
+        shutil.rmtree(root, ignore_errors=True)
+    shutil.rmtree(notes, ignore_errors=True)
 
 
 @pytest.fixture

@@ -125,7 +125,9 @@ def test_complete_graph_uniform_weights_is_centralized_maml_on_the_pooled_tasks(
         grads = [agent_gradient(f, w, agent_batches(cfg, k, i), cfg.inner_lr, est) for k in range(6)]
         w = {n: w[n] - cfg.step_size * torch.stack([g[n] for g in grads]).mean(0) for n in w}
     assert all(_close(_agent(run.w, k), w) for k in range(6))
-    assert all(torch.equal(v[k], v[0]) for v in run.w.values() for k in range(6))  # one model: disagreement 0
+    # one model: every agent combines the same K models with the same weights, equal up to the order in which the
+    # CPU's matrix kernels sum each row (bit-equal on some CPUs, a float32 ulp apart on AVX-512 ones)
+    assert all(((v[k] - v[0]).abs() <= 2 * torch.finfo(v.dtype).eps * v[0].abs().clamp(min=1)).all() for v in run.w.values() for k in range(6))
     assert disagreement(run.w) < 1e-12  # (the mean of 6 equal float32 rows rounds)
 
 

@@ -2,9 +2,14 @@
 
 ``tests/golden/rounds-v1.pt`` holds the final arrays of small local rounds computed by the code
 *before* that refactor (committed in ec4a692, ``MetaClient.train`` / ``ClientGroup.train``, CPU,
-float32, sinewave tasks). The per-client (loop) path must reproduce them bit for bit; the vmapped
-multi-client path to the tolerances of tests/test_batched.py. Regenerate only for an intended change
-of the math: ``python tests/test_golden_rounds.py --write``.
+float32, sinewave tasks). On the CPUs the suite ran on until 2026-12-04 the per-client (loop) path
+reproduces them bit for bit. Float32 results are bit-for-bit only on one kind of CPU: on an AMD EPYC
+with AVX-512 (torch's CPU capability AVX512, MKL), 41 of the 74 loop arrays differ from them by at most
+4.2e-7 (a few ulps), also with ATEN_CPU_CAPABILITY=avx2 and MKL_CBWR=AVX2. So the loop path must equal
+them bit for bit or, on a CPU whose kernels round differently, to rtol 1e-5 / atol 1e-6 (a changed
+batch or step moves them by about 1e-3), and must be bit-identical when computed twice; the vmapped
+multi-client path must equal them to the tolerances of tests/test_batched.py. Regenerate only for an
+intended change of the math: ``python tests/test_golden_rounds.py --write``.
 """
 
 from __future__ import annotations
@@ -75,8 +80,11 @@ def test_loop_rounds_equal_the_pre_refactor_arrays_bit_for_bit_and_vmap_to_round
     now = compute()
     assert sorted(now) == sorted(golden)
     loop = [k for k in golden if "/loop/" in k]
+    again = compute()
+    assert [k for k in now if not torch.equal(now[k], again[k])] == []  # deterministic on this machine
     unequal = [k for k in loop if not torch.equal(now[k], golden[k])]
-    assert not unequal, f"loop path differs from the pre-refactor code in {unequal}"
+    for k in unequal:  # a CPU whose kernels round differently from the one that wrote the file: round-off only
+        torch.testing.assert_close(now[k], golden[k], rtol=1e-5, atol=1e-6, msg=f"loop path differs from the pre-refactor code in {k}")
     for k in (k for k in golden if "/group/" in k):
         torch.testing.assert_close(now[k], golden[k], rtol=1e-5, atol=2e-6, msg=k)
 

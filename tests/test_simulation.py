@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -113,6 +114,9 @@ def test_default_experiment_smoke_run(ray_runner, tmp_path, capsys):
     assert code == 0
     out = capsys.readouterr().out
     assert "local-moml" in out and "per-fedavg" in out and "Personalized accuracy" in out
+    # 2 runs x 3 rounds x 3 clients x H = 4 local steps
+    assert re.search(r"^2 runs in [0-9.]+ s of wall time; 72 client meta-steps, [0-9.]+ client-steps/s; CPU: [0-9.]+ of \d+ cores busy on "
+                     r"average \(\d+ %, the whole machine\)$", out, re.M), out
     for algo in ("local-moml", "per-fedavg"):
         res = json.loads((tmp_path / f"{algo}-fashion-mnist-n6-seed0.json").read_text())
         assert res["config"]["algorithm"] == algo
@@ -122,6 +126,17 @@ def test_default_experiment_smoke_run(ray_runner, tmp_path, capsys):
         assert len(res["clients"]) == 6  # every client evaluated after the last round
         assert 0.0 <= res["final"][C.ACC_AFTER] <= 1.0
         assert res["final"][C.ACC_AFTER + "-std"] >= 0.0
+
+
+def test_the_usage_line_counts_client_steps_over_wall_time_and_the_busy_cores(monkeypatch):
+    rows = [{"config": {"local-steps": 4}, "train": {"1": {"num-clients": 10}, "2": {"num-clients": 9}}},
+            {"config": {"local-steps": 2}, "train": {"1": {"num-clients": 5}}}]
+    monkeypatch.setattr(sim_run, "busy_cpu_seconds", lambda: 115.0)
+    monkeypatch.setattr(sim_run.os, "cpu_count", lambda: 2)
+    assert sim_run.usage_line(rows, 10.0, 100.0) == ("2 runs in 10.0 s of wall time; 86 client meta-steps, 8.6 client-steps/s; "
+                                                     "CPU: 1.50 of 2 cores busy on average (75 %, the whole machine)")
+    monkeypatch.setattr(sim_run, "busy_cpu_seconds", lambda: None)  # no /proc/stat
+    assert sim_run.usage_line(rows[:1], 4.0, None) == "1 run in 4.0 s of wall time; 76 client meta-steps, 19.0 client-steps/s"
 
 
 def test_bad_cli_input_fails_before_any_work(capsys):

@@ -1,0 +1,228 @@
+"""The numbers in the docs, generated from results files (issue 22): ``make docs-results``.
+
+Every table this script owns sits in README.md, docs/results.md or bench/README.md between two markers::
+
+    <!-- docs-results: SOURCE -->
+    ...generated text: edit SOURCE (or re-run what wrote it), then `make docs-results`...
+    <!-- /docs-results -->
+
+where SOURCE is a checked-in summary, relative to the repository root:
+
+- ``docs/results/<name>/summary.md``: a reproduction's summary, written by ``fedmeta-reproduce <name>`` from its
+  runs' results files; the block is the summary's first table and its ``Runs:`` line (the code, libraries and
+  machine behind it).
+- ``docs/results/default-run/summary.json``: the default experiment (``make run``) for several seeds, written by
+  ``python scripts/docs_results.py ingest-default-run results/*.json`` from the results files ``make run`` wrote;
+  the block is seed 0's table as ``make run`` prints it, the mean and std over the seeds, and the runs' provenance.
+- ``bench/summaries/bench_scale.json``: a ``make bench`` report (the JSON ``bench/bench_scale.py`` writes, copied
+  by ``ingest-bench``); the block is the table that run printed.
+
+Commands::
+
+    python scripts/docs_results.py                    # rewrite every block from its source
+    python scripts/docs_results.py --check            # exit 1 naming every block that differs (tests/test_docs_results.py)
+    python scripts/docs_results.py ingest-default-run results/*-fashion-mnist-n50-seed*.json
+    python scripts/docs_results.py ingest-bench results/bench_scale.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import importlib.util
+import json
+import re
+import statistics
+import sys
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = ("README.md", "docs/results.md", "bench/README.md")
+"""The files whose marked blocks this script writes."""
+DEFAULT_RUN = "docs/results/default-run/summary.json"
+BENCH_SCALE = "bench/summaries/bench_scale.json"
+BLOCK = re.compile(r"(<!-- docs-results: (?P<source>[^ ]+) -->\n)(?P<body>.*?)(<!-- /docs-results -->)", re.S)
+RUNS_PREFIX = "Runs: "  # fedmeta.simulations.reproduce.RUNS_PREFIX, without importing Flower to read a file
+
+
+# --- rendering ------------------------------------------------------------------------------------------
+
+
+def first_table(text: str) -> str:
+    """The first markdown table (its consecutive ``|`` lines) of ``text``."""
+    lines, found = [], False
+    for line in text.splitlines():
+        if line.startswith("|"):
+            lines.append(line)
+            found = True
+        elif found:
+            break
+    if not lines:
+        raise ValueError("no markdown table")
+    return "\n".join(lines)
+
+
+def render_reproduction(path: Path) -> str:
+    text = path.read_text()
+    runs = [ln for ln in text.splitlines() if ln.startswith(RUNS_PREFIX)]
+    if len(runs) != 1:
+        raise ValueError(f"{path}: expected one line starting with {RUNS_PREFIX!r}, found {len(runs)}")
+    return f"{first_table(text)}\n\n{runs[0]}\n"
+
+
+def _load_module(name: str, path: Path):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault(name, module)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _mean_std(values: Sequence[float], digits: int = 4) -> str:
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.fmean(values):.{digits}f} ± {std:.{digits}f}"
+
+
+def render_default_run(path: Path) -> str:
+    from fedmeta.provenance import describe
+    from fedmeta.simulations.run import _table  # the table `make run` prints
+
+    summary = json.loads(path.read_text())
+    runs = summary["runs"]
+    seeds = sorted({r["seed"] for r in runs})
+    algorithms = list(dict.fromkeys(r["config"]["algorithm"] for r in runs))
+    first = [next(r for r in runs if r["seed"] == seeds[0] and r["config"]["algorithm"] == a) for a in algorithms]
+    out = [f"Seed {seeds[0]}, as `{summary['command']}` prints it:", "", "```", _table(first), "```", ""]
+    if len(seeds) > 1:
+        named = ", ".join(map(str, seeds[:-1])) + f" and {seeds[-1]}"
+        out += [f"Seeds {named}: mean ± std over the {len(seeds)} seeds of each run's figure (each figure is itself over the "
+                f"{summary['clients']} clients).", "",
+                "| algorithm | rounds | acc before | acc after | std over clients | p10 | seconds |", "|---|---|---|---|---|---|---|"]
+        for a in algorithms:
+            rs = [r for r in runs if r["config"]["algorithm"] == a]
+            f = [r["final"] for r in rs]
+            out.append(f"| {a} | {rs[0]['final_round']} | {_mean_std([x['accuracy-before'] for x in f])} | "
+                       f"{_mean_std([x['accuracy-after'] for x in f])} | {_mean_std([x['accuracy-after-std'] for x in f])} | "
+                       f"{_mean_std([x['accuracy-after-p10'] for x in f])} | {_mean_std([r['seconds'] for r in rs], 1)} |")
+        out.append("")
+    commits = sorted({(r["provenance"]["git"].get("commit") or "?")[:7] for r in runs})
+    line = f"Runs: {describe(runs[0]['provenance'])}"
+    if len(commits) > 1:
+        line += f" (the runs span commits {', '.join(commits)})"
+    out.append(line + ".")
+    return "\n".join(out) + "\n"
+
+
+def render_bench_scale(path: Path) -> str:
+    from fedmeta.provenance import describe
+
+    bench = _load_module("bench_scale", ROOT / "bench" / "bench_scale.py")
+    report = json.loads(path.read_text())
+    return (f"```\n{bench.table(report)}\n\ntotal wall time {report['wall_s']:.0f} s\n```\n\n"
+            f"Run: {describe(report['provenance'])}.\n")
+
+
+RENDERERS: dict[str, Callable[[Path], str]] = {DEFAULT_RUN: render_default_run, BENCH_SCALE: render_bench_scale}
+
+
+def render(source: str, root: Path = ROOT) -> str:
+    path = root / source
+    if source in RENDERERS:
+        return RENDERERS[source](path)
+    if source.startswith("docs/results/") and source.endswith("/summary.md"):
+        return render_reproduction(path)
+    raise ValueError(f"no renderer for the source {source!r}")
+
+
+def regenerate(text: str, root: Path = ROOT) -> str:
+    """``text`` with every marked block replaced by what its source renders to."""
+    return BLOCK.sub(lambda m: m.group(1) + render(m.group("source"), root) + m.group(4), text)
+
+
+def drift(root: Path = ROOT, docs: Sequence[str] = DOCS) -> list[str]:
+    """A unified diff for every doc whose blocks differ from their sources (empty: all up to date)."""
+    diffs = []
+    for doc in docs:
+        text = (root / doc).read_text()
+        new = regenerate(text, root)
+        if new != text:
+            diffs.append("".join(difflib.unified_diff(text.splitlines(True), new.splitlines(True), f"{doc} (as written)",
+                                                      f"{doc} (from its sources)")))
+    return diffs
+
+
+# --- ingesting results files ------------------------------------------------------------------------------
+
+
+def ingest_default_run(paths: Sequence[Path], command: str = "make run") -> dict[str, Any]:
+    """The default-run summary from ``make run``'s results files, one per algorithm and seed: every run finished
+    (status ok), ran the defaults (``ExperimentConfig()`` but for algorithm and seed) and the same code."""
+    from fedmeta.simulations.config import ExperimentConfig
+
+    defaults = ExperimentConfig().to_dict()
+    runs = []
+    for path in paths:
+        res = json.loads(Path(path).read_text())
+        cfg = res["config"]
+        if res.get("status") != "ok":
+            raise ValueError(f"{path}: status {res.get('status')!r}, not 'ok': a failed run does not enter the docs")
+        other = {k: (cfg.get(k), v) for k, v in defaults.items() if k not in ("algorithm", "seed") and cfg.get(k) != v}
+        if other:
+            raise ValueError(f"{path}: not the default run; these settings differ (run, default): {other}")
+        if "provenance" not in res:
+            raise ValueError(f"{path}: no provenance block (written by code before issue 22)")
+        runs.append({"seed": cfg["seed"], "config": {"algorithm": cfg["algorithm"], "num-rounds": cfg["num-rounds"]},
+                     "final": {k: v for k, v in res["final"].items() if k.startswith(("accuracy-", "loss-"))},
+                     "final_round": res["final_round"], "seconds": res["seconds"], "provenance": res["provenance"]})
+    keys = [(r["config"]["algorithm"], r["seed"]) for r in runs]
+    if len(set(keys)) != len(keys):
+        raise ValueError(f"two results files for the same algorithm and seed: {sorted(keys)}")
+    algorithms, seeds = {k[0] for k in keys}, {k[1] for k in keys}
+    if len(keys) != len(algorithms) * len(seeds):
+        raise ValueError(f"every algorithm needs every seed: got {sorted(keys)}")
+    runs.sort(key=lambda r: (r["seed"], r["config"]["algorithm"] != "local-moml", r["config"]["algorithm"]))  # make run's order
+    return {"command": command, "clients": defaults["num-clients"], "runs": runs}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--check", action="store_true", help="change nothing; exit 1 with a diff if a block differs from its source")
+    sub = p.add_subparsers(dest="cmd")
+    d = sub.add_parser("ingest-default-run", help=f"write {DEFAULT_RUN} from make run's results files")
+    d.add_argument("results", nargs="+", type=Path)
+    b = sub.add_parser("ingest-bench", help=f"copy a make bench report to {BENCH_SCALE}")
+    b.add_argument("report", type=Path)
+    args = p.parse_args(argv)
+    if args.cmd == "ingest-default-run":
+        out = ROOT / DEFAULT_RUN
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(ingest_default_run(args.results), indent=1) + "\n")
+        print(f"wrote {out.relative_to(ROOT)}")
+    elif args.cmd == "ingest-bench":
+        report = json.loads(args.report.read_text())
+        if "provenance" not in report or report.get("quick"):
+            raise SystemExit(f"{args.report}: not a full make bench report with provenance")
+        out = ROOT / BENCH_SCALE
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=1) + "\n")
+        print(f"wrote {out.relative_to(ROOT)}")
+    if args.check:
+        diffs = drift()
+        for diff in diffs:
+            sys.stdout.write(diff)
+        if diffs:
+            print("docs-results: the blocks above differ from their sources; run `make docs-results`", file=sys.stderr)
+        return 1 if diffs else 0
+    for doc in DOCS:
+        path = ROOT / doc
+        text = path.read_text()
+        new = regenerate(text)
+        if new != text:
+            path.write_text(new)
+            print(f"updated {doc}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

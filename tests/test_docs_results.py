@@ -1,0 +1,103 @@
+"""The tables in README.md, docs/results.md and bench/README.md are what scripts/docs_results.py generates from
+the checked-in summaries (issue 22): a hand edit of a number, or a summary re-written without `make docs-results`,
+fails here."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch  # noqa: F401  (imported first in fast tests: torch's import runs ldconfig)
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+import docs_results as D  # noqa: E402
+
+from fedmeta.simulations.config import ExperimentConfig  # noqa: E402
+
+
+def test_every_generated_block_in_the_docs_matches_its_source():
+    diffs = D.drift()
+    assert not diffs, "the docs differ from their sources; run `make docs-results`:\n" + "\n".join(diffs)
+
+
+def test_each_doc_has_its_generated_tables():
+    sources = {doc: [m.group("source") for m in D.BLOCK.finditer((ROOT / doc).read_text())] for doc in D.DOCS}
+    assert D.DEFAULT_RUN in sources["README.md"]
+    assert D.BENCH_SCALE in sources["bench/README.md"]
+    summaries = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "docs" / "results").glob("*/summary.md"))
+    assert sorted(sources["docs/results.md"]) == summaries  # every reproduction's table, once
+    for doc, found in sources.items():
+        text = (ROOT / doc).read_text()
+        assert text.count("<!-- docs-results: ") == text.count("<!-- /docs-results -->") == len(found), doc
+
+
+def _copy_docs(tmp_path: Path) -> Path:
+    for rel in [*D.DOCS, D.DEFAULT_RUN, D.BENCH_SCALE, *(str(p.relative_to(ROOT)) for p in (ROOT / "docs" / "results").glob("*/summary.md"))]:
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(ROOT / rel, tmp_path / rel)
+    return tmp_path
+
+
+def test_a_hand_edited_number_or_a_new_summary_is_caught_and_regenerated(tmp_path):
+    root = _copy_docs(tmp_path)
+    assert D.drift(root) == []
+    doc = root / "docs" / "results.md"
+    text = doc.read_text()
+    m = next(D.BLOCK.finditer(text))
+    edited = text[: m.start("body")] + m.group("body").replace("±", "+-", 1) + text[m.end("body"):]
+    doc.write_text(edited)
+    (diff,) = D.drift(root)
+    assert "docs/results.md" in diff and "+-" in diff
+    doc.write_text(D.regenerate(edited, root))
+    assert D.drift(root) == []
+    # a re-run reproduction: its summary changes, the doc must follow
+    summary = root / m.group("source")
+    summary.write_text(summary.read_text().replace("| ", "| 9", 1))
+    assert len(D.drift(root)) == 1
+
+
+def _result(tmp_path: Path, algorithm: str, seed: int, acc: float, **change) -> Path:
+    cfg = {**ExperimentConfig().to_dict(), "algorithm": algorithm, "seed": seed, **change}
+    res = {"status": "ok", "config": cfg, "final_round": cfg["num-rounds"], "seconds": 100.0 + seed,
+           "final": {"accuracy-before": 0.5, "accuracy-after": acc, "accuracy-after-std": 0.07, "accuracy-after-p10": acc - 0.08,
+                     "loss-before": 1.0, "loss-after": 0.3},
+           "provenance": {"git": {"commit": "0123456789abcdef", "dirty": False}, "versions": {"fedmeta": "0.1.0"}, "python": "3.11.7",
+                          "cpu": {"model": "CPU", "cores": 2}, "gpus": [], "started": "2026-12-04T20:00:00+00:00"}}
+    path = tmp_path / f"{algorithm}-seed{seed}.json"
+    path.write_text(json.dumps(res))
+    return path
+
+
+def test_the_default_run_table_gives_seed_0_as_make_run_prints_it_and_the_spread_over_seeds(tmp_path):
+    paths = [_result(tmp_path, a, s, acc) for s, accs in enumerate([(0.90, 0.91), (0.88, 0.92), (0.86, 0.90)])
+             for a, acc in zip(("per-fedavg", "local-moml"), accs)]
+    summary = D.ingest_default_run(paths)
+    assert [(r["seed"], r["config"]["algorithm"]) for r in summary["runs"]][:2] == [(0, "local-moml"), (0, "per-fedavg")]
+    (root := tmp_path / "repo" / Path(D.DEFAULT_RUN).parent).mkdir(parents=True)
+    (root / "summary.json").write_text(json.dumps(summary))
+    text = D.render(D.DEFAULT_RUN, tmp_path / "repo")
+    seed0 = text.split("```")[1]
+    assert "local-moml      500      0.5000         0.9100 +- 0.0700  0.8300    100.0" in seed0
+    assert "per-fedavg      500      0.5000         0.9000 +- 0.0700  0.8200    100.0" in seed0
+    assert "| per-fedavg | 500 | 0.5000 ± 0.0000 | 0.8800 ± 0.0200 | 0.0700 ± 0.0000 | 0.8000 ± 0.0200 | 101.0 ± 1.0 |" in text
+    assert "| local-moml | 500 | 0.5000 ± 0.0000 | 0.9100 ± 0.0100 |" in text
+    assert "Seeds 0, 1 and 2: mean ± std over the 3 seeds" in text
+    assert text.rstrip().endswith("Runs: commit 0123456 (clean tree), 2026-12-04; fedmeta 0.1.0; Python 3.11.7; CPU, 2 cores, no GPU.")
+
+
+def test_ingesting_refuses_what_is_not_the_default_run(tmp_path):
+    ok = [_result(tmp_path, "local-moml", 0, 0.9), _result(tmp_path, "per-fedavg", 0, 0.9)]
+    with pytest.raises(ValueError, match=r"not the default run; these settings differ \(run, default\): \{'num-rounds': \(100, 500\)\}"):
+        D.ingest_default_run([ok[0], _result(tmp_path, "per-fedavg", 1, 0.9, **{"num-rounds": 100})])
+    failed = _result(tmp_path, "per-fedavg", 1, 0.9)
+    failed.write_text(json.dumps({**json.loads(failed.read_text()), "status": "failed"}))
+    with pytest.raises(ValueError, match="status 'failed', not 'ok'"):
+        D.ingest_default_run([*ok, failed])
+    with pytest.raises(ValueError, match="every algorithm needs every seed"):
+        D.ingest_default_run([*ok, _result(tmp_path, "local-moml", 1, 0.9)])
+    with pytest.raises(ValueError, match="two results files for the same algorithm and seed"):
+        D.ingest_default_run([*ok, ok[0]])
