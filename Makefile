@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.fedmeta-installed
 # torch/torchvision pinned to the builds this machine provides from local disk.
 TORCH  := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: run test test-fast bench bench-peers bench-local-round bench-step bench-estimators bench-single-step bench-deploy bench-cluster venv clean
+.PHONY: run test test-fast docs-results bench bench-default-run bench-peers bench-local-round bench-step bench-estimators bench-single-step bench-deploy bench-cluster venv clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -46,8 +46,18 @@ test: $(STAMP)
 	build/flwr139/bin/python -m pytest -q -p no:cacheprovider -m "not ray and not deploy" $(FLWR139_TESTS)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# The tables in README.md, docs/results.md and bench/README.md, rewritten from the checked-in summaries they cite
+# (scripts/docs_results.py; tests/test_docs_results.py fails when they differ).
+docs-results: $(STAMP)
+	$(PY) scripts/docs_results.py
+
 bench: $(STAMP)
 	$(PY) bench/bench_scale.py $(ARGS)
+
+# The default experiment (make run) with one client per node and on multi-client nodes, side by side in one run.
+bench-default-run: $(STAMP)
+	$(PY) scripts/provision_data.py
+	$(PY) bench/bench_default_run.py $(ARGS)
 
 # fedmeta against pfl-research on one workload, side by side in one run; pfl's venv (build/pfl060) built on first use.
 bench-peers: $(STAMP)

@@ -14,15 +14,16 @@ where SOURCE is a checked-in summary, relative to the repository root:
 - ``docs/results/default-run/summary.json``: the default experiment (``make run``) for several seeds, written by
   ``python scripts/docs_results.py ingest-default-run results/*.json`` from the results files ``make run`` wrote;
   the block is seed 0's table as ``make run`` prints it, the mean and std over the seeds, and the runs' provenance.
-- ``bench/summaries/bench_scale.json``: a ``make bench`` report (the JSON ``bench/bench_scale.py`` writes, copied
-  by ``ingest-bench``); the block is the table that run printed.
+- ``bench/summaries/bench_scale.json`` and ``bench/summaries/bench_default_run.json``: a ``make bench`` and a
+  ``make bench-default-run`` report (the JSON the bench script writes, copied by ``ingest-bench``); the block is
+  the table that run printed.
 
 Commands::
 
     python scripts/docs_results.py                    # rewrite every block from its source
     python scripts/docs_results.py --check            # exit 1 naming every block that differs (tests/test_docs_results.py)
     python scripts/docs_results.py ingest-default-run results/*-fashion-mnist-n50-seed*.json
-    python scripts/docs_results.py ingest-bench results/bench_scale.json
+    python scripts/docs_results.py ingest-bench scale bench/results/bench_scale.json
 """
 
 from __future__ import annotations
@@ -42,6 +43,9 @@ DOCS = ("README.md", "docs/results.md", "bench/README.md")
 """The files whose marked blocks this script writes."""
 DEFAULT_RUN = "docs/results/default-run/summary.json"
 BENCH_SCALE = "bench/summaries/bench_scale.json"
+BENCH_DEFAULT_RUN = "bench/summaries/bench_default_run.json"
+BENCHES = {"scale": BENCH_SCALE, "default-run": BENCH_DEFAULT_RUN}
+"""``ingest-bench NAME REPORT``: where each benchmark's report is kept."""
 BLOCK = re.compile(r"(<!-- docs-results: (?P<source>[^ ]+) -->\n)(?P<body>.*?)(<!-- /docs-results -->)", re.S)
 RUNS_PREFIX = "Runs: "  # fedmeta.simulations.reproduce.RUNS_PREFIX, without importing Flower to read a file
 
@@ -123,7 +127,18 @@ def render_bench_scale(path: Path) -> str:
             f"Run: {describe(report['provenance'])}.\n")
 
 
-RENDERERS: dict[str, Callable[[Path], str]] = {DEFAULT_RUN: render_default_run, BENCH_SCALE: render_bench_scale}
+def render_bench_default_run(path: Path) -> str:
+    from fedmeta.provenance import describe
+
+    bench = _load_module("bench_default_run", ROOT / "bench" / "bench_default_run.py")
+    report = json.loads(path.read_text())
+    flags = " ".join(report["fedmeta_sim_flags"]) or "(none: every default)"
+    return (f"```\n{bench.table(report)}\n```\n\nfedmeta-sim flags besides each layout's: {flags}. "
+            f"Run: {describe(report['provenance'])}.\n")
+
+
+RENDERERS: dict[str, Callable[[Path], str]] = {DEFAULT_RUN: render_default_run, BENCH_SCALE: render_bench_scale,
+                                               BENCH_DEFAULT_RUN: render_bench_default_run}
 
 
 def render(source: str, root: Path = ROOT) -> str:
@@ -191,7 +206,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = p.add_subparsers(dest="cmd")
     d = sub.add_parser("ingest-default-run", help=f"write {DEFAULT_RUN} from make run's results files")
     d.add_argument("results", nargs="+", type=Path)
-    b = sub.add_parser("ingest-bench", help=f"copy a make bench report to {BENCH_SCALE}")
+    b = sub.add_parser("ingest-bench", help="keep a benchmark's report: scale (make bench) or default-run (make bench-default-run)")
+    b.add_argument("name", choices=sorted(BENCHES))
     b.add_argument("report", type=Path)
     args = p.parse_args(argv)
     if args.cmd == "ingest-default-run":
@@ -201,9 +217,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"wrote {out.relative_to(ROOT)}")
     elif args.cmd == "ingest-bench":
         report = json.loads(args.report.read_text())
-        if "provenance" not in report or report.get("quick"):
-            raise SystemExit(f"{args.report}: not a full make bench report with provenance")
-        out = ROOT / BENCH_SCALE
+        if "provenance" not in report or report.get("quick") or report.get("smoke"):
+            raise SystemExit(f"{args.report}: not a full benchmark report with provenance (a --quick or --smoke run is not kept)")
+        out = ROOT / BENCHES[args.name]
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(report, indent=1) + "\n")
         print(f"wrote {out.relative_to(ROOT)}")

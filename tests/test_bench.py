@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -141,3 +142,27 @@ def test_bench_peers_smoke_measures_pfl_and_fedmeta_in_one_run(ray_runner, tmp_p
     for key in ("fedavg_multi", "fedavg_single"):
         assert rep["ratios"][f"{key}_over_pfl"] == pytest.approx(rep[key]["client_steps_per_s"] / rep["pfl"]["client_steps_per_s"])
     assert "no ratio is computed" in proc.stdout and "Targets" in proc.stdout
+
+
+@pytest.mark.ray
+def test_bench_default_run_smoke_runs_every_layout_side_by_side(ray_runner, tmp_path):  # its fedmeta-sim children attach to the session's Ray
+    out = tmp_path / "bench_default_run.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_default_run.py"), "--smoke", "--out", str(out)],
+                          capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    report = json.loads(out.read_text())
+    check_provenance(report["provenance"])
+    rows = {r["layout"]: r for r in report["rows"]}
+    assert list(rows) == ["one client per node", "multi-client nodes, vmap", "multi-client nodes, loop"]
+    for r in rows.values():
+        assert r["client_steps"] == 2 * 3 * 3 * 4 and r["rounds"] == 6  # 2 algorithms x 3 rounds x 3 clients x H = 4
+        assert r["wall_s"] > 0 and r["client_steps_per_s"] > 0 and r["split_s"]["train_phases"] > 0
+        assert r["split_s"]["start_up"] > 0 and r["split_s"]["evaluation_and_rest"] > 0
+    assert rows["one client per node"]["nodes"] == {"local-moml": 6, "per-fedavg": 6}
+    slots = min(os.cpu_count() or 1, 6)  # num-nodes = -1: one node per Ray actor slot (a CPU each), at most one per client
+    assert rows["multi-client nodes, vmap"]["nodes"] == rows["multi-client nodes, loop"]["nodes"] == {"local-moml": slots, "per-fedavg": slots}
+    base = rows["one client per node"]["final"]
+    for r in rows.values():  # the same clients, batches and math: the same final loss to round-off
+        for a, f in r["final"].items():
+            assert f["loss-after"] == pytest.approx(base[a]["loss-after"], rel=1e-5)
+    assert "multi-client nodes, loop: final loss-after minus one client per node" in proc.stdout

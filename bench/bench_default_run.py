@@ -1,0 +1,129 @@
+"""The default experiment (``make run``: LocalMOML then Per-FedAvg, every default) on each node layout, side by
+side in one invocation (issue 23).
+
+Each layout is one ``fedmeta-sim`` in a child process, one after the other on the same machine:
+
+- ``one client per node``: ``--num-nodes 0``, ``make run``'s default today and what deployment uses;
+- ``multi-client nodes, vmap``: ``--num-nodes -1`` (one node per Ray actor slot), clients vmapped;
+- ``multi-client nodes, loop``: the same with ``--vectorize loop`` (each client's step as with one client per node).
+
+Per layout: the child's wall time (Python start, data check and each algorithm's Ray start-up included), client
+meta-steps per second of it, the cores the machine had busy meanwhile (``/proc/stat``), and where the time went,
+from the results files: **start-up** (wall minus the ServerApps' own time: interpreter, data check, Ray and
+Flower start and stop), **train phases** (each round from sending the train messages to aggregating the replies:
+Flower's and Ray's per-message costs and the clients' math), **evaluation and the rest of the server's rounds**
+(personalized evaluation every ``evaluate-every`` rounds, checkpoint writes, sampling). Then each algorithm's
+final personalized accuracy, and per layout the speed-up over one client per node and the accuracy difference.
+
+    .venv/bin/python bench/bench_default_run.py [--smoke] [--out PATH] [--layouts one,vmap,loop] [-- fedmeta-sim flags]
+
+The table goes to stdout, the figures (with the provenance block) to ``bench/results/bench_default_run.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from fedmeta.provenance import provenance
+from fedmeta.simulations.processes import busy_cpu_seconds
+from fedmeta.simulations.run import client_steps
+
+RESULTS_PATH = Path(__file__).resolve().parent / "results" / "bench_default_run.json"
+LAYOUTS = {
+    "one": ("one client per node", ["--num-nodes", "0"]),
+    "vmap": ("multi-client nodes, vmap", ["--num-nodes", "-1", "--vectorize", "vmap"]),
+    "loop": ("multi-client nodes, loop", ["--num-nodes", "-1", "--vectorize", "loop"]),
+}
+SMOKE = ["--dataset", "sinewave", "--num-clients", "6", "--clients-per-round", "3", "--num-rounds", "3", "--evaluate-every", "3"]
+"""``--smoke``: the tests' size (a few seconds of rounds per layout)."""
+
+
+def run_layout(key: str, extra: Sequence[str], work: Path) -> dict[str, Any]:
+    """One ``fedmeta-sim`` with the layout's flags and ``extra``, in a child process; its figures."""
+    label, flags = LAYOUTS[key]
+    results = work / key
+    argv = [sys.executable, "-m", "fedmeta.simulations.run", "--results-dir", str(results), *flags, *extra]
+    busy0, t0 = busy_cpu_seconds(), time.perf_counter()
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=7200)
+    wall = time.perf_counter() - t0
+    busy1 = busy_cpu_seconds()
+    if proc.returncode != 0:
+        raise RuntimeError(f"{label}: fedmeta-sim exited {proc.returncode}:\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}")
+    runs = [json.loads(p.read_text()) for p in sorted(results.glob("*.json"))]
+    server = sum(r["seconds"] for r in runs)
+    train = sum(sum(r["round_seconds"].values()) for r in runs)
+    steps = sum(client_steps(r) for r in runs)
+    return {
+        "layout": label, "flags": flags, "wall_s": wall, "client_steps": steps, "client_steps_per_s": steps / wall,
+        "busy_cores": None if busy0 is None or busy1 is None else (busy1 - busy0) / wall,
+        "split_s": {"start_up": wall - server, "train_phases": train, "evaluation_and_rest": server - train},
+        "rounds": sum(len(r["round_seconds"]) for r in runs),
+        "final": {r["config"]["algorithm"]: {k: r["final"].get(k) for k in ("accuracy-after", "accuracy-after-std", "loss-after")}
+                  for r in runs},
+        "nodes": {r["config"]["algorithm"]: r["config"]["num-nodes"] for r in runs},
+    }
+
+
+def table(report: dict[str, Any]) -> str:
+    rows, base = report["rows"], report["rows"][0]
+    algorithms = list(base["final"])
+    # personalized accuracy; the loss after fine-tuning where the task has no classes (sinewave)
+    metric = "accuracy-after" if all(base["final"][a].get("accuracy-after") is not None for a in algorithms) else "loss-after"
+    short = "acc" if metric == "accuracy-after" else "loss"
+    head = (f"{'layout':<26} {'wall s':>7} {'speed-up':>8} {'client-steps/s':>14} {'busy cores':>10} {'start-up s':>10} "
+            f"{'train s':>8} {'eval+rest s':>11}" + "".join(f" {a + ' ' + short:>15}" for a in algorithms))
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        split, busy = r["split_s"], r["busy_cores"]
+        line = (f"{r['layout']:<26} {r['wall_s']:>7.1f} {base['wall_s'] / r['wall_s']:>7.2f}x {r['client_steps_per_s']:>14.1f} "
+                f"{'n/a' if busy is None else f'{busy:.2f}':>10} {split['start_up']:>10.1f} {split['train_phases']:>8.1f} "
+                f"{split['evaluation_and_rest']:>11.1f}")
+        for a in algorithms:
+            value = r["final"].get(a, {}).get(metric)
+            line += f" {'n/a' if value is None else f'{value:.4f}':>15}"
+        lines.append(line)
+    lines.append("")
+    for r in rows[1:]:
+        diffs = ", ".join(f"{a} {r['final'][a][metric] - base['final'][a][metric]:+.4f}"
+                          for a in algorithms if r["final"].get(a, {}).get(metric) is not None)
+        lines.append(f"{r['layout']}: final {metric} minus one client per node: {diffs or 'n/a'} (nodes: {r['nodes']})")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--smoke", action="store_true", help="the tests' tiny experiment (sinewave, 6 clients, 3 rounds)")
+    p.add_argument("--layouts", default="one,vmap,loop", help=f"comma-separated, first is the baseline (of {', '.join(LAYOUTS)})")
+    p.add_argument("--out", type=Path, default=RESULTS_PATH, help=f"where the JSON goes (default: {RESULTS_PATH})")
+    p.add_argument("extra", nargs="*", help="more fedmeta-sim flags, after --")
+    args = p.parse_args(argv)
+    keys = [k.strip() for k in args.layouts.split(",") if k.strip()]
+    if not keys or any(k not in LAYOUTS for k in keys):
+        p.error(f"--layouts must name some of {', '.join(LAYOUTS)}, got {args.layouts!r}")
+    extra = [*(SMOKE if args.smoke else []), *args.extra]
+    started = time.time()
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="fedmeta-bench-default-") as work:
+        for key in keys:
+            print(f"  {LAYOUTS[key][0]} ...", file=sys.stderr, flush=True)
+            rows.append(run_layout(key, extra, Path(work)))
+    report = {"smoke": args.smoke, "fedmeta_sim_flags": extra, "cores": os.cpu_count(), "rows": rows}
+    report["provenance"] = provenance({"layouts": keys, "smoke": args.smoke, "extra": extra}, started=started)
+    text = table(report)
+    print(text)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=1) + "\n")
+    print(f"figures written to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
