@@ -12,12 +12,14 @@ a number in a table can be traced to the commit, library versions and machine th
 Library versions are read from the installed distributions' metadata (nothing is imported for them, so the
 core stays free of Flower and Ray). The commit comes from ``git`` run on the checkout that holds the
 ``fedmeta`` package; a copy without ``.git`` (e.g. a Flower App installed on a SuperNode) records
-``{"commit": null, "dirty": null, "why": ...}`` instead of failing the run.
+``{"commit": null, "dirty": null, "why": ...}`` instead of failing the run. It is read once, when this module is
+imported (:func:`code_state`): a checkout that moves on during a long run does not change what its results say.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import importlib.metadata
 import os
 import platform
@@ -52,6 +54,14 @@ def git_state(root: Path = PACKAGE_ROOT) -> dict[str, Any]:
         why = err.stderr.strip() if isinstance(err, subprocess.CalledProcessError) and err.stderr else str(err)
         return {"commit": None, "dirty": None, "why": why.splitlines()[0] if why else type(err).__name__}
     return {"commit": commit, "dirty": dirty}
+
+
+@functools.cache
+def code_state(root: Path = PACKAGE_ROOT) -> dict[str, Any]:
+    """:func:`git_state` of ``root`` the first time this process asks, then the same answer: the commit of the code
+    the process imported, even if the checkout moves on (a ``git pull``) while a long run goes. Asked for the
+    package's own checkout when this module is imported."""
+    return git_state(root)
 
 
 def versions(names: Sequence[str] = DISTRIBUTIONS) -> dict[str, str | None]:
@@ -104,7 +114,7 @@ def provenance(config: Mapping[str, Any] | None, *, started: float, argv: Sequen
     ``started`` to this call."""
     torch = sys.modules.get("torch")
     return {
-        "git": git_state(root),
+        "git": dict(code_state(root)),
         "versions": versions(),
         "python": platform.python_version(),
         "platform": "-".join(os.uname()[i] for i in (0, 2, 4)),  # system, release, machine (no process, unlike platform.platform)
@@ -133,3 +143,6 @@ def describe(block: Mapping[str, Any]) -> str:
     cpu_ = block.get("cpu") or {}
     machine = f"{cpu_.get('model', '?')}, {cpu_.get('cores', '?')} cores" + (f", GPU {', '.join(block['gpus'])}" if block.get("gpus") else ", no GPU")
     return f"{code}, {str(block.get('started', '?'))[:10]}; {libs}; Python {block.get('python', '?')}; {machine}"
+
+
+code_state()  # the checkout as this process imported it (see code_state)

@@ -27,7 +27,7 @@ def test_every_generated_block_in_the_docs_matches_its_source():
 def test_each_doc_has_its_generated_tables():
     sources = {doc: [m.group("source") for m in D.BLOCK.finditer((ROOT / doc).read_text())] for doc in D.DOCS}
     assert D.DEFAULT_RUN in sources["README.md"]
-    assert D.BENCH_SCALE in sources["bench/README.md"]
+    assert sorted(sources["bench/README.md"]) == sorted(D.BENCHES.values())
     summaries = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "docs" / "results").glob("*/summary.md"))
     assert sorted(sources["docs/results.md"]) == summaries  # every reproduction's table, once
     for doc, found in sources.items():
@@ -36,7 +36,7 @@ def test_each_doc_has_its_generated_tables():
 
 
 def _copy_docs(tmp_path: Path) -> Path:
-    for rel in [*D.DOCS, D.DEFAULT_RUN, D.BENCH_SCALE, *(str(p.relative_to(ROOT)) for p in (ROOT / "docs" / "results").glob("*/summary.md"))]:
+    for rel in [*D.DOCS, D.DEFAULT_RUN, *D.BENCHES.values(), *(str(p.relative_to(ROOT)) for p in (ROOT / "docs" / "results").glob("*/summary.md"))]:
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(ROOT / rel, tmp_path / rel)
     return tmp_path
@@ -101,3 +101,11 @@ def test_ingesting_refuses_what_is_not_the_default_run(tmp_path):
         D.ingest_default_run([*ok, _result(tmp_path, "local-moml", 1, 0.9)])
     with pytest.raises(ValueError, match="two results files for the same algorithm and seed"):
         D.ingest_default_run([*ok, ok[0]])
+
+
+def test_a_quick_or_smoke_benchmark_report_is_not_kept(tmp_path):
+    for name, flag in (("scale", "quick"), ("default-run", "smoke")):
+        report = tmp_path / f"{name}.json"
+        report.write_text(json.dumps({flag: True, "provenance": {}}))
+        with pytest.raises(SystemExit, match="a --quick or --smoke run is not kept"):
+            D.main(["ingest-bench", name, str(report)])

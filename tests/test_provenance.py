@@ -35,6 +35,24 @@ def test_the_commit_and_dirtiness_are_the_checkouts():
     assert P.git_state() == {"commit": head, "dirty": bool(status.strip())}
 
 
+@pytest.mark.subprocess  # runs git
+def test_the_block_names_the_commit_the_process_started_with_not_a_later_one(tmp_path):
+    def git(*args):
+        return subprocess.run(["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t", *args], capture_output=True,
+                              text=True, check=True).stdout.strip()
+
+    git("init", "-q")
+    (tmp_path / "f").write_text("1")
+    git("add", "f")
+    git("commit", "-qm", "one")
+    first = git("rev-parse", "HEAD")
+    assert P.provenance({}, started=time.time(), root=tmp_path)["git"] == {"commit": first, "dirty": False}
+    (tmp_path / "f").write_text("2")  # the checkout moves on while the run goes (a git pull, an edit)
+    git("commit", "-qam", "two")
+    assert P.git_state(tmp_path)["commit"] != first
+    assert P.provenance({}, started=time.time(), root=tmp_path)["git"] == {"commit": first, "dirty": False}
+
+
 def test_describe_names_the_commit_tree_state_date_versions_and_machine():
     block = {"git": {"commit": "417da75c0ffee", "dirty": False}, "versions": {"fedmeta": "0.1.0", "torch": "2.14.1", "flwr": "1.42.0",
              "ray": "2.55.1", "numpy": "2.3.0"}, "python": "3.11.7", "cpu": {"model": "AMD EPYC", "cores": 2}, "gpus": [],
