@@ -76,6 +76,8 @@ def render_reproduction(path: Path) -> str:
 
 
 def _load_module(name: str, path: Path):
+    if str(path.parent) not in sys.path:  # a bench script imports its neighbours (bench/timing.py)
+        sys.path.insert(0, str(path.parent))
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules.setdefault(name, module)
@@ -118,11 +120,18 @@ def render_default_run(path: Path) -> str:
     return "\n".join(out) + "\n"
 
 
+def _round_numbers(obj: dict[str, Any]) -> dict[Any, Any]:
+    """``round_seconds`` maps round numbers, which JSON keeps as strings, back to ints (as the report had them)."""
+    if isinstance(obj.get("round_seconds"), dict):
+        obj["round_seconds"] = {int(k): v for k, v in obj["round_seconds"].items()}
+    return obj
+
+
 def render_bench_scale(path: Path) -> str:
     from fedmeta.provenance import describe
 
     bench = _load_module("bench_scale", ROOT / "bench" / "bench_scale.py")
-    report = json.loads(path.read_text())
+    report = json.loads(path.read_text(), object_hook=_round_numbers)
     return (f"```\n{bench.table(report)}\n\ntotal wall time {report['wall_s']:.0f} s\n```\n\n"
             f"Run: {describe(report['provenance'])}.\n")
 

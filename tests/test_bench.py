@@ -16,14 +16,21 @@ from fedmeta.meta import META_GRADIENTS
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def run_bench(script: str, *args: str, out: Path, timeout: float) -> tuple[subprocess.CompletedProcess, dict]:
+    """Run ``bench/<script>`` with ``args`` and ``--out out`` (the timeout is a hang guard, many times the idle
+    duration); it must exit 0 and write a JSON report with a provenance block. Returns the process and the report."""
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / script), *args, "--out", str(out)], capture_output=True, text=True,
+                          timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    check_provenance(report["provenance"])
+    return proc, report
+
+
 @pytest.mark.ray
 def test_bench_quick_runs_and_reports_every_mode(ray_runner, tmp_path):  # its simulation attaches to the session's Ray
     out = tmp_path / "bench.json"
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_meta_step.py"), "--quick", "--out", str(out)],
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    report = json.loads(out.read_text())
-    check_provenance(report["provenance"])
+    proc, report = run_bench("bench_meta_step.py", "--quick", out=out, timeout=600)
     assert {"quick": True, "out": str(out)}.items() <= report["provenance"]["config"].items()
     text = json.dumps(report)
     for name in ("exact", "first_order", "per-fedavg", "local-moml", "end_to_end_over_bare_loop"):
@@ -34,11 +41,7 @@ def test_bench_quick_runs_and_reports_every_mode(ray_runner, tmp_path):  # its s
 @pytest.mark.subprocess
 def test_bench_estimators_quick_reports_every_estimator(tmp_path):
     out = tmp_path / "bench_estimators.json"
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_estimators.py"), "--quick", "--out", str(out)],
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    report = json.loads(out.read_text())
-    check_provenance(report["provenance"])
+    proc, report = run_bench("bench_estimators.py", "--quick", out=out, timeout=600)
     assert {"quick": True, "out": str(out)}.items() <= report["provenance"]["config"].items()
     cells = report["cells"]
     for name in META_GRADIENTS:
@@ -54,11 +57,7 @@ def test_bench_scale_smoke_reports_every_section(ray_runner, tmp_path):  # its s
     """``--smoke``: every section on the smallest sizes (the figures stay in ``make bench``). The timeout is a hang
     guard, many times the idle duration."""
     out = tmp_path / "bench_scale.json"
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_scale.py"), "--smoke", "--out", str(out)],
-                          capture_output=True, text=True, timeout=1800)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    report = json.loads(out.read_text())
-    check_provenance(report["provenance"])
+    proc, report = run_bench("bench_scale.py", "--smoke", out=out, timeout=1800)
     assert {"quick": False, "smoke": True, "out": str(out)}.items() <= report["provenance"]["config"].items()
     assert report["provenance"]["git"]["commit"]  # run in a process of its own, from this checkout
     assert report["budget"]["workloads"] == ["sine"] and "mlp" not in report  # one workload runs every code path
@@ -83,11 +82,7 @@ def test_bench_scale_smoke_reports_every_section(ray_runner, tmp_path):  # its s
 @pytest.mark.subprocess
 def test_bench_local_round_quick_times_every_cell(tmp_path):
     out = tmp_path / "local_round.json"
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_local_round.py"), "--quick", "--out", str(out)],
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    report = json.loads(out.read_text())
-    check_provenance(report["provenance"])
+    proc, report = run_bench("bench_local_round.py", "--quick", out=out, timeout=600)
     assert {"quick": True, "out": str(out)}.items() <= report["provenance"]["config"].items()
     cells = report["cells"]
     assert {"plain PyTorch, epoch slices", "FedAvg func, check/step", "FedAvg fast", "Per-FedAvg FO fast"} <= set(cells)
@@ -126,11 +121,7 @@ def test_bench_peers_smoke_measures_pfl_and_fedmeta_in_one_run(ray_runner, tmp_p
     interleaved repeat of pfl and fedmeta's three runs; every ratio comes from this run's figures. The timeout is a
     hang guard."""
     out = tmp_path / "peers.json"
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_peers.py"), "--smoke", "--out", str(out)],
-                          capture_output=True, text=True, timeout=1800)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    report = json.loads(out.read_text())
-    check_provenance(report["provenance"])
+    proc, report = run_bench("bench_peers.py", "--smoke", out=out, timeout=1800)
     assert set(report["pfl_probe"]) == {"1", "2"} and report["pfl_threads"] in (1, 2)
     (rep,) = report["repeats"]
     assert rep["pfl"]["versions"]["pfl"] == "0.6.0" and rep["pfl"]["threads"] == report["pfl_threads"]
@@ -147,11 +138,7 @@ def test_bench_peers_smoke_measures_pfl_and_fedmeta_in_one_run(ray_runner, tmp_p
 @pytest.mark.ray
 def test_bench_default_run_smoke_runs_every_layout_side_by_side(ray_runner, tmp_path):  # its fedmeta-sim children attach to the session's Ray
     out = tmp_path / "bench_default_run.json"
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_default_run.py"), "--smoke", "--out", str(out)],
-                          capture_output=True, text=True, timeout=1800)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    report = json.loads(out.read_text())
-    check_provenance(report["provenance"])
+    proc, report = run_bench("bench_default_run.py", "--smoke", out=out, timeout=1800)
     rows = {r["layout"]: r for r in report["rows"]}
     assert list(rows) == ["one client per node", "multi-client nodes, vmap", "multi-client nodes, loop"]
     for r in rows.values():
