@@ -42,8 +42,9 @@ LAYOUTS = {
     "vmap": ("multi-client nodes, vmap", ["--num-nodes", "-1", "--vectorize", "vmap"]),
     "loop": ("multi-client nodes, loop", ["--num-nodes", "-1", "--vectorize", "loop"]),
 }
-SMOKE = ["--dataset", "sinewave", "--num-clients", "6", "--clients-per-round", "3", "--num-rounds", "3", "--evaluate-every", "3"]
-"""``--smoke``: the tests' size (a few seconds of rounds per layout)."""
+SMOKE = ["--algorithms", "local-moml", "--dataset", "sinewave", "--num-clients", "6", "--clients-per-round", "3", "--num-rounds", "3",
+         "--evaluate-every", "3"]
+"""``--smoke``: the tests' size (one algorithm, a few seconds of rounds per layout)."""
 
 
 def run_layout(key: str, extra: Sequence[str], work: Path) -> dict[str, Any]:
@@ -68,7 +69,7 @@ def run_layout(key: str, extra: Sequence[str], work: Path) -> dict[str, Any]:
         "rounds": sum(len(r["round_seconds"]) for r in runs),
         "final": {r["config"]["algorithm"]: {k: r["final"].get(k) for k in ("accuracy-after", "accuracy-after-std", "loss-after")}
                   for r in runs},
-        "nodes": {r["config"]["algorithm"]: r["config"]["num-nodes"] for r in runs},
+        "nodes": {r["config"]["algorithm"]: r["config"]["num-nodes"] or r["config"]["num-clients"] for r in runs},  # 0: one per client
     }
 
 
@@ -100,7 +101,7 @@ def table(report: dict[str, Any]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--smoke", action="store_true", help="the tests' tiny experiment (sinewave, 6 clients, 3 rounds)")
+    p.add_argument("--smoke", action="store_true", help="the tests' tiny experiment (LocalMOML on sinewave, 6 clients, 3 rounds)")
     p.add_argument("--layouts", default="one,vmap,loop", help=f"comma-separated, first is the baseline (of {', '.join(LAYOUTS)})")
     p.add_argument("--out", type=Path, default=RESULTS_PATH, help=f"where the JSON goes (default: {RESULTS_PATH})")
     p.add_argument("extra", nargs="*", help="more fedmeta-sim flags, after --")

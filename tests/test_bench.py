@@ -142,12 +142,12 @@ def test_bench_default_run_smoke_runs_every_layout_side_by_side(ray_runner, tmp_
     rows = {r["layout"]: r for r in report["rows"]}
     assert list(rows) == ["one client per node", "multi-client nodes, vmap", "multi-client nodes, loop"]
     for r in rows.values():
-        assert r["client_steps"] == 2 * 3 * 3 * 4 and r["rounds"] == 6  # 2 algorithms x 3 rounds x 3 clients x H = 4
+        assert r["client_steps"] == 3 * 3 * 4 and r["rounds"] == 3  # 3 rounds x 3 clients x H = 4
         assert r["wall_s"] > 0 and r["client_steps_per_s"] > 0 and r["split_s"]["train_phases"] > 0
         assert r["split_s"]["start_up"] > 0 and r["split_s"]["evaluation_and_rest"] > 0
-    assert rows["one client per node"]["nodes"] == {"local-moml": 6, "per-fedavg": 6}
+    assert rows["one client per node"]["nodes"] == {"local-moml": 6}
     slots = min(os.cpu_count() or 1, 6)  # num-nodes = -1: one node per Ray actor slot (a CPU each), at most one per client
-    assert rows["multi-client nodes, vmap"]["nodes"] == rows["multi-client nodes, loop"]["nodes"] == {"local-moml": slots, "per-fedavg": slots}
+    assert rows["multi-client nodes, vmap"]["nodes"] == rows["multi-client nodes, loop"]["nodes"] == {"local-moml": slots}
     base = rows["one client per node"]["final"]
     for r in rows.values():  # the same clients, batches and math: the same final loss to round-off
         for a, f in r["final"].items():

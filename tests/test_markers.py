@@ -33,8 +33,11 @@ def test_every_slow_marker_is_declared():
 CRASHING = '''
 import os, pathlib
 
-def test_dies_once(tmp_path_factory):
+def test_dies_once(request):
     mark = pathlib.Path(os.environ["DEMO_MARK"])
+    # rerunfailures tells the controller this test's reruns as it starts, without waiting for an answer; a question
+    # on the same connection returns once the controller has it (a worker that dies at once could outrun it)
+    assert request.config.failures_db.get_test_reruns(request.node.nodeid) == 1
     if not mark.exists():
         mark.write_text("died")
         os._exit(1)  # the worker process dies mid-test, no traceback
