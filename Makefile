@@ -31,7 +31,7 @@ FLWR139_TESTS := tests/test_strategies.py tests/test_clients.py tests/test_scree
 # The whole suite in TEST_JOBS pytest workers (pytest-xdist; the test machine has 2 cores, and about a third of
 # the suite waits on processes, sockets and SuperNode polls). TEST_JOBS=1 runs it in one process.
 TEST_JOBS   ?= 2
-# A test whose worker process dies (exits or is killed mid-test, as a Ray test once did in CI, with no traceback) is run once more,
+# A test whose worker process dies (exits or is killed mid-test; see README, "Which tests when") is run once more,
 # at most once per suite, and listed under "rerun" (-rR); any other failure fails at once.
 CRASH_RERUN := --reruns 1 --max-suite-reruns 1 --rerun-except . -rfER
 PYTEST_ARGS ?= --durations=15 $(if $(filter 1,$(TEST_JOBS)),,-n $(TEST_JOBS) --dist worksteal $(CRASH_RERUN))

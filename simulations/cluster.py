@@ -208,7 +208,12 @@ class LocalCluster:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         self.address = f"127.0.0.1:{port}"
-        common = ["--node-ip-address", "127.0.0.1", "--num-cpus", str(self.cpus), "--disable-usage-stats"]
+        # Worker and driver ports from the OS, as Ray started in-process has them: `ray start` otherwise hands out
+        # 10002, 10003, ... in every cluster, so two clusters on one machine (the test workers' session Rays) give a
+        # driver a port another cluster's process holds, and Ray aborts that driver (grpc_server.cc: "Failed to start
+        # the grpc server. The specified port is 10002").
+        common = ["--node-ip-address", "127.0.0.1", "--num-cpus", str(self.cpus), "--disable-usage-stats",
+                  "--min-worker-port", "0", "--max-worker-port", "0"]
         try:
             head = subprocess.run([self._ray(), "start", "--head", "--port", str(port), "--include-dashboard", "false", "--temp-dir",
                                    str(self.root / "head"), *common], env=env, capture_output=True, text=True, timeout=120)

@@ -80,6 +80,19 @@ def test_a_multi_client_keep_run_on_two_raylets_equals_the_in_process_run(two_ra
 
 
 @pytest.mark.ray
+def test_every_raylet_takes_worker_ports_from_the_os(two_raylets):
+    """`ray start` hands out worker and driver ports 10002, 10003, ... in every cluster; two clusters on one machine (the
+    test workers' session Rays) then give a driver a port another cluster's process holds, and Ray aborts it. Each
+    raylet of a LocalCluster takes its ports from the OS, as Ray started in-process does."""
+    from fedmeta.simulations.processes import process_table
+
+    _, root = two_raylets
+    raylets = [argv for pid, (_, _, argv, _) in process_table().items() if argv and argv[0].endswith("/raylet") and str(root) in " ".join(argv)]
+    assert len(raylets) == 2
+    assert all("--min_worker_port=0" in argv and "--max_worker_port=0" in argv for argv in raylets), raylets
+
+
+@pytest.mark.ray
 def test_a_memory_dir_one_raylet_cannot_see_fails_before_round_1(two_raylets):
     address, root = two_raylets
     results = root / "runs" / "hidden"
