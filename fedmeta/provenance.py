@@ -128,6 +128,10 @@ def provenance(config: Mapping[str, Any] | None, *, started: float, argv: Sequen
     }
 
 
+RUNS_PREFIX = "Runs: "
+"""How the line naming a table's provenance (:func:`describe`) begins in a reproduction's ``summary.md``."""
+
+
 def describe(block: Mapping[str, Any]) -> str:
     """One line naming what a provenance block says produced a result: commit (and whether the tree was clean),
     date, library versions, Python and CPU, e.g. ``commit 417da75 (clean tree), 2026-12-04; fedmeta 0.1.0,

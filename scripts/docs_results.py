@@ -38,6 +38,8 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from fedmeta.provenance import RUNS_PREFIX
+
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ("README.md", "docs/results.md", "bench/README.md")
 """The files whose marked blocks this script writes."""
@@ -47,7 +49,6 @@ BENCH_DEFAULT_RUN = "bench/summaries/bench_default_run.json"
 BENCHES = {"scale": BENCH_SCALE, "default-run": BENCH_DEFAULT_RUN}
 """``ingest-bench NAME REPORT``: where each benchmark's report is kept."""
 BLOCK = re.compile(r"(<!-- docs-results: (?P<source>[^ ]+) -->\n)(?P<body>.*?)(<!-- /docs-results -->)", re.S)
-RUNS_PREFIX = "Runs: "  # fedmeta.simulations.reproduce.RUNS_PREFIX, without importing Flower to read a file
 
 
 # --- rendering ------------------------------------------------------------------------------------------

@@ -57,7 +57,7 @@ import numpy as np
 from fedmeta import config as C
 from fedmeta import meta
 from fedmeta.centralized import CentralizedConfig, RunResult
-from fedmeta.provenance import describe, provenance
+from fedmeta.provenance import RUNS_PREFIX, describe, provenance
 from fedmeta.simulations.config import ExperimentConfig
 
 logger = logging.getLogger("fedmeta")
@@ -566,11 +566,6 @@ def _save(fig: Any, path: Path) -> list[Path]:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return [path]
-
-
-RUNS_PREFIX = "Runs: "
-"""The line of a reproduction's ``summary.md`` that says which code, libraries and machine produced it
-(``scripts/docs_results.py`` prints it under the table it copies into docs/results.md)."""
 
 
 def runs_line(block: dict[str, Any], count: int, reused: int) -> str:
