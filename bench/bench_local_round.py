@@ -45,7 +45,7 @@ from fedmeta.simulations.apps import initial_model
 from fedmeta.simulations.config import ExperimentConfig
 
 RESULTS_PATH = Path(__file__).resolve().parent / "results" / "bench_local_round.json"
-CFG = ExperimentConfig(model="mlp-100", dataset="fashion-mnist", partition="pathological", classes_per_client=2,
+CFG = ExperimentConfig(num_nodes=0, model="mlp-100", dataset="fashion-mnist", partition="pathological", classes_per_client=2,
                        train_per_client=2625, test_per_client=500, num_clients=20, batch_size=10, lr=0.05)
 
 

@@ -238,6 +238,7 @@ def run(budget: Budget, quick: bool, results_dir: str) -> dict[str, Any]:
         batch_size=5,
         meta_gradient="exact",
         evaluate_every=0,
+        num_nodes=0,
         results_dir=results_dir,
     )
     data = partitions(cfg.dataset, **cfg.data_kwargs())[0]

@@ -94,7 +94,7 @@ SMOKE = Workload(clients=4, train_per_client=40, batch_size=10, rounds=2, repeat
 
 def base_config(w: Workload) -> ExperimentConfig:
     """The split and model both sides train: Fashion-MNIST pathological 2-class, MLP 784-100-10."""
-    return ExperimentConfig(model="mlp-100", dataset="fashion-mnist", partition="pathological", classes_per_client=2,
+    return ExperimentConfig(num_nodes=0, model="mlp-100", dataset="fashion-mnist", partition="pathological", classes_per_client=2,
                             train_per_client=w.train_per_client, test_per_client=10,  # no evaluation: the test split is unused
                             num_clients=w.clients, clients_per_round=0, batch_size=w.batch_size, num_rounds=w.rounds,
                             evaluate_every=0, num_cpus=1.0, lr=0.05)

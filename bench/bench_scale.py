@@ -144,7 +144,8 @@ def workload_configs() -> dict[str, ExperimentConfig]:
     evaluation, cross-silo.
     """
     common = dict(algorithm=C.PER_FEDAVG, local_steps=4, batch_size=5, init_batch_size=5, inner_steps=1,
-                  meta_gradient="exact", evaluate_every=0, clients_per_round=0, num_cpus=1.0, chunk_size=100)
+                  meta_gradient="exact", evaluate_every=0, clients_per_round=0, num_cpus=1.0, chunk_size=100,
+                  num_nodes=0)
     return {
         "mlp": ExperimentConfig(dataset="fashion-mnist", partition="pathological", classes_per_client=1,
                                 train_per_client=50, test_per_client=10, **common),

@@ -133,7 +133,7 @@ def check_equal(calls: dict[str, Callable[[], object]]) -> float:
 
 
 def run(budget: Budget, quick: bool) -> dict[str, Any]:
-    cfg = ExperimentConfig(batch_size=5, local_steps=4)
+    cfg = ExperimentConfig(batch_size=5, local_steps=4, num_nodes=0)
     data = client_data(cfg.dataset, 0, **cfg.data_kwargs())
     steps = step_calls(cfg, data, budget.inner_steps)
     rounds = round_calls(cfg, data)

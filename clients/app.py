@@ -20,6 +20,7 @@ import logging
 import os
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -74,6 +75,21 @@ def _mean(values: Sequence[float]) -> float:
     return float(sum(values)) / len(values) if values else 0.0
 
 
+def timed(handler: Callable[[Message, Context], Message]) -> Callable[[Message, Context], Message]:
+    """``handler`` whose reply also carries its wall time (``client-timing`` ConfigRecord, ``handler-seconds``),
+    which the strategy records for the run's time split (clients' math versus the framework's per-round cost)."""
+
+    @functools.wraps(handler)
+    def run(msg: Message, context: Context) -> Message:
+        started = time.perf_counter()
+        reply = handler(msg, context)
+        if not reply.has_error():
+            reply.content[C.CLIENT_TIMING] = ConfigRecord({C.HANDLER_SECONDS: time.perf_counter() - started})
+        return reply
+
+    return run
+
+
 def node_memory(context: Context, memory_dir: str | None = None) -> Memory:
     """The node's default store of u: on disk under node-config ``memory-dir`` if set (each save
     flushed to disk), else under ``memory_dir`` (saves left to the page cache), else ``context.state``."""
@@ -98,9 +114,9 @@ def node_clients(context: Context, num_clients: int) -> list[int]:
     """The clients this node hosts: block ``partition-id`` of ``num-partitions`` (:func:`hosted_clients`);
     a node without ``num-partitions`` in its node config hosts the one client ``partition-id``."""
     pid = partition_id(context)
-    if "num-partitions" not in context.node_config:
+    if C.NUM_PARTITIONS not in context.node_config:
         return [pid]
-    return hosted_clients(pid, int(context.node_config["num-partitions"]), num_clients)
+    return hosted_clients(pid, int(context.node_config[C.NUM_PARTITIONS]), num_clients)
 
 
 def default_memory_root() -> Path:
@@ -219,7 +235,7 @@ def make_client_app(
             if refusal:
                 raise RuntimeError(refusal)
         root = node_dir or memory_dir or str(default_memory_root())
-        nodes = int(context.node_config.get("num-partitions", 1))
+        nodes = int(context.node_config.get(C.NUM_PARTITIONS, 1))
         path = bank_path(Path(root), experiment_key(context, memory_key), partition_id(context), nodes)
         # A SuperNode's memory-dir is meant to survive power loss: flush each save to disk. A
         # simulation's bank only has to survive its processes (the page cache does that).
@@ -228,6 +244,8 @@ def make_client_app(
     @app.query()
     def query(msg: Message, context: Context) -> Message:
         metrics: dict = {C.PARTITION_ID: partition_id(context)}
+        if C.NUM_PARTITIONS in context.node_config:  # how many SuperNodes share the clients (num-nodes = -1 under flwr run)
+            metrics[C.NUM_PARTITIONS] = int(context.node_config[C.NUM_PARTITIONS])
         cfg = msg.content.config_records.get("config")
         if cfg is not None and C.NUM_CLIENTS in cfg:
             metrics[C.CLIENT_IDS] = node_clients(context, int(cfg[C.NUM_CLIENTS]))
@@ -285,6 +303,7 @@ def make_client_app(
         return Message(RecordDict({"arrays": arrays, "metrics": metrics, C.CLIENT_INFO: info}), reply_to=msg)
 
     @app.train(mods=list(train_mods))
+    @timed
     def train(msg: Message, context: Context) -> Message:
         for unit in register:  # idempotent; the units travel with the app (see `register`)
             algorithms.register(unit, replace=True)
@@ -326,6 +345,7 @@ def make_client_app(
         return Message(RecordDict({"arrays": arrays, "metrics": metrics, C.CLIENT_INFO: info}), reply_to=msg)
 
     @app.evaluate()
+    @timed
     def evaluate(msg: Message, context: Context) -> Message:
         cfg = resolve_evaluate(_message_config(msg), context.run_config)
         ev = EvalConfig.from_wire(cfg)
@@ -343,12 +363,9 @@ def make_client_app(
         ids, _ = _requested_clients(cfg, context)
         group = build_group(context)
         w = group.params_from(_message_arrays(msg).to_torch_state_dict())
-        rows, sizes = [], []
-        for c in ids:
-            client = group.client(c)
-            gen = round_generator(int(cfg.get(C.SEED, 0)), c, int(cfg.get(C.SERVER_ROUND, 0)), 1)
-            rows.append(client.evaluate(w, ev, gen))
-            sizes.append(int(client.data.y_test.shape[0]))
+        # Every client fine-tuned and scored as on its own node, vmapped over clients (ClientGroup.evaluate).
+        rows = group.evaluate(w, ev, ids, int(cfg.get(C.SEED, 0)), int(cfg.get(C.SERVER_ROUND, 0)))
+        sizes = [int(group.data_fn(c).y_test.shape[0]) for c in ids]
         keys = [k for k in rows[0] if all(k in r for r in rows)]
         total = sum(sizes)
         # The node's scores averaged over its test examples, so that a strategy weighting the

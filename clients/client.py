@@ -9,6 +9,7 @@ around it. The memory stores, which speak ``context.state`` or the node's disk, 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import functools
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -24,6 +25,8 @@ from fedmeta.clients.memory import ContextMemory, ParamSpec  # noqa: F401  (Cont
 from fedmeta.config import EvalConfig
 from fedmeta.data import ClientData
 from fedmeta.meta import Params
+
+logger = logging.getLogger("fedmeta")
 
 AlgorithmConfig = Any
 """A registered algorithm's config (:data:`fedmeta.algorithms.REGISTRY`): ``FedAvgConfig``, ``PerFedAvgConfig``, ..."""
@@ -273,3 +276,63 @@ class ClientGroup:
                 "lower lr / meta-lr / inner-lr"
             )
         return dataclasses.replace(result, diverged=bad)
+
+    def evaluate(self, w: Params, ev: EvalConfig, client_ids: list[int], seed: int, server_round: int) -> list[dict[str, float]]:
+        """:meth:`MetaClient.evaluate` of every client in ``client_ids`` (each with its own support draw,
+        :func:`round_generator` stream 1), batched: clients whose support and test sets have the same shapes
+        are fine-tuned and scored in one ``torch.func.vmap`` call (``chunk_size`` at most), so no padding or
+        masking changes a client's mean; looped with ``vectorize="loop"``, and where ``auto`` finds vmap
+        cannot run the model. Equal to the looped scores to float round-off."""
+        gens = [round_generator(seed, c, server_round, 1) for c in client_ids]
+        if self.vectorize == "loop":
+            return [self.client(c).evaluate(w, ev, g) for c, g in zip(client_ids, gens)]
+        datas = [self.data_fn(c).to(self.device) for c in client_ids]
+        supports = [d.sample(ev.eval_shots, g) if ev.eval_shots else (d.x_train, d.y_train) for d, g in zip(datas, gens)]
+        tests = [(d.x_test, d.y_test) for d in datas]
+        shapes: dict[tuple, list[int]] = {}
+        for i, (s, t) in enumerate(zip(supports, tests)):
+            shapes.setdefault(tuple(tuple(x.shape) for x in (*s, *t)), []).append(i)
+        rows: list[dict[str, float] | None] = [None] * len(client_ids)
+        try:
+            for same in shapes.values():
+                for start in range(0, len(same), self.chunk_size):
+                    chunk = same[start:start + self.chunk_size]
+                    batch = [torch.stack([b[j] for b in (supports[i] + tests[i] for i in chunk)]) for j in range(4)]
+                    scores = self._vmapped_scores(w, ev)(*batch)
+                    for n, i in enumerate(chunk):
+                        rows[i] = self._score_row(*(float(v[n]) for v in scores), regression=tests[i][1].is_floating_point())
+        except (RuntimeError, NotImplementedError) as err:  # a model vmap cannot run (auto: loop instead)
+            if self.vectorize == "vmap":
+                raise
+            logger.debug("vmapped evaluation refused (%s); looping over the clients", err)
+            gens = [round_generator(seed, c, server_round, 1) for c in client_ids]
+            return [self.client(c).evaluate(w, ev, g) for c, g in zip(client_ids, gens)]
+        return rows  # type: ignore[return-value]
+
+    def _vmapped_scores(self, w: Params, ev: EvalConfig) -> Callable[..., tuple[Tensor, ...]]:
+        """``(xs, ys, xt, yt) -> (loss before, loss after, accuracy before, accuracy after)``, each ``[C]``,
+        for C clients stacked on the leading axis: ``eval_steps`` steps of ``meta.fine_tune`` on the support
+        set, then :func:`fedmeta.meta.score`'s loss and accuracy on the test set (accuracy NaN for regression)."""
+        forward = fast.sequential_forward(self.model)
+        if forward is None:
+            def forward(params: Params, x: Tensor) -> Tensor:
+                return torch.func.functional_call(self.model, params, (x,))
+
+        def scores(params: Params, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+            out = forward(params, x)
+            acc = (out.argmax(-1) == y).float().mean() if not y.is_floating_point() else torch.full((), float("nan"))
+            return self.criterion(out, y), acc
+
+        def one(xs: Tensor, ys: Tensor, xt: Tensor, yt: Tensor) -> tuple[Tensor, ...]:
+            adapted = meta.fine_tune(self.loss, w, (xs, ys), ev.inner_lr, ev.eval_steps)
+            (loss_b, acc_b), (loss_a, acc_a) = scores(w, xt, yt), scores(adapted, xt, yt)
+            return loss_b.detach(), loss_a.detach(), acc_b.detach(), acc_a.detach()
+
+        return torch.func.vmap(one)
+
+    @staticmethod
+    def _score_row(loss_before: float, loss_after: float, acc_before: float, acc_after: float, *, regression: bool) -> dict[str, float]:
+        out = {C.LOSS_BEFORE: loss_before, C.LOSS_AFTER: loss_after}
+        if not regression:
+            out.update({C.ACC_BEFORE: acc_before, C.ACC_AFTER: acc_after})
+        return out

@@ -51,6 +51,7 @@ ACC_BEFORE = "accuracy-before"
 ACC_AFTER = "accuracy-after"
 
 # --- multi-client nodes (one node hosts a group of clients) --------------------------------------
+NUM_PARTITIONS = "num-partitions"  # node config (Flower's): how many SuperNodes share the clients; query reply: the same
 CLIENT_IDS = "client-ids"  # train/evaluate config (multi-client nodes): the node's clients to run; reply: the clients that ran
 NUM_CLIENTS = "num-clients"  # query config: the number of clients n, so a node can tell which clients it hosts
 WEIGHTING = "weighting"  # train config (multi-client nodes): how the node averages its clients' models
@@ -58,6 +59,8 @@ NUM_DIVERGED = "num-diverged"  # reply (multi-client nodes): clients left out be
 MEMORY_KEY = "memory-key"  # train config (server checkpoints): key the memory u by this name, load the version from before this round
 PER_CLIENT = "per-client-"  # reply prefix (multi-client nodes): per-client lists aligned with client-ids
 CLIENT_INFO = "client-info"  # reply ConfigRecord: identifiers (partition-id, client-ids, memory-*) and per-client- lists, never averaged
+CLIENT_TIMING = "client-timing"  # reply ConfigRecord (optional): how long the handler took, for the run's time split
+HANDLER_SECONDS = "handler-seconds"  # in client-timing: the handler's wall time from receiving the message to its reply
 
 # --- Dif-MAML relay (fedmeta.strategies.DifMAML <-> fedmeta.clients.make_dif_maml_client_app) ----
 DIF_MAML = "dif-maml"

@@ -113,6 +113,18 @@ def render_default_run(path: Path) -> str:
                        f"{_mean_std([x['accuracy-after'] for x in f])} | {_mean_std([x['accuracy-after-std'] for x in f])} | "
                        f"{_mean_std([x['accuracy-after-p10'] for x in f])} | {_mean_std([r['seconds'] for r in rs], 1)} |")
         out.append("")
+    calls = summary.get("invocations", [])
+    if calls:
+        def minutes(seconds: float) -> str:
+            return f"{int(seconds // 60)} min {seconds % 60:.0f} s"
+
+        walls = ", ".join(minutes(i["wall_s"]) for i in calls)
+        rates = ", ".join(f"{i['client_steps_per_s']:.0f}" for i in calls)
+        busy = [i["busy_cores"] for i in calls if i["busy_cores"] is not None]
+        nodes = sorted({r["config"].get("num-nodes") for r in runs})
+        out += [f"Wall time of `{summary['command']}` (both algorithms; seeds {', '.join(str(i['seed']) for i in calls)}): {walls}, "
+                f"{rates} client-steps/s" + (f", {min(busy):.2f}-{max(busy):.2f} of {calls[0]['cores']} cores busy" if busy else "")
+                + f", on {' or '.join(map(str, nodes))} multi-client nodes (fedmeta-sim's last line; its `usage-*.json`).", ""]
     commits = sorted({(r["provenance"]["git"].get("commit") or "?")[:7] for r in runs})
     line = f"Runs: {describe(runs[0]['provenance'])}"
     if len(commits) > 1:
@@ -182,22 +194,32 @@ def drift(root: Path = ROOT, docs: Sequence[str] = DOCS) -> list[str]:
 
 def ingest_default_run(paths: Sequence[Path], command: str = "make run") -> dict[str, Any]:
     """The default-run summary from ``make run``'s results files, one per algorithm and seed: every run finished
-    (status ok), ran the defaults (``ExperimentConfig()`` but for algorithm and seed) and the same code."""
-    from fedmeta.simulations.config import ExperimentConfig
+    (status ok), ran the defaults (``ExperimentConfig()`` but for algorithm and seed; ``num-nodes = -1`` resolved to
+    the machine's node count) and the same code. Files named ``usage-*.json`` are fedmeta-sim's figures of one
+    invocation (wall time, client-steps/s, busy cores): each must name runs among the others."""
+    from fedmeta.simulations.config import AUTO_NODES, ExperimentConfig
+    from fedmeta.simulations.run import USAGE_PREFIX
 
     defaults = ExperimentConfig().to_dict()
-    runs = []
+    runs, usages, names = [], [], {}
     for path in paths:
         res = json.loads(Path(path).read_text())
+        if Path(path).name.startswith(USAGE_PREFIX):
+            usages.append((Path(path), res))
+            continue
         cfg = res["config"]
         if res.get("status") != "ok":
             raise ValueError(f"{path}: status {res.get('status')!r}, not 'ok': a failed run does not enter the docs")
-        other = {k: (cfg.get(k), v) for k, v in defaults.items() if k not in ("algorithm", "seed") and cfg.get(k) != v}
+        auto = defaults["num-nodes"] == AUTO_NODES and isinstance(cfg.get("num-nodes"), int) and cfg["num-nodes"] >= 1
+        other = {k: (cfg.get(k), v) for k, v in defaults.items()
+                 if k not in ("algorithm", "seed") and cfg.get(k) != v and not (k == "num-nodes" and auto)}
         if other:
             raise ValueError(f"{path}: not the default run; these settings differ (run, default): {other}")
         if "provenance" not in res:
             raise ValueError(f"{path}: no provenance block (written by code before issue 22)")
-        runs.append({"seed": cfg["seed"], "config": {"algorithm": cfg["algorithm"], "num-rounds": cfg["num-rounds"]},
+        names[Path(path).name] = cfg["seed"]
+        runs.append({"seed": cfg["seed"], "config": {"algorithm": cfg["algorithm"], "num-rounds": cfg["num-rounds"],
+                                                     "num-nodes": cfg["num-nodes"]},
                      "final": {k: v for k, v in res["final"].items() if k.startswith(("accuracy-", "loss-"))},
                      "final_round": res["final_round"], "seconds": res["seconds"], "provenance": res["provenance"]})
     keys = [(r["config"]["algorithm"], r["seed"]) for r in runs]
@@ -207,7 +229,14 @@ def ingest_default_run(paths: Sequence[Path], command: str = "make run") -> dict
     if len(keys) != len(algorithms) * len(seeds):
         raise ValueError(f"every algorithm needs every seed: got {sorted(keys)}")
     runs.sort(key=lambda r: (r["seed"], r["config"]["algorithm"] != "local-moml", r["config"]["algorithm"]))  # make run's order
-    return {"command": command, "clients": defaults["num-clients"], "runs": runs}
+    invocations = []
+    for path, u in usages:
+        if not u.get("runs") or any(n not in names for n in u["runs"]) or len({names[n] for n in u["runs"]}) != 1:
+            raise ValueError(f"{path}: names runs {u.get('runs')} that are not among the results files given (one seed each)")
+        invocations.append({"seed": names[u["runs"][0]], "runs": len(u["runs"]),
+                            **{k: u[k] for k in ("wall_s", "client_steps", "client_steps_per_s", "busy_cores", "cores")}})
+    invocations.sort(key=lambda i: i["seed"])
+    return {"command": command, "clients": defaults["num-clients"], "runs": runs, "invocations": invocations}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

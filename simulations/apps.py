@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Result
@@ -26,11 +26,13 @@ from fedmeta.clients import make_client_app
 from fedmeta.data import client_data
 from fedmeta import config as C
 from fedmeta.provenance import provenance
-from fedmeta.simulations.config import ExperimentConfig
+from fedmeta.simulations.config import AUTO_NODES, ExperimentConfig
 from fedmeta.simulations.preflight import check_inputs
 from fedmeta.simulations.progress import RoundProgress
 from fedmeta.strategies import FedAvg, LocalMOML, PerFedAvg
 from fedmeta.strategies.base import MetaStrategy
+from fedmeta.strategies.exchange import exchange
+from fedmeta.strategies.screening import reply_view
 from fedmeta.strategies.failures import TrainingStopped
 
 logger = logging.getLogger("fedmeta")
@@ -98,6 +100,8 @@ def run_server(grid: Grid, cfg: ExperimentConfig, on_round: Callable[[int, Resul
         "config": cfg.to_dict(),
         "seconds": seconds,  # of this process (a resumed run: since the resume)
         "round_seconds": strategy.round_seconds,
+        "handler_seconds": strategy.handler_seconds,  # per stage, round: each reply's handler time (client-timing)
+        "phase_seconds": strategy.phase_seconds,  # the server's time in evaluation rounds and checkpoint writes
         "train": {r: _scalars(m) for r, m in result.train_metrics_clientapp.items()},
         "evaluate": evals,
         "new_clients": list(strategy.new_clients),
@@ -164,6 +168,28 @@ def build_client_app(cfg: ExperimentConfig) -> ClientApp:
 
 # --- `flwr run .` ------------------------------------------------------------------------------
 
+
+def nodes_of_federation(grid: Grid, cfg: ExperimentConfig, timeout: float = 600.0) -> ExperimentConfig:
+    """``num-nodes = -1`` under ``flwr run``: as many multi-client nodes as the federation has SuperNodes, which
+    the first connected node reports (its node config's ``num-partitions``, set by Flower's simulation and by
+    ``--node-config`` in a deployment). 0 (one client per node) when that is one per client, or when the node
+    does not report it (a ClientApp without fedmeta's query handler). Other values of num-nodes: ``cfg``."""
+    if cfg.num_nodes != AUTO_NODES:
+        return cfg
+    deadline = time.monotonic() + timeout
+    while not (nodes := sorted(grid.get_node_ids())):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"num-nodes = -1: no SuperNode connected within {timeout:.0f} s")
+        time.sleep(0.2)
+    query = Message(RecordDict({"config": ConfigRecord({C.NUM_CLIENTS: cfg.num_partitions})}), dst_node_id=nodes[0],
+                    message_type=MessageType.QUERY)
+    reported = 0
+    for reply in exchange(grid, [query], timeout=max(1.0, deadline - time.monotonic())):
+        if not reply.has_error() and len(reply.content.metric_records) == 1:
+            reported = int(reply_view(reply.content).get(C.NUM_PARTITIONS, 0))
+    return cfg.replace(num_nodes=reported if 0 < reported < cfg.num_partitions else 0)
+
+
 server_app = ServerApp()
 
 
@@ -177,6 +203,7 @@ def _main(grid: Grid, context: Context) -> None:
     cfg = ExperimentConfig.from_mapping(context.run_config)
     if cfg.check_data:  # before the first message: data and model, in this process (see check-data)
         print(f"inputs checked: {check_inputs(cfg)}", flush=True)
+    cfg = nodes_of_federation(grid, cfg)
     progress = RoundProgress(cfg.num_rounds, label=cfg.algorithm, tty=False)  # plain lines: `flwr run --stream` shows them
     with progress:
         results = run_server(grid, cfg, on_round=progress)

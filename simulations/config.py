@@ -133,11 +133,13 @@ class ExperimentConfig:
     """Force the clients' device (``cpu``, ``cuda``); empty: CUDA when available, else CPU."""
     results_dir: str = "results"
     """Where the results JSON is written."""
-    num_nodes: int = 0
-    """Simulated SuperNodes. 0: one per client. Fewer than the clients: each node hosts a block of
-    clients and trains its sampled clients together (vectorized, :mod:`fedmeta.batched`). -1 (``AUTO_NODES``):
-    one multi-client node per actor slot of the Ray cluster (its CPUs / num-cpus, or GPUs / num-gpus),
-    resolved by :func:`fedmeta.simulations.run.simulate` (docs/cluster.md)."""
+    num_nodes: int = AUTO_NODES
+    """Simulated SuperNodes. -1 (``AUTO_NODES``, the default): one multi-client node per actor slot of the Ray
+    cluster (its CPUs / num-cpus, or GPUs / num-gpus), resolved by :func:`fedmeta.simulations.run.simulate`
+    (docs/cluster.md); under ``flwr run``, as many nodes as the federation has SuperNodes. 0: one node per
+    client (what a deployment of one SuperNode per client uses). Fewer than the clients: each node hosts a
+    block of clients and trains its sampled clients together (vectorized, :mod:`fedmeta.batched`); the
+    average over clients, each client's memory and the per-client sampling are those of one client per node."""
     chunk_size: int = DEFAULT_CHUNK_SIZE
     """Multi-client nodes: clients per vectorized call (bounds memory)."""
     vectorize: str = "auto"

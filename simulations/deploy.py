@@ -58,7 +58,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from fedmeta import config as C
-from fedmeta.simulations.config import ExperimentConfig
+from fedmeta.simulations.config import AUTO_NODES, ExperimentConfig
 from fedmeta.simulations.preflight import check_inputs
 from fedmeta.simulations.processes import is_alive, process_table, related_processes, terminate  # noqa: F401 (re-exported)
 
@@ -712,6 +712,8 @@ class LocalDeployment:
         results = Path(values.get("results-dir") or self.workdir / "runs" / f"run-{len(self.runs) + 1}")
         values["results-dir"] = str(results.resolve())
         cfg = ExperimentConfig.from_mapping({**app_config(self.project_dir), **values})
+        if cfg.num_nodes == AUTO_NODES:  # the ServerApp takes -1 as the SuperNodes' count: one client each, unless num-nodes says
+            cfg = cfg.replace(num_nodes=0)
         if cfg.num_supernodes != self.nodes:
             raise ValueError(
                 f"the run needs {cfg.num_supernodes} SuperNodes (num-nodes, or num-clients + num-new-clients when "

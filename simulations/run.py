@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import logging
 import os
 import shutil
@@ -27,6 +28,7 @@ from typing import Any, Sequence
 from pathlib import Path
 
 from fedmeta import config as C
+from fedmeta.provenance import provenance
 from fedmeta.simulations.apps import build_client_app, build_server_app
 from fedmeta.simulations.config import AUTO_NODES, ExperimentConfig, parse_cli
 from fedmeta.simulations.engine import run_on_ray
@@ -37,6 +39,8 @@ from fedmeta.simulations.progress import RoundProgress, console_through, run_log
 from fedmeta.strategies.checkpoint import CheckpointError, check_can_start
 
 logger = logging.getLogger("fedmeta")
+USAGE_PREFIX = "usage-"
+"""``<results-dir>/usage-<first run>.json``: :func:`usage` of a fedmeta-sim invocation, with its provenance."""
 
 
 def simulate(cfg: ExperimentConfig, *, verbose: bool = False, check: bool = True, progress: bool = True) -> dict[str, Any]:
@@ -172,16 +176,25 @@ def client_steps(res: dict[str, Any]) -> int:
     return sum(int(m.get("num-clients", 0)) for m in res["train"].values()) * int(res["config"]["local-steps"])
 
 
-def usage_line(rows: list[dict[str, Any]], wall: float, busy0: float | None) -> str:
-    """What the runs cost: wall time (Ray start-ups and evaluations included), client meta-steps per second of it,
-    and the cores the machine had busy meanwhile (``/proc/stat``, every process on the machine)."""
+def usage(rows: list[dict[str, Any]], wall: float, busy0: float | None) -> dict[str, Any]:
+    """What the runs cost: wall time (Ray start-ups and evaluations included), client meta-steps and their rate
+    over it, and the cores the machine had busy meanwhile (``/proc/stat``, every process on the machine; None
+    where unreadable)."""
     steps = sum(client_steps(r) for r in rows)
-    line = (f"{len(rows)} run{'s' * (len(rows) != 1)} in {wall:.1f} s of wall time; {steps:,} client meta-steps, "
-            f"{steps / wall:,.1f} client-steps/s")
     busy1, cores = busy_cpu_seconds(), os.cpu_count() or 1
-    if busy0 is not None and busy1 is not None and wall > 0:
-        used = (busy1 - busy0) / wall
-        line += f"; CPU: {used:.2f} of {cores} cores busy on average ({100 * used / cores:.0f} %, the whole machine)"
+    used = (busy1 - busy0) / wall if busy0 is not None and busy1 is not None and wall > 0 else None
+    return {"runs": [Path(r["path"]).name for r in rows if r.get("path")], "wall_s": wall, "client_steps": steps,
+            "client_steps_per_s": steps / wall if wall > 0 else 0.0, "busy_cores": used, "cores": cores}
+
+
+def usage_line(u: dict[str, Any]) -> str:
+    """:func:`usage` as fedmeta-sim's last line."""
+    n = len(u["runs"])
+    line = (f"{n} run{'s' * (n != 1)} in {u['wall_s']:.1f} s of wall time; {u['client_steps']:,} client meta-steps, "
+            f"{u['client_steps_per_s']:,.1f} client-steps/s")
+    if u["busy_cores"] is not None:
+        line += (f"; CPU: {u['busy_cores']:.2f} of {u['cores']} cores busy on average ({100 * u['busy_cores'] / u['cores']:.0f} %, "
+                 "the whole machine)")
     return line
 
 
@@ -212,7 +225,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if not check_all(configs, "fedmeta-sim"):  # data and model, in this process, before Ray starts
             return 2
-        rows, started, busy0 = [], time.perf_counter(), busy_cpu_seconds()
+        rows, started, busy0, started_at = [], time.perf_counter(), busy_cpu_seconds(), time.time()
         for cfg in configs:
             mode = f"B={cfg.clients_per_round} of n={cfg.num_clients}" if cfg.clients_per_round else f"all n={cfg.num_clients}"
             print(f"== {cfg.algorithm} on {cfg.dataset} ({mode}, {cfg.num_rounds} rounds, H/tau={cfg.local_steps}, "
@@ -239,7 +252,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("Personalized accuracy (after fine-tuning on each client's train split, scored on its test split)")
         print(_table(rows))
         print()
-        print(usage_line(rows, time.perf_counter() - started, busy0))
+        figures = usage(rows, time.perf_counter() - started, busy0)
+        print(usage_line(figures))
+        # beside the results: what this invocation cost (scripts/docs_results.py ingest-default-run reads it)
+        usage_path = Path(configs[0].results_dir) / f"{USAGE_PREFIX}{configs[0].stem}.json"
+        block = provenance({"algorithms": algorithms, **overrides}, started=started_at, argv=argv)
+        usage_path.write_text(json.dumps({**figures, "provenance": block}, indent=1, default=str) + "\n")
         for res in rows:
             if res["client_errors"]:
                 print(f"\n{res['config']['algorithm']}: the run went on without the failed replies; "

@@ -206,6 +206,12 @@ class MetaStrategy(CheckpointedRounds, PartitionNodes, ReplyScreening, Personali
         ``memory-round`` and ``memory-digest`` kept exact)."""
         self.round_seconds: dict[int, float] = {}
         """Per round: wall time from configuring training to aggregating it."""
+        self.handler_seconds: dict[str, dict[int, list[float]]] = {"train": {}, "evaluate": {}}
+        """Per stage and round: the wall time of each valid reply's handler, as its client reported it
+        (``client-timing``; replies without it are left out). Not kept in checkpoints: a resumed run's
+        figures start at the resume."""
+        self.phase_seconds: dict[str, float] = {"evaluate": 0.0, "checkpoint": 0.0}
+        """The server's wall time in evaluation rounds (send, wait, aggregate) and in checkpoint writes."""
         self.rejections: dict[int, list[dict[str, Any]]] = {}
         """Per round with rejections: one ``{"stage": "train" | "evaluate", "node": id, "clients":
         [the clients sent to it], "reason": str}`` per reply left out by screening."""
@@ -298,6 +304,17 @@ class MetaStrategy(CheckpointedRounds, PartitionNodes, ReplyScreening, Personali
             return messages_to([nodes[p] for p in parts], record, MessageType.TRAIN)
         return self._group_messages(arrays, train_config, nodes, parts, MessageType.TRAIN)
 
+    def record_handler_seconds(self, stage: str, server_round: int, replies: list[Message]) -> None:
+        """Keep the handler times the ``replies`` report (``client-timing``) for round ``server_round``."""
+        times = []
+        for m in replies:
+            timing = m.content.config_records.get(C.CLIENT_TIMING)
+            value = timing.get(C.HANDLER_SECONDS) if timing is not None else None
+            if isinstance(value, (int, float)) and math.isfinite(value) and value >= 0:
+                times.append(float(value))
+        if times:
+            self.handler_seconds[stage][server_round] = times
+
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
         sent = self._sent_train.get(server_round, SentRound(None))
@@ -310,6 +327,7 @@ class MetaStrategy(CheckpointedRounds, PartitionNodes, ReplyScreening, Personali
         # Consistency is screening's job; the errors were counted (and logged once each) above.
         log(INFO, "aggregate_train: Received %s results and %s failures", len(accepted), len(errors))
         self.round_seconds[server_round] = time.perf_counter() - self._round_started
+        self.record_handler_seconds("train", server_round, accepted)
         missing = self._missing(server_round, "train", replies, sent)
         counts: dict[str, int] = {
             "num-failures": len(errors),

@@ -60,6 +60,7 @@ class PersonalizedEvaluation:
         self._record_errors(server_round, "evaluate", errors, sent)
         valid, rejected = self._screen(server_round, "evaluate", [m for m in replies if not m.has_error()], sent)
         log(INFO, "aggregate_evaluate: Received %s results and %s failures", len(valid), len(errors))
+        self.record_handler_seconds("evaluate", server_round, valid)
         missing = self._missing(server_round, "evaluate", replies, sent)
         if not valid:
             if rejected:

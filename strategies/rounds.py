@@ -197,10 +197,13 @@ def start(
             meta.failed_rounds = failed_rounds
         if max_failed_rounds and failed_rounds >= max_failed_rounds:
             _stop(current_round, failed_rounds, max_failed_rounds, failures, result, ckpt, on_round)
+        t_evaluate = time.perf_counter()
         replies = exchange(grid, strategy.configure_evaluate(current_round, arrays, evaluate_config, grid), timeout=timeout)
         if not bare:
             failures.record_replies(current_round, "evaluate", replies)
         agg_evaluate_metrics = strategy.aggregate_evaluate(current_round, replies)
+        if meta is not None:
+            meta.phase_seconds["evaluate"] += time.perf_counter() - t_evaluate
         if agg_evaluate_metrics is not None:
             log(INFO, "\t└──> Aggregated MetricRecord: %s", agg_evaluate_metrics)
             result.evaluate_metrics_clientapp[current_round] = agg_evaluate_metrics
@@ -211,7 +214,10 @@ def start(
             if res is not None:
                 result.evaluate_metrics_serverapp[current_round] = res
         if ckpt is not None:
+            t_commit = time.perf_counter()
             ckpt.commit(current_round, arrays, _history_entry(meta, current_round, result))
+            if meta is not None:
+                meta.phase_seconds["checkpoint"] += time.perf_counter() - t_commit
         if on_round is not None:
             on_round(current_round, result)
 

@@ -156,7 +156,7 @@ def test_a_ray_simulation_trains_the_new_algorithm(ray_runner, problem):
     from fedmeta.simulations.apps import initial_model
     from fedmeta.simulations.config import ExperimentConfig
 
-    cfg = ExperimentConfig(dataset="sinewave", num_clients=4, clients_per_round=0, num_rounds=3, evaluate_every=3, seed=0)
+    cfg = ExperimentConfig(dataset="sinewave", num_clients=4, clients_per_round=0, num_rounds=3, evaluate_every=3, seed=0, num_nodes=0)
     hp = ReptileConfig(inner_lr=0.01, meta_lr=0.5)
     strategy = ReptileStrategy(num_clients=4, evaluate_every=3, **dataclasses.asdict(hp))
     result = simulate_strategy(strategy, cfg, _client_app())

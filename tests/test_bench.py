@@ -140,14 +140,20 @@ def test_bench_default_run_smoke_runs_every_layout_side_by_side(ray_runner, tmp_
     out = tmp_path / "bench_default_run.json"
     proc, report = run_bench("bench_default_run.py", "--smoke", out=out, timeout=1800)
     rows = {r["layout"]: r for r in report["rows"]}
-    assert list(rows) == ["one client per node", "multi-client nodes, vmap", "multi-client nodes, loop"]
+    assert list(rows) == ["one client per node", "default: multi-client, vmap", "multi-client nodes, loop"]
     for r in rows.values():
+        split = r["split_s"]
         assert r["client_steps"] == 3 * 3 * 4 and r["rounds"] == 3  # 3 rounds x 3 clients x H = 4
-        assert r["wall_s"] > 0 and r["client_steps_per_s"] > 0 and r["split_s"]["train_phases"] > 0
-        assert r["split_s"]["start_up"] > 0 and r["split_s"]["evaluation_and_rest"] > 0
+        assert r["wall_s"] > 0 and r["client_steps_per_s"] > 0
+        assert min(split["start_up"], split["first_round"], split["train_math"], split["train_framework"], split["evaluation"],
+                   split["checkpoint"]) > 0
+        assert 0 < split["evaluation_math"] < split["evaluation"]
+        # the parts add up to the wall time (the train framework's part and the rest are what is left of measured totals)
+        parts = ("start_up", "first_round", "train_math", "train_framework", "evaluation", "checkpoint", "rest")
+        assert set(split) == {*parts, "evaluation_math"} and sum(split[k] for k in parts) == pytest.approx(r["wall_s"], rel=1e-9)
     assert rows["one client per node"]["nodes"] == {"local-moml": 6}
-    slots = min(os.cpu_count() or 1, 6)  # num-nodes = -1: one node per Ray actor slot (a CPU each), at most one per client
-    assert rows["multi-client nodes, vmap"]["nodes"] == rows["multi-client nodes, loop"]["nodes"] == {"local-moml": slots}
+    slots = min(os.cpu_count() or 1, 6)  # num-nodes = -1 (the default): one node per Ray actor slot (a CPU each), at most one per client
+    assert rows["default: multi-client, vmap"]["nodes"] == rows["multi-client nodes, loop"]["nodes"] == {"local-moml": slots}
     base = rows["one client per node"]["final"]
     for r in rows.values():  # the same clients, batches and math: the same final loss to round-off
         for a, f in r["final"].items():

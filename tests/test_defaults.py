@@ -41,7 +41,7 @@ def test_a_strategy_built_without_arguments_runs_the_experiments_defaults(strate
         assert signature[key].default == getattr(EXPERIMENT, key), key
     assert strategy.evaluate_every == EXPERIMENT.evaluate_every and strategy.seed == EXPERIMENT.seed
     # the experiment's built strategy is the same as the one built by hand with the experiment's sampling
-    built = strategy_cls(**ExperimentConfig(algorithm=strategy.hparams.algorithm, clients_per_round=0).strategy_kwargs())
+    built = strategy_cls(**ExperimentConfig(algorithm=strategy.hparams.algorithm, clients_per_round=0, num_nodes=0).strategy_kwargs())
     if strategy.hparams.algorithm != "local-moml":
         assert built.hparams == strategy.hparams
 

@@ -61,7 +61,7 @@ def test_a_hand_edited_number_or_a_new_summary_is_caught_and_regenerated(tmp_pat
 
 
 def _result(tmp_path: Path, algorithm: str, seed: int, acc: float, **change) -> Path:
-    cfg = {**ExperimentConfig().to_dict(), "algorithm": algorithm, "seed": seed, **change}
+    cfg = {**ExperimentConfig().to_dict(), "algorithm": algorithm, "seed": seed, "num-nodes": 2, **change}  # -1 as simulate resolves it
     res = {"status": "ok", "config": cfg, "final_round": cfg["num-rounds"], "seconds": 100.0 + seed,
            "final": {"accuracy-before": 0.5, "accuracy-after": acc, "accuracy-after-std": 0.07, "accuracy-after-p10": acc - 0.08,
                      "loss-before": 1.0, "loss-after": 0.3},
@@ -72,11 +72,20 @@ def _result(tmp_path: Path, algorithm: str, seed: int, acc: float, **change) -> 
     return path
 
 
+def _usage(tmp_path: Path, seed: int, wall: float, runs: list[str] | None = None) -> Path:
+    path = tmp_path / f"usage-local-moml-seed{seed}.json"
+    path.write_text(json.dumps({"runs": runs or [f"local-moml-seed{seed}.json", f"per-fedavg-seed{seed}.json"], "wall_s": wall,
+                                "client_steps": 40000, "client_steps_per_s": 40000 / wall, "busy_cores": 1.2 + seed / 10, "cores": 2}))
+    return path
+
+
 def test_the_default_run_table_gives_seed_0_as_make_run_prints_it_and_the_spread_over_seeds(tmp_path):
     paths = [_result(tmp_path, a, s, acc) for s, accs in enumerate([(0.90, 0.91), (0.88, 0.92), (0.86, 0.90)])
              for a, acc in zip(("per-fedavg", "local-moml"), accs)]
-    summary = D.ingest_default_run(paths)
+    usages = [_usage(tmp_path, s, w) for s, w in ((2, 130.0), (0, 118.4), (1, 125.0))]
+    summary = D.ingest_default_run([*paths, *usages])
     assert [(r["seed"], r["config"]["algorithm"]) for r in summary["runs"]][:2] == [(0, "local-moml"), (0, "per-fedavg")]
+    assert [i["seed"] for i in summary["invocations"]] == [0, 1, 2]
     (root := tmp_path / "repo" / Path(D.DEFAULT_RUN).parent).mkdir(parents=True)
     (root / "summary.json").write_text(json.dumps(summary))
     text = D.render(D.DEFAULT_RUN, tmp_path / "repo")
@@ -86,6 +95,8 @@ def test_the_default_run_table_gives_seed_0_as_make_run_prints_it_and_the_spread
     assert "| per-fedavg | 500 | 0.5000 ± 0.0000 | 0.8800 ± 0.0200 | 0.0700 ± 0.0000 | 0.8000 ± 0.0200 | 101.0 ± 1.0 |" in text
     assert "| local-moml | 500 | 0.5000 ± 0.0000 | 0.9100 ± 0.0100 |" in text
     assert "Seeds 0, 1 and 2: mean ± std over the 3 seeds" in text
+    assert ("Wall time of `make run` (both algorithms; seeds 0, 1, 2): 1 min 58 s, 2 min 5 s, 2 min 10 s, 338, 320, 308 "
+            "client-steps/s, 1.20-1.40 of 2 cores busy, on 2 multi-client nodes") in text
     assert text.rstrip().endswith("Runs: commit 0123456 (clean tree), 2026-12-04; fedmeta 0.1.0; Python 3.11.7; CPU, 2 cores, no GPU.")
 
 
@@ -101,6 +112,10 @@ def test_ingesting_refuses_what_is_not_the_default_run(tmp_path):
         D.ingest_default_run([*ok, _result(tmp_path, "local-moml", 1, 0.9)])
     with pytest.raises(ValueError, match="two results files for the same algorithm and seed"):
         D.ingest_default_run([*ok, ok[0]])
+    with pytest.raises(ValueError, match="names runs .* that are not among the results files given"):
+        D.ingest_default_run([*ok, _usage(tmp_path, 0, 100.0, runs=["local-moml-seed0.json", "local-moml-seed7.json"])])
+    with pytest.raises(ValueError, match=r"settings differ \(run, default\): \{'num-nodes': \(0, -1\)\}"):  # one client per node
+        D.ingest_default_run([ok[0], _result(tmp_path, "per-fedavg", 0, 0.9, **{"num-nodes": 0})])
 
 
 def test_a_quick_or_smoke_benchmark_report_is_not_kept(tmp_path):

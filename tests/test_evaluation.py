@@ -102,7 +102,7 @@ def test_protocol_presets_override_steps_and_shots():
     assert ExperimentConfig(eval_protocol="5-shot-10-step").eval_setting == (10, 5)
     assert ExperimentConfig(eval_protocol="one-step", eval_steps=7).eval_setting == (1, 0)
     assert ExperimentConfig(eval_steps=3, eval_shots=2).eval_setting == (3, 2)
-    kw = ExperimentConfig(eval_protocol="5-shot-10-step").strategy_kwargs()
+    kw = ExperimentConfig(eval_protocol="5-shot-10-step", num_nodes=0).strategy_kwargs()
     assert (kw["eval_steps"], kw["eval_shots"]) == (10, 5)
     with pytest.raises(ValueError, match="eval-protocol"):
         ExperimentConfig(eval_protocol="zero-shot")
@@ -160,4 +160,4 @@ def test_experiment_config_checks_grouped_sampling_before_any_work():
         ExperimentConfig(num_clients=50, sampling_groups=4, clients_per_round=13)
     with pytest.raises(ValueError, match="sampling-groups"):
         ExperimentConfig(num_clients=4, sampling_groups=5, clients_per_round=1)
-    assert ExperimentConfig(num_clients=50, sampling_groups=4, clients_per_round=12).strategy_kwargs()["sampling_groups"] == 4
+    assert ExperimentConfig(num_clients=50, sampling_groups=4, clients_per_round=12, num_nodes=0).strategy_kwargs()["sampling_groups"] == 4

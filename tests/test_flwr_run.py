@@ -15,8 +15,10 @@ pytestmark = pytest.mark.ray
 
 def test_flwr_run_with_the_app_declared_in_pyproject(ray_runner, tmp_path):
     results = tmp_path / "results"
-    proc = flwr_run(tmp_path, f'num-clients=4 clients-per-round=2 num-rounds=2 evaluate-every=2 results-dir="{results}"', 4)
+    # 2 SuperNodes for 4 clients: num-nodes = -1 (pyproject's default) becomes 2 multi-client nodes of 2 clients
+    proc = flwr_run(tmp_path, f'num-clients=4 clients-per-round=2 num-rounds=2 evaluate-every=2 results-dir="{results}"', 2)
     res = json.loads((results / "local-moml-fashion-mnist-n4-seed0.json").read_text())
+    assert res["config"]["num-nodes"] == 2 and all(len(ids) == 2 for ids in res["trained_partitions"].values())
     assert res["status"] == "ok" and sorted(res["train"], key=int) == ["1", "2"]
     assert res["final_round"] == 2 and len(res["clients"]) == 4
     assert "inputs checked: fashion-mnist" in proc.stdout and "local-moml round 2/2" in proc.stdout  # the ServerApp's own lines
@@ -28,7 +30,7 @@ def test_flwr_run_with_the_app_declared_in_pyproject(ray_runner, tmp_path):
     from fedmeta.simulations.run import simulate
 
     cfg = ExperimentConfig.from_mapping({**app_config(ROOT), "num-clients": 4, "clients-per-round": 2, "num-rounds": 2,
-                                         "evaluate-every": 2, "results-dir": str(tmp_path / "in-process")})
+                                         "evaluate-every": 2, "results-dir": str(tmp_path / "in-process"), "num-nodes": 2})
     here = json.loads(json.dumps(simulate(cfg, progress=False), default=str))
     assert here["config"] == {**res["config"], "results-dir": str(tmp_path / "in-process")}
     assert here["trained_partitions"] == res["trained_partitions"]

@@ -131,6 +131,62 @@ def test_group_evaluation_reports_each_client_like_its_own_node():
             assert m[C.PER_CLIENT + key][i] == pytest.approx(alone[key], abs=1e-6)
 
 
+def _ragged(pid: int) -> ClientData:
+    """Clients of two sizes (as the Fallah split's two kinds), so a node's clients fall in two shape groups."""
+    n_train, n_test = (30, 10) if pid % 2 else (17, 7)
+    g = torch.Generator().manual_seed(2000 + pid)
+    return ClientData(torch.randn(n_train, 4, generator=g), torch.randint(0, 3, (n_train,), generator=g),
+                      torch.randn(n_test, 4, generator=g), torch.randint(0, 3, (n_test,), generator=g))
+
+
+@pytest.mark.parametrize("shots", [0, 5], ids=["whole-train-split", "5-shot"])
+def test_batched_evaluation_equals_each_client_alone_and_runs_one_vmapped_call_per_shape(shots, monkeypatch):
+    """ClientGroup.evaluate vmaps the clients whose support and test sets share shapes (one call per shape
+    group, no padding) and gives every client the scores MetaClient.evaluate gives it alone."""
+    from fedmeta.clients.client import ClientGroup, MetaClient, round_generator
+    from fedmeta.config import EvalConfig
+
+    ev = EvalConfig(inner_lr=0.1, eval_steps=3, eval_shots=shots)
+    w, ids = _w0(), [0, 1, 2, 3, 5]
+    group = ClientGroup(_model(), torch.nn.functional.cross_entropy, _ragged, torch.device("cpu"))
+    calls = []
+    vmapped = ClientGroup._vmapped_scores
+    monkeypatch.setattr(ClientGroup, "_vmapped_scores", lambda self, *a: calls.append(1) or vmapped(self, *a))
+    rows = group.evaluate(w, ev, ids, seed=7, server_round=3)
+    assert len(calls) == 2  # two sizes of clients: two shape groups, whatever the support draw
+    for c, row in zip(ids, rows):
+        alone = MetaClient(_model(), torch.nn.functional.cross_entropy, _ragged(c), torch.device("cpu")).evaluate(
+            w, ev, round_generator(7, c, 3, 1))
+        assert set(row) == set(alone)
+        for key in alone:
+            assert row[key] == pytest.approx(alone[key], abs=1e-6), (c, key)
+    looped = ClientGroup(_model(), torch.nn.functional.cross_entropy, _ragged, torch.device("cpu"), vectorize="loop")
+    assert looped.evaluate(w, ev, ids, seed=7, server_round=3) == [
+        MetaClient(_model(), torch.nn.functional.cross_entropy, _ragged(c), torch.device("cpu")).evaluate(
+            w, ev, round_generator(7, c, 3, 1)) for c in ids]
+    assert len(calls) == 2  # the loop made no vmapped call
+
+
+def test_batched_evaluation_of_a_regression_task_has_no_accuracy():
+    from fedmeta.clients.client import ClientGroup, MetaClient, round_generator
+    from fedmeta.config import EvalConfig
+
+    def sine(pid: int) -> ClientData:
+        g = torch.Generator().manual_seed(pid)
+        x, xt = torch.rand(20, 1, generator=g), torch.rand(8, 1, generator=g)
+        return ClientData(x, torch.sin(x), xt, torch.sin(xt))
+
+    model = lambda: mlp((1, 8, 1), torch.nn.Tanh)  # noqa: E731
+    torch.manual_seed(0)
+    w = meta.params_of(model())
+    ev = EvalConfig(inner_lr=0.05, eval_steps=2, eval_shots=5)
+    rows = ClientGroup(model(), torch.nn.functional.mse_loss, sine, torch.device("cpu")).evaluate(w, ev, [0, 1, 2], 1, 1)
+    for c, row in zip([0, 1, 2], rows):
+        alone = MetaClient(model(), torch.nn.functional.mse_loss, sine(c), torch.device("cpu")).evaluate(w, ev, round_generator(1, c, 1, 1))
+        assert set(row) == set(alone) == {C.LOSS_BEFORE, C.LOSS_AFTER}
+        assert row == pytest.approx(alone, abs=1e-6)
+
+
 def test_a_node_refuses_clients_it_does_not_host():
     app = make_client_app(_model, _data)
     node = Node(app, 0, N_NODES)

@@ -27,7 +27,8 @@ from fakes import simulate_strategy
 pytestmark = pytest.mark.ray
 
 CFG = ExperimentConfig(num_clients=4, clients_per_round=0, num_rounds=2, local_steps=2, inner_lr=0.05, lr=0.1, meta_lr=0.1,
-                       momentum=0.5, seed=3, evaluate_every=0, partition="dirichlet", train_per_client=40, test_per_client=10)
+                       momentum=0.5, seed=3, evaluate_every=0, partition="dirichlet", train_per_client=40, test_per_client=10,
+                       num_nodes=0)
 
 
 def run(strategy, client_app: ClientApp, cfg: ExperimentConfig, **start_kwargs):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 
 import numpy as np
@@ -26,7 +27,7 @@ pytestmark = pytest.mark.ray
 
 N, B, ROUNDS, SEED = 6, 2, 8, 4
 CFG = ExperimentConfig(num_clients=N, clients_per_round=B, num_rounds=ROUNDS, local_steps=2, inner_lr=0.05, lr=0.1,
-                       momentum=0.5, seed=SEED, evaluate_every=0)
+                       momentum=0.5, seed=SEED, evaluate_every=0, num_nodes=0)
 
 
 def replay(cfg: ExperimentConfig, hp: LocalMOMLConfig) -> dict[str, np.ndarray]:
@@ -126,17 +127,28 @@ def test_default_experiment_smoke_run(ray_runner, tmp_path, capsys):
         assert len(res["clients"]) == 6  # every client evaluated after the last round
         assert 0.0 <= res["final"][C.ACC_AFTER] <= 1.0
         assert res["final"][C.ACC_AFTER + "-std"] >= 0.0
+        # the default layout: one multi-client node per actor slot (num-cpus = 1), every reply timed
+        assert res["config"]["num-nodes"] == min(os.cpu_count() or 1, 6)
+        assert sorted(res["handler_seconds"]["train"], key=int) == ["1", "2", "3"]
+        assert res["phase_seconds"]["evaluate"] > 0 and res["phase_seconds"]["checkpoint"] > 0
+    figures = json.loads((tmp_path / "usage-local-moml-fashion-mnist-n6-seed0.json").read_text())
+    assert figures["runs"] == ["local-moml-fashion-mnist-n6-seed0.json", "per-fedavg-fashion-mnist-n6-seed0.json"]
+    assert figures["client_steps"] == 72 and figures["wall_s"] > 0
+    check_provenance(figures["provenance"], figures["provenance"]["config"])
 
 
 def test_the_usage_line_counts_client_steps_over_wall_time_and_the_busy_cores(monkeypatch):
-    rows = [{"config": {"local-steps": 4}, "train": {"1": {"num-clients": 10}, "2": {"num-clients": 9}}},
-            {"config": {"local-steps": 2}, "train": {"1": {"num-clients": 5}}}]
+    rows = [{"config": {"local-steps": 4}, "train": {"1": {"num-clients": 10}, "2": {"num-clients": 9}}, "path": "r/a.json"},
+            {"config": {"local-steps": 2}, "train": {"1": {"num-clients": 5}}, "path": "r/b.json"}]
     monkeypatch.setattr(sim_run, "busy_cpu_seconds", lambda: 115.0)
     monkeypatch.setattr(sim_run.os, "cpu_count", lambda: 2)
-    assert sim_run.usage_line(rows, 10.0, 100.0) == ("2 runs in 10.0 s of wall time; 86 client meta-steps, 8.6 client-steps/s; "
+    figures = sim_run.usage(rows, 10.0, 100.0)
+    assert figures == {"runs": ["a.json", "b.json"], "wall_s": 10.0, "client_steps": 86, "client_steps_per_s": 8.6, "busy_cores": 1.5,
+                       "cores": 2}
+    assert sim_run.usage_line(figures) == ("2 runs in 10.0 s of wall time; 86 client meta-steps, 8.6 client-steps/s; "
                                                      "CPU: 1.50 of 2 cores busy on average (75 %, the whole machine)")
     monkeypatch.setattr(sim_run, "busy_cpu_seconds", lambda: None)  # no /proc/stat
-    assert sim_run.usage_line(rows[:1], 4.0, None) == "1 run in 4.0 s of wall time; 76 client meta-steps, 19.0 client-steps/s"
+    assert sim_run.usage_line(sim_run.usage(rows[:1], 4.0, None)) == "1 run in 4.0 s of wall time; 76 client meta-steps, 19.0 client-steps/s"
 
 
 def test_bad_cli_input_fails_before_any_work(capsys):
