@@ -120,12 +120,12 @@ def table(report: dict[str, Any]) -> str:
     # personalized accuracy; the loss after fine-tuning where the task has no classes (sinewave)
     metric = "accuracy-after" if all(base["final"][a].get("accuracy-after") is not None for a in algorithms) else "loss-after"
     short = "acc" if metric == "accuracy-after" else "loss"
-    head = (f"{'layout':<26} {'wall s':>7} {'speed-up':>8} {'client-steps/s':>14} {'busy cores':>10}"
+    head = (f"{'layout':<28} {'wall s':>7} {'speed-up':>8} {'client-steps/s':>14} {'busy cores':>10}"
             + "".join(f" {a + ' ' + short:>15}" for a in algorithms))
     lines = [head, "-" * len(head)]
     for r in rows:
         busy = r["busy_cores"]
-        line = (f"{r['layout']:<26} {r['wall_s']:>7.1f} {base['wall_s'] / r['wall_s']:>7.2f}x {r['client_steps_per_s']:>14.1f} "
+        line = (f"{r['layout']:<28} {r['wall_s']:>7.1f} {base['wall_s'] / r['wall_s']:>7.2f}x {r['client_steps_per_s']:>14.1f} "
                 f"{'n/a' if busy is None else f'{busy:.2f}':>10}")
         for a in algorithms:
             value = r["final"].get(a, {}).get(metric)
@@ -138,7 +138,7 @@ def table(report: dict[str, Any]) -> str:
         lines.append(f"{r['layout']}: final {metric} minus one client per node: {diffs or 'n/a'} (nodes: {r['nodes']})")
     lines += ["", "Where the wall time went (s; both algorithms; rounds after the first split into the clients' math on the",
               "critical path and the framework's per-round cost; evaluation includes its math, shown in brackets):", ""]
-    head = f"{'layout':<26}" + "".join(f" {label:>15}" for _, label in SPLIT_COLUMNS) + f" {'per round':>10}"
+    head = f"{'layout':<28}" + "".join(f" {label:>15}" for _, label in SPLIT_COLUMNS) + f" {'per round':>10}"
     lines += [head, "-" * len(head)]
     for r in rows:
         split = r["split_s"]
@@ -150,7 +150,7 @@ def table(report: dict[str, Any]) -> str:
             cells.append(f" {cell:>15}")
         later = max(1, r["rounds"] - len(r["nodes"]))  # rounds after each run's first
         per_round = 1000 * (split["train_math"] + split["train_framework"]) / later
-        lines.append(f"{r['layout']:<26}" + "".join(cells) + f" {per_round:>7.0f} ms")
+        lines.append(f"{r['layout']:<28}" + "".join(cells) + f" {per_round:>7.0f} ms")
     return "\n".join(lines)
 
 

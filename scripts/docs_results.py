@@ -118,13 +118,18 @@ def render_default_run(path: Path) -> str:
         def minutes(seconds: float) -> str:
             return f"{int(seconds // 60)} min {seconds % 60:.0f} s"
 
-        walls = ", ".join(minutes(i["wall_s"]) for i in calls)
-        rates = ", ".join(f"{i['client_steps_per_s']:.0f}" for i in calls)
+        def listed(items: list[str]) -> str:
+            return items[0] if len(items) == 1 else ", ".join(items[:-1]) + f" and {items[-1]}"
+
         busy = [i["busy_cores"] for i in calls if i["busy_cores"] is not None]
         nodes = sorted({r["config"].get("num-nodes") for r in runs})
-        out += [f"Wall time of `{summary['command']}` (both algorithms; seeds {', '.join(str(i['seed']) for i in calls)}): {walls}, "
-                f"{rates} client-steps/s" + (f", {min(busy):.2f}-{max(busy):.2f} of {calls[0]['cores']} cores busy" if busy else "")
-                + f", on {' or '.join(map(str, nodes))} multi-client nodes (fedmeta-sim's last line; its `usage-*.json`).", ""]
+        seeds = listed([str(i["seed"]) for i in calls])
+        walls = listed([minutes(i["wall_s"]) for i in calls])
+        rates = listed([f"{i['client_steps_per_s']:.0f}" for i in calls])
+        out += [f"Wall time of `{summary['command']}` (both algorithms), seeds {seeds}: {walls} ({rates} "
+                f"client-steps/s" + (f"; {min(busy):.2f}-{max(busy):.2f} of {calls[0]['cores']} cores busy" if busy else "")
+                + f"; {' or '.join(map(str, nodes))} multi-client nodes), as fedmeta-sim's last line gives it (from after the "
+                "data check to the end; its `usage-*.json`).", ""]
     commits = sorted({(r["provenance"]["git"].get("commit") or "?")[:7] for r in runs})
     line = f"Runs: {describe(runs[0]['provenance'])}"
     if len(commits) > 1:

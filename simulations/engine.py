@@ -8,6 +8,12 @@ through :func:`run_on_ray`, and ``tests/test_flwr_run.py`` checks that ``flwr ru
 simulation SuperLink gives the same results as this function for the same experiment. When Flower
 removes ``run_simulation``, this function is the only code to replace.
 
+The engine hands a round's messages to its Ray workers from a loop that sleeps 100 ms between passes
+(flwr 1.42, ``add_messages_to_queue`` in ``flwr/server/superlink/fleet/vce/vce_api.py``, not configurable), so a
+round lasts at least until the next tick: rounds whose math takes under ~80 ms lock onto a 100 ms period, the
+floor of ``make run``'s 1,000 rounds (bench/README.md, the default experiment). Fewer messages per round (the
+default multi-client nodes) keep rounds within one tick.
+
 Flower reports the deprecation through its logger (not Python's ``warnings``); fedmeta's command
 line tools send Flower's log to the run's log file (``<results-dir>/logs/``), where it stays.
 """

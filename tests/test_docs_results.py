@@ -95,8 +95,8 @@ def test_the_default_run_table_gives_seed_0_as_make_run_prints_it_and_the_spread
     assert "| per-fedavg | 500 | 0.5000 ± 0.0000 | 0.8800 ± 0.0200 | 0.0700 ± 0.0000 | 0.8000 ± 0.0200 | 101.0 ± 1.0 |" in text
     assert "| local-moml | 500 | 0.5000 ± 0.0000 | 0.9100 ± 0.0100 |" in text
     assert "Seeds 0, 1 and 2: mean ± std over the 3 seeds" in text
-    assert ("Wall time of `make run` (both algorithms; seeds 0, 1, 2): 1 min 58 s, 2 min 5 s, 2 min 10 s, 338, 320, 308 "
-            "client-steps/s, 1.20-1.40 of 2 cores busy, on 2 multi-client nodes") in text
+    assert ("Wall time of `make run` (both algorithms), seeds 0, 1 and 2: 1 min 58 s, 2 min 5 s and 2 min 10 s (338, 320 and 308 "
+            "client-steps/s; 1.20-1.40 of 2 cores busy; 2 multi-client nodes), as fedmeta-sim's last line gives it") in text
     assert text.rstrip().endswith("Runs: commit 0123456 (clean tree), 2026-12-04; fedmeta 0.1.0; Python 3.11.7; CPU, 2 cores, no GPU.")
 
 
