@@ -168,11 +168,12 @@ def _stop_all(home: str) -> None:
             time.sleep(0.2)
 
 
-def flwr_run(tmp_path: Path, run_config: str, supernodes: int, env: dict[str, str] | None = None,
+def flwr_run(tmp_path: Path, run_config: str, supernodes: int | None, env: dict[str, str] | None = None,
              federation: str = "") -> subprocess.CompletedProcess:
     """``flwr run .`` (this repository) on Flower's local simulation SuperLink under a private FLWR_HOME, with
-    ``env`` added to the environment and ``federation`` (``key=value ...``) to ``--federation-config``; every process it
-    started is stopped (by pid) and checked gone."""
+    ``env`` added to the environment and ``federation`` (``key=value ...``) to ``--federation-config``
+    (``supernodes=None``: as many SuperNodes as Flower's default federation has); every process it started is
+    stopped (by pid) and checked gone."""
     home = tmp_path / "flwr-home"
     env = {
         **{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"},  # Flower starts its own Ray unless ``env`` says
@@ -184,9 +185,11 @@ def flwr_run(tmp_path: Path, run_config: str, supernodes: int, env: dict[str, st
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
         **(env or {}),
     }
+    federation = f"{'' if supernodes is None else f'num-supernodes={supernodes}'} {federation}".strip()
+    federation_args = ["--federation-config", federation] if federation else []
     try:
         proc = subprocess.run(
-            ["flwr", "run", str(ROOT), "--run-config", run_config, "--federation-config", f"num-supernodes={supernodes} {federation}".strip(), "--stream"],
+            ["flwr", "run", str(ROOT), "--run-config", run_config, *federation_args, "--stream"],
             env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600,
         )
     finally:

@@ -15,8 +15,9 @@ pytestmark = pytest.mark.ray
 
 def test_flwr_run_with_the_app_declared_in_pyproject(ray_runner, tmp_path):
     results = tmp_path / "results"
-    # 2 SuperNodes for 4 clients: num-nodes = -1 (pyproject's default) becomes 2 multi-client nodes of 2 clients
-    proc = flwr_run(tmp_path, f'num-clients=4 clients-per-round=2 num-rounds=2 evaluate-every=2 results-dir="{results}"', 2)
+    # Flower's default federation (2 SuperNodes) for 4 clients: num-nodes = -1 (pyproject's default) becomes
+    # 2 multi-client nodes of 2 clients, with no flag
+    proc = flwr_run(tmp_path, f'num-clients=4 clients-per-round=2 num-rounds=2 evaluate-every=2 results-dir="{results}"', None)
     res = json.loads((results / "local-moml-fashion-mnist-n4-seed0.json").read_text())
     assert res["config"]["num-nodes"] == 2 and all(len(ids) == 2 for ids in res["trained_partitions"].values())
     assert res["status"] == "ok" and sorted(res["train"], key=int) == ["1", "2"]
