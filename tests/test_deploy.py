@@ -143,7 +143,9 @@ def test_tls_deployment_of_three_nodes_refuses_a_node_without_the_ca_and_matches
     assert (ROOT / "pyproject.toml").read_bytes() == pyproject
 
     # The same experiment (pyproject's app config + the same overrides) in simulation.
-    cfg = ExperimentConfig.from_mapping({**deploy.app_config(ROOT), **run.run_config, "results-dir": str(tmp_path / "sim")})
+    # num-nodes = -1 became 0 in the deployment (one SuperNode per client): the simulation runs that layout too
+    cfg = ExperimentConfig.from_mapping({**deploy.app_config(ROOT), **run.run_config, "results-dir": str(tmp_path / "sim"),
+                                         "num-nodes": 0})
     t0 = time.perf_counter()
     simulated = json.loads(json.dumps(simulate(cfg), default=str))  # int keys -> str, as in the JSON file
     sim_wall = time.perf_counter() - t0
