@@ -36,7 +36,8 @@ from fedmeta.simulations import cluster
 from fedmeta.simulations.preflight import InputError, check_inputs
 from fedmeta.simulations.processes import busy_cpu_seconds
 from fedmeta.simulations.progress import RoundProgress, console_through, run_log
-from fedmeta.strategies.checkpoint import CheckpointError, check_can_start
+from fedmeta.strategies.checkpoint import CheckpointDir, CheckpointError, check_can_start
+from fedmeta.strategies.exchange import CANCELLED, cancel_exchanges
 
 logger = logging.getLogger("fedmeta")
 USAGE_PREFIX = "usage-"
@@ -92,9 +93,15 @@ def simulate(cfg: ExperimentConfig, *, verbose: bool = False, check: bool = True
         stream = sys.stdout if progress else stack.enter_context(open(os.devnull, "w"))
         bar = stack.enter_context(RoundProgress(cfg.num_rounds, label=cfg.algorithm, stream=stream))
         stack.enter_context(console_through(bar))
+        CANCELLED.clear()  # a stop of an earlier simulation in this process does not stop this one
         try:
             run_on_ray(build_server_app(cfg, sink=box.update, on_round=bar), build_client_app(client_cfg),
                        num_supernodes=cfg.num_supernodes, num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, verbose=verbose)
+        except KeyboardInterrupt:
+            # Ctrl-C reaches this (the main) thread, in Flower's engine; the ServerApp runs in Flower's thread, which
+            # is not a daemon and would wait for replies up to the round timeout: stop it at its next poll.
+            cancel_exchanges()
+            raise
         except Exception:
             logger.exception("the simulation failed")  # the traceback goes to the run log too
             raise
@@ -198,6 +205,19 @@ def usage_line(u: dict[str, Any]) -> str:
     return line
 
 
+def interrupted(cfg: ExperimentConfig, not_started: Sequence[str]) -> str:
+    """The one line fedmeta-sim prints when Ctrl-C stops the run of ``cfg``: how to continue it."""
+    if cfg.checkpoint_path is not None and CheckpointDir(cfg.checkpoint_path).exists():
+        line = (f"interrupted during {cfg.algorithm}; continue it with the same flags and --algorithms {cfg.algorithm} --resume "
+                f"(checkpoint {cfg.checkpoint_path})")
+    else:
+        line = (f"interrupted during {cfg.algorithm}; run it again with the same flags and --algorithms {cfg.algorithm} "
+                "(no round of it was checkpointed)")
+    if not_started:
+        line += f"; not started: {','.join(not_started)}"
+    return line
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_cli(_parser(), argv)
     overrides = {k: v for k, v in vars(args).items() if v is not None and k not in ("algorithms", "verbose")}
@@ -233,6 +253,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             t0 = time.perf_counter()
             try:
                 res = simulate(cfg, verbose=args.verbose, check=False)
+            except KeyboardInterrupt:
+                print(f"\nfedmeta-sim: {interrupted(cfg, [c.algorithm for c in configs[len(rows) + 1:]])}", file=sys.stderr, flush=True)
+                return 130
             except InputError as err:  # the cluster or its shared storage: one line, before round 1
                 print(f"fedmeta-sim: error: {err}", file=sys.stderr)
                 return 2

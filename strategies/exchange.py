@@ -13,11 +13,34 @@ at most about 5 % of the wait. Used by every fedmeta strategy, in simulation and
 
 from __future__ import annotations
 
+import threading
 import time
 from typing import Iterable
 
 from flwr.app import Message
 from flwr.serverapp import Grid
+
+CANCELLED = threading.Event()
+"""Set by :func:`cancel_exchanges` when this process stops its simulation (fedmeta-sim on Ctrl-C): every
+:func:`exchange` then raises :class:`ExchangeCancelled` at its next poll. Flower runs the ServerApp in a thread
+that is not a daemon, so a ServerApp still waiting for replies after the engine stopped would keep the process
+alive for up to the round timeout; ``fedmeta.simulations.run.simulate`` clears it when a simulation starts."""
+
+
+class ExchangeCancelled(RuntimeError):
+    """The process is stopping its simulation: no reply will come (see :data:`CANCELLED`)."""
+
+
+def cancel_exchanges() -> None:
+    """Make every waiting and future :func:`exchange` of this process raise :class:`ExchangeCancelled`."""
+    CANCELLED.set()
+
+
+def check_cancelled() -> None:
+    """Raise :class:`ExchangeCancelled` if :func:`cancel_exchanges` was called (for loops that wait without exchanging)."""
+    if CANCELLED.is_set():
+        raise ExchangeCancelled("the simulation was stopped (interrupted) while the server waited for its nodes")
+
 
 FIRST_POLL = 0.01
 MAX_POLL = 0.25
@@ -31,12 +54,14 @@ def exchange(grid: Grid, messages: Iterable[Message], *, timeout: float | None =
     only ``send_and_receive``) is asked through ``send_and_receive``."""
     if not isinstance(grid, Grid):
         return list(grid.send_and_receive(messages, timeout=timeout))
+    check_cancelled()
     pending = set(grid.push_messages(messages))
     replies: list[Message] = []
     start = time.monotonic()
     deadline = None if timeout is None else start + timeout
     pull_s = 0.0
     while pending:
+        check_cancelled()
         t_pull = time.monotonic()
         got = list(grid.pull_messages(pending))
         if not got:  # what polling costs: an empty pull (one that returns replies also moves them)
@@ -53,4 +78,4 @@ def exchange(grid: Grid, messages: Iterable[Message], *, timeout: float | None =
     return replies
 
 
-__all__ = ["exchange"]
+__all__ = ["CANCELLED", "ExchangeCancelled", "cancel_exchanges", "check_cancelled", "exchange"]

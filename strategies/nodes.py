@@ -13,7 +13,7 @@ from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 
 from fedmeta import config as C
-from fedmeta.strategies.exchange import exchange
+from fedmeta.strategies.exchange import check_cancelled, exchange
 from fedmeta.strategies.failures import parse_reason
 from fedmeta.strategies.screening import reply_view
 
@@ -79,6 +79,7 @@ class PartitionNodes:
                     f"only {len(mapping)} of num_clients={self.num_clients} clients are served by the "
                     f"{len(node_ids)} connected nodes after {self.node_wait_timeout:.0f} s (missing clients {missing[:20]})"
                 )
+            check_cancelled()
             time.sleep(0.2)
 
     def _order_nodes(self, nodes: list[int]) -> None:

@@ -13,6 +13,7 @@ import os
 import pty
 import re
 import select
+import signal
 import subprocess
 import sys
 import threading
@@ -352,3 +353,53 @@ def test_error_reasons_from_a_deployment_and_a_third_party_client_are_keyed_by_t
     report = failures.report()
     assert report.count("ValueError: bad") == 1 and "raised 3 times by 2 clients in train of rounds 1-2" in report
 
+
+
+@pytest.mark.ray
+@pytest.mark.parametrize("trigger", ["local-moml round ", "== per-fedavg"], ids=["mid-round", "second-run-starting"])
+def test_ctrl_c_stops_the_run_with_one_line_and_the_interrupted_run_resumes(tmp_path, trigger):
+    """SIGINT to fedmeta-sim (its own Ray, as `make run`) while a round waits for replies, or while the second
+    algorithm's simulation starts: the process ends (exit 130) instead of its ServerApp thread waiting for replies
+    up to the round timeout, prints one line naming how to continue, leaves no process, and the run resumes."""
+    from fedmeta.simulations.processes import process_table
+
+    mark = f"fedmeta-ctrl-c-{os.getpid()}-{trigger[:3]}"
+    env = {k: v for k, v in _env(tmp_path, FEDMETA_TEST_MARK=mark).items() if k != "RAY_ADDRESS"}
+    flags = [*SINE, "--num-rounds", "40", "--evaluate-every", "40", "--results-dir", str(tmp_path / "r")]
+    proc = subprocess.Popen([sys.executable, "-m", "fedmeta.simulations.run", "--algorithms", "local-moml,per-fedavg", *flags],
+                            env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in proc.stdout:  # (piped progress lines are throttled: any round after the first)
+            if line.startswith(trigger) and not line.startswith("local-moml round 1/"):
+                break
+        else:
+            pytest.fail(f"no line starting {trigger!r}: {proc.stderr.read()[-2000:]}")
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=120)  # a hang guard: without the fix it waited up to round-timeout (3600 s)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    algorithm = "local-moml" if trigger.startswith("local") else "per-fedavg"
+    assert proc.returncode == 130, err[-3000:]
+    last = err.strip().splitlines()[-1]
+    started = (tmp_path / "r" / "checkpoints" / f"{algorithm}-sinewave-n4-seed0" / "checkpoint.pt").exists()
+    how = (f"continue it with the same flags and --algorithms {algorithm} --resume (checkpoint " if started else
+           f"run it again with the same flags and --algorithms {algorithm} (no round of it was checkpointed)")
+    assert last.startswith(f"fedmeta-sim: interrupted during {algorithm}; {how}"), err
+    assert last.endswith("; not started: per-fedavg") == (algorithm == "local-moml")
+    assert "Traceback" not in out + err
+    # nothing the run started is left (Ray's processes inherit the environment, so the mark finds them)
+    deadline = time.monotonic() + 30
+    while (left := [pid for pid, info in process_table().items() if mark.encode() in info[3] and info[1] != "Z"]):
+        if time.monotonic() > deadline:
+            for pid in left:
+                os.kill(pid, signal.SIGKILL)
+            pytest.fail(f"processes left after the interrupt: {left}")
+        time.sleep(0.2)
+    resumed = subprocess.run([sys.executable, "-m", "fedmeta.simulations.run", "--algorithms", algorithm, *flags, *(["--resume"] * started)],
+                             env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
+    res = json.loads((tmp_path / "r" / f"{algorithm}-sinewave-n4-seed0.json").read_text())
+    assert res["status"] == "ok" and res["final_round"] == 40 and (res["resumed_from"] is not None) == started
+    assert started or algorithm == "per-fedavg"  # mid-round, the checkpoint of the rounds done is there
