@@ -283,31 +283,33 @@ class ClientGroup:
         are fine-tuned and scored in one ``torch.func.vmap`` call (``chunk_size`` at most), so no padding or
         masking changes a client's mean; looped with ``vectorize="loop"``, and where ``auto`` finds vmap
         cannot run the model. Equal to the looped scores to float round-off."""
-        gens = [round_generator(seed, c, server_round, 1) for c in client_ids]
+        def looped() -> list[dict[str, float]]:
+            return [self.client(c).evaluate(w, ev, round_generator(seed, c, server_round, 1)) for c in client_ids]
+
         if self.vectorize == "loop":
-            return [self.client(c).evaluate(w, ev, g) for c, g in zip(client_ids, gens)]
+            return looped()
         datas = [self.data_fn(c).to(self.device) for c in client_ids]
+        gens = [round_generator(seed, c, server_round, 1) for c in client_ids]
         supports = [d.sample(ev.eval_shots, g) if ev.eval_shots else (d.x_train, d.y_train) for d, g in zip(datas, gens)]
-        tests = [(d.x_test, d.y_test) for d in datas]
+        sets = [(*s, d.x_test, d.y_test) for s, d in zip(supports, datas)]  # (xs, ys, xt, yt) per client
         shapes: dict[tuple, list[int]] = {}
-        for i, (s, t) in enumerate(zip(supports, tests)):
-            shapes.setdefault(tuple(tuple(x.shape) for x in (*s, *t)), []).append(i)
-        rows: list[dict[str, float] | None] = [None] * len(client_ids)
+        for i, tensors in enumerate(sets):
+            shapes.setdefault(tuple(tuple(x.shape) for x in tensors), []).append(i)
+        rows: list[dict[str, float]] = [{} for _ in client_ids]
+        vscores = self._vmapped_scores(w, ev)
         try:
             for same in shapes.values():
                 for start in range(0, len(same), self.chunk_size):
                     chunk = same[start:start + self.chunk_size]
-                    batch = [torch.stack([b[j] for b in (supports[i] + tests[i] for i in chunk)]) for j in range(4)]
-                    scores = self._vmapped_scores(w, ev)(*batch)
+                    scores = vscores(*(torch.stack([sets[i][j] for i in chunk]) for j in range(4)))
                     for n, i in enumerate(chunk):
-                        rows[i] = self._score_row(*(float(v[n]) for v in scores), regression=tests[i][1].is_floating_point())
+                        rows[i] = self._score_row(*(float(v[n]) for v in scores), regression=sets[i][3].is_floating_point())
         except (RuntimeError, NotImplementedError) as err:  # a model vmap cannot run (auto: loop instead)
             if self.vectorize == "vmap":
                 raise
             logger.debug("vmapped evaluation refused (%s); looping over the clients", err)
-            gens = [round_generator(seed, c, server_round, 1) for c in client_ids]
-            return [self.client(c).evaluate(w, ev, g) for c, g in zip(client_ids, gens)]
-        return rows  # type: ignore[return-value]
+            return looped()  # fresh generators: the same support draws
+        return rows
 
     def _vmapped_scores(self, w: Params, ev: EvalConfig) -> Callable[..., tuple[Tensor, ...]]:
         """``(xs, ys, xt, yt) -> (loss before, loss after, accuracy before, accuracy after)``, each ``[C]``,

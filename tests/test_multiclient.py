@@ -151,7 +151,11 @@ def test_batched_evaluation_equals_each_client_alone_and_runs_one_vmapped_call_p
     group = ClientGroup(_model(), torch.nn.functional.cross_entropy, _ragged, torch.device("cpu"))
     calls = []
     vmapped = ClientGroup._vmapped_scores
-    monkeypatch.setattr(ClientGroup, "_vmapped_scores", lambda self, *a: calls.append(1) or vmapped(self, *a))
+    def counted(self, *args):  # each call of the vmapped function is one batched call
+        fn = vmapped(self, *args)
+        return lambda *batch: calls.append(1) or fn(*batch)
+
+    monkeypatch.setattr(ClientGroup, "_vmapped_scores", counted)
     rows = group.evaluate(w, ev, ids, seed=7, server_round=3)
     assert len(calls) == 2  # two sizes of clients: two shape groups, whatever the support draw
     for c, row in zip(ids, rows):
