@@ -210,6 +210,9 @@ Finn et al.'s alpha = 0.01 on x in [-5, 5], diverges from the Kaiming-normal sta
 ALGORITHMS = ("maml", "moml", "local-moml")
 """Values of the ``algorithm`` setting."""
 
+EVAL_PROTOCOLS = ("meta-loss", "few-shot", "few-shot-fixed")
+"""Values of the ``eval_protocol`` setting."""
+
 OUTER_OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam}
 """Values of ``outer_optimizer``: plain SGD is eq. (7) / (19); the paper uses Adam for sine regression."""
 
@@ -269,13 +272,31 @@ class CentralizedConfig:
     init_batch_size: int = 0
     """K0: LocalMOML's samples per memory-reset batch S0; 0 means 2 x batch_size (localmoml Section 6.1)."""
     decay_at: float = 1.0
-    """Divide the outer step size by 10 after this fraction of the iterations (localmoml Section 6.1: 0.75); 1: never."""
+    """Divide the outer step size by 10 from iteration ``floor(decay_at * iterations)`` on (localmoml Section 6.1: 0.75); 1: never."""
     eval_protocol: str = "meta-loss"
-    """``meta-loss``: eq. (2) on held-out tasks (above). ``few-shot`` (localmoml Section 6.1): unseen sine
-    tasks A ~ U(1, 5), phi ~ U(pi/5, pi); 10 steps of gradient descent at lr 0.01 on 10 points, then the
-    MSE on 100 more points (:func:`few_shot_error`)."""
+    """``meta-loss``: eq. (2) on held-out tasks (above). ``few-shot`` (localmoml Section 6.1): ``eval_tasks`` unseen
+    sine tasks A ~ U(1, 5), phi ~ U(pi/5, pi) drawn per seed; 10 steps of gradient descent at lr 0.01 on 10 points,
+    then the MSE on 100 more points (:func:`few_shot_error`). ``few-shot-fixed``: the same adaptation and score on
+    the authors' fixed test set (:meth:`FewShotSet.authors`), the same for every seed."""
     eval_seed: int = -1
     """Seed of the evaluation tasks; -1: derived from ``seed``. A tuning run scores on other tasks than the test."""
+    task_sampling: str = "distinct"
+    """How a fixed task set's B tasks of an iteration are drawn: ``distinct`` (the first B of a permutation) or
+    ``with-replacement`` (B independent uniform draws, as the localmoml authors' code does: sinewave/src/maml.py,
+    moml.py and lcmoml.py, ``np.random.choice(self.N_tasks, self.B_tasks)``). MOML visits a task drawn twice in
+    turn, so its second draw starts from the memory the first left (as the authors' loop over the draws does)."""
+    memory_init: str = "first-visit"
+    """MOML's memories ``u_i`` before training: ``first-visit`` (the paper is silent; a task's first visit takes
+    ``v_i`` itself) or ``initial-model`` (every task's memory is one inner loop from the initial model on a fresh
+    batch of K samples, before the first iteration: sinewave/src/moml.py, ``MOML.__init__``, lines 40-48)."""
+    memory_gradient: str = "direction"
+    """What MOML and LocalMOML step along: ``direction``, eq. (3) / eq. (8) as written,
+    ``(I - alpha H) grad L(u; S3)``; or ``through-memory``, the gradient of ``L(u(w); S3)`` through the memory
+    update eq. (v1) / (7) with the old memory held fixed, ``beta (I - alpha H) grad L(u; S3)`` (the authors' code
+    differentiates the loss at the mixed model: sinewave/src/moml.py lines 82-99, lcmoml.py lines 50-63)."""
+    init_seed: int = -1
+    """-1: the initial model is drawn from ``seed``; >= 0: from this seed alone, so every seed starts from the same
+    model (the authors' sinewave/src/model.py builds ``Model(seed=1234)`` for every seed)."""
 
     def __post_init__(self) -> None:
         def bad(name: str, allowed: str) -> ValueError:
@@ -318,12 +339,19 @@ class CentralizedConfig:
             raise bad("decay_at", "a fraction in (0, 1]")
         if self.algorithm == "local-moml" and (self.outer_optimizer != "sgd" or self.meta_gradient == "fo_muml"):
             raise bad("algorithm", "local-moml with outer_optimizer='sgd' and a meta_gradient other than fo_muml")
-        if self.eval_protocol not in ("meta-loss", "few-shot"):
-            raise bad("eval_protocol", "'meta-loss' or 'few-shot'")
-        if self.eval_protocol == "few-shot" and not self.task.startswith("sine"):
-            raise bad("eval_protocol", "'few-shot' only for a sine task")
-        if not (is_int(self.eval_seed) and self.eval_seed >= -1):
-            raise bad("eval_seed", "an integer >= -1")
+        if self.eval_protocol not in EVAL_PROTOCOLS:
+            raise bad("eval_protocol", f"one of {list(EVAL_PROTOCOLS)}")
+        if self.eval_protocol != "meta-loss" and not self.task.startswith("sine"):
+            raise bad("eval_protocol", f"{self.eval_protocol!r} only for a sine task")
+        for name in ("eval_seed", "init_seed"):
+            if not (is_int(getattr(self, name)) and getattr(self, name) >= -1):
+                raise bad(name, "an integer >= -1")
+        if self.task_sampling not in ("distinct", "with-replacement"):
+            raise bad("task_sampling", "'distinct' or 'with-replacement'")
+        if self.memory_init not in ("first-visit", "initial-model"):
+            raise bad("memory_init", "'first-visit' or 'initial-model'")
+        if self.memory_gradient not in ("direction", "through-memory"):
+            raise bad("memory_gradient", "'direction' or 'through-memory'")
 
     @property
     def family(self) -> TaskFamily:
@@ -385,6 +413,10 @@ class TaskBatches:
     outer: Batch
     hessian: Batch
 
+    def select(self, positions: Tensor) -> "TaskBatches":
+        """The batches of the tasks at ``positions`` (on the task axis)."""
+        return TaskBatches(*(tuple(t.index_select(0, positions) for t in part) for part in (self.inner, self.outer, self.hessian)))
+
     def task(self, i: int) -> meta.MetaBatches:
         """Task ``i``'s batches as :class:`fedmeta.meta.MetaBatches`."""
         return _meta_batches(*(t[i] for t in (*self.inner, *self.outer, *self.hessian)))
@@ -439,6 +471,19 @@ class FewShotSet:
     def draw(cls, num_tasks: int, gen: torch.Generator, test_size: int = FEW_SHOT_TEST) -> "FewShotSet":
         tasks = FEW_SHOT_TASKS.sample_tasks(num_tasks, gen)
         return cls(FEW_SHOT_TASKS.sample(tasks, FEW_SHOT_SHOTS, gen), FEW_SHOT_TASKS.sample(tasks, test_size, gen))
+
+    @classmethod
+    def authors(cls, num_tasks: int = 5, test_size: int = FEW_SHOT_TEST) -> "FewShotSet":
+        """The localmoml authors' test set (sinewave/train.py lines 14-27, src/tasks.py ``sample_amp_pha`` and
+        ``sample_test_data``), drawn with numpy as they draw it: task i has ``A ~ U(1, 5)``, ``phi ~ U(pi/5, pi)``
+        from numpy seed i; every task's 100 test points are ``x ~ U(-5, 5)`` from numpy seed 2021, and its 10 support
+        points are the same seed's first 10 draws, i.e. the first 10 test points."""
+        params = [np.random.RandomState(i).uniform([1.0, math.pi / 5], [5.0, math.pi]) for i in range(num_tasks)]
+        x = np.random.RandomState(2021).uniform(-5.0, 5.0, test_size)
+        y = np.stack([a * np.sin(phi + x) for a, phi in params])
+        xs = torch.tensor(np.broadcast_to(x, y.shape).copy(), dtype=torch.float32)[..., None]
+        ys = torch.tensor(y, dtype=torch.float32)[..., None]
+        return cls((xs[:, :FEW_SHOT_SHOTS], ys[:, :FEW_SHOT_SHOTS]), (xs, ys))
 
 
 def few_shot_error(f: meta.LossFn, w: Params, held_out: FewShotSet, lr: float = FEW_SHOT_LR, steps: int = FEW_SHOT_STEPS) -> float:
@@ -548,6 +593,53 @@ def moml_directions(
         return d, u_new, f(u_new, *mb.outer)
 
     return vmap(one, randomness="different")(u, momentum, *batches.inner, *batches.outer, *batches.hessian)
+
+
+def moml_iteration(
+    f: meta.LossFn,
+    w: Params,
+    memory: TaskMemory,
+    ids: Tensor,
+    batches: TaskBatches,
+    cfg: CentralizedConfig,
+    estimator: meta.MetaGradient,
+    gen: torch.Generator | None = None,
+) -> tuple[Params, Tensor]:
+    """One MOML iteration's directions (localmoml Algorithm 1 lines 3-7) for the sampled tasks ``ids``, their
+    memories read from and written back to ``memory``; the directions and the losses ``L_i(u_i; S_i3)`` in the
+    order of ``ids``.
+
+    A task drawn twice (``task_sampling="with-replacement"``) is visited in turn: the draws go in waves (first
+    draws, second draws, ...), each wave reading the memories the previous wave wrote, all at the same ``w``.
+    With ``memory_gradient="through-memory"`` each direction is multiplied by its task's beta."""
+    waves = _waves(ids)
+    parts, outers = [], []
+    for pos in waves:
+        sub_ids = ids if len(waves) == 1 else ids.index_select(0, pos)
+        sub = batches if len(waves) == 1 else batches.select(pos)
+        u, visited = memory.gather(sub_ids)
+        # eq. (v1); a task's first visit takes v_i itself (beta = 1)
+        beta = torch.where(visited, torch.tensor(float(cfg.momentum)), torch.tensor(1.0))
+        d, u, outer = moml_directions(f, w, u, beta, sub, cfg.inner_lr, estimator, gen)
+        if cfg.memory_gradient == "through-memory":
+            d = {k: v * beta.view(-1, *([1] * (v.dim() - 1))) for k, v in d.items()}
+        memory.scatter(sub_ids, u)
+        parts.append(d)
+        outers.append(outer)
+    if len(waves) == 1:
+        return parts[0], outers[0]
+    order = torch.argsort(torch.cat(waves))
+    return {k: torch.cat([d[k] for d in parts]).index_select(0, order) for k in parts[0]}, torch.cat(outers).index_select(0, order)
+
+
+def _waves(ids: Tensor) -> list[Tensor]:
+    """The positions of ``ids`` grouped by occurrence: wave j holds every id's (j+1)-th draw, in draw order."""
+    seen: dict[int, int] = {}
+    occurrence = []
+    for i in ids.tolist():
+        occurrence.append(seen.get(i, 0))
+        seen[i] = occurrence[-1] + 1
+    return [torch.tensor([p for p, o in enumerate(occurrence) if o == j]) for j in range(max(occurrence) + 1)]
 
 
 def local_moml_models(
@@ -665,19 +757,21 @@ def train(cfg: CentralizedConfig, *, log: Callable[[str], None] | None = None) -
     not say; this is LocalMOML's reset with S1's draw). LocalMOML replaces w by the average of the
     sampled tasks' local models (outer SGD only).
 
-    With a fixed task set (``num_tasks`` > 0) each iteration samples B distinct task ids from the task
-    stream (a permutation's first B), then draws their batches; the tasks themselves are drawn once,
-    before the first iteration (or are the grid).
+    With a fixed task set (``num_tasks`` > 0) each iteration samples B task ids from the task stream
+    (``task_sampling``: distinct, a permutation's first B, or with replacement), then draws their batches;
+    the tasks themselves are drawn once, before the first iteration (or are the grid). ``memory_init``,
+    ``memory_gradient`` and ``init_seed`` are the other choices where the localmoml authors' code and the
+    paper's text part (see :class:`CentralizedConfig`).
     """
     t0 = time.perf_counter()
     family, streams = cfg.family, Streams.from_seed(cfg.seed)
     f = family.loss
     estimator = meta.meta_gradient(cfg.meta_gradient, delta=cfg.delta, num_directions=cfg.num_directions)
-    leaves = family.init_params(streams.init)
+    leaves = family.init_params(streams.init if cfg.init_seed < 0 else torch.Generator().manual_seed(cfg.init_seed))
     optimizer = OUTER_OPTIMIZERS[cfg.outer_optimizer](list(leaves.values()), lr=cfg.meta_lr)
     eval_gen = streams.evaluation if cfg.eval_seed < 0 else Streams.from_seed(cfg.eval_seed).evaluation
-    if cfg.eval_protocol == "few-shot":
-        few_shot = FewShotSet.draw(cfg.eval_tasks, eval_gen)
+    if cfg.eval_protocol != "meta-loss":
+        few_shot = FewShotSet.draw(cfg.eval_tasks, eval_gen) if cfg.eval_protocol == "few-shot" else FewShotSet.authors(cfg.eval_tasks)
 
         def evaluate(w: Params) -> float:
             return few_shot_error(f, w, few_shot)
@@ -691,17 +785,25 @@ def train(cfg: CentralizedConfig, *, log: Callable[[str], None] | None = None) -
     if cfg.num_tasks:
         train_tasks = grid_tasks() if cfg.task_set == "grid" else family.sample_tasks(cfg.num_tasks, streams.tasks)
     memory = TaskMemory.empty(cfg.num_tasks, leaves) if cfg.algorithm == "moml" else None
+    if memory is not None and cfg.memory_init == "initial-model":
+        first = _stack([family.sample(train_tasks, cfg.batch_size, streams.tasks) for _ in range(cfg.inner_steps)])
+        w0 = {k: v.detach() for k, v in leaves.items()}
+        memory.scatter(torch.arange(cfg.num_tasks),
+                       vmap(lambda ix, iy: meta.local_moml_init_memory(f, w0, list(zip(ix, iy)), cfg.inner_lr, estimator))(*first))
     init_size = cfg.init_batch_size or 2 * cfg.batch_size
+    # through-memory: the gradient of L(u(w)) through eq. (v1) / (7) is beta times eq. (3) / (8)'s direction
+    through_memory = cfg.memory_gradient == "through-memory"
 
     def current() -> Params:
         return {k: v.detach() for k, v in leaves.items()}
 
     recorded, losses, train_losses, task_ids = [0], [evaluate(current())], [], []
     diverged_at, done, train_seconds = None, 0, 0.0
-    decay_after = int(cfg.decay_at * cfg.iterations) if cfg.decay_at < 1 else cfg.iterations
+    # from iteration floor(decay_at * K) on, as the localmoml authors' code decays (sinewave/src/maml.py, main_loop)
+    decay_from = int(cfg.decay_at * cfg.iterations) if cfg.decay_at < 1 else cfg.iterations + 1
     for k in range(1, cfg.iterations + 1):
         t_iter = time.perf_counter()
-        lr = cfg.meta_lr if k <= decay_after else cfg.meta_lr / 10
+        lr = cfg.meta_lr if k < decay_from else cfg.meta_lr / 10
         for group in optimizer.param_groups:
             group["lr"] = lr
         if train_tasks is None:
@@ -709,7 +811,10 @@ def train(cfg: CentralizedConfig, *, log: Callable[[str], None] | None = None) -
             batches = draw_task_batches(family, cfg.tasks_per_iteration, cfg.inner_steps, cfg.batch_size, cfg.test_batch_size,
                                         streams.tasks)
         else:
-            ids = torch.randperm(cfg.num_tasks, generator=streams.tasks)[: cfg.tasks_per_iteration]
+            if cfg.task_sampling == "distinct":
+                ids = torch.randperm(cfg.num_tasks, generator=streams.tasks)[: cfg.tasks_per_iteration]
+            else:
+                ids = torch.randint(cfg.num_tasks, (cfg.tasks_per_iteration,), generator=streams.tasks)
             task_ids.append(tuple(int(i) for i in ids))
             tasks = train_tasks.index_select(0, ids)
             if cfg.algorithm == "local-moml":
@@ -721,13 +826,10 @@ def train(cfg: CentralizedConfig, *, log: Callable[[str], None] | None = None) -
         if cfg.algorithm == "maml":
             grads, outer = task_meta_gradients(f, current(), batches, cfg.inner_lr, estimator, streams.directions)
         elif cfg.algorithm == "moml":
-            u, visited = memory.gather(ids)
-            # eq. (v1); a task's first visit takes v_i itself (beta = 1)
-            beta = torch.where(visited, torch.tensor(float(cfg.momentum)), torch.tensor(1.0))
-            grads, u, outer = moml_directions(f, current(), u, beta, batches, cfg.inner_lr, estimator, streams.directions)
-            memory.scatter(ids, u)
+            grads, outer = moml_iteration(f, current(), memory, ids, batches, cfg, estimator, streams.directions)
         if cfg.algorithm == "local-moml":
-            models, outer = local_moml_models(f, current(), init, steps, cfg.inner_lr, lr, cfg.momentum, estimator, streams.directions)
+            step = lr * cfg.momentum if through_memory else lr
+            models, outer = local_moml_models(f, current(), init, steps, cfg.inner_lr, step, cfg.momentum, estimator, streams.directions)
             with torch.no_grad():
                 for name, p in leaves.items():
                     p.copy_(models[name].mean(0))  # Algorithm 3 line 14: the server's average
@@ -748,7 +850,7 @@ def train(cfg: CentralizedConfig, *, log: Callable[[str], None] | None = None) -
                 log(f"{cfg.algorithm} {cfg.meta_gradient} iteration {k}: {cfg.eval_protocol} {losses[-1]:.6g}")
     per_task = estimator.cost(cfg.inner_steps) * (cfg.local_steps if cfg.algorithm == "local-moml" else 1)
     task_errors = ()
-    if cfg.eval_protocol == "few-shot" and diverged_at is None:
+    if cfg.eval_protocol != "meta-loss" and diverged_at is None:
         task_errors = tuple(float(e) for e in few_shot_errors(f, current(), few_shot))
     return RunResult(
         config=cfg,

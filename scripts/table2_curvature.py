@@ -14,22 +14,24 @@ import torch
 
 from fedmeta import meta
 from fedmeta.centralized import TASKS, FewShotSet, train
-from fedmeta.simulations.reproduce import table2_config
+from fedmeta.simulations import reproduce_table2 as t2
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--k", type=int, default=5)
     p.add_argument("--algorithm", default="maml", choices=["maml", "moml"])
+    p.add_argument("--protocol", default="paper", choices=sorted(t2.PROTOCOLS))
     p.add_argument("--optimizer", default="sgd", choices=["sgd", "adam"])
     p.add_argument("--lr", type=float, default=0.001)
     p.add_argument("--meta-gradient", default="exact")
     p.add_argument("--iterations", type=int, default=4000)
     args = p.parse_args()
     torch.set_num_threads(1)
-    cfg = table2_config(args.k, args.algorithm).replace(outer_optimizer=args.optimizer, meta_lr=args.lr, meta_gradient=args.meta_gradient,
-                                                        iterations=args.iterations, eval_every=max(1, args.iterations // 4), eval_tasks=100,
-                                                        eval_seed=10_000)
+    label = {alg: label for label, alg in t2.ALGORITHMS.items()}[args.algorithm]
+    cfg = t2.config(t2.PROTOCOLS[args.protocol], args.k, label, t2.BUDGETS["full"], args.lr)
+    cfg = cfg.replace(outer_optimizer=args.optimizer, meta_gradient=args.meta_gradient, iterations=args.iterations,
+                      eval_every=max(1, args.iterations // 4), eval_tasks=100, eval_seed=t2.VALIDATION_SEED, eval_protocol="few-shot")
     run = train(cfg)
     print(f"test error every {cfg.eval_every} iterations: {[round(x, 3) for x in run.meta_loss]} (diverged at {run.diverged_at})")
     f, w = TASKS[cfg.task].loss, run.params

@@ -9,9 +9,10 @@ Fashion-MNIST: LocalMOML vs Per-FedAvg, n = 50, MLP 40-40, alpha = 0.001, K = K0
 H in {4, 10}, B' in {1, 5} tasks sampled on each of 4 groups, 5-shot / 10-step evaluation,
 LocalMOML's momentum tuned on the first seed.
 
-``fedmeta-reproduce localmoml-table2 [--quick] [--jobs 2]`` -- localmoml Table 2 (Section 6.1): MAML
-(BSGD), MOML and LocalMOML on 25 sine tasks, K in {1, 5}, eta tuned on validation tasks, 5 seeds
-(:func:`table2`; the centralized runner).
+``fedmeta-reproduce localmoml-table2 [--protocol paper|authors|both] [--quick] [--jobs 2]`` -- localmoml Table 2
+(Section 6.1): MAML (BSGD), MOML and LocalMOML on 25 sine tasks, K in {1, 3, 5}, 5 seeds, under the paper's protocol
+and the authors' released code's, side by side; ``localmoml-table2-ablation`` changes one setting at a time from one
+towards the other (:mod:`fedmeta.simulations.reproduce_table2`; the centralized runner).
 
 ``fedmeta-reproduce dif-maml-fig2 [--quick] [--jobs 2]`` -- dif-maml.txt Figure 2 (and Figure 6): Dif-MAML
 on a graph of 6 sine-regression agents against centralized and non-cooperative agents, Adam and SGD,
@@ -405,161 +406,6 @@ def plot_meta_loss(best: dict[str, list[RunResult]], grid: dict[str, list[RunRes
     return _save(fig, out / "meta_loss_vs_iteration.png")
 
 
-# --------------------------------------------------------------------------------------------
-# localmoml-memory-based-maml.txt Section 6.1, Table 2: MAML (BSGD), MOML and LocalMOML on 25 sine tasks
-
-
-TABLE2_PAPER = {
-    1: {"MAML (BSGD)": (0.651, 0.123, 2.083), "MOML": (0.310, 0.025, 2.732), "LocalMOML": (0.381, 0.059, 3.182)},
-    5: {"MAML (BSGD)": (0.188, 0.016, 2.449), "MOML": (0.128, 0.011, 3.170), "LocalMOML": (0.133, 0.020, 3.649)},
-}
-"""The paper's Table 2: average test error, its std, and ms per iteration on the authors' GPU (NASA and
-BSpiderBoost, also in the paper's table, are not in fedmeta)."""
-TABLE2_ALGORITHMS = {"MAML (BSGD)": "maml", "MOML": "moml", "LocalMOML": "local-moml"}
-TABLE2_MOMENTUM = {1: 0.5, 5: 0.7}
-"""beta of MOML and LocalMOML, as the paper tuned it, per K."""
-
-
-@dataclass(frozen=True)
-class Table2Budget:
-    iterations: int
-    eval_every: int
-    seeds: tuple[int, ...]
-    meta_lrs: tuple[float, ...]
-    """The grid of initial outer step sizes eta (the paper's: 0.001, 0.005, 0.01, 0.05, 0.1)."""
-    validation_tasks: int = 100
-    """Unseen tasks (their own seed) on which eta is chosen, with the first seed."""
-    test_tasks: int = 500
-    """Unseen test tasks per seed; the paper's protocol scores the first 5 of them."""
-
-
-TABLE2_BUDGETS = {
-    # The paper's grid is 0.001 .. 0.1 and gives no iteration count. Here plain SGD diverges from eta = 0.005 on (MAML, K = 5:
-    # at iteration 2042 in float32, 2352 in float64) and at 0.001 within 5,028 undecayed iterations: the grid is moved down and
-    # the runs cut to 6,000 iterations, eta / 10 from 4,500 (docs/results.md says what this does and does not reproduce).
-    "full": Table2Budget(iterations=6000, eval_every=300, seeds=(0, 1, 2, 3, 4), meta_lrs=(0.0005, 0.001, 0.002)),
-    "quick": Table2Budget(iterations=200, eval_every=50, seeds=(0, 1), meta_lrs=(0.005, 0.01), validation_tasks=50, test_tasks=100),
-}
-TABLE2_VALIDATION_SEED = 10_000
-
-
-def table2_config(k: int, algorithm: str) -> CentralizedConfig:
-    """localmoml Section 6.1's setting for batch size K: 25 grid tasks, B = 3, alpha = 0.01, one inner step,
-    eta / 10 at 75 % of the iterations, LocalMOML with K0 = 2K and H = 5, beta from the paper."""
-    return CentralizedConfig(task="sine-table2", num_tasks=25, task_set="grid", tasks_per_iteration=3, inner_steps=1, inner_lr=0.01,
-                             batch_size=k, test_batch_size=k, init_batch_size=2 * k, local_steps=5, decay_at=0.75, outer_optimizer="sgd",
-                             eval_protocol="few-shot", algorithm=algorithm,
-                             momentum=1.0 if algorithm == "maml" else TABLE2_MOMENTUM[k])
-
-
-def _final(r: RunResult) -> float:
-    return r.final_meta_loss if r.diverged_at is None else math.inf
-
-
-def _ms(r: RunResult) -> float:
-    return 1000 * r.train_seconds / max(1, r.iterations[-1])
-
-
-def table2(budget: Table2Budget, run_all: Callable[[list[CentralizedConfig]], list[RunResult]]) -> tuple[str, dict[str, list[RunResult]]]:
-    """Tune eta per algorithm and K on validation tasks (first seed), then run every seed with it and score on test tasks."""
-    tune = {(k, label, lr): table2_config(k, alg).replace(meta_lr=lr, iterations=budget.iterations, eval_every=budget.eval_every,
-                                                          eval_tasks=budget.validation_tasks, eval_seed=TABLE2_VALIDATION_SEED,
-                                                          seed=budget.seeds[0])
-            for k in TABLE2_MOMENTUM for label, alg in TABLE2_ALGORITHMS.items() for lr in budget.meta_lrs}
-    tuned = dict(zip(tune, run_all(list(tune.values()))))
-    best = {(k, label): min(sorted(budget.meta_lrs), key=lambda lr: _final(tuned[(k, label, lr)]))
-            for k in TABLE2_MOMENTUM for label in TABLE2_ALGORITHMS}
-    test = {(k, label): [tune[(k, label, lr)].replace(eval_tasks=budget.test_tasks, eval_seed=-1, seed=s) for s in budget.seeds]
-            for (k, label), lr in best.items()}
-    done = iter(run_all([c for cfgs in test.values() for c in cfgs]))
-    runs = {key: [next(done) for _ in cfgs] for key, cfgs in test.items()}
-
-    def errors(rs: list[RunResult], first: int | None) -> np.ndarray:
-        return np.array([np.mean(r.final_task_errors[:first]) if r.final_task_errors else math.nan for r in rs])
-
-    def cell(values: np.ndarray) -> str:
-        bad = int(np.isnan(values).sum())
-        return f"diverged in {bad} of {len(values)} seeds" if bad else f"{np.mean(values):.3f} ± {np.std(values):.3f}"
-
-    rows = ["| K | algorithm | eta (tuned) | test error, 5 tasks (paper's protocol) | test error, "
-            f"{budget.test_tasks} tasks | ms per iteration | paper: test error (ms per iteration, GPU) |", "|---|---|---|---|---|---|---|"]
-    verdicts = []
-    for k in TABLE2_MOMENTUM:
-        means = {}
-        for label in TABLE2_ALGORITHMS:
-            rs = runs[(k, label)]
-            five, many = errors(rs, 5), errors(rs, None)
-            means[label] = (float(np.mean(many)), float(np.std(many))) if not np.isnan(many).any() else (math.inf, 0.0)
-            paper = TABLE2_PAPER[k][label]
-            rows.append(f"| {k} | {label} | {best[(k, label)]:g} | {cell(five)} | "
-                        f"{cell(many)} | {np.mean([_ms(r) for r in rs]):.2f} | "
-                        f"{paper[0]:.3f} ± {paper[1]:.3f} ({paper[2]:.3f}) |")
-        order = sorted(means, key=lambda label: means[label][0])
-        spread = max(sd for _, sd in means.values())
-        gap = means["MAML (BSGD)"][0] - means["MOML"][0]
-        holds = order == ["MOML", "LocalMOML", "MAML (BSGD)"]
-        verdicts.append(f"K = {k}: {' < '.join(order)} on {budget.test_tasks} tasks (the paper's MOML < LocalMOML < MAML "
-                        f"{'holds' if holds else 'does not hold'}); MAML - MOML = "
-                        + (f"{gap:+.3f}, against a seed std of up to {spread:.3f}." if math.isfinite(gap) else "n/a (a run diverged)."))
-    ratios = []
-    for k in TABLE2_MOMENTUM:
-        maml = np.mean([_ms(r) for r in runs[(k, "MAML (BSGD)")]])
-        ratios.append(f"K = {k}: MOML / MAML {np.mean([_ms(r) for r in runs[(k, 'MOML')]]) / maml:.2f}x, "
-                      f"LocalMOML / MAML {np.mean([_ms(r) for r in runs[(k, 'LocalMOML')]]) / maml:.2f}x")
-    head = (f"localmoml Section 6.1: 25 training tasks A sin(phi + x), A in {{1..5}}, phi = i pi/5; 1-40-40-1 ReLU network "
-            f"(PyTorch's default initialization), MSE, x ~ U(-5, 5) drawn online; B = 3 tasks per iteration (distinct), K samples per "
-            f"batch, alpha = 0.01, one inner step; eta from {list(budget.meta_lrs)}, divided by 10 after 75 % of the "
-            f"{budget.iterations} iterations (the paper gives no count), chosen per algorithm and K by the final test error on "
-            f"{budget.validation_tasks} validation tasks (their own seed; first training seed); beta = 0.5 (K = 1), 0.7 (K = 5); "
-            f"LocalMOML: H = 5 local steps per sampled task and iteration, K0 = 2K, memory reset every iteration. Test: unseen tasks "
-            f"A ~ U(1, 5), phi ~ U(pi/5, pi), 10 steps of gradient descent at lr 0.01 on 10 points, MSE on 100 more; seeds "
-            f"{list(budget.seeds)} (mean ± std over seeds). The paper's protocol uses 5 test tasks; the {budget.test_tasks}-task "
-            f"column is the low-variance figure. ms per iteration: this machine's CPU, one thread per run, the runs of one "
-            f"invocation (with --jobs 2, two at a time on the 2 cores); LocalMOML's iteration is H = 5 local steps per task. A "
-            f"diverged run (non-finite model) has no test error; an algorithm whose every eta diverged on the validation run "
-            f"keeps the smallest eta.")
-    text = (head + "\n\n" + "\n".join(rows) + "\n\n" + "\n".join(f"- {v}" for v in verdicts) + "\n- Time per iteration: "
-            + "; ".join(ratios) + " (the paper: 1.3x and 1.5x).\n")
-    return text, {f"K={k} {label} (eta={best[(k, label)]:g})": runs[(k, label)] for k, label in runs}
-
-
-def plot_table2(curves: dict[str, list[RunResult]], out: Path) -> list[Path]:
-    """Test error vs iteration, mean over seeds, one panel per K."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    for label, rs in curves.items():
-        ax = axes[0] if label.startswith("K=1 ") else axes[1]
-        it, mean = _seed_mean_curve(rs)
-        ax.plot(it, mean, label=label.split(" ", 1)[1])
-    for ax, k in zip(axes, (1, 5)):
-        ax.set(xlabel="iteration", ylabel="test error after adaptation (unseen tasks)", yscale="log", title=f"K = {k} (mean over seeds)")
-        ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=8)
-    paths = _save(fig, out / "test_error_vs_iteration.png")
-    moml = {label: rs for label, rs in curves.items() if " MOML " in label and any(r.memory_ages for r in rs)}
-    if moml:
-        fig, axes = plt.subplots(1, len(moml), figsize=(6 * len(moml), 4), squeeze=False)
-        for ax, (label, rs) in zip(axes[0], moml.items()):
-            counts = np.zeros(max(len(r.memory_ages) for r in rs))
-            for r in rs:
-                counts[: len(r.memory_ages)] += r.memory_ages
-            ages = np.arange(1, len(counts) + 1)
-            ax.bar(ages, counts / counts.sum(), width=1.0, alpha=0.6, label="measured (all seeds)")
-            cfg = rs[0].config
-            p = cfg.tasks_per_iteration / cfg.num_tasks
-            ax.plot(ages, p * (1 - p) ** (ages - 1), "k-", lw=1, label=f"geometric, p = B/n = {p:.2f}")
-            mean = float((ages * counts).sum() / counts.sum())
-            ax.set(xlabel="age of the memory u_i when task i is sampled again (iterations)", ylabel="fraction of revisits",
-                   title=f"{label}: mean age {mean:.1f}", xlim=(0, min(len(counts), 60)))
-            ax.legend(fontsize=8)
-        paths += _save(fig, out / "memory_age_histogram.png")
-    return paths
-
-
 def _save(fig: Any, path: Path) -> list[Path]:
     """Write a matplotlib figure as a PNG and close it."""
     import matplotlib.pyplot as plt
@@ -648,23 +494,35 @@ def _describe_centralized(cfg: CentralizedConfig, res: RunResult) -> str:
 def _main_centralized(args: argparse.Namespace) -> int:
     from fedmeta.centralized import train
 
-    tag = args.name + ("-quick" if args.quick else "")
+    tag = args.name + (f"-{args.protocol}" if args.name == "localmoml-table2" and args.protocol != "both" else "") + ("-quick" if args.quick else "")
     out = Path(args.out) / tag
     out.mkdir(parents=True, exist_ok=True)
     _one_thread()
-    run_all = CachedRuns(Path(args.runs) / tag, args.jobs, train, RunResult.from_dict, _describe_centralized)
+    # Table 2 and its ablation share one cache: the ablation's first row is the table's authors' runs
+    cache = "localmoml-table2" + ("-quick" if args.quick else "") if args.name.startswith("localmoml-table2") else tag
+    run_all = CachedRuns(Path(args.runs) / cache, args.jobs, train, RunResult.from_dict, _describe_centralized)
 
     started, t0 = time.time(), time.perf_counter()
-    if args.name == "localmoml-table2":
-        summary, grid = table2(TABLE2_BUDGETS["quick" if args.quick else "full"], run_all)
-        figures = plot_table2(grid, out)
+    if args.name.startswith("localmoml-table2"):
+        from fedmeta.simulations import reproduce_table2 as t2
+
+        if args.name == "localmoml-table2":
+            protocols = [t2.PROTOCOLS[p] for p in (t2.PROTOCOLS if args.protocol == "both" else (args.protocol,))]
+            budget = t2.BUDGETS["quick" if args.quick else "full"]
+            table, grid = t2.table2(protocols, budget, run_all, t2.load_authors_code())
+            summary = t2.describe_setting(budget, protocols) + "\n\n" + table
+        else:
+            table, grid = t2.ablation(t2.BUDGETS["quick" if args.quick else "ablation"], run_all)
+            summary = table
+        figures = t2.plot(grid, out) if args.name == "localmoml-table2" else []
     else:
         fig = GGS_FIGURES[args.name]
         summary, best, grid = ggs_figure(fig, fig.quick if args.quick else fig.full, run_all)
         figures = plot_meta_loss(best, grid, out)
     minutes = (time.perf_counter() - t0) / 60
     run_minutes = sum(r.seconds for rs in grid.values() for r in rs) / 60
-    command = f"fedmeta-reproduce {args.name}" + (" --quick" if args.quick else "") + (f" --jobs {args.jobs}" if args.jobs > 1 else "")
+    command = (f"fedmeta-reproduce {args.name}" + (f" --protocol {args.protocol}" if args.name == "localmoml-table2" and args.protocol != "both" else "")
+               + (" --quick" if args.quick else "") + (f" --jobs {args.jobs}" if args.jobs > 1 else ""))
     count, reused = run_all.count, run_all.reused
     text = f"## {args.name}{' (quick budget)' if args.quick else ''}\n\n`{command}`: {count} runs"
     if reused == count:
@@ -691,7 +549,9 @@ class _Stop(Exception):
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="fedmeta-reproduce", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 allow_abbrev=False)
-    p.add_argument("name", choices=sorted([*REPRODUCTIONS, *GGS_FIGURES, "localmoml-table2", "dif-maml-fig2"]))
+    p.add_argument("name", choices=sorted([*REPRODUCTIONS, *GGS_FIGURES, "localmoml-table2", "localmoml-table2-ablation", "dif-maml-fig2"]))
+    p.add_argument("--protocol", choices=("paper", "authors", "both"), default="both",
+                   help="localmoml-table2: Section 6.1 as written, the authors' released code's choices, or both side by side (default)")
     p.add_argument("--quick", action="store_true", help="a reduced budget that finishes in under 10 minutes on 2 cores (ggs-*: under a minute)")
     p.add_argument("--out", default="docs/results", help="where the summary and plots go (default: docs/results/<name>)")
     p.add_argument("--runs", default="results/reproduce", help="where every run's results go (default: results/reproduce/<name>)")
@@ -699,7 +559,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.jobs < 1:
         p.error(f"--jobs must be an integer >= 1, got {args.jobs}")
-    if args.name in GGS_FIGURES or args.name == "localmoml-table2":
+    if args.protocol != "both" and args.name != "localmoml-table2":
+        p.error("--protocol is for localmoml-table2 only")
+    if args.name in GGS_FIGURES or args.name.startswith("localmoml-table2"):
         return _main_centralized(args)
     if args.name == "dif-maml-fig2":
         from fedmeta.simulations.reproduce_dif import main_dif

@@ -54,32 +54,55 @@ def test_a_local_moml_step_with_momentum_1_is_a_maml_step_bit_for_bit():
 def _closed_form(cfg: CentralizedConfig, res) -> tuple[np.ndarray, dict[int, np.ndarray]]:
     """The MOML recursion on l_i = 1/2 ||w - c_i||^2 (gradient w - c_i, Hessian I), in float64:
     v_i = w - alpha (w - c_i); u_i <- (1 - beta) u_i + beta v_i (v_i on a first visit);
-    w <- w - eta_t (1/B) sum_i (1 - alpha) (u_i - c_i), eta_t = eta / 10 after decay_at of the iterations."""
+    w <- w - eta_t (1/B) sum_i (1 - alpha) (u_i - c_i), eta_t = eta / 10 from iteration floor(decay_at K) on.
+
+    The other settings of the localmoml authors' code: ``first_order`` drops the (1 - alpha) factor, ``initial-model``
+    starts every u_i at w_0 - alpha (w_0 - c_i), ``through-memory`` multiplies each term by beta; a task drawn twice
+    in one iteration (``with-replacement``) is visited in turn, at the same w."""
     streams = Streams.from_seed(cfg.seed)
-    w = TASKS["quadratic"].init_params(streams.init)["w"].double().numpy()
+    init = streams.init if cfg.init_seed < 0 else torch.Generator().manual_seed(cfg.init_seed)
+    w = TASKS["quadratic"].init_params(init)["w"].double().numpy()
     centers = TASKS["quadratic"].sample_tasks(cfg.num_tasks, streams.tasks).double().numpy()
     a, u = cfg.inner_lr, {}
+    if cfg.memory_init == "initial-model":
+        u = {i: w - a * (w - c) for i, c in enumerate(centers)}
+    factor = (1 - a) if cfg.meta_gradient == "exact" else 1.0
+    scale = cfg.momentum if cfg.memory_gradient == "through-memory" else 1.0
     for t, ids in enumerate(res.task_ids, 1):
-        eta = cfg.meta_lr if t <= int(cfg.decay_at * cfg.iterations) else cfg.meta_lr / 10
+        eta = cfg.meta_lr if t < int(cfg.decay_at * cfg.iterations) else cfg.meta_lr / 10
         delta = np.zeros_like(w)
         for i in ids:
             v = w - a * (w - centers[i])
-            u[i] = v if i not in u else (1 - cfg.momentum) * u[i] + cfg.momentum * v
-            delta += (1 - a) * (u[i] - centers[i])
+            first = i not in u
+            u[i] = v if first else (1 - cfg.momentum) * u[i] + cfg.momentum * v
+            delta += (1.0 if first else scale) * factor * (u[i] - centers[i])
         w = w - eta * delta / len(ids)
     return w, u
 
 
-@pytest.mark.parametrize("momentum", [0.3, 1.0])
-def test_moml_on_quadratic_tasks_follows_the_closed_form(momentum):
+AUTHORS_CHOICES = dict(meta_gradient="first_order", memory_init="initial-model", memory_gradient="through-memory", init_seed=1234,
+                      task_sampling="with-replacement")
+
+
+@pytest.mark.parametrize("momentum, choices", [
+    (0.3, {}), (1.0, {}), (0.3, AUTHORS_CHOICES), (0.6, dict(task_sampling="with-replacement")),
+    (0.6, dict(memory_gradient="through-memory")), (0.6, dict(memory_init="initial-model", meta_gradient="first_order")),
+])
+def test_moml_on_quadratic_tasks_follows_the_closed_form(momentum, choices):
     cfg = CentralizedConfig(task="quadratic", algorithm="moml", num_tasks=6, tasks_per_iteration=3, momentum=momentum, inner_lr=0.2,
-                            meta_lr=0.3, iterations=24, decay_at=0.5, inner_steps=1, eval_every=24, eval_tasks=2)
+                            meta_lr=0.3, iterations=24, decay_at=0.5, inner_steps=1, eval_every=24, eval_tasks=2, **choices)
     res = train(cfg)
+    if cfg.task_sampling == "with-replacement":  # some iteration drew a task twice: the closed form visits it twice, in turn
+        assert any(len(set(ids)) < len(ids) for ids in res.task_ids)
     w, u = _closed_form(cfg, res)
     np.testing.assert_allclose(res.params["w"].double().numpy(), w, rtol=1e-5, atol=1e-6)
     for i, ui in u.items():
         np.testing.assert_allclose(res.memory.rows["w"][i].double().numpy(), ui, rtol=1e-5, atol=1e-6)
     assert sorted(u) == sorted(int(i) for i in torch.nonzero(res.memory.visited).flatten())
+    changed = {k: v for k, v in choices.items() if k not in ("task_sampling", "init_seed")}
+    if changed:  # each choice changes the recursion: the closed form without it ends elsewhere
+        plain, _ = _closed_form(cfg.replace(**{k: getattr(CentralizedConfig(), k) for k in changed}), res)
+        assert np.abs(plain - w).max() > 1e-4
     # the decay matters: without it the model ends elsewhere
     undecayed, _ = _closed_form(cfg.replace(decay_at=1.0), res)
     assert np.abs(undecayed - w).max() > 1e-3
@@ -160,22 +183,3 @@ def test_moml_from_the_command_line(capsys):
                  "--batch-size", "1", "--test-batch-size", "1", "--inner-steps", "1"]) == 0
     assert "moml exact iteration 5: few-shot" in capsys.readouterr().out
 
-
-def test_table2_tunes_eta_on_validation_tasks_and_scores_seeds_on_test_tasks():
-    from fedmeta.simulations.reproduce import TABLE2_VALIDATION_SEED, Table2Budget, table2
-
-    seen: list[CentralizedConfig] = []
-
-    def run_all(cfgs):
-        seen.extend(cfgs)
-        return [train(c) for c in cfgs]
-
-    budget = Table2Budget(iterations=4, eval_every=2, seeds=(0, 1), meta_lrs=(0.001, 0.002), validation_tasks=3, test_tasks=7)
-    text, curves = table2(budget, run_all)
-    tuning, testing = seen[:12], seen[12:]  # 2 K x 3 algorithms x 2 step sizes, then 2 K x 3 algorithms x 2 seeds
-    assert all(c.eval_seed == TABLE2_VALIDATION_SEED and c.eval_tasks == 3 and c.seed == 0 for c in tuning)
-    assert all(c.eval_seed == -1 and c.eval_tasks == 7 for c in testing) and len(testing) == 12
-    assert {(c.algorithm, c.batch_size, c.momentum) for c in testing} == {
-        ("maml", 1, 1.0), ("moml", 1, 0.5), ("local-moml", 1, 0.5), ("maml", 5, 1.0), ("moml", 5, 0.7), ("local-moml", 5, 0.7)}
-    assert text.count("| 1 | ") == 3 and text.count("| 5 | ") == 3 and "0.310 ± 0.025 (2.732)" in text
-    assert len(curves) == 6 and all(len(rs) == 2 and len(rs[0].final_task_errors) == 7 for rs in curves.values())
