@@ -14,6 +14,8 @@ where SOURCE is a checked-in summary, relative to the repository root:
 - ``docs/results/default-run/summary.json``: the default experiment (``make run``) for several seeds, written by
   ``python scripts/docs_results.py ingest-default-run results/*.json`` from the results files ``make run`` wrote;
   the block is seed 0's table as ``make run`` prints it, the mean and std over the seeds, and the runs' provenance.
+- ``docs/results/<name>/summary.md#Heading``: the line of that summary starting with ``Heading`` and the list after
+  it (e.g. a reproduction's verdicts).
 - ``bench/summaries/bench_scale.json`` and ``bench/summaries/bench_default_run.json``: a ``make bench`` and a
   ``make bench-default-run`` report (the JSON the bench script writes, copied by ``ingest-bench``); the block is
   the table that run printed.
@@ -168,8 +170,29 @@ RENDERERS: dict[str, Callable[[Path], str]] = {DEFAULT_RUN: render_default_run, 
                                                BENCH_DEFAULT_RUN: render_bench_default_run}
 
 
+def render_section(path: Path, heading: str) -> str:
+    """The line of ``path`` that starts with ``heading`` and the markdown list that follows it (``SOURCE#heading``)."""
+    lines = path.read_text().splitlines()
+    start = next((i for i, ln in enumerate(lines) if ln.startswith(heading)), None)
+    if start is None:
+        raise ValueError(f"{path}: no line starting with {heading!r}")
+    out, seen_item = [lines[start], ""], False
+    for ln in lines[start + 1:]:
+        if ln.startswith("- ") or (seen_item and ln.startswith("  ")):
+            out.append(ln)
+            seen_item = True
+        elif ln.strip() or seen_item:
+            break
+    if not seen_item:
+        raise ValueError(f"{path}: no list after {heading!r}")
+    return "\n".join(out) + "\n"
+
+
 def render(source: str, root: Path = ROOT) -> str:
+    source, _, heading = source.partition("#")
     path = root / source
+    if heading:
+        return render_section(path, heading)
     if source in RENDERERS:
         return RENDERERS[source](path)
     if source.startswith("docs/results/") and source.endswith("/summary.md"):

@@ -29,7 +29,8 @@ def test_each_doc_has_its_generated_tables():
     assert D.DEFAULT_RUN in sources["README.md"]
     assert sorted(sources["bench/README.md"]) == sorted(D.BENCHES.values())
     summaries = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "docs" / "results").glob("*/summary.md"))
-    assert sorted(sources["docs/results.md"]) == summaries  # every reproduction's table, once
+    assert sorted(s for s in sources["docs/results.md"] if "#" not in s) == summaries  # every reproduction's table, once
+    assert all(s.partition("#")[0] in summaries for s in sources["docs/results.md"])  # and sections of them
     for doc, found in sources.items():
         text = (ROOT / doc).read_text()
         assert text.count("<!-- docs-results: ") == text.count("<!-- /docs-results -->") == len(found), doc
@@ -124,3 +125,12 @@ def test_a_quick_or_smoke_benchmark_report_is_not_kept(tmp_path):
         report.write_text(json.dumps({flag: True, "provenance": {}}))
         with pytest.raises(SystemExit, match="a --quick or --smoke run is not kept"):
             D.main(["ingest-bench", name, str(report)])
+
+
+def test_a_section_block_is_the_summarys_line_and_the_list_after_it(tmp_path):
+    summary = tmp_path / "docs" / "results" / "x" / "summary.md"
+    summary.parent.mkdir(parents=True)
+    summary.write_text("| a |\n|---|\n\nVerdicts (by seed):\n\n- one\n- two\n  continued\n\nOther text.\n- not this\n")
+    assert D.render("docs/results/x/summary.md#Verdicts", tmp_path) == "Verdicts (by seed):\n\n- one\n- two\n  continued\n"
+    with pytest.raises(ValueError, match="no line starting with 'Nothing'"):
+        D.render("docs/results/x/summary.md#Nothing", tmp_path)
