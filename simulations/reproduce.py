@@ -509,7 +509,7 @@ def _main_centralized(args: argparse.Namespace) -> int:
         if args.name == "localmoml-table2":
             protocols = [t2.PROTOCOLS[p] for p in (t2.PROTOCOLS if args.protocol == "both" else (args.protocol,))]
             budget = t2.BUDGETS["quick" if args.quick else "full"]
-            table, grid = t2.table2(protocols, budget, run_all, t2.load_authors_code())
+            table, grid = t2.table2(protocols, budget, run_all, t2.load_authors_code(Path(args.out) / "localmoml-table2" / t2.AUTHORS_CODE))
             summary = t2.describe_setting(budget, protocols) + "\n\n" + table
         else:
             table, grid = t2.ablation(t2.BUDGETS["quick" if args.quick else "ablation"], run_all)

@@ -202,8 +202,33 @@ def test_each_ablation_step_changes_only_its_settings():
     for i, (step, change) in enumerate(t2.ABLATION_STEPS):
         for c in seen[3 * i: 3 * i + 3]:
             diff = {f.name for f in dataclasses.fields(c) if getattr(c, f.name) != getattr(base[c.algorithm], f.name)}
-            expected = set(change) - ({"momentum"} if c.algorithm == "maml" else set())
+            label = {alg: lb for lb, alg in t2.ALGORITHMS.items()}[c.algorithm]
+            expected = set(change) - t2.IGNORED_BY[label]
             if "iterations" in change:
                 expected |= {"eval_every"}
             assert diff == expected, (step, c.algorithm, diff)
         assert f"| {step} |" in text
+    assert "(as above)" in text.split("| step along eq. (3)")[1].split("\n")[0]  # MAML does not read memory_gradient
+
+
+def test_the_commands_write_the_table_and_the_ablation_sharing_one_cache(tmp_path, monkeypatch, capsys):
+    from fedmeta.simulations import reproduce
+
+    tiny = t2.Table2Budget(iterations=20, eval_every=20, seeds=(0,), ks=(1,), grid=(0.005,), validation_tasks=3)
+    monkeypatch.setitem(t2.BUDGETS, "quick", tiny)
+    (tmp_path / "localmoml-table2").mkdir()
+    code = {"runs": [{"K": 1, "algorithm": t2.MOML, "test_error": 0.291, "ms_per_iteration": 2.0}]}
+    (tmp_path / "localmoml-table2" / t2.AUTHORS_CODE).write_text(__import__("json").dumps(code))
+    args = ["--quick", "--out", str(tmp_path), "--runs", str(tmp_path / "runs")]
+    assert reproduce.main(["localmoml-table2", "--protocol", "authors", *args]) == 0
+    text = (tmp_path / "localmoml-table2-authors-quick" / "summary.md").read_text()
+    assert "fedmeta-reproduce localmoml-table2 --protocol authors --quick" in text and "0.291 (2.00 ms)" in text
+    assert "| authors: eta, beta |" in text and "paper: eta" not in text and "Verdicts" in text
+    capsys.readouterr()
+    assert reproduce.main(["localmoml-table2-ablation", *args]) == 0
+    out = capsys.readouterr().out
+    # the first row is the table's 3 runs; 4 more leave a setting their algorithm does not read unchanged: the first row's
+    assert out.count("(reused,") == 3 + 4 and "| authors' protocol |" in out
+    with pytest.raises(SystemExit):
+        reproduce.main(["ggs-fig1", "--protocol", "paper"])
+    assert "--protocol is for localmoml-table2 only" in capsys.readouterr().err
