@@ -378,7 +378,7 @@ class CentralizedConfig:
                     raise ValueError
                 kwargs[name] = value if isinstance(value, kind) else kind(value)
             except ValueError:
-                raise ValueError(f"{name} must be a {kind.__name__}, got {value!r}") from None
+                raise ValueError(f"{name} must be {'an' if kind.__name__[0] in 'aeiou' else 'a'} {kind.__name__}, got {value!r}") from None
         return cls(**kwargs)
 
 

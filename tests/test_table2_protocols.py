@@ -161,7 +161,10 @@ def test_verdicts_are_judged_by_the_seed_bands():
     assert t2.verdict([0.3, 0.31], [0.8, 0.9]) == "holds"
     assert t2.verdict([0.8, 0.9], [0.3, 0.31]) == "reversed"
     assert t2.verdict([0.5, 0.9], [0.6, 0.8]) == "not separable"
-    assert t2.verdict([float("nan")], [1.0]).startswith("n/a")
+    nan = float("nan")
+    assert t2.verdict([0.3, 0.4], [0.8, nan]) == "holds (diverged: 0 of 2 and 1 of 2 seeds)"  # a diverged run: infinite error
+    assert t2.verdict([nan, 0.4], [0.8, 0.9]) == "reversed (diverged: 1 of 2 and 0 of 2 seeds)"
+    assert t2.verdict([nan], [nan]).startswith("not separable")
 
 
 def test_table2_tunes_only_what_a_protocol_does_not_give_and_runs_every_seed():
