@@ -181,10 +181,11 @@ def cell(values: Sequence[float]) -> str:
 def verdict(lower: Sequence[float], higher: Sequence[float]) -> str:
     """Is ``lower`` below ``higher``, judged by the seed bands (mean ± std)? ``holds``: the bands do not overlap and
     ``lower`` is below; ``reversed``: they do not overlap and it is above; otherwise ``not separable``. A diverged run
-    (NaN) has an infinite error: only one side diverging decides it, both diverging leaves it ``not separable``."""
+    (NaN) has an infinite error: where runs diverged, the side with fewer diverged seeds is the lower one, and as many
+    on both sides is ``not separable``."""
     bad_low, bad_high = (int(np.isnan(np.asarray(v, dtype=np.float64)).sum()) for v in (lower, higher))
     if bad_low or bad_high:
-        which = "holds" if not bad_low else "reversed" if not bad_high else "not separable"
+        which = "holds" if bad_low < bad_high else "reversed" if bad_low > bad_high else "not separable"
         return f"{which} (diverged: {bad_low} of {len(lower)} and {bad_high} of {len(higher)} seeds)"
     (a, sa), (b, sb) = band(lower), band(higher)
     if a + sa < b - sb:

@@ -164,6 +164,7 @@ def test_verdicts_are_judged_by_the_seed_bands():
     nan = float("nan")
     assert t2.verdict([0.3, 0.4], [0.8, nan]) == "holds (diverged: 0 of 2 and 1 of 2 seeds)"  # a diverged run: infinite error
     assert t2.verdict([nan, 0.4], [0.8, 0.9]) == "reversed (diverged: 1 of 2 and 0 of 2 seeds)"
+    assert t2.verdict([nan, 0.4], [nan, nan]) == "holds (diverged: 1 of 2 and 2 of 2 seeds)"
     assert t2.verdict([nan], [nan]).startswith("not separable")
 
 
