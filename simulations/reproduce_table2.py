@@ -161,7 +161,8 @@ def final_error(r: RunResult, first: int | None = None) -> float:
 
 def ms_per_step(r: RunResult) -> float:
     """ms per iteration; for LocalMOML per local step, as the authors' code times it (the time of a round over H)."""
-    steps = r.iterations[-1] * (r.config.local_steps if r.config.algorithm == "local-moml" else 1)
+    done = r.diverged_at if r.diverged_at is not None else r.config.iterations
+    steps = done * (r.config.local_steps if r.config.algorithm == "local-moml" else 1)
     return 1000 * r.train_seconds / max(1, steps)
 
 
