@@ -365,8 +365,10 @@ def plot(curves: Mapping[str, list[RunResult]], out: Path) -> list[Path]:
             panel = f"{name}: K={k} "
             for label, rs in curves.items():
                 if label.startswith(panel):
-                    it, mean = _seed_mean_curve(rs)
-                    ax.plot(np.asarray(it) * budget_scale(rs[0].config), mean, label=label[len(panel):])
+                    it, mean = _seed_mean_curve(rs)  # up to the first divergence
+                    bad = [r.diverged_at * budget_scale(r.config) for r in rs if r.diverged_at is not None]
+                    note = f", diverged in {len(bad)} of {len(rs)} seeds, first at {min(bad):,.0f}" if bad else ""
+                    ax.plot(np.asarray(it) * budget_scale(rs[0].config), mean, label=label[len(panel):] + note)
             ax.set(xlabel="MAML iterations (LocalMOML: the same sampled points)", ylabel="test error after adaptation", yscale="log",
                    title=f"{name} protocol, K = {k} (mean over seeds)")
             ax.grid(alpha=0.3, which="both")
