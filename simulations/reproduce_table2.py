@@ -242,7 +242,7 @@ def table2(protocols: Sequence[Protocol], budget: Table2Budget, run_all: Callabl
     done = iter(run_all([c for cs in cfgs.values() for c in cs]))
     runs = {key: [next(done) for _ in cs] for key, cs in cfgs.items()}
 
-    head = "| K | algorithm | paper | authors' README | authors' code here, seed 0 |"
+    head = "| K | algorithm | the paper's Table 2 | authors' README | authors' code here, seed 0 |"
     rule = "|---|---|---|---|---|"
     for p in protocols:
         head += f" {p.name}: eta, beta | {p.name}: test error (5 tasks) |" + (" (500 tasks) |" if p.test_tasks > 5 else "") + \
