@@ -11,7 +11,8 @@ the step size eta per K and algorithm (:class:`Protocol`); nothing downstream lo
   B = 3 distinct tasks per iteration, 5 unseen test tasks drawn per seed, each seed's own initial model, and the
   beta the paper states (0.5 at K = 1, 0.7 at K = 5).
 - ``authors``: the released code, GitHub ``bokun-wang/moml``, folder ``sinewave/``, where it differs from the text
-  (:data:`AUTHORS_SOURCES` names the file and line of each choice).
+  (each setting's docstring in :class:`fedmeta.centralized.CentralizedConfig` names the file and lines it comes from;
+  docs/results.md lists them with what still differs).
 
 Both run the authors' budget: 40,000 iterations for MAML and MOML (``sinewave/config.py``, ``total_iterations``) and,
 for LocalMOML, the same number of sampled points: ``(40,000 // ((K0 + K H) / (K H))) // H`` rounds of H = 5 local steps
@@ -84,32 +85,6 @@ PROTOCOLS = {
 }
 """``paper``'s beta at K = 3 is the README's (the paper has no K = 3); ``authors``' at K = 5 is the paper's (the README has no
 K = 5). ``paper`` scores 500 unseen tasks per seed and reports the first 5 (the paper's count) and all 500."""
-
-AUTHORS_SOURCES = (
-    ("meta_gradient = first_order", "src/maml.py `inner_loop`, `torch.autograd.grad(loss, temp_weights)` without "
-     "`create_graph`: the inner gradient is a constant, so no Hessian term (the same in moml.py and lcmoml.py)"),
-    ("memory_gradient = through-memory", "src/moml.py `inner_loop` lines 82-99 and src/lcmoml.py lines 50-63: the outer loss "
-     "is taken at the mixed model beta v + (1 - beta) u, differentiated with u held fixed, so the step is beta times eq. (3)"),
-    ("memory_init = initial-model", "src/moml.py `MOML.__init__` lines 40-48: every task's memory starts one inner step from "
-     "the initial model, on K fresh samples"),
-    ("init_seed = 1234", "src/model.py `Model(seed=1234)`, built anew for every seed in train.py: every seed starts from "
-     "the same model (fedmeta draws it bit for bit: torch's default init under torch.manual_seed(1234))"),
-    ("task_sampling = with-replacement", "`np.random.choice(self.N_tasks, self.B_tasks)` in src/maml.py, moml.py and "
-     "lcmoml.py"),
-    ("eval_protocol = few-shot-fixed", "train.py lines 14-27 with src/tasks.py `sample_amp_pha` and `sample_test_data`: "
-     "the same 5 test tasks for every seed (numpy seeds 0-4), their 10 support points the first 10 of the 100 test points "
-     "(numpy seed 2021)"),
-    ("beta 0.3 (K = 1), 0.5 (K = 3); eta per README", "sinewave/README.md's commands"),
-)
-"""Where ``authors`` departs from ``paper``, and the authors' code it comes from (files under sinewave/)."""
-REMAINING = (
-    "Random draws: fedmeta draws tasks and points from torch generators, the authors' code from numpy's global "
-    "generator, so no training run is the same draw for draw; the initial model and the test set are.",
-    "Order of work: the authors' code runs the B tasks of an iteration one after the other; fedmeta runs them together "
-    "(torch.func.vmap), with a task drawn twice visited in turn (MOML), as theirs does.",
-    "Arithmetic: float32 on this CPU in both, but batched (vmap) kernels and their loop sum in other orders.",
-)
-"""What still differs between fedmeta's ``authors`` protocol and the released code."""
 
 
 @dataclass(frozen=True)
