@@ -494,7 +494,8 @@ def _describe_centralized(cfg: CentralizedConfig, res: RunResult) -> str:
 def _main_centralized(args: argparse.Namespace) -> int:
     from fedmeta.centralized import train
 
-    tag = args.name + (f"-{args.protocol}" if args.name == "localmoml-table2" and args.protocol != "both" else "") + ("-quick" if args.quick else "")
+    protocol = args.protocol if args.name == "localmoml-table2" and args.protocol != "both" else ""  # one protocol only
+    tag = args.name + (f"-{protocol}" if protocol else "") + ("-quick" if args.quick else "")
     out = Path(args.out) / tag
     out.mkdir(parents=True, exist_ok=True)
     _one_thread()
@@ -521,8 +522,8 @@ def _main_centralized(args: argparse.Namespace) -> int:
         figures = plot_meta_loss(best, grid, out)
     minutes = (time.perf_counter() - t0) / 60
     run_minutes = sum(r.seconds for rs in grid.values() for r in rs) / 60
-    command = (f"fedmeta-reproduce {args.name}" + (f" --protocol {args.protocol}" if args.name == "localmoml-table2" and args.protocol != "both" else "")
-               + (" --quick" if args.quick else "") + (f" --jobs {args.jobs}" if args.jobs > 1 else ""))
+    command = (f"fedmeta-reproduce {args.name}" + (f" --protocol {protocol}" if protocol else "") + (" --quick" if args.quick else "")
+               + (f" --jobs {args.jobs}" if args.jobs > 1 else ""))
     count, reused = run_all.count, run_all.reused
     text = f"## {args.name}{' (quick budget)' if args.quick else ''}\n\n`{command}`: {count} runs"
     if reused == count:

@@ -206,7 +206,6 @@ def table2(protocols: Sequence[Protocol], budget: Table2Budget, run_all: Callabl
            authors_code: Mapping[tuple[int, str], Mapping[str, Any]] | None = None) -> tuple[str, dict[str, list[RunResult]]]:
     """Run every protocol's grid; return the side-by-side summary and the runs by label."""
     authors_code = authors_code or {}
-    runs: dict[tuple[str, int, str], list[RunResult]] = {}
     etas: dict[str, dict[tuple[int, str], float]] = {}
     notes: list[str] = []
     for p in protocols:
