@@ -248,10 +248,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         rows, started, busy0, started_at = [], time.perf_counter(), busy_cpu_seconds(), time.time()
         for cfg in configs:
             mode = f"B={cfg.clients_per_round} of n={cfg.num_clients}" if cfg.clients_per_round else f"all n={cfg.num_clients}"
-            print(f"== {cfg.algorithm} on {cfg.dataset} ({mode}, {cfg.num_rounds} rounds, H/tau={cfg.local_steps}, "
-                  f"K={cfg.batch_size}, meta-gradient={cfg.meta_gradient}, seed={cfg.seed})", flush=True)
             t0 = time.perf_counter()
-            try:
+            try:  # the header too: a Ctrl-C while it prints is the same interruption
+                print(f"== {cfg.algorithm} on {cfg.dataset} ({mode}, {cfg.num_rounds} rounds, H/tau={cfg.local_steps}, "
+                      f"K={cfg.batch_size}, meta-gradient={cfg.meta_gradient}, seed={cfg.seed})", flush=True)
                 res = simulate(cfg, verbose=args.verbose, check=False)
             except KeyboardInterrupt:
                 print(f"\nfedmeta-sim: {interrupted(cfg, [c.algorithm for c in configs[len(rows) + 1:]])}", file=sys.stderr, flush=True)
