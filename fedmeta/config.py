@@ -31,6 +31,8 @@ META_GRADIENT = "meta-gradient"
 INNER_STEPS = "inner-steps"
 DELTA = "delta"
 NUM_DIRECTIONS = "num-directions"
+OUTER_BATCH_SIZE = "outer-batch-size"
+BATCH_DRAWS = "batch-draws"
 MEMORY_POLICY = "memory-policy"
 EVAL_STEPS = "eval-steps"
 EVAL_SHOTS = "eval-shots"
@@ -83,6 +85,7 @@ FEDAVG = "fedavg"
 PER_FEDAVG = "per-fedavg"
 LOCAL_MOML = "local-moml"
 MEMORY_POLICIES = ("keep", "reset")
+BATCH_DRAW_CHOICES = ("per-step", "per-round")
 
 
 def _normalized(key: str) -> str:
@@ -93,6 +96,8 @@ class WireConfig:
     """Mixin: round-trip a frozen dataclass through a flat kebab-case dict (a ``ConfigRecord``)."""
 
     KEYS: ClassVar[dict[str, str]]
+    STEP_SIZES: ClassVar[tuple[str, ...]] = ()
+    """The fields that are step sizes: what a step-size schedule scales (``lr_decay_at`` of the strategies)."""
 
     def to_wire(self) -> dict[str, Any]:
         return {key: getattr(self, attr) for attr, key in self.KEYS.items()}

@@ -113,6 +113,15 @@ class ExperimentConfig:
     """Finite-difference step (hessian_free) / Gaussian smoothing radius (ggs, zeroth_order)."""
     num_directions: int = _algorithm_default("num_directions")
     """U: Gaussian vectors per Hessian estimate (ggs, zeroth_order)."""
+    outer_batch_size: int = _algorithm_default("outer_batch_size")
+    """Samples in the outer (query) batch D' / S3; 0 = batch-size."""
+    batch_draws: str = _algorithm_default("batch_draws")
+    """``per-step``: fresh batches every local step; ``per-round``: one draw serves the round's local steps."""
+    lr_decay_at: str = ""
+    """Step-size schedule: comma-separated fractions of num-rounds (e.g. ``0.5,0.75``) from which the step sizes
+    are multiplied by lr-decay; empty: constant."""
+    lr_decay: float = _strategy_default("lr_decay")
+    """Factor of each step-size decay, in (0, 1]."""
     memory_policy: str = ""
     """LocalMOML memory: ``keep`` / ``reset``; empty: keep for cross-silo, reset for cross-device."""
     eval_protocol: str = ""
@@ -121,6 +130,8 @@ class ExperimentConfig:
     """Personalized evaluation: fine-tuning steps on the client's train split."""
     eval_shots: int = _strategy_default("eval_shots")
     """Personalized evaluation: support-set size (0 = whole train split)."""
+    eval_lr: float = 0.0
+    """Personalized evaluation: fine-tuning step size (0 = inner-lr)."""
     evaluate_every: int = _strategy_default("evaluate_every")
     """Evaluate all clients every this many rounds (and after the last)."""
     seed: int = _strategy_default("seed")
@@ -224,6 +235,10 @@ class ExperimentConfig:
                 if getattr(self, name) < self.classes_per_client:
                     raise _bad(name, f"an integer >= classes-per-client={self.classes_per_client} (pathological partition)",
                                getattr(self, name))
+        try:
+            self.decay_fractions
+        except ValueError:
+            raise _bad("lr_decay_at", "empty or increasing comma-separated fractions in (0, 1), e.g. '0.5,0.75'", self.lr_decay_at) from None
         if self.resume and not self.checkpoint:
             raise _bad("resume", "false when checkpoint is false (there is no checkpoint to resume from)", self.resume)
         if self.vectorize == "vmap":
@@ -313,6 +328,14 @@ class ExperimentConfig:
         """(fine-tuning steps, support-set size) of personalized evaluation."""
         return EVAL_PROTOCOLS[self.eval_protocol] if self.eval_protocol else (self.eval_steps, self.eval_shots)
 
+    @property
+    def decay_fractions(self) -> tuple[float, ...]:
+        """``lr-decay-at`` parsed: the fractions of num-rounds where the step sizes decay (``ValueError`` if malformed)."""
+        out = tuple(float(m) for m in self.lr_decay_at.split(",")) if self.lr_decay_at.strip() else ()
+        if not all(0 < m < 1 for m in out) or list(out) != sorted(set(out)):
+            raise ValueError(self.lr_decay_at)
+        return out
+
     def data_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of :func:`fedmeta.data.client_data` (besides the partition id)."""
         if self.dataset == "sinewave":
@@ -360,6 +383,9 @@ class ExperimentConfig:
             seed=self.seed,
             eval_steps=eval_steps,
             eval_shots=eval_shots,
+            eval_lr=self.eval_lr or None,
+            lr_decay_at=self.decay_fractions,
+            lr_decay=self.lr_decay,
             evaluate_every=self.evaluate_every,
             max_update_norm_ratio=self.max_update_norm_ratio or None,
             min_valid_replies=self.min_valid_replies,
@@ -469,6 +495,7 @@ _CHOICES: dict[str, tuple[Callable[[], Sequence[str]], bool]] = {
     "model": (lambda: sorted(MODELS), True),
     "meta_gradient": (lambda: META_GRADIENTS, False),
     "memory_policy": (lambda: C.MEMORY_POLICIES, True),
+    "batch_draws": (lambda: C.BATCH_DRAW_CHOICES, False),
     "eval_protocol": (lambda: sorted(EVAL_PROTOCOLS), True),
     "vectorize": (lambda: VECTORIZE, False),
 }
@@ -506,6 +533,9 @@ _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "num_directions": _at_least(1),
     "eval_steps": _at_least(0),
     "eval_shots": _at_least(0, " (0 = the whole train split)"),
+    "eval_lr": ((lambda v: v >= 0), "a finite number >= 0 (0 = inner-lr)"),
+    "outer_batch_size": _at_least(0, " (0 = batch-size)"),
+    "lr_decay": ((lambda v: 0 < v <= 1), "a finite number in (0, 1]"),
     "evaluate_every": _at_least(0, " (0 = never)"),
     "seed": ((lambda v: v >= 0), "an integer in [0, 2**63 - 1]"),
     "num_cpus": _POSITIVE,

@@ -4,10 +4,11 @@
 FedAvg + one adaptation step and Per-FedAvg + one step on the Fallah split (n = 10, MLP 80-60
 ELU, alpha = 0.01, beta = 0.001, D = D' = 50, first-order as in eq. 23), for several tau and r.
 
-``fedmeta-reproduce localmoml-table3 [--quick]`` -- localmoml Table 3 (Section 6.2) on
-Fashion-MNIST: LocalMOML vs Per-FedAvg, n = 50, MLP 40-40, alpha = 0.001, K = K0 = 5,
-H in {4, 10}, B' in {1, 5} tasks sampled on each of 4 groups, 5-shot / 10-step evaluation,
-LocalMOML's momentum tuned on the first seed.
+``fedmeta-reproduce localmoml-table3 [--protocol paper|authors] [--quick]`` -- localmoml Table 3 (Section 6.2) on
+Fashion-MNIST: LocalMOML vs Per-FedAvg, n = 50, MLP 40-40. ``paper`` (default): alpha = 0.001, K = K0 = 5,
+H in {4, 10}, B' in {1, 5} tasks sampled on each of 4 groups, 5-shot / 10-step evaluation, 150 rounds,
+LocalMOML's momentum tuned on the first seed. ``authors``: the authors' released federated settings
+(:data:`TABLE3_PROTOCOLS`), 5,000 rounds.
 
 ``fedmeta-reproduce localmoml-table2 [--protocol paper|authors|both] [--quick] [--jobs 2]`` -- localmoml Table 2
 (Section 6.1): MAML (BSGD), MOML and LocalMOML on 25 sine tasks, K in {1, 3, 5}, 5 seeds, under the paper's protocol
@@ -43,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -134,25 +136,75 @@ TABLE3_FULL = Budget(rounds=150, evaluate_every=50, seeds=(0, 1, 2), cells=((4, 
 TABLE3_QUICK = Budget(rounds=100, evaluate_every=50, seeds=(0, 1, 2), cells=((4, 5),), momenta=(0.5,))
 
 
-def table3(budget: Budget, run: Callable[[ExperimentConfig], dict[str, Any]]) -> tuple[str, dict[str, list[dict[str, Any]]]]:
-    """Run the Table 3 grid; LocalMOML's momentum is chosen on the first seed's final accuracy."""
+@dataclass(frozen=True)
+class Table3Protocol:
+    """The settings of one protocol of Table 3 and its budgets."""
+
+    base: ExperimentConfig
+    setting: str
+    """The settings, as the summary's first line states them (the budget's rounds and seeds follow)."""
+    full: Budget
+    quick: Budget
+
+
+TABLE3_PROTOCOLS = {
+    "paper": Table3Protocol(
+        TABLE3_BASE,
+        "Fashion-MNIST, Fallah split n=50 (a=68 / 34), MLP 784-40-40-10, alpha=0.001, K=K0=5, step size 0.05 (LocalMOML eta, "
+        "Per-FedAvg beta), exact Hessian, 4 groups sampling B' clients each, 5-shot / 10-step evaluation",
+        TABLE3_FULL, TABLE3_QUICK),
+    # The localmoml authors' released code, GitHub bokun-wang/moml, federated/: run.sh (--total_iters=5000 --update_lr=0.01
+    # --meta_lr=0.01 --beta=0.7 --ft_lr=0.001 --H=4 --num_tasks=5 on 4 workers) and train.py (first-order gradients, the same
+    # k_spt=5 support and k_qry=10 query points in all H steps of a round, the memory rebuilt each round from one step on
+    # its own support batch, update_lr and meta_lr divided by 10 at 50 % and 75 % of the iterations); mnist10.py's a=168.
+    # Per-FedAvg is the same code with beta = 1, which is fedmeta's Per-FedAvg with beta (meta-lr) = eta.
+    "authors": Table3Protocol(
+        TABLE3_BASE.replace(a_train=168, inner_lr=0.01, lr=0.01, meta_lr=0.01, meta_gradient="first_order", outer_batch_size=10,
+                            batch_draws="per-round", memory_policy="reset", eval_lr=0.001, lr_decay_at="0.5,0.75",
+                            num_nodes=-1),  # the default multi-client nodes
+        "Fashion-MNIST, Fallah split n=50 (a=168 / 34), MLP 784-40-40-10, the localmoml authors' federated settings: "
+        "alpha=0.01, eta (LocalMOML) = beta (Per-FedAvg) = 0.01, both divided by 10 at 50 % and 75 % of the rounds, "
+        "LocalMOML beta 0.7, first order, 5 support / 10 query points per client drawn once per round, memory rebuilt every "
+        "round from K0=5, 4 groups sampling B' clients each, evaluation 5-shot / 10 steps at 0.001",
+        Budget(rounds=5000, evaluate_every=250, seeds=(0, 1, 2), cells=((4, 5),), momenta=(0.7,)),
+        Budget(rounds=500, evaluate_every=250, seeds=(0, 1, 2), cells=((4, 5),), momenta=(0.7,))),
+}
+"""``fedmeta-reproduce localmoml-table3 --protocol paper|authors``: the paper's stated settings at fedmeta's budget, and
+the authors' released code's (their budget, step sizes, schedule, batches and fine-tuning step)."""
+
+
+def _bands(pf: Sequence[float], lm: Sequence[float]) -> str:
+    """Whether LocalMOML is ahead of Per-FedAvg, judged by the seed bands (mean ± std over seeds)."""
+    a, b = np.asarray(pf), np.asarray(lm)
+    if b.mean() - b.std() > a.mean() + a.std():
+        return "yes, beyond the seed bands"
+    if b.mean() + b.std() < a.mean() - a.std():
+        return "no: behind, beyond the seed bands"
+    return f"{'ahead' if b.mean() > a.mean() else 'behind'} within the seed bands"
+
+
+def table3(budget: Budget, run: Callable[[ExperimentConfig], dict[str, Any]],
+           protocol: Table3Protocol = TABLE3_PROTOCOLS["paper"]) -> tuple[str, dict[str, list[dict[str, Any]]]]:
+    """Run the Table 3 grid of ``protocol``; LocalMOML's momentum is chosen on the first seed's final accuracy."""
     runs: dict[str, list[dict[str, Any]]] = {}
-    lines = ["| H | B' per group (B) | Per-FedAvg | LocalMOML | momentum | LocalMOML ahead |", "|---|---|---|---|---|---|"]
+    lines = ["| H | B' per group (B) | Per-FedAvg | LocalMOML | LocalMOML - Per-FedAvg, same seed | momentum | LocalMOML ahead | "
+             "s per run |", "|---|---|---|---|---|---|---|---|"]
     first, rest = budget.seeds[0], budget.seeds[1:]
     for h, bp in budget.cells:
         label = f"H={h}, B'={bp}"
-        cfg = TABLE3_BASE.replace(local_steps=h, clients_per_round=bp, num_rounds=budget.rounds, evaluate_every=budget.evaluate_every)
+        cfg = protocol.base.replace(local_steps=h, clients_per_round=bp, num_rounds=budget.rounds, evaluate_every=budget.evaluate_every)
         runs[f"{C.PER_FEDAVG} ({label})"] = [run(cfg.replace(algorithm=C.PER_FEDAVG, seed=s)) for s in budget.seeds]
         tuning = {m: run(cfg.replace(algorithm=C.LOCAL_MOML, momentum=m, seed=first)) for m in budget.momenta}
         best = max(tuning, key=lambda m: _acc(tuning[m], C.ACC_AFTER))
         runs[f"{C.LOCAL_MOML} ({label})"] = [tuning[best]] + [run(cfg.replace(algorithm=C.LOCAL_MOML, momentum=best, seed=s)) for s in rest]
         pf = [_acc(r, C.ACC_AFTER) for r in runs[f"{C.PER_FEDAVG} ({label})"]]
         lm = [_acc(r, C.ACC_AFTER) for r in runs[f"{C.LOCAL_MOML} ({label})"]]
-        lines.append(f"| {h} | {bp} ({4 * bp}) | {_mean_std(pf)} | {_mean_std(lm)} | {best:g} of {list(budget.momenta)} | "
-                     f"{'yes' if np.mean(lm) > np.mean(pf) else 'no'} |")
-    head = (f"Fashion-MNIST, Fallah split n=50 (a=68 / 34), MLP 784-40-40-10, alpha=0.001, K=K0=5, step size 0.05 (LocalMOML eta, Per-FedAvg beta), exact Hessian, "
-            f"4 groups sampling B' clients each, 5-shot / 10-step evaluation, {budget.rounds} rounds, seeds {list(budget.seeds)}; "
-            f"accuracy (%) mean ± std over seeds of the mean over the 50 clients.")
+        seconds = [float(r.get("seconds", math.nan)) for key in (f"{C.PER_FEDAVG} ({label})", f"{C.LOCAL_MOML} ({label})")
+                   for r in runs[key]]
+        lines.append(f"| {h} | {bp} ({4 * bp}) | {_mean_std(pf)} | {_mean_std(lm)} | {_mean_std(np.subtract(lm, pf))} | "
+                     f"{best:g} of {list(budget.momenta)} | {_bands(pf, lm)} | {np.mean(seconds):.0f} |")
+    head = (f"{protocol.setting}, {budget.rounds} rounds, seeds {list(budget.seeds)}; accuracy (%) after fine-tuning, mean ± std "
+            f"over seeds of the mean over the 50 clients.")
     return head + "\n\n" + "\n".join(lines) + "\n", runs
 
 
@@ -551,8 +603,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="fedmeta-reproduce", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 allow_abbrev=False)
     p.add_argument("name", choices=sorted([*REPRODUCTIONS, *GGS_FIGURES, "localmoml-table2", "localmoml-table2-ablation", "dif-maml-fig2"]))
-    p.add_argument("--protocol", choices=("paper", "authors", "both"), default="both",
-                   help="localmoml-table2: Section 6.1 as written, the authors' released code's choices, or both side by side (default)")
+    p.add_argument("--protocol", choices=("paper", "authors", "both"), default=None,
+                   help="localmoml-table2: Section 6.1 as written, the authors' released code's choices, or both side by side (default); "
+                        "localmoml-table3: the paper's stated settings at fedmeta's budget (default) or the authors' federated settings")
     p.add_argument("--quick", action="store_true", help="a reduced budget that finishes in under 10 minutes on 2 cores (ggs-*: under a minute)")
     p.add_argument("--out", default="docs/results", help="where the summary and plots go (default: docs/results/<name>)")
     p.add_argument("--runs", default="results/reproduce", help="where every run's results go (default: results/reproduce/<name>)")
@@ -560,8 +613,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.jobs < 1:
         p.error(f"--jobs must be an integer >= 1, got {args.jobs}")
-    if args.protocol != "both" and args.name != "localmoml-table2":
-        p.error("--protocol is for localmoml-table2 only")
+    if args.protocol is not None and args.name not in ("localmoml-table2", "localmoml-table3"):
+        p.error("--protocol is for localmoml-table2 and localmoml-table3 only")
+    if args.protocol == "both" and args.name == "localmoml-table3":
+        p.error("--protocol for localmoml-table3 is paper or authors (one summary each)")
+    args.protocol = args.protocol or ("both" if args.name == "localmoml-table2" else "paper")
     if args.name in GGS_FIGURES or args.name.startswith("localmoml-table2"):
         return _main_centralized(args)
     if args.name == "dif-maml-fig2":
@@ -569,8 +625,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return main_dif(args)
     experiment, full, quick = REPRODUCTIONS[args.name]
+    authors = args.name == "localmoml-table3" and args.protocol == "authors"
+    if authors:
+        t3 = TABLE3_PROTOCOLS["authors"]
+        experiment, full, quick = functools.partial(table3, protocol=t3), t3.full, t3.quick
     budget = quick if args.quick else full
-    tag = args.name + ("-quick" if args.quick else "")
+    tag = args.name + ("-authors" if authors else "") + ("-quick" if args.quick else "")
     out, runs_dir = Path(args.out) / tag, Path(args.runs) / tag
     out.mkdir(parents=True, exist_ok=True)
     logging.basicConfig(format="%(asctime)s %(message)s", datefmt="%H:%M:%S", level=logging.WARNING, stream=sys.stdout)
@@ -611,10 +671,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return stop.code
     minutes = (time.perf_counter() - t0) / 60
     figures = plot(runs, out)
-    command = f"fedmeta-reproduce {args.name}" + (" --quick" if args.quick else "")
-    text = f"## {args.name}{' (quick budget)' if args.quick else ''}\n\n`{command}`: {count} simulations, {minutes:.1f} min wall time"
+    command = f"fedmeta-reproduce {args.name}" + (" --protocol authors" if authors else "") + (" --quick" if args.quick else "")
+    text = f"## {tag.removesuffix('-quick')}{' (quick budget)' if args.quick else ''}\n\n`{command}`: {count} simulations, {minutes:.1f} min wall time"
     text += f" for the {count - reused} not reused from an earlier, interrupted invocation" if reused else ""
-    block = provenance({"name": args.name, "quick": bool(args.quick), **dataclasses.asdict(budget)}, started=started)
+    block = provenance({"name": args.name, **({"protocol": "authors"} if authors else {}), "quick": bool(args.quick),
+                        **dataclasses.asdict(budget)}, started=started)
     text += f".\n\n{summary}"
     text += "\n" + runs_line(block, count, reused)
     text += "\n\n" + "\n".join(f"![{f.stem}]({f.name})" for f in figures) + "\n"

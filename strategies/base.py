@@ -11,7 +11,7 @@ import logging
 import math
 import time
 from logging import INFO
-from typing import Any, ClassVar, Iterable
+from typing import Any, ClassVar, Iterable, Sequence
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.common.logger import log
@@ -70,6 +70,17 @@ class MetaStrategy(CheckpointedRounds, PartitionNodes, ReplyScreening, Personali
         Personalized evaluation protocol: fine-tuning steps k and support-set size (0 = the client's
         whole train split). Defaults: one step on the train split (per-fedavg.txt Section 5);
         ``eval_steps=10, eval_shots=5`` is the LocalMOML paper's protocol (Section 6.2).
+    eval_lr
+        Step size of the evaluation's fine-tuning steps; ``None`` (default): the algorithm's ``inner_lr``
+        (alpha). The localmoml authors' federated code fine-tunes at 0.001 with alpha = 0.01
+        (GitHub ``bokun-wang/moml``, ``federated/train.py``: ``ft_lr``).
+    lr_decay_at, lr_decay
+        A step-size schedule: the algorithm's step sizes (its config's ``STEP_SIZES``: alpha and the
+        outer step) are multiplied by ``lr_decay`` (default 0.1) from round ``floor(m * num_rounds) + 1``
+        on, for each fraction m in ``lr_decay_at`` (default ``()``: constant). ``(0.5, 0.75)`` is the
+        localmoml authors' schedule (``federated/train.py``: ``update_lr`` and ``meta_lr`` divided by 10
+        at 50 % and 75 % of ``total_iters``). The schedule follows ``num_rounds``: a resumed run that
+        extends it moves the decay rounds.
     evaluate_every
         Run personalized evaluation on all clients every this many rounds and after the last
         round (default 50); 0 disables it.
@@ -128,6 +139,9 @@ class MetaStrategy(CheckpointedRounds, PartitionNodes, ReplyScreening, Personali
         weighting: str = "uniform",
         eval_steps: int = 1,
         eval_shots: int = 0,
+        eval_lr: float | None = None,
+        lr_decay_at: Sequence[float] = (),
+        lr_decay: float = 0.1,
         evaluate_every: int = 50,
         node_wait_timeout: float = 600.0,
         max_update_norm_ratio: float | None = None,
@@ -170,7 +184,17 @@ class MetaStrategy(CheckpointedRounds, PartitionNodes, ReplyScreening, Personali
         V.check("max_failed_rounds", ok, "an integer >= 0 (0 = never stop)", max_failed_rounds)
         hp_fields = field_names(self.hparams_cls)
         self.hparams = self.hparams_cls(**{k: kwargs.pop(k) for k in list(kwargs) if k in hp_fields})
-        self.eval_config = EvalConfig(inner_lr=self.hparams.inner_lr, eval_steps=eval_steps, eval_shots=eval_shots)
+        self.eval_config = EvalConfig(inner_lr=self.hparams.inner_lr if eval_lr is None else eval_lr, eval_steps=eval_steps,
+                                      eval_shots=eval_shots)
+        lr_decay_at = tuple(lr_decay_at)
+        ok = all(isinstance(m, (int, float)) and not isinstance(m, bool) and 0 < m < 1 for m in lr_decay_at)
+        V.check("lr_decay_at", ok and list(lr_decay_at) == sorted(set(lr_decay_at)),
+                "increasing fractions of num_rounds in (0, 1), e.g. (0.5, 0.75)", lr_decay_at)
+        V.check("lr_decay", math.isfinite(lr_decay) and 0 < lr_decay <= 1, "a number in (0, 1]", lr_decay)
+        V.check("lr_decay_at", not lr_decay_at or bool(self.hparams.STEP_SIZES),
+                f"empty: {type(self.hparams).__name__} declares no STEP_SIZES to decay", lr_decay_at)
+        self.lr_decay_at = lr_decay_at
+        self.lr_decay = float(lr_decay)
         self.num_clients = num_clients
         self.num_nodes = num_nodes
         self.new_clients = tuple(new)
@@ -242,6 +266,9 @@ class MetaStrategy(CheckpointedRounds, PartitionNodes, ReplyScreening, Personali
             mode = f"cross-device, B'={self.clients_per_round} from each of {self.sampling_groups} groups of n={n}"
         log(INFO, "\t├──> %s: %s, %d new (held-out) clients", type(self).__name__, mode, len(self.new_clients))
         log(INFO, "\t│\t├── hyper-parameters: %s", self.hparams.to_wire())
+        if self.lr_decay_at:
+            log(INFO, "\t│\t├── step sizes %s times %g at %s of the rounds", list(self.hparams.STEP_SIZES), self.lr_decay,
+                list(self.lr_decay_at))
         log(INFO, "\t│\t├── evaluation: %s every %d rounds", self.eval_config.to_wire(), self.evaluate_every)
         log(INFO, "\t│\t├── seed %d, %s average", self.seed, self.weighting)
         log(INFO, "\t│\t└── screening: max update norm ratio %s, at least %d valid replies",
@@ -255,6 +282,8 @@ class MetaStrategy(CheckpointedRounds, PartitionNodes, ReplyScreening, Personali
             "strategy": type(self).__name__,
             "hparams": self.hparams.to_wire(),
             "evaluation": self.eval_config.to_wire(),
+            "lr_decay_at": list(self.lr_decay_at),
+            "lr_decay": self.lr_decay,
             "num_clients": self.num_clients,
             "num_nodes": self.num_nodes,
             "clients_per_round": self.clients_per_round,
@@ -278,13 +307,22 @@ class MetaStrategy(CheckpointedRounds, PartitionNodes, ReplyScreening, Personali
         return [self.train_clients[i] for i in picks]
 
     # --- train -------------------------------------------------------------------------------
+    def round_hparams(self, server_round: int):
+        """The hyper-parameters of ``server_round``: :attr:`hparams` with the step sizes decayed as
+        ``lr_decay_at`` says (round r is the authors' iteration r - 1)."""
+        if not self.lr_decay_at or self.num_rounds is None:
+            return self.hparams
+        decays = sum(server_round - 1 >= int(m * self.num_rounds) for m in self.lr_decay_at)
+        factor = self.lr_decay**decays
+        return self.hparams.replace(**{f: getattr(self.hparams, f) * factor for f in self.hparams.STEP_SIZES}) if decays else self.hparams
+
     def train_config(self, server_round: int, config: ConfigRecord) -> ConfigRecord:
-        """The user's config plus the algorithm's keys (which take precedence). A copy: Flower's
-        ``FedAvg`` writes ``server-round`` into the caller's record in place."""
+        """The user's config plus the algorithm's keys for this round (which take precedence). A copy:
+        Flower's ``FedAvg`` writes ``server-round`` into the caller's record in place."""
         return ConfigRecord(
             {
                 **dict(config),
-                **self.hparams.to_wire(),
+                **self.round_hparams(server_round).to_wire(),
                 C.ALGORITHM: self.hparams.algorithm,
                 C.SEED: self.seed,
                 C.SERVER_ROUND: server_round,

@@ -69,6 +69,10 @@ _TYPES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "weighting": (lambda v: isinstance(v, str), "'uniform' or 'examples'"),
     "eval_steps": (_is_int, "an integer >= 0"),
     "eval_shots": (_is_int, "an integer >= 0"),
+    "eval_lr": (lambda v: v is None or (_is_real(v) and math.isfinite(float(v)) and v >= 0), "None (the inner_lr) or a number >= 0"),
+    "lr_decay_at": (lambda v: isinstance(v, (list, tuple)) and all(_is_real(m) for m in v),
+                    "a list or tuple of fractions of num_rounds in (0, 1)"),
+    "lr_decay": (lambda v: _is_real(v) and math.isfinite(float(v)), "a number in (0, 1]"),
     "evaluate_every": (_is_int, "an integer >= 0 (0 = never)"),
     "node_wait_timeout": (lambda v: _is_real(v) and v > 0, "a number of seconds > 0"),
     # Flower FedAvg's

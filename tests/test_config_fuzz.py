@@ -58,26 +58,30 @@ CHOICES: dict[str, tuple[tuple[str, ...], bool]] = {  # field: (allowed values, 
     "model": (tuple(MODELS), True),
     "meta_gradient": (META_GRADIENTS, False),
     "memory_policy": (C.MEMORY_POLICIES, True),
+    "batch_draws": (C.BATCH_DRAW_CHOICES, False),
     "eval_protocol": (tuple(EVAL_PROTOCOLS), True),
     "vectorize": (VECTORIZE, False),
 }
 INT_MIN = {  # each integer field's own lower bound
     "a_train": 2, "classes_per_client": 1, "train_per_client": 1, "test_per_client": 1, "num_clients": 1,
     "num_new_clients": 0, "clients_per_round": 0, "sampling_groups": 1, "num_rounds": 1, "local_steps": 1,
-    "batch_size": 1, "init_batch_size": 1, "inner_steps": 1, "num_directions": 1, "eval_steps": 0, "eval_shots": 0,
+    "batch_size": 1, "init_batch_size": 1, "inner_steps": 1, "num_directions": 1, "outer_batch_size": 0, "eval_steps": 0, "eval_shots": 0,
     "evaluate_every": 0, "seed": 0, "num_nodes": -1, "chunk_size": 1, "min_valid_replies": 1, "max_failed_rounds": 0,
 }
 FLOAT_RANGE = {  # field: (low, low allowed, high or None)
     "dirichlet_alpha": (0.0, False, None), "inner_lr": (0.0, True, None), "meta_lr": (0.0, False, None),
     "lr": (0.0, False, None), "momentum": (0.0, False, 1.0), "delta": (0.0, False, None),
     "num_cpus": (0.0, False, None), "num_gpus": (0.0, True, None), "round_timeout": (0.0, False, None),
+    "eval_lr": (0.0, True, None), "lr_decay": (0.0, False, 1.0),
 }
+DECAY_FRACTIONS = ("", "0.5", "0.5,0.75", "0.1, 0.2,0.9")
+"""Valid values of lr_decay_at (a string field with its own grammar)."""
 FREE_STRINGS = ("data_dir", "results_dir", "memory_dir", "checkpoint_dir", "ray_address")
 
 
 def test_the_tables_cover_every_field():
     covered = set(CHOICES) | set(INT_MIN) | set(FLOAT_RANGE) | set(FREE_STRINGS) | {"a_test", "download", "device", "max_update_norm_ratio",
-                                                                                      "checkpoint", "resume", "check_data"}
+                                                                                      "checkpoint", "resume", "check_data", "lr_decay_at"}
     assert covered == set(FIELDS)
 
 
@@ -110,7 +114,9 @@ def valid_configs(draw) -> dict[str, Any]:
         inner_lr=draw(st.floats(0.0, 1.0)), meta_lr=draw(pos), lr=draw(pos), momentum=draw(st.floats(1e-6, 1.0)),
         batch_size=draw(st.integers(1, 512)), init_batch_size=draw(st.integers(1, 512)),
         inner_steps=draw(st.integers(1, 10)), meta_gradient=meta_gradient, delta=draw(st.floats(1e-9, 1.0)),
-        num_directions=draw(st.integers(1, 100)), memory_policy=draw(st.sampled_from(["", *C.MEMORY_POLICIES])),
+        num_directions=draw(st.integers(1, 100)), outer_batch_size=draw(st.integers(0, 64)),
+        batch_draws=draw(st.sampled_from(C.BATCH_DRAW_CHOICES)), lr_decay_at=draw(st.sampled_from(DECAY_FRACTIONS)),
+        lr_decay=draw(st.floats(1e-6, 1.0)), eval_lr=draw(st.floats(0.0, 1.0)), memory_policy=draw(st.sampled_from(["", *C.MEMORY_POLICIES])),
         eval_protocol=draw(st.sampled_from(["", *EVAL_PROTOCOLS])), eval_steps=draw(st.integers(0, 50)),
         eval_shots=draw(st.integers(0, 50)), evaluate_every=draw(st.integers(0, 1000)),
         seed=draw(st.integers(0, 2**63 - 1)), num_cpus=draw(st.floats(0.01, 64.0)), num_gpus=draw(st.floats(0.0, 8.0)),
@@ -196,6 +202,8 @@ def string_invalid(name: str) -> st.SearchStrategy[str]:
         return bad | st.sampled_from(options).flatmap(misspelled).filter(lambda s: s not in options)
     if name == "device":
         return st.sampled_from(["gpu", "cuda:x", "CPU", "tpu:0", "cuda:-"])
+    if name == "lr_decay_at":
+        return st.sampled_from(["0.75,0.5", "0.5,0.5", "1", "0", "-0.5", "abc", "0.5;0.75", "nan", "0.5,"])
     return st.nothing()  # free strings: every string is valid
 
 

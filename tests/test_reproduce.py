@@ -41,8 +41,32 @@ def test_table3_tunes_momentum_on_the_first_seed_only():
     moml = [c for c in log if c.algorithm == C.LOCAL_MOML]
     assert [(c.momentum, c.seed) for c in moml] == [(0.1, 0), (0.9, 0), (0.9, 1), (0.9, 2)]
     assert all(c.sampling_groups == 4 and c.clients_per_round == 1 and c.eval_setting == (10, 5) for c in log)
-    assert "0.9 of [0.1, 0.9]" in summary and "| yes |" in summary
+    assert "0.9 of [0.1, 0.9]" in summary and "| yes, beyond the seed bands |" in summary
     assert len(runs[f"{C.LOCAL_MOML} (H=4, B'=1)"]) == 3
+
+
+def test_table3_authors_protocol_is_their_federated_settings():
+    """GitHub bokun-wang/moml, federated/run.sh and train.py: the settings the strategies receive."""
+    log = []
+    protocol = reproduce.TABLE3_PROTOCOLS["authors"]
+    summary, runs = reproduce.table3(protocol.full, fake_run(log), protocol=protocol)
+    assert len(log) == 6 and {c.seed for c in log} == {0, 1, 2} and all(c.num_rounds == 5000 for c in log)
+    for c in log:
+        kw = c.with_nodes_for(2).strategy_kwargs()
+        assert (kw["inner_lr"], kw["lr_decay_at"], kw["lr_decay"], kw["eval_lr"], kw["eval_steps"], kw["eval_shots"]) == (
+            0.01, (0.5, 0.75), 0.1, 0.001, 10, 5)
+        assert (kw["local_steps"], kw["clients_per_round"], kw["sampling_groups"], kw["batch_size"], kw["outer_batch_size"]) == (4, 5, 4, 5, 10)
+        assert (kw["meta_gradient"], kw["batch_draws"], c.a_train, c.num_nodes) == ("first_order", "per-round", 168, -1)
+        eta = kw["lr"] if c.algorithm == C.LOCAL_MOML else kw["meta_lr"]
+        assert eta == 0.01
+    assert {(c.momentum, c.memory_policy) for c in log if c.algorithm == C.LOCAL_MOML} == {(0.7, "reset")}
+    assert "| 4 | 5 (20) | 80.00 ± 0.00 | 75.00 ± 0.00 | -5.00 ± 0.00 | 0.7 of [0.7] | no: behind, beyond the seed bands |" in summary
+
+
+def test_table3_verdicts_follow_the_seed_bands():
+    assert reproduce._bands([0.80, 0.82], [0.84, 0.86]) == "yes, beyond the seed bands"
+    assert reproduce._bands([0.80, 0.84], [0.82, 0.86]) == "ahead within the seed bands"
+    assert reproduce._bands([0.82, 0.86], [0.80, 0.84]) == "behind within the seed bands"
 
 
 @pytest.mark.ray

@@ -235,4 +235,7 @@ def test_the_commands_write_the_table_and_the_ablation_sharing_one_cache(tmp_pat
     assert out.count("(reused,") == 3 + 4 and "| authors' protocol |" in out
     with pytest.raises(SystemExit):
         reproduce.main(["ggs-fig1", "--protocol", "paper"])
-    assert "--protocol is for localmoml-table2 only" in capsys.readouterr().err
+    assert "--protocol is for localmoml-table2 and localmoml-table3 only" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        reproduce.main(["localmoml-table3", "--protocol", "both"])
+    assert "--protocol for localmoml-table3 is paper or authors" in capsys.readouterr().err

@@ -83,6 +83,10 @@ class Algorithm:
         """The batches of one local step, in the paper's order."""
         raise NotImplementedError
 
+    def draws_once(self, hp: Any) -> bool:
+        """Whether the batches of a round's first step serve all its local steps (else each step draws its own)."""
+        return False
+
     def step(self, f: LossFn, w: Params, state: Params | None, batches: Batches, hp: Any,
              gen: torch.Generator | None = None) -> tuple[Params, Params | None]:
         """One local step: the new meta-model and state. ``gen``: random directions (``ggs``, ``zeroth_order``)."""
@@ -125,7 +129,8 @@ class Algorithm:
 
 @dataclass(frozen=True)
 class EstimatorConfig:
-    """The meta-gradient estimator fields of the MAML-type algorithms (:func:`fedmeta.meta.meta_gradient`)."""
+    """The meta-gradient estimator fields of the MAML-type algorithms (:func:`fedmeta.meta.meta_gradient`)
+    and how their batches are drawn."""
 
     inner_steps: int = 1
     """N: inner SGD steps of the adaptation, multistep-maml-ggs eq. (6) (>= 1; 1 is the papers' setting)."""
@@ -138,12 +143,22 @@ class EstimatorConfig:
     ``ggs`` / ``zeroth_order`` (eqs. 17-18) (> 0). See :data:`fedmeta.meta.DEFAULT_DELTA`."""
     num_directions: int = 10
     """U: Gaussian vectors per Hessian estimate (``ggs``, ``zeroth_order``) (>= 1)."""
+    outer_batch_size: int = 0
+    """Samples in the outer batch (Per-FedAvg's D', LocalMOML's S3; a "query" set) (>= 0); 0: ``batch_size``,
+    as the papers have it. The localmoml authors' federated code uses 10 query points beside 5 support
+    points (GitHub ``bokun-wang/moml``, ``federated/train.py``: ``k_qry`` vs ``k_spt``)."""
+    batch_draws: str = "per-step"
+    """``per-step``: every local step draws fresh batches (per-fedavg Algorithm 1, localmoml Algorithm 3);
+    ``per-round``: the first step's batches serve all H steps of the round, as the localmoml authors'
+    federated code does (``federated/train.py``: ``x_spt[i]``, ``x_qry[i]`` in every step ``h``)."""
 
     ESTIMATOR_KEYS: ClassVar[dict[str, str]] = {
         "inner_steps": C.INNER_STEPS,
         "meta_gradient": C.META_GRADIENT,
         "delta": C.DELTA,
         "num_directions": C.NUM_DIRECTIONS,
+        "outer_batch_size": C.OUTER_BATCH_SIZE,
+        "batch_draws": C.BATCH_DRAWS,
     }
 
     def _check_estimator(self) -> None:
@@ -152,6 +167,19 @@ class EstimatorConfig:
         V.finite_positive("delta (finite-difference step / smoothing radius)", self.delta)
         V.positive_int("num_directions (U, Gaussian vectors per Hessian estimate)", self.num_directions)
         meta.check_meta_gradient(self.meta_gradient, self.inner_steps, self.delta, self.num_directions)
+        V.nonneg_int("outer_batch_size (0 = batch_size)", self.outer_batch_size)
+        V.check_choice("batch_draws", self.batch_draws, C.BATCH_DRAW_CHOICES)
+
+    @property
+    def outer_size(self) -> int:
+        """Samples in the outer batch."""
+        return self.outer_batch_size or self.batch_size  # type: ignore[attr-defined]
+
+    def round_samples(self, local_steps: int) -> int:
+        """Samples the local steps of one round draw: 2N batches of ``batch_size`` and one outer batch, per
+        draw; one draw per step, or one per round (``batch_draws``)."""
+        per_draw = 2 * self.inner_steps * self.batch_size + self.outer_size  # type: ignore[attr-defined]
+        return per_draw * (1 if self.batch_draws == "per-round" else local_steps)
 
     def estimator(self) -> meta.MetaGradient:
         return meta.meta_gradient(self.meta_gradient, delta=self.delta, num_directions=self.num_directions)
@@ -169,14 +197,18 @@ class MAMLAlgorithm(Algorithm):
     def fast_refusal(self, hp: EstimatorConfig) -> str | None:
         return super().fast_refusal(hp) or fast.refusal(hp.estimator())
 
+    def draws_once(self, hp: EstimatorConfig) -> bool:
+        return hp.batch_draws == "per-round"
+
     @staticmethod
-    def meta_batches(sample: Sampler, inner_steps: int, batch_size: int, *, order: str) -> Batches:
-        """N inner batches, one outer batch and N Hessian batches of ``batch_size`` each, returned as
-        ``(inner, outer, hessian)`` and drawn in ``order`` (``"inner,outer,hessian"`` or
+    def meta_batches(sample: Sampler, hp: EstimatorConfig, *, order: str) -> Batches:
+        """N inner and N Hessian batches of ``hp.batch_size`` and one outer batch of ``hp.outer_size``,
+        returned as ``(inner, outer, hessian)`` and drawn in ``order`` (``"inner,outer,hessian"`` or
         ``"inner,hessian,outer"``: the papers differ)."""
         drawn: dict[str, Any] = {}
         for part in order.split(","):
-            drawn[part] = sample(batch_size) if part == "outer" else tuple(sample(batch_size) for _ in range(inner_steps))
+            drawn[part] = (sample(hp.outer_size) if part == "outer"
+                           else tuple(sample(hp.batch_size) for _ in range(hp.inner_steps)))  # type: ignore[attr-defined]
         return drawn["inner"], drawn["outer"], drawn["hessian"]
 
 

@@ -2,7 +2,7 @@
 
 :func:`local_round` is what a client does between two communications: build its state if it has
 to (:meth:`~fedmeta.algorithms.base.Algorithm.init_state`), then ``local_steps`` times draw the
-step's batches and take the step, then check the result (the divergence guard). Its steps run on the
+step's batches (or reuse the first step's, :meth:`~fedmeta.algorithms.base.Algorithm.draws_once`) and take the step, then check the result (the divergence guard). Its steps run on the
 ``torch.func`` path or on plain autograd (``step_impl``, :data:`STEP_IMPLS`); on the latter a step may
 update the round's own copy of the model and state in place.
 
@@ -128,8 +128,10 @@ def local_round(algorithm: str | Algorithm, f: LossFn, w: Params, sample: Sample
         state = init_state(f, w, algo.draw_init(sample, hp), hp)
     state = own(state)
     batches: tuple = ()
-    for _ in range(hp.local_steps):
-        batches = algo.draw(sample, hp)
+    once = algo.draws_once(hp)
+    for h in range(hp.local_steps):
+        if h == 0 or not once:
+            batches = algo.draw(sample, hp)
         w, state = take_step(f, w, state, batches, hp, gen)
         w, state = _detached(w), _detached(state)
     # NaN and Inf propagate through every later step, so one check of the round's result finds a divergence.
@@ -235,8 +237,10 @@ def local_rounds(
                     sc[k][idx] = built[k].detach()
         wc = {k: v.expand(c, *v.shape) for k, v in w.items()}
         drawn = None
-        for _ in range(hp.local_steps):
-            drawn = _stacked([algo.draw(samplers[i], hp) for i in chunk])
+        once = algo.draws_once(hp)
+        for h in range(hp.local_steps):
+            if h == 0 or not once:
+                drawn = _stacked([algo.draw(samplers[i], hp) for i in chunk])
             if algo.stateful:
                 wc, sc = vstep(wc, sc, drawn)
                 sc = _detached(sc)

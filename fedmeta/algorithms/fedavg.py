@@ -26,6 +26,7 @@ class FedAvgConfig(WireConfig):
     """Samples per SGD step (>= 1)."""
 
     algorithm: ClassVar[str] = C.FEDAVG
+    STEP_SIZES: ClassVar[tuple[str, ...]] = ("lr",)
     KEYS: ClassVar[dict[str, str]] = {"inner_lr": C.INNER_LR, "lr": C.LR, "local_steps": C.LOCAL_STEPS, "batch_size": C.BATCH_SIZE}
 
     def __post_init__(self) -> None:

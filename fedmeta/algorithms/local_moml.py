@@ -33,6 +33,7 @@ class LocalMOMLConfig(EstimatorConfig, WireConfig):
     ``reset``: u restarts from ``w - alpha grad f(w; S0)`` every round (line 5, cross-device)."""
 
     algorithm: ClassVar[str] = C.LOCAL_MOML
+    STEP_SIZES: ClassVar[tuple[str, ...]] = ("inner_lr", "lr")
     KEYS: ClassVar[dict[str, str]] = {
         "inner_lr": C.INNER_LR,
         "lr": C.LR,
@@ -78,7 +79,7 @@ class LocalMOML(MAMLAlgorithm):
         return meta.local_moml_init_memory(f, w, list(batches), hp.inner_lr, hp.estimator())
 
     def draw(self, sample, hp: LocalMOMLConfig) -> Batches:
-        return self.meta_batches(sample, hp.inner_steps, hp.batch_size, order="inner,hessian,outer")
+        return self.meta_batches(sample, hp, order="inner,hessian,outer")
 
     def step(self, f, w, state, batches, hp: LocalMOMLConfig, gen=None):
         return meta.local_moml_step(f, w, state, as_meta_batches(batches), hp.inner_lr, hp.lr, hp.momentum, hp.estimator(), gen)
@@ -94,5 +95,5 @@ class LocalMOML(MAMLAlgorithm):
 
     def cost(self, hp: LocalMOMLConfig, *, fresh_state: bool) -> RoundCost:
         init_samples, init = (hp.init_batch_size * hp.inner_steps, meta.Cost(gradients=hp.inner_steps)) if fresh_state else (0, meta.Cost())
-        return RoundCost(init_samples + (2 * hp.inner_steps + 1) * hp.batch_size * hp.local_steps,
+        return RoundCost(init_samples + hp.round_samples(hp.local_steps),
                          init + hp.estimator().cost(hp.inner_steps) * hp.local_steps)

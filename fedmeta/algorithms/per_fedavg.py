@@ -25,6 +25,7 @@ class PerFedAvgConfig(EstimatorConfig, WireConfig):
     batch_size: int = 5
     """|D| = |D'| = |D''|: samples in each of the three independent batches (>= 1)."""
     algorithm: ClassVar[str] = C.PER_FEDAVG
+    STEP_SIZES: ClassVar[tuple[str, ...]] = ("inner_lr", "meta_lr")
     KEYS: ClassVar[dict[str, str]] = {
         "inner_lr": C.INNER_LR,
         "meta_lr": C.META_LR,
@@ -51,7 +52,7 @@ class PerFedAvg(MAMLAlgorithm):
     config = PerFedAvgConfig
 
     def draw(self, sample, hp: PerFedAvgConfig) -> Batches:
-        return self.meta_batches(sample, hp.inner_steps, hp.batch_size, order="inner,outer,hessian")
+        return self.meta_batches(sample, hp, order="inner,outer,hessian")
 
     def step(self, f, w, state, batches, hp: PerFedAvgConfig, gen=None):
         return meta.per_fedavg_step(f, w, as_meta_batches(batches), hp.inner_lr, hp.meta_lr, hp.estimator(), gen), None
@@ -64,5 +65,5 @@ class PerFedAvg(MAMLAlgorithm):
         return f(w, *batches[1])
 
     def cost(self, hp: PerFedAvgConfig, *, fresh_state: bool) -> RoundCost:
-        return RoundCost((2 * hp.inner_steps + 1) * hp.batch_size * hp.local_steps,
+        return RoundCost(hp.round_samples(hp.local_steps),
                          hp.estimator().cost(hp.inner_steps) * hp.local_steps)
