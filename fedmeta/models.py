@@ -14,7 +14,7 @@ from torch import nn
 ImageShape = tuple[int, ...]
 
 
-def mlp(sizes: tuple[int, ...], activation: type[nn.Module] = nn.ReLU) -> nn.Sequential:
+def mlp(sizes: tuple[int, ...], activation: type[nn.Module] = nn.ReLU, *, bias: bool = True) -> nn.Sequential:
     """``Flatten`` then a fully connected network ``sizes[0] -> ... -> sizes[-1]``."""
     if len(sizes) < 2 or any(s < 1 for s in sizes):
         raise ValueError(f"sizes must hold at least two positive layer widths, got {sizes}")
@@ -22,13 +22,24 @@ def mlp(sizes: tuple[int, ...], activation: type[nn.Module] = nn.ReLU) -> nn.Seq
     for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:])):
         if i:
             layers.append(activation())
-        layers.append(nn.Linear(n_in, n_out))
+        layers.append(nn.Linear(n_in, n_out, bias=bias))
     return nn.Sequential(*layers)
 
 
 def mlp_40_40(input_shape: ImageShape = (1, 28, 28), num_classes: int = 10) -> nn.Sequential:
     """d-40-40-C ReLU MLP (784-40-40-10 on MNIST-like data), localmoml Section 6.2."""
     return mlp((math.prod(input_shape), 40, 40, num_classes), nn.ReLU)
+
+
+def moml_mlp_40_40(input_shape: ImageShape = (1, 28, 28), num_classes: int = 10) -> nn.Sequential:
+    """d-40-40-C ELU MLP without biases, Xavier-normal weights: the localmoml authors' federated model
+    (GitHub ``bokun-wang/moml``, ``federated/models.py``: ``NeuralNetwork(hidden_size=[40, 40])``, as
+    ``federated/train.py`` builds it)."""
+    net = mlp((math.prod(input_shape), 40, 40, num_classes), nn.ELU, bias=False)
+    for layer in net:
+        if isinstance(layer, nn.Linear):
+            nn.init.xavier_normal_(layer.weight)
+    return net
 
 
 def mlp_100(input_shape: ImageShape = (1, 28, 28), num_classes: int = 10) -> nn.Sequential:
@@ -69,6 +80,7 @@ def cnn(input_shape: ImageShape = (3, 32, 32), num_classes: int = 10) -> nn.Sequ
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "mlp-40-40": mlp_40_40,
+    "moml-mlp-40-40": moml_mlp_40_40,
     "mlp-100": mlp_100,
     "mlp-80-60-elu": mlp_80_60_elu,
     "sine-mlp": sine_mlp,

@@ -16,6 +16,7 @@ SIZES = [
     ("mlp-80-60-elu", (1, 28, 28), 10, 784 * 80 + 80 + 80 * 60 + 60 + 60 * 10 + 10),
     ("sine-mlp", (1,), 1, 1 * 40 + 40 + 40 * 40 + 40 + 40 + 1),
     ("mlp-40-40", (3, 32, 32), 20, 3072 * 40 + 40 + 40 * 40 + 40 + 40 * 20 + 20),
+    ("moml-mlp-40-40", (1, 28, 28), 10, 784 * 40 + 40 * 40 + 40 * 10),
     ("cnn", (3, 32, 32), 10, None),
 ]
 
@@ -32,6 +33,20 @@ def test_models_have_the_papers_sizes_and_no_buffers(name, shape, classes, param
 
 def test_every_model_is_tested():
     assert set(MODELS) == {name for name, *_ in SIZES}
+
+
+def test_moml_mlp_is_the_localmoml_authors_network():
+    """GitHub bokun-wang/moml, federated/models.py: Linear without bias, ELU, Xavier-normal weights (their _weights_init)."""
+    torch.manual_seed(0)
+    model = build_model("moml-mlp-40-40")
+    assert [type(m) for m in model] == [nn.Flatten, nn.Linear, nn.ELU, nn.Linear, nn.ELU, nn.Linear]
+    assert all(m.bias is None for m in model if isinstance(m, nn.Linear))
+    torch.manual_seed(0)
+    theirs = [nn.Linear(784, 40, bias=False), nn.Linear(40, 40, bias=False), nn.Linear(40, 10, bias=False)]
+    for layer in theirs:  # nn.Module.apply(_weights_init) visits the layers in order after constructing them all
+        nn.init.xavier_normal_(layer.weight)
+    for m, t in zip([m for m in model if isinstance(m, nn.Linear)], theirs):
+        torch.testing.assert_close(m.weight, t.weight, rtol=0, atol=0)
 
 
 def test_mlp_100_is_pfllib_dnn_layout():

@@ -56,7 +56,7 @@ def test_table3_authors_protocol_is_their_federated_settings():
         assert (kw["inner_lr"], kw["lr_decay_at"], kw["lr_decay"], kw["eval_lr"], kw["eval_steps"], kw["eval_shots"]) == (
             0.01, (0.5, 0.75), 0.1, 0.001, 10, 5)
         assert (kw["local_steps"], kw["clients_per_round"], kw["sampling_groups"], kw["batch_size"], kw["outer_batch_size"]) == (4, 5, 4, 5, 10)
-        assert (kw["meta_gradient"], kw["batch_draws"], c.a_train, c.num_nodes) == ("first_order", "per-round", 168, -1)
+        assert (kw["meta_gradient"], kw["batch_draws"], c.a_train, c.num_nodes, c.model) == ("first_order", "per-round", 168, -1, "moml-mlp-40-40")
         eta = kw["lr"] if c.algorithm == C.LOCAL_MOML else kw["meta_lr"]
         assert eta == 0.01
     assert {(c.momentum, c.memory_policy) for c in log if c.algorithm == C.LOCAL_MOML} == {(0.7, "reset")}
