@@ -20,6 +20,7 @@ from typing import Callable
 import numpy as np
 
 from fedmeta.dif_maml import DifMAMLConfig, DifResult, simulate
+from fedmeta.simulations.runcache import CachedRuns, runs_line, save_figure
 
 
 @dataclass(frozen=True)
@@ -133,7 +134,6 @@ def plot_dif(runs: dict[str, list[DifResult]], out: Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from fedmeta.simulations.reproduce import _save
 
     paths = []
     for opt in ("Adam", "SGD mu=0.005"):
@@ -156,7 +156,7 @@ def plot_dif(runs: dict[str, list[DifResult]], out: Path) -> list[Path]:
         for ax in axes:
             ax.grid(alpha=0.3, which="both")
             ax.legend(fontsize=7)
-        paths += _save(fig, out / f"{'adam' if opt == 'Adam' else 'sgd'}_curves.png")
+        paths += save_figure(fig, out / f"{'adam' if opt == 'Adam' else 'sgd'}_curves.png")
     return paths
 
 
@@ -167,7 +167,6 @@ def _describe(cfg: DifMAMLConfig, res: DifResult) -> str:
 
 def main_dif(args: argparse.Namespace) -> int:
     from fedmeta.provenance import provenance
-    from fedmeta.simulations.reproduce import CachedRuns, runs_line
 
     tag = args.name + ("-quick" if args.quick else "")
     out = Path(args.out) / tag

@@ -32,6 +32,8 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from fedmeta.centralized import CentralizedConfig, RunResult
+from fedmeta.simulations.reproduce_ggs import seed_mean_curve
+from fedmeta.simulations.runcache import save_figure
 
 MAML, MOML, LOCAL = "MAML (BSGD)", "MOML", "LocalMOML"
 ALGORITHMS = {MAML: "maml", MOML: "moml", LOCAL: "local-moml"}
@@ -329,7 +331,6 @@ def plot(curves: Mapping[str, list[RunResult]], out: Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from fedmeta.simulations.reproduce import _save, _seed_mean_curve
 
     protocols = sorted({label.split(":")[0] for label in curves})
     ks = sorted({int(label.split("K=")[1].split(" ")[0]) for label in curves})
@@ -339,7 +340,7 @@ def plot(curves: Mapping[str, list[RunResult]], out: Path) -> list[Path]:
             panel = f"{name}: K={k} "
             for label, rs in curves.items():
                 if label.startswith(panel):
-                    it, mean = _seed_mean_curve(rs)  # up to the first divergence
+                    it, mean = seed_mean_curve(rs)  # up to the first divergence
                     bad = [r.diverged_at * budget_scale(r.config) for r in rs if r.diverged_at is not None]
                     note = f", diverged in {len(bad)} of {len(rs)} seeds, first at {min(bad):,.0f}" if bad else ""
                     ax.plot(np.asarray(it) * budget_scale(rs[0].config), mean, label=label[len(panel):] + note)
@@ -347,7 +348,7 @@ def plot(curves: Mapping[str, list[RunResult]], out: Path) -> list[Path]:
                    title=f"{name} protocol, K = {k} (mean over seeds)")
             ax.grid(alpha=0.3, which="both")
             ax.legend(fontsize=7)
-    paths = _save(fig, out / "test_error_vs_iteration.png")
+    paths = save_figure(fig, out / "test_error_vs_iteration.png")
     moml = {label: rs for label, rs in curves.items() if " MOML " in label and rs[0].config.task_sampling == "distinct" and rs[0].memory_ages}
     if moml:  # distinct draws: a task's memory age is geometric with p = B / n
         fig, axes = plt.subplots(1, len(moml), figsize=(6 * len(moml), 4), squeeze=False)
@@ -362,7 +363,7 @@ def plot(curves: Mapping[str, list[RunResult]], out: Path) -> list[Path]:
             ax.set(xlabel="age of the memory u_i when task i is sampled again (iterations)", ylabel="fraction of revisits",
                    title=f"{label}: mean age {float((ages * counts).sum() / counts.sum()):.1f}", xlim=(0, min(len(counts), 60)))
             ax.legend(fontsize=8)
-        paths += _save(fig, out / "memory_age_histogram.png")
+        paths += save_figure(fig, out / "memory_age_histogram.png")
     return paths
 
 

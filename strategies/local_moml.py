@@ -27,7 +27,7 @@ class LocalMOML(MetaStrategy):
     ``algorithm`` = ``"local-moml"``; ``inner-lr`` (alpha); ``lr`` (eta); ``momentum`` (LocalMOML's
     beta, in (0, 1]); ``local-steps`` (H); ``batch-size`` (K, for each of S1, S2, S3);
     ``init-batch-size`` (K0, for S0); ``inner-steps``, ``meta-gradient``, ``delta``,
-    ``num-directions`` (as for :class:`PerFedAvg`); ``memory-policy``
+    ``num-directions``, ``outer-batch-size`` (of S3), ``batch-draws`` (as for :class:`PerFedAvg`); ``memory-policy``
     (``keep``: start the round from the u the client ended its last participating round with,
     line 7; ``reset``: start from ``w - alpha grad f(w; S0)``, line 5 -- also a client's first
     round under ``keep``);

@@ -28,7 +28,9 @@ class PerFedAvg(MetaStrategy):
     ``meta-gradient`` (``exact``: Hessian-vector products; ``first_order``: drop ``alpha H``,
     eq. 23; ``hessian_free``: finite differences, eq. 119; ``ggs``; ``zeroth_order``;
     ``fo_muml``: FO-MuML's anchored inner loop, fo-muml Algorithm 3); ``delta``
-    (finite-difference step / smoothing radius); ``num-directions`` (U); ``seed`` and ``server-round`` (for reproducible batch sampling).
+    (finite-difference step / smoothing radius); ``num-directions`` (U);
+    ``outer-batch-size`` (size of D', 0: ``batch-size``); ``batch-draws`` (``per-step`` or ``per-round``); ``seed`` and
+    ``server-round`` (for reproducible batch sampling).
 
     Hyper-parameters are keyword arguments named as the fields of
     :class:`fedmeta.config.PerFedAvgConfig` (``inner_lr``, ``meta_lr``, ``local_steps``,

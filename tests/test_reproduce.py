@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -9,8 +10,10 @@ import pytest
 
 from fakes import check_provenance
 from fedmeta import config as C
-from fedmeta.simulations import reproduce
-from fedmeta.simulations.reproduce import Budget
+from fedmeta.provenance import RUNS_PREFIX
+from fedmeta.simulations import reproduce, reproduce_flower, reproduce_ggs
+from fedmeta.simulations.reproduce_flower import Budget
+from fedmeta.simulations.runcache import runs_line
 
 
 def fake_run(log):
@@ -26,7 +29,7 @@ def fake_run(log):
 
 def test_fig1_grid_and_ordering():
     log = []
-    summary, runs = reproduce.fig1(Budget(rounds=7, evaluate_every=7, seeds=(0, 1), cells=((10, 2), (4, 5))), fake_run(log))
+    summary, runs = reproduce_flower.fig1(Budget(rounds=7, evaluate_every=7, seeds=(0, 1), cells=((10, 2), (4, 5))), fake_run(log))
     assert len(log) == 2 * 2 * 2
     assert {(c.algorithm, c.local_steps, c.clients_per_round) for c in log} == {
         (a, t, b) for a in (C.FEDAVG, C.PER_FEDAVG) for t, b in ((10, 2), (4, 5))
@@ -37,7 +40,7 @@ def test_fig1_grid_and_ordering():
 
 def test_table3_tunes_momentum_on_the_first_seed_only():
     log = []
-    summary, runs = reproduce.table3(Budget(rounds=5, evaluate_every=5, seeds=(0, 1, 2), cells=((4, 1),), momenta=(0.1, 0.9)), fake_run(log))
+    summary, runs = reproduce_flower.table3(Budget(rounds=5, evaluate_every=5, seeds=(0, 1, 2), cells=((4, 1),), momenta=(0.1, 0.9)), fake_run(log))
     moml = [c for c in log if c.algorithm == C.LOCAL_MOML]
     assert [(c.momentum, c.seed) for c in moml] == [(0.1, 0), (0.9, 0), (0.9, 1), (0.9, 2)]
     assert all(c.sampling_groups == 4 and c.clients_per_round == 1 and c.eval_setting == (10, 5) for c in log)
@@ -48,8 +51,8 @@ def test_table3_tunes_momentum_on_the_first_seed_only():
 def test_table3_authors_protocol_is_their_federated_settings():
     """GitHub bokun-wang/moml, federated/run.sh and train.py: the settings the strategies receive."""
     log = []
-    protocol = reproduce.TABLE3_PROTOCOLS["authors"]
-    summary, runs = reproduce.table3(protocol.full, fake_run(log), protocol=protocol)
+    protocol = reproduce_flower.TABLE3_PROTOCOLS["authors"]
+    summary, runs = reproduce_flower.table3(protocol.full, fake_run(log), protocol=protocol)
     assert len(log) == 6 and {c.seed for c in log} == {0, 1, 2} and all(c.num_rounds == 5000 for c in log)
     for c in log:
         kw = c.with_nodes_for(2).strategy_kwargs()
@@ -64,15 +67,15 @@ def test_table3_authors_protocol_is_their_federated_settings():
 
 
 def test_table3_verdicts_follow_the_seed_bands():
-    assert reproduce._bands([0.80, 0.82], [0.84, 0.86]) == "yes, beyond the seed bands"
-    assert reproduce._bands([0.80, 0.84], [0.82, 0.86]) == "ahead within the seed bands"
-    assert reproduce._bands([0.82, 0.86], [0.80, 0.84]) == "behind within the seed bands"
+    assert reproduce_flower._bands([0.80, 0.82], [0.84, 0.86]) == "yes, beyond the seed bands"
+    assert reproduce_flower._bands([0.80, 0.84], [0.82, 0.86]) == "ahead within the seed bands"
+    assert reproduce_flower._bands([0.82, 0.86], [0.80, 0.84]) == "behind within the seed bands"
 
 
 @pytest.mark.ray
 def test_reproduce_command_end_to_end_with_a_tiny_budget(ray_runner, tmp_path, monkeypatch, capsys):
     tiny = Budget(rounds=2, evaluate_every=2, seeds=(0,), cells=((2, 5),))
-    monkeypatch.setitem(reproduce.REPRODUCTIONS, "per-fedavg-fig1", (reproduce.fig1, tiny, tiny))
+    monkeypatch.setitem(reproduce_flower.REPRODUCTIONS, "per-fedavg-fig1", (reproduce_flower.fig1, tiny, tiny))
     assert reproduce.main(["per-fedavg-fig1", "--quick", "--out", str(tmp_path), "--runs", str(tmp_path / "runs")]) == 0
     out = tmp_path / "per-fedavg-fig1-quick"
     text = (out / "summary.md").read_text()
@@ -91,19 +94,40 @@ def test_reproduce_command_end_to_end_with_a_tiny_budget(ray_runner, tmp_path, m
     log = capsys.readouterr().out
     assert log.count("(reused,") == 2 and "(ran," not in log
     again = (out / "summary.md").read_text()
-    assert _runs_line(text) == reproduce.runs_line(index["provenance"], 2, 0)  # the code, libraries and machine behind it
+    assert _runs_line(text) == runs_line(index["provenance"], 2, 0)  # the code, libraries and machine behind it
     assert "(2 of 2 runs reused from an earlier invocation" in _runs_line(again)
     assert _without_runs_line(again).split("\n\n", 2)[2] == _without_runs_line(text).split("\n\n", 2)[2]
 
 
+@pytest.mark.ray
+def test_table3_authors_protocol_end_to_end_with_a_tiny_budget(ray_runner, tmp_path, monkeypatch, capsys):
+    """The authors' settings go through Flower's simulation (multi-client nodes, the decay, per-round draws)."""
+    protocol = reproduce_flower.TABLE3_PROTOCOLS["authors"]
+    tiny = Budget(rounds=4, evaluate_every=2, seeds=(0,), cells=((2, 1),), momenta=(0.7,))
+    monkeypatch.setitem(reproduce_flower.TABLE3_PROTOCOLS, "authors", dataclasses.replace(protocol, quick=tiny,
+                                                                                     base=protocol.base.replace(num_clients=8, clients_per_round=1)))
+    args = ["localmoml-table3", "--protocol", "authors", "--quick", "--out", str(tmp_path), "--runs", str(tmp_path / "runs")]
+    assert reproduce.main(args) == 0
+    text = (tmp_path / "localmoml-table3-authors-quick" / "summary.md").read_text()
+    assert text.startswith("## localmoml-table3-authors (quick budget)")
+    assert "`fedmeta-reproduce localmoml-table3 --protocol authors --quick`: 2 simulations" in text and "| 2 | 1 (4) |" in text
+    (index,) = [json.loads(p.read_text()) for p in (tmp_path / "runs").glob("*/runs.json")]
+    assert index["provenance"]["config"]["protocol"] == "authors"
+    for paths in index["runs"].values():
+        res = json.loads(Path(paths[0]).read_text())
+        assert res["status"] == "ok" and res["config"]["lr-decay-at"] == "0.5,0.75" and res["config"]["batch-draws"] == "per-round"
+        assert 0 < res["final"]["accuracy-after"] <= 1
+    capsys.readouterr()
+
+
 def _runs_line(summary: str) -> str:
-    (line,) = [ln for ln in summary.splitlines() if ln.startswith(reproduce.RUNS_PREFIX)]
+    (line,) = [ln for ln in summary.splitlines() if ln.startswith(RUNS_PREFIX)]
     assert line.startswith("Runs: commit ") and "; Python " in line, line
     return line
 
 
 def _without_runs_line(summary: str) -> str:
-    return "\n".join(ln for ln in summary.splitlines() if not ln.startswith(reproduce.RUNS_PREFIX))
+    return "\n".join(ln for ln in summary.splitlines() if not ln.startswith(RUNS_PREFIX))
 
 
 # --- multistep-maml-ggs Figures 1-2 (centralized runner) -------------------------------------
@@ -129,8 +153,8 @@ def fake_ggs_runs(log, final):
 
 
 def test_ggs_figure_runs_the_grid_and_picks_each_algorithm_by_its_mean_over_seeds():
-    fig = reproduce.GGS_FIGURES["ggs-fig1"]
-    budget = reproduce.GridBudget(iterations=5, eval_every=5, seeds=(0, 1, 2), meta_lrs=(0.01, 0.003), deltas=(1e-2, 1e-4), eval_tasks=3)
+    fig = reproduce_ggs.GGS_FIGURES["ggs-fig1"]
+    budget = reproduce_ggs.GridBudget(iterations=5, eval_every=5, seeds=(0, 1, 2), meta_lrs=(0.01, 0.003), deltas=(1e-2, 1e-4), eval_tasks=3)
 
     def final(cfg):
         if cfg.meta_gradient == "zeroth_order" and cfg.delta == 1e-4:
@@ -140,7 +164,7 @@ def test_ggs_figure_runs_the_grid_and_picks_each_algorithm_by_its_mean_over_seed
         return 0.5 if cfg.meta_lr == 0.01 else 0.6
 
     log = []
-    summary, best, grid = reproduce.ggs_figure(fig, budget, fake_ggs_runs(log, final))
+    summary, best, grid = reproduce_ggs.ggs_figure(fig, budget, fake_ggs_runs(log, final))
     assert len(log) == 3 * (2 + 2 * 2 + 2 + 2 * 2 + 2)  # exact, ggs, first_order, zeroth_order, fo_muml over (lr[, delta]) x seeds
     assert all(c.task == "matrix-factorization" and c.inner_steps == 3 and c.inner_lr == 0.01 and c.iterations == 5 for c in log)
     assert {c.meta_gradient for c in log} == {"exact", "ggs", "first_order", "zeroth_order", "fo_muml"}
@@ -158,9 +182,9 @@ def test_ggs_figure_runs_the_grid_and_picks_each_algorithm_by_its_mean_over_seed
 def test_ggs_quick_commands_write_their_summary_and_plot(tmp_path, capsys, monkeypatch, name):
     from dataclasses import replace
 
-    fig = reproduce.GGS_FIGURES[name]  # the --quick grid with 2 seeds, half the iterations and 50 held-out tasks
+    fig = reproduce_ggs.GGS_FIGURES[name]  # the --quick grid with 2 seeds, half the iterations and 50 held-out tasks
     small = replace(fig.quick, seeds=fig.quick.seeds[:2], iterations=fig.quick.iterations // 2, eval_tasks=50)
-    monkeypatch.setitem(reproduce.GGS_FIGURES, name, replace(fig, quick=small))
+    monkeypatch.setitem(reproduce_ggs.GGS_FIGURES, name, replace(fig, quick=small))
     args = [name, "--quick", "--out", str(tmp_path), "--runs", str(tmp_path / "runs")]
     assert reproduce.main(args) == 0
     out = tmp_path / f"{name}-quick"
