@@ -39,7 +39,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fedmeta.clients.memory import MemoryBank, bank_path, param_spec
+from fedmeta.memory_bank import MemoryBank, bank_path
+from fedmeta.stored_params import param_spec
 from fedmeta.provenance import provenance
 from fedmeta.simulations.config import ExperimentConfig
 from fedmeta.simulations.processes import descendants

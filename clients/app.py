@@ -35,9 +35,9 @@ from fedmeta import config as C
 from fedmeta.batched import DEFAULT_CHUNK_SIZE, weighted_mean
 from fedmeta.clients.client import ClientGroup, MetaClient, hosted_clients, round_generator, select_device
 from fedmeta.clients.records import resolve_evaluate, resolve_train
-from fedmeta.clients.memory import (
-    ContextMemory, DiskMemory, Memory, MemoryBank, bank_path, experiment_key, params_digest, partition_id,
-)
+from fedmeta.clients.memory import ContextMemory, DiskMemory, Memory, experiment_key, partition_id
+from fedmeta.memory_bank import MemoryBank, bank_path
+from fedmeta.stored_params import params_digest
 from fedmeta.config import EvalConfig
 from fedmeta.data import ClientData, client_data
 

@@ -195,7 +195,8 @@ def test_two_supernodes_hosting_six_clients_one_restarted_match_simulation(ray_r
     round 2 from the memories their bank saved on disk in round 1."""
     import torch
 
-    from fedmeta.clients.memory import MemoryBank, param_spec
+    from fedmeta.memory_bank import MemoryBank
+    from fedmeta.stored_params import param_spec
     from fedmeta.simulations.apps import initial_model
     from fedmeta.simulations.config import ExperimentConfig
     from fedmeta.simulations.run import simulate

@@ -20,6 +20,8 @@ from fedmeta.strategies.screening import reply_view
 from fedmeta import config as C
 from fedmeta.clients import ContextMemory, DiskMemory, MemoryFileError, file_digest, make_client_app, params_digest
 from fedmeta.clients import memory as M
+from fedmeta import memory_bank as B
+from fedmeta.stored_params import param_spec
 from fedmeta.data import ClientData
 from fedmeta.models import mlp
 
@@ -77,7 +79,7 @@ def test_disk_memory_is_a_noop_on_first_round_and_round_trips_exactly(tmp_path):
     u = _u()
     store.save(ctx, u, server_round=4)
     assert store.path(ctx) == tmp_path / "run-7" / "partition-0.pt" and store.path(ctx).is_file()
-    assert _equal(store.load(ctx, CPU, expected=M.param_spec(u)), u) and store.written_in_round(ctx) == 4
+    assert _equal(store.load(ctx, CPU, expected=param_spec(u)), u) and store.written_in_round(ctx) == 4
     assert len(ctx.state) == 0  # nothing went to context.state
     store.save(ctx, _u(1), server_round=5)
     assert _equal(store.load(ctx, CPU), _u(1)) and store.written_in_round(ctx) == 5
@@ -185,7 +187,7 @@ def test_a_file_of_another_partition_or_experiment_or_model_is_rejected(tmp_path
     shutil.copy(src, store.path(_context(run_id=8)))
     with pytest.raises(MemoryFileError, match="belongs to experiment 'run-7', this client runs 'run-8'"):
         store.load(_context(run_id=8), CPU)
-    spec = M.param_spec(_u(0))
+    spec = param_spec(_u(0))
     other_shape = {**spec, "layer.weight": ((2, 3), torch.float32)}
     other_dtype = {**spec, "layer.bias": ((3,), torch.float32)}
     for changed in (other_shape, other_dtype, {"other": ((3,), torch.float32)}):
@@ -312,23 +314,23 @@ def _bits_equal(a: dict, b: dict) -> bool:
 
 def _row_bytes(bank_dir: Path, row: int, spec: dict) -> bytes:
     """The bytes of both slots of client row ``row`` (data rows 2*row and 2*row+1)."""
-    layout = M._RowLayout.of(spec)
+    layout = B._RowLayout.of(spec)
     n = layout.length * layout.dtype.itemsize
     with open(bank_dir / layout.data_file, "rb") as fh:
-        fh.seek(row * M.BANK_SLOTS * n)
-        return fh.read(M.BANK_SLOTS * n)
+        fh.seek(row * B.BANK_SLOTS * n)
+        return fh.read(B.BANK_SLOTS * n)
 
 
 def _slot_rounds(bank_dir: Path) -> list[set[int]]:
     """Per client row, the rounds of the versions its slots hold (read from rows.meta directly)."""
-    rounds = np.fromfile(bank_dir / "rows.meta", dtype=M._ROW_RECORD)["round"].reshape(-1, M.BANK_SLOTS)
+    rounds = np.fromfile(bank_dir / "rows.meta", dtype=B._ROW_RECORD)["round"].reshape(-1, B.BANK_SLOTS)
     return [{int(r) for r in row if r >= 0} for row in rounds]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 def test_bank_round_trips_a_subset_exactly_and_untouched_clients_have_no_memory(tmp_path, dtype):
     spec = _bank_spec(dtype)
-    bank = M.MemoryBank(tmp_path / "bank", _BANK_IDS, spec)
+    bank = B.MemoryBank(tmp_path / "bank", _BANK_IDS, spec)
     assert bank.load(_BANK_IDS, CPU) == (None, [-1] * len(_BANK_IDS))
     ids = [42, 7, 23]
     u = _stacked(3, dtype=dtype)
@@ -356,7 +358,7 @@ def test_bank_round_trips_a_subset_exactly_and_untouched_clients_have_no_memory(
 
 def test_bank_save_leaves_the_rows_of_other_clients_bit_identical(tmp_path):
     spec, path = _bank_spec(), tmp_path / "bank"
-    bank = M.MemoryBank(path, _BANK_IDS, spec)
+    bank = B.MemoryBank(path, _BANK_IDS, spec)
     first = [7, 3, 19, 42, 0]
     bank.save(first, _stacked(5, seed=1), server_round=1)
     before = {cid: _row_bytes(path, _BANK_IDS.index(cid), spec) for cid in _BANK_IDS}
@@ -376,10 +378,10 @@ def test_bank_save_leaves_the_rows_of_other_clients_bit_identical(tmp_path):
 @pytest.mark.subprocess
 def test_bank_saves_are_seen_by_a_new_bank_object_and_by_another_process(tmp_path):
     spec, path = _bank_spec(), tmp_path / "bank"
-    bank = M.MemoryBank(path, _BANK_IDS, spec)
+    bank = B.MemoryBank(path, _BANK_IDS, spec)
     u = _stacked(3, seed=5)
     bank.save([5, 0, 42], u, server_round=3)
-    other = M.MemoryBank(path, _BANK_IDS, spec)  # what a second worker process would open
+    other = B.MemoryBank(path, _BANK_IDS, spec)  # what a second worker process would open
     got, rounds = other.load([42, 5, 0], CPU)
     assert rounds == [3, 3, 3] and _bits_equal(got, {k: v[[2, 0, 1]] for k, v in u.items()})
     revived = pickle.loads(pickle.dumps(bank))  # how a bank reaches a Ray actor: path, ids and spec only
@@ -391,8 +393,8 @@ def test_bank_saves_are_seen_by_a_new_bank_object_and_by_another_process(tmp_pat
 import sys, torch
 sys.path.insert(0, {str(Path(__file__).parent)!r})
 from test_memory import _stacked, _bank_spec, _BANK_IDS
-from fedmeta.clients import memory as M
-bank = M.MemoryBank({str(path)!r}, _BANK_IDS, _bank_spec())
+from fedmeta import memory_bank as B
+bank = B.MemoryBank({str(path)!r}, _BANK_IDS, _bank_spec())
 print(bank.digests([5, 0, 42, 7]))
 bank.save([7, 5], _stacked(2, seed=9), server_round=4)
 """
@@ -409,7 +411,7 @@ bank.save([7, 5], _stacked(2, seed=9), server_round=4)
 
 def test_bank_refuses_a_directory_made_for_other_clients_or_another_model(tmp_path):
     spec, path = _bank_spec(), tmp_path / "bank"
-    M.MemoryBank(path, _BANK_IDS, spec).save([7], _stacked(1), 1)
+    B.MemoryBank(path, _BANK_IDS, spec).save([7], _stacked(1), 1)
     data_before = (path / "u.float32").read_bytes()
     cases = [
         (list(reversed(_BANK_IDS)), spec, "same 8 clients in another order"),
@@ -421,37 +423,37 @@ def test_bank_refuses_a_directory_made_for_other_clients_or_another_model(tmp_pa
     ]
     for ids, other_spec, why in cases:
         with pytest.raises(M.MemoryFileError, match=why) as err:
-            M.MemoryBank(path, ids, other_spec)
+            B.MemoryBank(path, ids, other_spec)
         assert str(path) in str(err.value)
     assert (path / "u.float32").read_bytes() == data_before  # nothing was reinitialised
-    assert M.MemoryBank(path, _BANK_IDS, spec).load([7], CPU)[1] == [1]
+    assert B.MemoryBank(path, _BANK_IDS, spec).load([7], CPU)[1] == [1]
 
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("not a bank")
     with pytest.raises(M.MemoryFileError, match="no header.json"):
-        M.MemoryBank(foreign, _BANK_IDS, spec)
+        B.MemoryBank(foreign, _BANK_IDS, spec)
     assert os.listdir(foreign) == ["notes.txt"]
 
     header = json.loads((path / "header.json").read_text())
     for field, value, why in (("format", "x", "no format tag"), ("version", 99, "format version 99")):
         (path / "header.json").write_text(json.dumps({**header, field: value}))
         with pytest.raises(M.MemoryFileError, match=why):
-            M.MemoryBank(path, _BANK_IDS, spec)
+            B.MemoryBank(path, _BANK_IDS, spec)
     (path / "header.json").write_text(json.dumps(header))
     with open(path / "rows.meta", "r+b") as fh:
         fh.truncate(16 * 3)
     with pytest.raises(M.MemoryFileError, match="rows.meta has 48 bytes, expected 256"):  # 8 clients x 2 slots x 16
-        M.MemoryBank(path, _BANK_IDS, spec)
+        B.MemoryBank(path, _BANK_IDS, spec)
     assert not list(tmp_path.glob(".*.tmp"))  # no leftover of the atomic creation
 
 
 def test_bank_detects_a_corrupt_row_naming_the_client(tmp_path):
     spec, path = _bank_spec(), tmp_path / "bank"
-    bank = M.MemoryBank(path, _BANK_IDS, spec)
+    bank = B.MemoryBank(path, _BANK_IDS, spec)
     bank.save([19, 42, 0], _stacked(3), 1)
-    layout = M._RowLayout.of(spec)
-    offset = M.BANK_SLOTS * _BANK_IDS.index(42) * layout.length * 4 + 17  # slot 0: a first save's target
+    layout = B._RowLayout.of(spec)
+    offset = B.BANK_SLOTS * _BANK_IDS.index(42) * layout.length * 4 + 17  # slot 0: a first save's target
     with open(path / "u.float32", "r+b") as fh:  # a flipped bit, written by someone else
         fh.seek(offset)
         byte = fh.read(1)[0]
@@ -470,17 +472,17 @@ def test_bank_detects_a_corrupt_row_naming_the_client(tmp_path):
 
 def test_bank_a_save_that_dies_before_its_records_leaves_the_previous_version(tmp_path, monkeypatch):
     spec, path = _bank_spec(), tmp_path / "bank"
-    bank = M.MemoryBank(path, _BANK_IDS, spec)
+    bank = B.MemoryBank(path, _BANK_IDS, spec)
     bank.save([3, 5], _stacked(2, seed=1), 1)
 
     def crash(self, rows, records):
         raise OSError("killed between the rows and their records")
 
-    monkeypatch.setattr(M.MemoryBank, "_write_records", crash)
+    monkeypatch.setattr(B.MemoryBank, "_write_records", crash)
     with pytest.raises(OSError, match="killed"):
         bank.save([5, 11], _stacked(2, seed=2), 2)  # 5 had memory, 11 had none
     monkeypatch.undo()
-    reopened = M.MemoryBank(path, _BANK_IDS, spec)
+    reopened = B.MemoryBank(path, _BANK_IDS, spec)
     got, rounds = reopened.load([3, 5, 11], CPU)  # no checksum error: no record vouches for the new rows
     u1 = _stacked(2, seed=1)
     assert rounds == [1, 1, -1]
@@ -490,7 +492,7 @@ def test_bank_a_save_that_dies_before_its_records_leaves_the_previous_version(tm
 
 def test_bank_rejects_unknown_clients_and_u_that_does_not_fit(tmp_path):
     spec = _bank_spec()
-    bank = M.MemoryBank(tmp_path / "bank", _BANK_IDS, spec)
+    bank = B.MemoryBank(tmp_path / "bank", _BANK_IDS, spec)
     for call in (lambda: bank.load([7, 1234], CPU), lambda: bank.save([1234], _stacked(1), 1),
                  lambda: bank.clear([1234]), lambda: bank.digests([1234])):
         with pytest.raises(ValueError, match=r"clients \[1234\] are not hosted"):
@@ -510,15 +512,15 @@ def test_bank_rejects_unknown_clients_and_u_that_does_not_fit(tmp_path):
     with pytest.raises(ValueError, match="server_round must be >= 0"):
         bank.save([7, 3], u, -1)
     with pytest.raises(ValueError, match="appear more than once"):
-        M.MemoryBank(tmp_path / "other", [1, 2, 1], spec)
+        B.MemoryBank(tmp_path / "other", [1, 2, 1], spec)
     with pytest.raises(ValueError, match="one dtype"):
-        M.MemoryBank(tmp_path / "other", [1], {**spec, "l1.bias": ((3,), torch.float64)})
+        B.MemoryBank(tmp_path / "other", [1], {**spec, "l1.bias": ((3,), torch.float64)})
     assert not (tmp_path / "other").exists()
     assert bank.load([7, 3], CPU) == (None, [-1, -1])  # nothing was written by the refused saves
 
 
 def test_bank_digests_equal_params_digest_of_each_client_u(tmp_path):
-    bank = M.MemoryBank(tmp_path / "bank", _BANK_IDS, _bank_spec())
+    bank = B.MemoryBank(tmp_path / "bank", _BANK_IDS, _bank_spec())
     u = _stacked(3, seed=4)
     bank.save([23, 0, 11], u, 2)
     assert bank.digests([0, 7, 23, 11]) == [
@@ -528,9 +530,9 @@ def test_bank_digests_equal_params_digest_of_each_client_u(tmp_path):
 
 
 def test_bank_path():
-    assert M.bank_path(Path("/m"), "run-7", 2, 4) == Path("/m/run-7/node-2-of-4")
+    assert B.bank_path(Path("/m"), "run-7", 2, 4) == Path("/m/run-7/node-2-of-4")
     with pytest.raises(ValueError, match=r"node 4 is not in \[0, 4\)"):
-        M.bank_path(Path("/m"), "run-7", 4, 4)
+        B.bank_path(Path("/m"), "run-7", 4, 4)
 
 
 def test_bank_of_10000_clients_is_sparse_and_touches_only_the_rows_it_saves(tmp_path):
@@ -538,7 +540,7 @@ def test_bank_of_10000_clients_is_sparse_and_touches_only_the_rows_it_saves(tmp_
     f32 = torch.float32
     spec = {"0.weight": ((64, 400), f32), "0.bias": ((64,), f32), "2.weight": ((7786,), f32)}
     path = tmp_path / "bank"
-    bank = M.MemoryBank(path, range(n), spec)
+    bank = B.MemoryBank(path, range(n), spec)
 
     def disk() -> int:
         return sum(os.stat(f).st_blocks * 512 for f in path.iterdir())
@@ -561,19 +563,19 @@ def test_bank_of_10000_clients_is_sparse_and_touches_only_the_rows_it_saves(tmp_
 
 def test_bank_replaced_or_removed_under_an_open_bank_is_noticed(tmp_path):
     spec, path = _bank_spec(), tmp_path / "bank"
-    bank = M.MemoryBank(path, _BANK_IDS, spec, sync=False)  # sync only changes durability, not what is read
+    bank = B.MemoryBank(path, _BANK_IDS, spec, sync=False)  # sync only changes durability, not what is read
     bank.save([7], _stacked(1), 1)
     assert pickle.loads(pickle.dumps(bank)).sync is False
     shutil.rmtree(path)
     with pytest.raises(M.MemoryFileError, match="removed while it was open"):
         bank.load([7], CPU)
-    bank = M.MemoryBank(path, _BANK_IDS, spec)
+    bank = B.MemoryBank(path, _BANK_IDS, spec)
     bank.save([7], _stacked(1), 1)
     shutil.rmtree(path)
-    M.MemoryBank(path, _BANK_IDS, spec)  # another process starts this memory afresh
+    B.MemoryBank(path, _BANK_IDS, spec)  # another process starts this memory afresh
     assert bank.load([7], CPU) == (None, [-1])  # the new files, not the stale mapping
     shutil.rmtree(path)
-    M.MemoryBank(path, _BANK_IDS[:4], spec)  # ... or puts other clients' memory there
+    B.MemoryBank(path, _BANK_IDS[:4], spec)  # ... or puts other clients' memory there
     with pytest.raises(M.MemoryFileError, match="other clients"):
         bank.load([7], CPU)
 
@@ -738,7 +740,7 @@ def test_memory_key_names_the_directory_and_is_validated(tmp_path):
 
 def test_bank_keeps_the_newest_version_and_the_one_before_it(tmp_path):
     path, ids = tmp_path / "bank", [42, 7, 23]
-    bank = M.MemoryBank(path, _BANK_IDS, _bank_spec())
+    bank = B.MemoryBank(path, _BANK_IDS, _bank_spec())
     for r in (1, 2, 3):
         bank.save(ids, _stacked(3, seed=r), r)
     # Kept per client: rounds 3 and 2 (one per slot); round 1 is gone.
@@ -758,10 +760,10 @@ def test_bank_keeps_the_newest_version_and_the_one_before_it(tmp_path):
 
 def test_bank_resume_reruns_a_round_from_the_u_it_first_started_from(tmp_path):
     path, spec, ids = tmp_path / "bank", _bank_spec(), [5, 19]
-    bank = M.MemoryBank(path, _BANK_IDS, spec)
+    bank = B.MemoryBank(path, _BANK_IDS, spec)
     for r in (1, 2, 3):  # checkpoint after round 2; killed during round 3, after these clients saved it
         bank.save(ids, _stacked(2, seed=r), r)
-    resumed = M.MemoryBank(path, _BANK_IDS, spec)
+    resumed = B.MemoryBank(path, _BANK_IDS, spec)
     got, rounds = resumed.load(ids, CPU, before_round=3)
     assert rounds == [2, 2] and _bits_equal(got, _stacked(2, seed=2))
     resumed.save(ids, _stacked(2, seed=30), 3)  # round 3 re-run: other values
@@ -773,7 +775,7 @@ def test_bank_resume_reruns_a_round_from_the_u_it_first_started_from(tmp_path):
 
 def test_bank_save_drops_versions_of_an_abandoned_future(tmp_path):
     path = tmp_path / "bank"
-    bank = M.MemoryBank(path, _BANK_IDS, _bank_spec())
+    bank = B.MemoryBank(path, _BANK_IDS, _bank_spec())
     bank.save([19], _stacked(1, seed=1), 1)  # 7: {5, 4}; 3: {5, 2}; 19: {2, 1}; 0: nothing
     bank.save([7, 3], _stacked(2, seed=4), 4)
     bank.save([3, 19], _stacked(2, seed=2), 2)  # 3's round 4 is an abandoned future: dropped
@@ -791,9 +793,9 @@ def test_bank_save_drops_versions_of_an_abandoned_future(tmp_path):
     assert _bits_equal(_unstack(got, 2), _unstack(_stacked(2, seed=2), 1))
 
 
-def _bank_crash_setup(path: Path, spec: dict) -> M.MemoryBank:
+def _bank_crash_setup(path: Path, spec: dict) -> B.MemoryBank:
     """Client 7: {1, 2}; 3: {1}; 19: {1, 2}, not in the crashing save; 0: nothing."""
-    bank = M.MemoryBank(path, _BANK_IDS, spec)
+    bank = B.MemoryBank(path, _BANK_IDS, spec)
     bank.save([7, 3, 19], _stacked(3, seed=1), 1)
     bank.save([7, 19], _stacked(2, seed=2), 2)
     return bank
@@ -801,7 +803,7 @@ def _bank_crash_setup(path: Path, spec: dict) -> M.MemoryBank:
 
 def _check_after_bank_crash(path: Path, spec: dict) -> None:
     """What a crash of ``save([7, 3, 0], round 3)`` after the rows, before their records, must leave."""
-    fresh = M.MemoryBank(path, _BANK_IDS, spec)  # a restarted node; nothing below may raise
+    fresh = B.MemoryBank(path, _BANK_IDS, spec)  # a restarted node; nothing below may raise
     u1, u2 = _stacked(3, seed=1), _stacked(2, seed=2)
     for before in (None, 3, 4):
         got, rounds = fresh.load([7, 3, 19, 0], CPU, before_round=before)
@@ -819,7 +821,7 @@ def _check_after_bank_crash(path: Path, spec: dict) -> None:
 def test_bank_killed_between_the_rows_and_their_records_keeps_every_keeper(tmp_path, monkeypatch):
     spec, path = _bank_spec(), tmp_path / "bank"
     bank = _bank_crash_setup(path, spec)
-    real, calls = M.MemoryBank._write_records, []
+    real, calls = B.MemoryBank._write_records, []
 
     def killed_on_second_call(self, rows, records):
         calls.append(records["round"].tolist())
@@ -827,7 +829,7 @@ def test_bank_killed_between_the_rows_and_their_records_keeps_every_keeper(tmp_p
             raise _Killed  # the rows are written, their records not
         real(self, rows, records)
 
-    monkeypatch.setattr(M.MemoryBank, "_write_records", killed_on_second_call)
+    monkeypatch.setattr(B.MemoryBank, "_write_records", killed_on_second_call)
     with pytest.raises(_Killed):
         bank.save([7, 3, 0], _stacked(3, seed=3), 3)
     monkeypatch.undo()
@@ -843,15 +845,15 @@ def test_bank_a_real_kill_mid_save_keeps_every_keeper(tmp_path):
 import os, sys
 sys.path.insert(0, {str(Path(__file__).parent)!r})
 from test_memory import _stacked, _bank_spec, _BANK_IDS
-from fedmeta.clients import memory as M
-real, calls = M.MemoryBank._write_records, []
+from fedmeta import memory_bank as B
+real, calls = B.MemoryBank._write_records, []
 def die_on_second_call(self, rows, records):
     calls.append(1)
     if len(calls) == 2:
         os._exit(9)  # no cleanup, no flush: what SIGKILL leaves (the page cache keeps what was written)
     real(self, rows, records)
-M.MemoryBank._write_records = die_on_second_call
-M.MemoryBank({str(path)!r}, _BANK_IDS, _bank_spec(), sync=False).save([7, 3, 0], _stacked(3, seed=3), 3)
+B.MemoryBank._write_records = die_on_second_call
+B.MemoryBank({str(path)!r}, _BANK_IDS, _bank_spec(), sync=False).save([7, 3, 0], _stacked(3, seed=3), 3)
 """
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=False)
     assert out.returncode == 9, out.stderr
@@ -860,7 +862,7 @@ M.MemoryBank({str(path)!r}, _BANK_IDS, _bank_spec(), sync=False).save([7, 3, 0],
 
 def test_bank_of_format_version_1_is_refused(tmp_path):
     spec, path = _bank_spec(), tmp_path / "bank"
-    M.MemoryBank(path, _BANK_IDS, spec).save([7], _stacked(1), 1)
+    B.MemoryBank(path, _BANK_IDS, spec).save([7], _stacked(1), 1)
     header = json.loads((path / "header.json").read_text())
     del header["slots"]  # the layout of version 1: one slot per client
     (path / "header.json").write_text(json.dumps({**header, "version": 1}))
@@ -868,5 +870,5 @@ def test_bank_of_format_version_1_is_refused(tmp_path):
         with open(path / name, "r+b") as fh:
             fh.truncate(os.stat(path / name).st_size // 2)
     with pytest.raises(M.MemoryFileError, match="format version 1, this fedmeta reads version 2") as err:
-        M.MemoryBank(path, _BANK_IDS, spec)
+        B.MemoryBank(path, _BANK_IDS, spec)
     assert str(path) in str(err.value) and "delete it" in str(err.value)

@@ -15,7 +15,8 @@ from fedmeta import config as C
 from fedmeta import meta
 from fedmeta.clients import make_client_app
 from fedmeta.clients.client import hosted_clients
-from fedmeta.clients.memory import MemoryBank, bank_path, params_digest
+from fedmeta.memory_bank import MemoryBank, bank_path
+from fedmeta.stored_params import params_digest
 from fedmeta.config import LocalMOMLConfig, PerFedAvgConfig
 from fedmeta.data import ClientData
 from fedmeta.models import mlp
