@@ -24,15 +24,16 @@ training tasks and batches, the Gaussian directions, and the evaluation tasks. T
 not change how many tasks and batches are drawn, so for one seed all estimators see the same
 tasks, the same initial model and the same evaluation set. Nothing touches the global RNG.
 
-Two task families of multistep-maml-ggs Section 5 (:data:`TASKS`): ``matrix-factorization``
+Two task families of multistep-maml-ggs Section 5 (:data:`fedmeta.tasks.TASKS`): ``matrix-factorization``
 (5.1) and ``sine`` / ``sine-1x200`` (5.2); ``quadratic`` (closed forms, for tests) and
-``sine-table2`` (localmoml Section 6.1).
+``sine-table2`` (localmoml Section 6.1). One iteration's batches, memories and meta-gradients are in
+:mod:`fedmeta.centralized_iteration`; this module holds the settings, the run and the command line.
 
 **MOML** (``algorithm="moml"``, localmoml-memory-based-maml.txt Algorithm 1, MOMLv1, eqs. v1 and 3)
 and **LocalMOML run centrally** (``algorithm="local-moml"``, Algorithm 3) work on a fixed set of
 ``num_tasks`` tasks, B distinct ones sampled per iteration, with every task's memory kept stacked
-(:class:`TaskMemory`); see :func:`train`. ``eval_protocol="few-shot"`` is localmoml Table 2's test
-error (:func:`few_shot_error`).
+(:class:`~fedmeta.centralized_iteration.TaskMemory`); see :func:`train`. ``eval_protocol="few-shot"`` is localmoml Table 2's test
+error (:func:`fedmeta.tasks.few_shot_error`).
 
 Command line: ``python -m fedmeta.centralized --task sine --meta-gradient ggs --delta 1e-2``;
 every field of :class:`CentralizedConfig` is a flag. FO-MuML is ``--meta-gradient fo_muml``, with
@@ -48,164 +49,20 @@ import math
 import sys
 import time
 from dataclasses import dataclass, fields
-from functools import cached_property
-from typing import Any, Callable, Mapping, Protocol, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
-import numpy as np
 import torch
-from torch import Tensor, nn
-from torch.func import functional_call, vmap
-from torch.nn import functional as F
+from torch.func import vmap
 
 from fedmeta import meta
-from fedmeta.meta import Batch, Params
-from fedmeta.models import mlp
+from fedmeta.centralized_iteration import (
+    Streams, TaskMemory, draw_batches, draw_task_batches, local_moml_models, memory_age_counts, meta_loss, moml_iteration, stack_tasks,
+    task_meta_gradients,
+)
+from fedmeta.meta import Params
 from fedmeta.provenance import provenance
+from fedmeta.tasks import TASKS, FewShotSet, TaskFamily, few_shot_error, few_shot_errors, grid_tasks
 
-# ----------------------------------------------------------------------------------------------
-# Task families
-
-
-class TaskFamily(Protocol):
-    """A distribution over tasks ``p(T)`` with per-task data, as the runner sees it.
-
-    Tasks and batches come stacked on a leading task axis, so that one meta-iteration's ``B``
-    tasks are drawn (and later processed) together.
-    """
-
-    def init_params(self, gen: torch.Generator) -> Params:
-        """The initial meta-parameters ``w_0``."""
-        ...
-
-    def loss(self, params: Params, x: Tensor, y: Tensor) -> Tensor:
-        """``l_i(w; batch)`` for one task's batch ``(x, y)`` (no task axis)."""
-        ...
-
-    def sample_tasks(self, num_tasks: int, gen: torch.Generator) -> Tensor:
-        """``num_tasks`` tasks ``T_i ~ p(T)``, one row each."""
-        ...
-
-    def sample(self, tasks: Tensor, size: int, gen: torch.Generator) -> Batch:
-        """A fresh batch of ``size`` samples of every task in ``tasks``: ``x, y`` of shape ``[B, size, ...]``."""
-        ...
-
-
-@dataclass(frozen=True)
-class MatrixFactorization:
-    """Rank-one matrix factorization, multistep-maml-ggs.txt Section 5.1::
-
-        l_i(w) = 1/4 || w w^T - g_i g_i^T ||_F^2,   w in R^d
-
-    The loss is deterministic given the task, so a "sample" of task ``i`` is ``g_i`` itself and
-    every batch of that task repeats it (``y`` is unused). The paper gives neither ``d``, the
-    distribution of ``g_i`` nor the initialization; the defaults are those of the authors' code
-    (github.com/JunjieYang97/GGS-MAML-DL, ``matrix_rank_train.py`` / ``linear_matrix_rank.py``):
-    ``d = 20``, ``g_i ~ N(0, s_i^2 I)`` with a per-task scale ``s_i ~ U[0, sigma_max = 0.1]``, and
-    ``w_0 ~ N(0, 2 / (d + 1) I)``.
-    """
-
-    dim: int = 20
-    sigma_max: float = 0.1
-
-    def init_params(self, gen: torch.Generator) -> Params:
-        return {"w": torch.randn(self.dim, generator=gen) * math.sqrt(2.0 / (self.dim + 1))}
-
-    def loss(self, params: Params, x: Tensor, y: Tensor) -> Tensor:
-        w = params["w"]
-        diff = torch.outer(w, w) - x[:, :, None] * x[:, None, :]  # one d x d residual per sample row
-        return 0.25 * diff.pow(2).sum((1, 2)).mean()
-
-    def sample_tasks(self, num_tasks: int, gen: torch.Generator) -> Tensor:
-        scale = torch.rand(num_tasks, 1, generator=gen) * self.sigma_max
-        return scale * torch.randn(num_tasks, self.dim, generator=gen)
-
-    def sample(self, tasks: Tensor, size: int, gen: torch.Generator) -> Batch:
-        return tasks[:, None, :].expand(-1, size, -1), torch.zeros(tasks.shape[0], size)
-
-
-@dataclass(frozen=True)
-class Quadratic:
-    """``l_i(w) = 1/2 ||w - c_i||^2`` with centers ``c_i ~ N(0, I_d)``: gradient ``w - c_i``, Hessian ``I``,
-    so every algorithm's recursion has a closed form (the tests check the runner against it). Like
-    matrix factorization, a "sample" of task i is ``c_i`` itself."""
-
-    dim: int = 3
-
-    def init_params(self, gen: torch.Generator) -> Params:
-        return {"w": torch.randn(self.dim, generator=gen)}
-
-    def loss(self, params: Params, x: Tensor, y: Tensor) -> Tensor:
-        return 0.5 * (params["w"] - x).pow(2).sum(-1).mean()
-
-    def sample_tasks(self, num_tasks: int, gen: torch.Generator) -> Tensor:
-        return torch.randn(num_tasks, self.dim, generator=gen)
-
-    def sample(self, tasks: Tensor, size: int, gen: torch.Generator) -> Batch:
-        return tasks[:, None, :].expand(-1, size, -1), torch.zeros(tasks.shape[0], size)
-
-
-@dataclass(frozen=True)
-class SineRegression:
-    """Sine-wave regression, multistep-maml-ggs.txt Section 5.2 (after Finn et al. 2017)::
-
-        l_i(w; X) = 1/|X| sum_{x in X} (f(w; x) - a_i sin(x + b_i))^2
-
-    ``a_i ~ U[0.1, 5]``, ``b_i ~ U[0, pi]``, ``x ~ U[-5, 5]``; ``f`` a ReLU MLP ``1-hidden-1``
-    (:func:`fedmeta.models.mlp`; ``(40, 40)`` is ``sine-mlp``). Initialization as in the authors'
-    code (its ``learner.py``): Kaiming-normal weights ``N(0, 2 / fan_in)``, zero biases.
-    """
-
-    hidden: tuple[int, ...] = (40, 40)
-    amplitude: tuple[float, float] = (0.1, 5.0)
-    phase: tuple[float, float] = (0.0, math.pi)
-    x_range: tuple[float, float] = (-5.0, 5.0)
-    init: str = "kaiming-normal"
-    """``kaiming-normal`` (the GGS authors' code) or ``torch`` (``nn.Linear``'s default: weights and biases
-    ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))``, drawn from the run's generator)."""
-
-    @cached_property
-    def network(self) -> nn.Module:
-        return mlp((1, *self.hidden, 1), nn.ReLU)
-
-    def init_params(self, gen: torch.Generator) -> Params:
-        params = {}
-        if self.init == "torch":
-            fan_in = {name: p.shape[1] for name, p in self.network.named_parameters() if p.dim() == 2}
-            for name, p in self.network.named_parameters():
-                bound = 1.0 / math.sqrt(fan_in[name.rsplit(".", 1)[0] + ".weight"])
-                params[name] = (torch.rand(p.shape, generator=gen) * 2 - 1) * bound
-            return params
-        for name, p in self.network.named_parameters():
-            if p.dim() == 2:  # a weight, [fan_out, fan_in]
-                params[name] = torch.randn(p.shape, generator=gen) * math.sqrt(2.0 / p.shape[1])
-            else:
-                params[name] = torch.zeros(p.shape)
-        return params
-
-    def loss(self, params: Params, x: Tensor, y: Tensor) -> Tensor:
-        return F.mse_loss(functional_call(self.network, params, (x,)), y)
-
-    def sample_tasks(self, num_tasks: int, gen: torch.Generator) -> Tensor:
-        lo, hi = torch.tensor([self.amplitude[0], self.phase[0]]), torch.tensor([self.amplitude[1], self.phase[1]])
-        return lo + (hi - lo) * torch.rand(num_tasks, 2, generator=gen)
-
-    def sample(self, tasks: Tensor, size: int, gen: torch.Generator) -> Batch:
-        lo, hi = self.x_range
-        x = lo + (hi - lo) * torch.rand(tasks.shape[0], size, 1, generator=gen)
-        a, b = tasks[:, None, 0:1], tasks[:, None, 1:2]
-        return x, a * torch.sin(x + b)
-
-
-TASKS: dict[str, TaskFamily] = {
-    "quadratic": Quadratic(),
-    "matrix-factorization": MatrixFactorization(),
-    "sine": SineRegression(),
-    "sine-1x200": SineRegression(hidden=(200,)),
-    "sine-table2": SineRegression(init="torch"),
-}
-"""Values of the ``task`` setting: Section 5.1, and Section 5.2 with its two networks; ``sine-table2`` is
-the 1-40-40-1 network with PyTorch's default initialization, for localmoml Section 6.1 (which, with
-Finn et al.'s alpha = 0.01 on x in [-5, 5], diverges from the Kaiming-normal start)."""
 
 ALGORITHMS = ("maml", "moml", "local-moml")
 """Values of the ``algorithm`` setting."""
@@ -276,7 +133,7 @@ class CentralizedConfig:
     eval_protocol: str = "meta-loss"
     """``meta-loss``: eq. (2) on held-out tasks (above). ``few-shot`` (localmoml Section 6.1): ``eval_tasks`` unseen
     sine tasks A ~ U(1, 5), phi ~ U(pi/5, pi) drawn per seed; 10 steps of gradient descent at lr 0.01 on 10 points,
-    then the MSE on 100 more points (:func:`few_shot_error`). ``few-shot-fixed``: the same adaptation and score on
+    then the MSE on 100 more points (:func:`fedmeta.tasks.few_shot_error`). ``few-shot-fixed``: the same adaptation and score on
     the authors' fixed test set (:meth:`FewShotSet.authors`), the same for every seed."""
     eval_seed: int = -1
     """Seed of the evaluation tasks; -1: derived from ``seed``. A tuning run scores on other tasks than the test."""
@@ -383,306 +240,6 @@ class CentralizedConfig:
 
 
 # ----------------------------------------------------------------------------------------------
-# Random streams and batches
-
-
-@dataclass(frozen=True)
-class Streams:
-    """The independent generators of one run, all derived from its seed."""
-
-    init: torch.Generator
-    tasks: torch.Generator
-    directions: torch.Generator
-    evaluation: torch.Generator
-
-    @classmethod
-    def from_seed(cls, seed: int) -> "Streams":
-        states = np.random.SeedSequence(seed).generate_state(4, dtype=np.uint64)
-        return cls(*(torch.Generator().manual_seed(int(s)) for s in states))
-
-
-@dataclass(frozen=True)
-class TaskBatches:
-    """The independent batches of ``B`` tasks, stacked on a leading task axis (Section 2.2).
-
-    ``inner``: ``S_0..S_{N-1}``, shapes ``[B, N, S, ...]``; ``outer``: ``T``, ``[B, T, ...]``;
-    ``hessian``: ``D_0..D_{N-1}``, ``[B, N, D, ...]``.
-    """
-
-    inner: Batch
-    outer: Batch
-    hessian: Batch
-
-    def select(self, positions: Tensor) -> "TaskBatches":
-        """The batches of the tasks at ``positions`` (on the task axis)."""
-        return TaskBatches(*(tuple(t.index_select(0, positions) for t in part) for part in (self.inner, self.outer, self.hessian)))
-
-    def task(self, i: int) -> meta.MetaBatches:
-        """Task ``i``'s batches as :class:`fedmeta.meta.MetaBatches`."""
-        return _meta_batches(*(t[i] for t in (*self.inner, *self.outer, *self.hessian)))
-
-
-def _stack(batches: Sequence[Batch]) -> Batch:
-    return torch.stack([x for x, _ in batches], 1), torch.stack([y for _, y in batches], 1)
-
-
-def _meta_batches(ix: Tensor, iy: Tensor, ox: Tensor, oy: Tensor, hx: Tensor, hy: Tensor) -> meta.MetaBatches:
-    return meta.MetaBatches(tuple(zip(ix, iy)), (ox, oy), tuple(zip(hx, hy)))
-
-
-def draw_task_batches(
-    family: TaskFamily, num_tasks: int, inner_steps: int, batch_size: int, test_batch_size: int, gen: torch.Generator
-) -> TaskBatches:
-    """Sample ``num_tasks`` tasks and their fresh batches, in the order tasks, inner, outer, Hessian."""
-    tasks = family.sample_tasks(num_tasks, gen)
-    return draw_batches(family, tasks, inner_steps, batch_size, test_batch_size, gen)
-
-
-def draw_batches(
-    family: TaskFamily, tasks: Tensor, inner_steps: int, batch_size: int, test_batch_size: int, gen: torch.Generator
-) -> TaskBatches:
-    """Fresh batches of the given tasks, in the order inner, outer, Hessian. For MOML these are S1
-    (inner), S3 (outer) and S2 (Hessian) of Algorithm 1: independent batches of K samples each."""
-    inner = _stack([family.sample(tasks, batch_size, gen) for _ in range(inner_steps)])
-    outer = family.sample(tasks, test_batch_size, gen)
-    hessian = _stack([family.sample(tasks, batch_size, gen) for _ in range(inner_steps)])
-    return TaskBatches(inner, outer, hessian)
-
-
-def grid_tasks() -> Tensor:
-    """localmoml Section 6.1's 25 training tasks ``A sin(phi + x)``: rows ``(A, phi)``, A in {1..5}, phi = i pi/5, i = 1..5."""
-    return torch.cartesian_prod(torch.arange(1.0, 6.0), torch.arange(1.0, 6.0) * math.pi / 5)
-
-
-FEW_SHOT_TASKS = SineRegression(amplitude=(1.0, 5.0), phase=(math.pi / 5, math.pi))
-"""localmoml Section 6.1's unseen tasks: A ~ U(1, 5), phi ~ U(pi/5, pi), x ~ U(-5, 5)."""
-FEW_SHOT_SHOTS, FEW_SHOT_STEPS, FEW_SHOT_LR, FEW_SHOT_TEST = 10, 10, 0.01, 100
-"""localmoml Section 6.1: adapt with 10 steps of gradient descent at lr 0.01 on 10 points, test on 100 more."""
-
-
-@dataclass(frozen=True)
-class FewShotSet:
-    """Held-out unseen tasks with their support and test points (drawn once per run)."""
-
-    support: Batch
-    test: Batch
-
-    @classmethod
-    def draw(cls, num_tasks: int, gen: torch.Generator, test_size: int = FEW_SHOT_TEST) -> "FewShotSet":
-        tasks = FEW_SHOT_TASKS.sample_tasks(num_tasks, gen)
-        return cls(FEW_SHOT_TASKS.sample(tasks, FEW_SHOT_SHOTS, gen), FEW_SHOT_TASKS.sample(tasks, test_size, gen))
-
-    @classmethod
-    def authors(cls, num_tasks: int = 5, test_size: int = FEW_SHOT_TEST) -> "FewShotSet":
-        """The localmoml authors' test set (sinewave/train.py lines 14-27, src/tasks.py ``sample_amp_pha`` and
-        ``sample_test_data``), drawn with numpy as they draw it: task i has ``A ~ U(1, 5)``, ``phi ~ U(pi/5, pi)``
-        from numpy seed i; every task's 100 test points are ``x ~ U(-5, 5)`` from numpy seed 2021, and its 10 support
-        points are the same seed's first 10 draws, i.e. the first 10 test points."""
-        params = [np.random.RandomState(i).uniform([1.0, math.pi / 5], [5.0, math.pi]) for i in range(num_tasks)]
-        x = np.random.RandomState(2021).uniform(-5.0, 5.0, test_size)
-        y = np.stack([a * np.sin(phi + x) for a, phi in params])
-        xs = torch.tensor(np.broadcast_to(x, y.shape).copy(), dtype=torch.float32)[..., None]
-        ys = torch.tensor(y, dtype=torch.float32)[..., None]
-        return cls((xs[:, :FEW_SHOT_SHOTS], ys[:, :FEW_SHOT_SHOTS]), (xs, ys))
-
-
-def few_shot_error(f: meta.LossFn, w: Params, held_out: FewShotSet, lr: float = FEW_SHOT_LR, steps: int = FEW_SHOT_STEPS) -> float:
-    """localmoml Table 2's test error: every unseen task adapts w with ``steps`` full-batch gradient
-    steps on its support points, then its loss on its test points; the mean over the tasks."""
-    return float(few_shot_errors(f, w, held_out, lr, steps).mean())
-
-
-def few_shot_errors(f: meta.LossFn, w: Params, held_out: FewShotSet, lr: float = FEW_SHOT_LR, steps: int = FEW_SHOT_STEPS) -> Tensor:
-    """:func:`few_shot_error` of every task (one value per held-out task)."""
-
-    def one(sx: Tensor, sy: Tensor, tx: Tensor, ty: Tensor) -> Tensor:
-        v = w
-        for _ in range(steps):
-            v = meta.adapt(f, v, (sx, sy), lr)
-        return f(v, tx, ty)
-
-    return vmap(one)(*held_out.support, *held_out.test)
-
-
-@dataclass
-class TaskMemory:
-    """MOML's personalized models ``u_i`` of all n tasks, stacked (``[n, *shape]`` per parameter: one
-    copy, O(n d) memory), and which tasks have been visited. An iteration gathers the rows of its
-    sampled tasks, updates them together and scatters them back; other rows are not touched."""
-
-    rows: Params
-    visited: Tensor
-
-    @classmethod
-    def empty(cls, num_tasks: int, like: Params) -> "TaskMemory":
-        return cls({k: torch.zeros(num_tasks, *v.shape, dtype=v.dtype) for k, v in like.items()}, torch.zeros(num_tasks, dtype=torch.bool))
-
-    def gather(self, ids: Tensor) -> tuple[Params, Tensor]:
-        return {k: v.index_select(0, ids) for k, v in self.rows.items()}, self.visited.index_select(0, ids)
-
-    def scatter(self, ids: Tensor, u: Params) -> None:
-        for k, v in self.rows.items():
-            v.index_copy_(0, ids, u[k])
-        self.visited[ids] = True
-
-    @property
-    def nbytes(self) -> int:
-        return sum(v.numel() * v.element_size() for v in self.rows.values())
-
-
-def memory_age_counts(task_ids: Sequence[Sequence[int]], num_tasks: int) -> tuple[int, ...]:
-    """Histogram of memory ages: entry ``a - 1`` counts the samplings of a task whose memory was last
-    updated ``a`` iterations earlier (``task_ids[t]``: the tasks of iteration t + 1). With B of n tasks
-    drawn uniformly the age is geometric with p = B / n (mean n / B iterations)."""
-    last = [0] * num_tasks
-    counts: dict[int, int] = {}
-    for t, ids in enumerate(task_ids, start=1):
-        for i in ids:
-            if last[i]:
-                counts[t - last[i]] = counts.get(t - last[i], 0) + 1
-            last[i] = t
-    return tuple(counts.get(a, 0) for a in range(1, max(counts, default=0) + 1))
-
-
-# ----------------------------------------------------------------------------------------------
-# One meta-iteration and the meta-loss
-
-
-def task_meta_gradients(
-    f: meta.LossFn,
-    w: Params,
-    batches: TaskBatches,
-    inner_lr: float,
-    estimator: meta.MetaGradient,
-    gen: torch.Generator | None = None,
-) -> tuple[Params, Tensor]:
-    """Every task's meta-gradient ``G_i(w)`` (eq. 8, or eq. 19 for ggs) and outer loss ``l_i(w_N^i; T_i)``.
-
-    Returns the gradients stacked on a leading task axis and the ``B`` outer losses. ``vmap`` runs
-    the tasks together; ``randomness="different"`` gives each task its own directions from ``gen``.
-    """
-
-    def one(ix: Tensor, iy: Tensor, ox: Tensor, oy: Tensor, hx: Tensor, hy: Tensor) -> tuple[Params, Tensor]:
-        mb = _meta_batches(ix, iy, ox, oy, hx, hy)
-        g, w_n = meta.maml_gradient(f, w, mb, inner_lr, estimator, gen)
-        return g, f(w_n, *mb.outer)
-
-    return vmap(one, randomness="different")(*batches.inner, *batches.outer, *batches.hessian)
-
-
-def moml_directions(
-    f: meta.LossFn,
-    w: Params,
-    u: Params,
-    momentum: Tensor,
-    batches: TaskBatches,
-    inner_lr: float,
-    estimator: meta.MetaGradient,
-    gen: torch.Generator | None = None,
-) -> tuple[Params, Params, Tensor]:
-    """MOML's per-task work of one iteration (localmoml Algorithm 1 lines 3-7), the sampled tasks together:
-    ``v_i = w_N(w; S_i1)``, ``u_i <- (1 - beta_i) u_i + beta_i v_i`` (eq. v1) and the direction
-    ``(I - alpha H_i(w; S_i2)) grad L_i(u_i; S_i3)`` (one term of eq. 3), by :func:`fedmeta.meta.moml_direction`.
-
-    ``u``: the tasks' memories stacked on a leading task axis; ``momentum``: one beta per task.
-    Returns the directions and the new memories (stacked) and the losses ``L_i(u_i; S_i3)``."""
-
-    def one(u_i: Params, beta: Tensor, ix: Tensor, iy: Tensor, ox: Tensor, oy: Tensor, hx: Tensor, hy: Tensor):
-        mb = _meta_batches(ix, iy, ox, oy, hx, hy)
-        d, u_new = meta.moml_direction(f, w, u_i, mb, inner_lr, beta, estimator, gen)
-        return d, u_new, f(u_new, *mb.outer)
-
-    return vmap(one, randomness="different")(u, momentum, *batches.inner, *batches.outer, *batches.hessian)
-
-
-def moml_iteration(
-    f: meta.LossFn,
-    w: Params,
-    memory: TaskMemory,
-    ids: Tensor,
-    batches: TaskBatches,
-    cfg: CentralizedConfig,
-    estimator: meta.MetaGradient,
-    gen: torch.Generator | None = None,
-) -> tuple[Params, Tensor]:
-    """One MOML iteration's directions (localmoml Algorithm 1 lines 3-7) for the sampled tasks ``ids``, their
-    memories read from and written back to ``memory``; the directions and the losses ``L_i(u_i; S_i3)`` in the
-    order of ``ids``.
-
-    A task drawn twice (``task_sampling="with-replacement"``) is visited in turn: the draws go in waves (first
-    draws, second draws, ...), each wave reading the memories the previous wave wrote, all at the same ``w``.
-    With ``memory_gradient="through-memory"`` each direction is multiplied by its task's beta."""
-    waves = _waves(ids)
-    parts, outers = [], []
-    for pos in waves:
-        sub_ids = ids if len(waves) == 1 else ids.index_select(0, pos)
-        sub = batches if len(waves) == 1 else batches.select(pos)
-        u, visited = memory.gather(sub_ids)
-        # eq. (v1); a task's first visit takes v_i itself (beta = 1)
-        beta = torch.where(visited, torch.tensor(float(cfg.momentum)), torch.tensor(1.0))
-        d, u, outer = moml_directions(f, w, u, beta, sub, cfg.inner_lr, estimator, gen)
-        if cfg.memory_gradient == "through-memory":
-            d = {k: v * beta.view(-1, *([1] * (v.dim() - 1))) for k, v in d.items()}
-        memory.scatter(sub_ids, u)
-        parts.append(d)
-        outers.append(outer)
-    if len(waves) == 1:
-        return parts[0], outers[0]
-    order = torch.argsort(torch.cat(waves))
-    return {k: torch.cat([d[k] for d in parts]).index_select(0, order) for k in parts[0]}, torch.cat(outers).index_select(0, order)
-
-
-def _waves(ids: Tensor) -> list[Tensor]:
-    """The positions of ``ids`` grouped by occurrence: wave j holds every id's (j+1)-th draw, in draw order."""
-    seen: dict[int, int] = {}
-    occurrence = []
-    for i in ids.tolist():
-        occurrence.append(seen.get(i, 0))
-        seen[i] = occurrence[-1] + 1
-    return [torch.tensor([p for p, o in enumerate(occurrence) if o == j]) for j in range(max(occurrence) + 1)]
-
-
-def local_moml_models(
-    f: meta.LossFn,
-    w: Params,
-    init: Batch,
-    steps: Sequence[TaskBatches],
-    inner_lr: float,
-    lr: float,
-    momentum: float,
-    estimator: meta.MetaGradient,
-    gen: torch.Generator | None = None,
-) -> tuple[Params, Tensor]:
-    """LocalMOML run centrally (localmoml Algorithm 3, memory reset): every sampled task resets its
-    memory from w with the batches ``init`` (S0, line 5), runs ``len(steps)`` = H LocalMOML steps
-    (:func:`fedmeta.meta.local_moml_step`, eqs. 7-8) and returns its local model; stacked, with the
-    last step's loss ``L_i(u_i; S3)``."""
-
-    def one(ix: Tensor, iy: Tensor, *flat: Tensor):
-        u = meta.local_moml_init_memory(f, w, list(zip(ix, iy)), inner_lr, estimator)
-        v = w
-        for h in range(len(steps)):
-            mb = _meta_batches(*flat[6 * h: 6 * h + 6])
-            v, u = meta.local_moml_step(f, v, u, mb, inner_lr, lr, momentum, estimator, gen)
-        return v, f(u, *mb.outer)
-
-    flat = [t for b in steps for t in (*b.inner, *b.outer, *b.hessian)]
-    return vmap(one, randomness="different")(*init, *flat)
-
-
-def meta_loss(f: meta.LossFn, w: Params, batches: TaskBatches, inner_lr: float) -> float:
-    """``1/B sum_i l_i(w_N^i; T_i)`` with ``w_N^i`` from N SGD steps (eq. 6) on ``S_0..S_{N-1}``: eq. (2) estimated."""
-
-    def one(ix: Tensor, iy: Tensor, tx: Tensor, ty: Tensor) -> Tensor:
-        v = w
-        for batch in zip(ix, iy):
-            v = meta.adapt(f, v, batch, inner_lr)
-        return f(v, tx, ty)
-
-    return float(vmap(one)(*batches.inner, *batches.outer).mean())
-
-
-# ----------------------------------------------------------------------------------------------
 # A run
 
 
@@ -786,7 +343,7 @@ def train(cfg: CentralizedConfig, *, log: Callable[[str], None] | None = None) -
         train_tasks = grid_tasks() if cfg.task_set == "grid" else family.sample_tasks(cfg.num_tasks, streams.tasks)
     memory = TaskMemory.empty(cfg.num_tasks, leaves) if cfg.algorithm == "moml" else None
     if memory is not None and cfg.memory_init == "initial-model":
-        first = _stack([family.sample(train_tasks, cfg.batch_size, streams.tasks) for _ in range(cfg.inner_steps)])
+        first = stack_tasks([family.sample(train_tasks, cfg.batch_size, streams.tasks) for _ in range(cfg.inner_steps)])
         w0 = {k: v.detach() for k, v in leaves.items()}
         memory.scatter(torch.arange(cfg.num_tasks),
                        vmap(lambda ix, iy: meta.local_moml_init_memory(f, w0, list(zip(ix, iy)), cfg.inner_lr, estimator))(*first))
@@ -818,7 +375,7 @@ def train(cfg: CentralizedConfig, *, log: Callable[[str], None] | None = None) -
             task_ids.append(tuple(int(i) for i in ids))
             tasks = train_tasks.index_select(0, ids)
             if cfg.algorithm == "local-moml":
-                init = _stack([family.sample(tasks, init_size, streams.tasks) for _ in range(cfg.inner_steps)])
+                init = stack_tasks([family.sample(tasks, init_size, streams.tasks) for _ in range(cfg.inner_steps)])
                 steps = [draw_batches(family, tasks, cfg.inner_steps, cfg.batch_size, cfg.batch_size, streams.tasks)
                          for _ in range(cfg.local_steps)]
             else:

@@ -44,7 +44,7 @@ from fedmeta import graph as G
 from fedmeta import meta
 from fedmeta import validation as V
 from fedmeta.algorithms.base import VMAP_ESTIMATORS  # computed under vmap; the stochastic ones loop over agents
-from fedmeta.centralized import SineRegression
+from fedmeta.tasks import SineRegression
 from fedmeta.meta import Params
 from fedmeta.provenance import provenance
 

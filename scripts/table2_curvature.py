@@ -13,7 +13,8 @@ import numpy as np
 import torch
 
 from fedmeta import meta
-from fedmeta.centralized import TASKS, FewShotSet, train
+from fedmeta.centralized import train
+from fedmeta.tasks import TASKS, FewShotSet
 from fedmeta.simulations import reproduce_table2 as t2
 
 

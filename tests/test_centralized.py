@@ -10,6 +10,8 @@ from torch.func import grad
 
 from fakes import check_provenance
 from fedmeta import centralized as c
+from fedmeta import centralized_iteration as ci
+from fedmeta import tasks as T
 from fedmeta import meta
 
 MF = c.CentralizedConfig(task="matrix-factorization", iterations=1, eval_every=1, eval_tasks=8, tasks_per_iteration=4)
@@ -17,11 +19,11 @@ SINE = c.CentralizedConfig(task="sine", inner_lr=0.01, meta_lr=1e-3, outer_optim
                            test_batch_size=5, iterations=1, eval_every=1, eval_tasks=8)
 
 
-def first_batches(cfg: c.CentralizedConfig) -> tuple[meta.Params, c.TaskBatches]:
+def first_batches(cfg: c.CentralizedConfig) -> tuple[meta.Params, ci.TaskBatches]:
     """The initial model and the first iteration's batches of ``cfg``'s run, drawn again from its seed."""
-    streams = c.Streams.from_seed(cfg.seed)
+    streams = ci.Streams.from_seed(cfg.seed)
     w0 = cfg.family.init_params(streams.init)
-    return w0, c.draw_task_batches(cfg.family, cfg.tasks_per_iteration, cfg.inner_steps, cfg.batch_size, cfg.test_batch_size, streams.tasks)
+    return w0, ci.draw_task_batches(cfg.family, cfg.tasks_per_iteration, cfg.inner_steps, cfg.batch_size, cfg.test_batch_size, streams.tasks)
 
 
 def test_meta_loss_decreases_on_matrix_factorization_with_exact_maml():
@@ -66,9 +68,9 @@ def test_vmapped_task_gradients_equal_a_loop_over_tasks(estimator):
     cfg = SINE.replace(meta_gradient=estimator, inner_steps=2)
     w0, batches = first_batches(cfg)
     w0 = {k: v.double() for k, v in w0.items()}
-    batches = c.TaskBatches(*(tuple(t.double() for t in part) for part in (batches.inner, batches.outer, batches.hessian)))
+    batches = ci.TaskBatches(*(tuple(t.double() for t in part) for part in (batches.inner, batches.outer, batches.hessian)))
     est = meta.meta_gradient(estimator, delta=1e-3)
-    got, outer = c.task_meta_gradients(cfg.family.loss, w0, batches, cfg.inner_lr, est)
+    got, outer = ci.task_meta_gradients(cfg.family.loss, w0, batches, cfg.inner_lr, est)
     for i in range(cfg.tasks_per_iteration):
         g, w_n = meta.maml_gradient(cfg.family.loss, w0, batches.task(i), cfg.inner_lr, est)
         for k in w0:
@@ -112,9 +114,9 @@ def test_every_estimator_runs_and_one_seed_fixes_model_tasks_and_directions(esti
 def test_stochastic_estimators_draw_their_own_directions_per_task():
     cfg = SINE.replace(meta_gradient="ggs", tasks_per_iteration=2)
     w0, batches = first_batches(cfg)
-    same = c.TaskBatches(*(tuple(t[:1].expand(2, *t.shape[1:]) for t in part) for part in (batches.inner, batches.outer, batches.hessian)))
+    same = ci.TaskBatches(*(tuple(t[:1].expand(2, *t.shape[1:]) for t in part) for part in (batches.inner, batches.outer, batches.hessian)))
     est = meta.meta_gradient("ggs", delta=1e-2, num_directions=2)
-    g, _ = c.task_meta_gradients(cfg.family.loss, w0, same, 1.0, est, torch.Generator().manual_seed(0))
+    g, _ = ci.task_meta_gradients(cfg.family.loss, w0, same, 1.0, est, torch.Generator().manual_seed(0))
     assert all(not torch.allclose(t[0], t[1]) for t in g.values())  # the same task twice, two different direction sets
 
 
@@ -168,7 +170,7 @@ def test_command_line(capsys, tmp_path):
 
 
 def test_matrix_factorization_loss_is_the_papers_frobenius_norm():
-    family = c.MatrixFactorization(dim=5)
+    family = T.MatrixFactorization(dim=5)
     gen = torch.Generator().manual_seed(0)
     w, g = torch.randn(5, generator=gen, dtype=torch.float64), torch.randn(5, generator=gen, dtype=torch.float64)
     x, y = family.sample(g[None], 3, gen)
@@ -178,7 +180,7 @@ def test_matrix_factorization_loss_is_the_papers_frobenius_norm():
 
 
 def test_sine_tasks_and_network():
-    family = c.SineRegression()
+    family = T.SineRegression()
     gen = torch.Generator().manual_seed(0)
     tasks = family.sample_tasks(1000, gen)
     assert tasks[:, 0].min() >= 0.1 and tasks[:, 0].max() <= 5.0 and tasks[:, 1].min() >= 0 and tasks[:, 1].max() <= math.pi

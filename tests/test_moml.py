@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from fedmeta import meta
-from fedmeta.centralized import (
-    CentralizedConfig, Streams, TaskMemory, TASKS, draw_batches, grid_tasks, main, memory_age_counts, moml_directions, RunResult, train,
-)
+from fedmeta.centralized import CentralizedConfig, RunResult, main, train
+from fedmeta.centralized_iteration import Streams, TaskMemory, draw_batches, memory_age_counts, moml_directions
+from fedmeta.tasks import TASKS, grid_tasks
 
 SINE = dict(task="sine-table2", num_tasks=25, task_set="grid", tasks_per_iteration=3, batch_size=2, test_batch_size=2,
             inner_lr=0.01, meta_lr=0.005, eval_every=10, eval_tasks=4, eval_protocol="few-shot", decay_at=0.75)

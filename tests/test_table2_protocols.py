@@ -12,7 +12,9 @@ import torch
 from torch import nn
 
 from fedmeta import meta
-from fedmeta.centralized import TASKS, CentralizedConfig, FewShotSet, draw_batches, few_shot_errors, grid_tasks, train
+from fedmeta.centralized import CentralizedConfig, train
+from fedmeta.centralized_iteration import draw_batches
+from fedmeta.tasks import TASKS, FewShotSet, few_shot_errors, grid_tasks
 from fedmeta.simulations import reproduce_table2 as t2
 
 SINE = TASKS["sine-table2"]
@@ -102,7 +104,7 @@ def test_initial_model_memories_start_one_inner_step_from_w0_and_are_all_visited
                             iterations=1, eval_every=1, eval_tasks=2, inner_steps=1, memory_init="initial-model", seed=2)
     res = train(cfg)
     assert bool(res.memory.visited.all())
-    from fedmeta.centralized import Streams
+    from fedmeta.centralized_iteration import Streams
 
     streams = Streams.from_seed(2)
     w0 = TASKS["quadratic"].init_params(streams.init)["w"]
