@@ -31,7 +31,7 @@ import pytest
 
 from fakes import descendants_of_pytest
 from fedmeta import config as C
-from fedmeta.simulations import deploy
+from fedmeta.simulations import deploy, flwr_processes
 from fedmeta.simulations.deploy import HOST, LocalDeployment
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -102,7 +102,7 @@ def test_tls_deployment_of_three_nodes_refuses_a_node_without_the_ca_and_matches
 
     pyproject = (ROOT / "pyproject.toml").read_bytes()
     dep = deployment.start(3, tls=True)
-    assert dep.transport is deploy.HTTP and deploy.version_tuple(dep.version) >= (1, 40)
+    assert dep.transport is flwr_processes.HTTP and flwr_processes.version_tuple(dep.version) >= (1, 40)
     assert dep.fleet_port == dep.port  # one HTTP port for Fleet, Control and Runtime APIs
     assert len(set(dep.node_ids)) == 3
     certs = dep.certificates
@@ -136,7 +136,7 @@ def test_tls_deployment_of_three_nodes_refuses_a_node_without_the_ca_and_matches
     code = rogue.wait(timeout=120)  # a hang guard: it gives up after --max-wait-time 15
     out = log.read_text(errors="replace")
     assert code != 0, out[-2000:]
-    assert deploy.NODE_FAILED in out and "CERTIFICATE_VERIFY_FAILED" in out, out[-2000:]
+    assert flwr_processes.NODE_FAILED in out and "CERTIFICATE_VERIFY_FAILED" in out, out[-2000:]
     assert deploy.NODE_READY not in out
     deployment.stop()
     assert not deploy.related_processes([rogue.pid], home=str(home))
@@ -333,7 +333,7 @@ def test_supernode_with_an_unreachable_superlink_exits_with_a_clear_message(tmp_
             deploy.terminate(deploy.related_processes([node.pid], home=str(tmp_path)), [node.pid], 5, [node])
     out = log.read_text(errors="replace")
     assert code != 0, (code, out[-2000:])
-    assert deploy.NODE_FAILED in out and "Connection refused" in out and nowhere in out, out[-2000:]
+    assert flwr_processes.NODE_FAILED in out and "Connection refused" in out and nowhere in out, out[-2000:]
     assert deploy.NODE_READY not in out
     # Its superexec follows it out once it has been reaped (it polls --parent-pid).
     deadline = time.monotonic() + 10
@@ -350,7 +350,7 @@ GUIDE_DIR = "/srv/fedmeta"
 GUIDE_RUN = {"partition": "dirichlet", "num-rounds": 3, "results-dir": f"{GUIDE_DIR}/results"}
 
 
-def _guide_commands(transport: deploy.Transport, tls: bool, isolation: str = "subprocess") -> list[str]:
+def _guide_commands(transport: flwr_processes.Transport, tls: bool, isolation: str = "subprocess") -> list[str]:
     """What :meth:`LocalDeployment.shell_commands` prints for the guide's layout: work directory
     /srv/fedmeta, SuperLink port 9091 (+ gRPC fleet port 9092), SuperNode ports 9094-9096, a memory
     and a data directory per node; executables by name, the app as ``.``."""
@@ -364,7 +364,7 @@ def _guide_commands(transport: deploy.Transport, tls: bool, isolation: str = "su
     return [line.replace(f"{dep.bin_dir}{os.sep}", "").replace(str(ROOT), ".") for line in dep.shell_commands(GUIDE_RUN)]
 
 
-@pytest.mark.parametrize("transport", [deploy.HTTP, deploy.GRPC_RERE], ids=lambda t: t.name)
+@pytest.mark.parametrize("transport", [flwr_processes.HTTP, flwr_processes.GRPC_RERE], ids=lambda t: t.name)
 @pytest.mark.parametrize("tls", [False, True], ids=["insecure", "tls"])
 def test_the_deployment_guide_shows_the_launchers_commands(transport, tls):
     guide = (ROOT / "docs" / "deployment.md").read_text()
@@ -377,24 +377,24 @@ def test_the_deployment_guide_shows_the_launchers_commands(transport, tls):
 
 def test_the_deployment_guide_shows_the_launchers_process_isolation_commands():
     flat = re.sub(r"[ \t]*\\\n[ \t]*", " ", (ROOT / "docs" / "deployment.md").read_text())
-    node0 = [line for line in _guide_commands(deploy.HTTP, False, isolation="process") if "/node-0/" in line]
+    node0 = [line for line in _guide_commands(flwr_processes.HTTP, False, isolation="process") if "/node-0/" in line]
     assert len(node0) == 2 and "--isolation process" in node0[0] and "flower-superexec" in node0[1]
     for line in node0:
         assert line in flat, f"docs/deployment.md lacks:\n{line}"
 
 
 def test_transport_is_chosen_by_the_flwr_version_in_one_place():
-    assert deploy.transport_for("1.38.1") is deploy.GRPC_RERE and deploy.transport_for("1.39.0") is deploy.GRPC_RERE
-    assert deploy.transport_for("1.40.0rc1") is deploy.HTTP and deploy.transport_for("1.41.0") is deploy.HTTP
-    assert deploy.transport_for("2.0.0") is deploy.HTTP
-    grpc = deploy.supernode_command(deploy.GRPC_RERE, superlink="127.0.0.1:2", port=3, node_config={"partition-id": 0})
-    http = deploy.supernode_command(deploy.HTTP, superlink="127.0.0.1:2", port=3, node_config={"partition-id": 0})
+    assert deploy.transport_for("1.38.1") is flwr_processes.GRPC_RERE and deploy.transport_for("1.39.0") is flwr_processes.GRPC_RERE
+    assert deploy.transport_for("1.40.0rc1") is flwr_processes.HTTP and deploy.transport_for("1.41.0") is flwr_processes.HTTP
+    assert deploy.transport_for("2.0.0") is flwr_processes.HTTP
+    grpc = deploy.supernode_command(flwr_processes.GRPC_RERE, superlink="127.0.0.1:2", port=3, node_config={"partition-id": 0})
+    http = deploy.supernode_command(flwr_processes.HTTP, superlink="127.0.0.1:2", port=3, node_config={"partition-id": 0})
     assert [a for a in grpc if a not in http] == ["--grpc-rere"]
-    link = deploy.superlink_command(deploy.GRPC_RERE, port=1, fleet_port=2)
+    link = deploy.superlink_command(flwr_processes.GRPC_RERE, port=1, fleet_port=2)
     assert link[link.index("--fleet-api-address") + 1] == "127.0.0.1:2"
-    assert "--fleet-api-address" not in deploy.superlink_command(deploy.HTTP, port=1)
+    assert "--fleet-api-address" not in deploy.superlink_command(flwr_processes.HTTP, port=1)
     with pytest.raises(ValueError, match="cannot parse"):
-        deploy.version_tuple("unknown")
+        flwr_processes.version_tuple("unknown")
 
 
 def test_isolation_is_one_mode_or_one_per_node(tmp_path):
@@ -415,7 +415,7 @@ def test_run_config_is_validated_before_any_process_starts(tmp_path):
     rc = dep.run_config({"num_rounds": 2, "partition": "dirichlet", "inner-lr": 1})
     assert rc["num-clients"] == 3 and rc["clients-per-round"] == 0 and rc["inner-lr"] == 1.0 and isinstance(rc["inner-lr"], float)
     assert Path(rc["results-dir"]).is_absolute()
-    assert deploy.config_arg(rc).startswith('num-rounds=2 partition="dirichlet" inner-lr=1.0 ')
+    assert flwr_processes.config_arg(rc).startswith('num-rounds=2 partition="dirichlet" inner-lr=1.0 ')
     with pytest.raises(ValueError, match="did you mean 'num-rounds'"):
         dep.run_config({"num-round": 2})
     with pytest.raises(ValueError, match="3 SuperNodes"):
