@@ -78,7 +78,7 @@ from fedmeta.provenance import provenance
 from fedmeta.simulations.apps import build_strategy, initial_model
 from fedmeta.simulations.config import ExperimentConfig
 from fedmeta.simulations.run import simulate
-from fedmeta.simulations.processes import busy_cpu_seconds
+from fedmeta.simulations.processes import busy_cpu_seconds, process_table, stat_fields, stat_table, tree
 
 RESULTS_PATH = Path(__file__).resolve().parent / "results" / "bench_scale.json"
 GIB = 1024**3
@@ -185,36 +185,6 @@ def _read(path: str) -> str | None:
         return None
 
 
-def _stat_fields(pid: int) -> list[str] | None:
-    """``/proc/<pid>/stat`` after the command name: ``[state, ppid, ...]`` (``None`` if gone)."""
-    text = _read(f"/proc/{pid}/stat")
-    return text.rpartition(")")[2].split() if text else None
-
-
-def process_table() -> dict[int, list[str]]:
-    """Every live process: ``pid -> stat fields`` (zombies left out)."""
-    table = {}
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            fields = _stat_fields(int(name))
-            if fields and fields[0] != "Z":
-                table[int(name)] = fields
-    return table
-
-
-def descendants(root: int, table: dict[int, list[str]]) -> list[int]:
-    """``root`` and all its live descendants, from a :func:`process_table`."""
-    children: dict[int, list[int]] = {}
-    for pid, fields in table.items():
-        children.setdefault(int(fields[1]), []).append(pid)
-    out, todo = [], [root] if root in table else []
-    while todo:
-        pid = todo.pop()
-        out.append(pid)
-        todo.extend(children.get(pid, []))
-    return out
-
-
 def _kib(text: str | None, key: str) -> int:
     """The ``key:  N kB`` line of a /proc status-like file, in KiB (0 if absent)."""
     for line in (text or "").splitlines():
@@ -230,7 +200,7 @@ def busy_ticks() -> int:
 
 def own_ticks() -> int:
     """CPU ticks of this process (all threads), children not included."""
-    fields = _stat_fields(os.getpid()) or []
+    fields = stat_fields(os.getpid()) or []
     return int(fields[11]) + int(fields[12])
 
 
@@ -268,8 +238,8 @@ class TreeSampler(threading.Thread):
 
     def sample(self) -> None:
         """One sample of the tree (also called once more after the root exits: nothing left then)."""
-        table = process_table()
-        pids = descendants(self.root, table)
+        table = stat_table()
+        pids = tree(self.root, table)
         rss = 0
         for pid in pids:
             rss += 1024 * _kib(_read(f"/proc/{pid}/status"), "VmRSS")
@@ -369,14 +339,9 @@ def steady(round_seconds: dict[int, float]) -> tuple[list[int], float]:
 
 def _ray_processes(marker: str) -> dict[int, str]:
     """Live processes whose command line names ``marker`` (the child's Ray temporary directory)."""
-    found = {}
-    for name in os.listdir("/proc"):
-        if name.isdigit() and int(name) != os.getpid():
-            cmd = (_read(f"/proc/{name}/cmdline") or "").replace("\0", " ").strip()
-            fields = _stat_fields(int(name))
-            if marker in cmd and fields and fields[0] != "Z":
-                found[int(name)] = cmd[:120]
-    return found
+    me = os.getpid()
+    return {pid: " ".join(argv).strip()[:120] for pid, (_, state, argv, _) in process_table().items()
+            if pid != me and state != "Z" and marker in " ".join(argv)}
 
 
 def end_leftovers(marker: str, grace_s: float = 10.0) -> list[str]:

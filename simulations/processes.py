@@ -1,6 +1,7 @@
 """The process table (Linux ``/proc``), read in one place: which processes belong to a launcher,
-and stopping them by pid and process group. Used by :mod:`fedmeta.simulations.deploy` and by the
-tests that start processes (every process a test starts is stopped by the test, by pid)."""
+and stopping them by pid and process group. Used by :mod:`fedmeta.simulations.deploy`, by the
+benchmarks' memory and CPU samplers and by the tests that start processes (every process a test
+starts is stopped by the test, by pid)."""
 
 from __future__ import annotations
 
@@ -13,11 +14,44 @@ from pathlib import Path
 from typing import Iterable, Mapping
 
 
+def stat_fields(pid: int) -> list[str] | None:
+    """``/proc/<pid>/stat`` after the command name: ``[state, ppid, ...]`` (``proc(5)``: utime and stime at 11 and 12,
+    the start time at 19), ``None`` if the process is gone. The one parser of a stat line."""
+    try:
+        text = (Path("/proc") / str(pid) / "stat").read_text()
+    except OSError:
+        return None
+    return text.rpartition(")")[2].split()
+
+
+def stat_table() -> dict[int, list[str]]:
+    """Every live process's :func:`stat_fields` (zombies left out): the table without command lines and
+    environments, cheap enough to sample a few times a second."""
+    table = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and (fields := stat_fields(int(entry))) and fields[0] != "Z":
+            table[int(entry)] = fields
+    return table
+
+
+def tree(root: int, table: Mapping[int, list[str]]) -> list[int]:
+    """``root`` and all its live descendants, from a :func:`stat_table`."""
+    children: dict[int, list[int]] = {}
+    for pid, fields in table.items():
+        children.setdefault(int(fields[1]), []).append(pid)
+    out, todo = [], [root] if root in table else []
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        todo.extend(children.get(pid, []))
+    return out
+
+
 def _read_proc(pid: int) -> tuple[int, str, list[str], bytes] | None:
     """(ppid, state, argv, environ) of a live process, ``None`` if it is gone."""
     base = Path("/proc") / str(pid)
+    fields_ = stat_fields(pid)
     try:
-        stat = (base / "stat").read_text()
         argv = (base / "cmdline").read_bytes().decode(errors="replace").split("\0")
         try:
             environ = (base / "environ").read_bytes()
@@ -25,7 +59,8 @@ def _read_proc(pid: int) -> tuple[int, str, list[str], bytes] | None:
             environ = b""
     except OSError:
         return None
-    fields_ = stat[stat.rindex(")") + 2 :].split()
+    if fields_ is None:
+        return None
     return int(fields_[1]), fields_[0], argv, environ
 
 
@@ -183,4 +218,4 @@ def pids_mentioning(text: str) -> list[int]:
             if pid != me and state != "Z" and text in " ".join(argv)]
 
 
-__all__ = ["descendants", "is_alive", "pids_holding", "pids_mentioning", "pids_with_env", "process_table", "related_processes", "terminate"]
+__all__ = ["descendants", "stat_fields", "stat_table", "tree", "is_alive", "pids_holding", "pids_mentioning", "pids_with_env", "process_table", "related_processes", "terminate"]
