@@ -33,7 +33,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from timing import bench_interleaved  # bench/timing.py (the script's folder is on sys.path)
-from bench_scale import emit, environment
+from measure import emit, environment
 from fedmeta import algorithms, fast, meta
 from fedmeta import config as C
 from fedmeta.algorithms import FedAvgConfig, PerFedAvgConfig

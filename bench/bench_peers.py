@@ -43,7 +43,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from bench_scale import (  # bench/ is on sys.path
+from measure import (  # bench/ is on sys.path
     CLOCK_TICKS, GIB, ChildCpu, LoadMeter, Progress, describe, emit, environment, measured_child, run_child,
 )
 from fedmeta import config as C
