@@ -253,15 +253,6 @@ def maml_gradient(f: LossFn, w: Params, batches: MetaBatches, inner_lr: float,
     return backward(f, traj, g, batches.hessian, inner_lr, est), traj[-1]
 
 
-def per_fedavg_step(f: LossFn, w: Params, batches: MetaBatches | tuple[Batch, Batch, Batch], inner_lr: float, meta_lr: float,
-                    estimator: MetaGradient | HessianCorrection, gen: torch.Generator | None = None) -> Params:
-    """One local Per-FedAvg step, per-fedavg.txt eqs. (8)-(9) with an N-step inner loop (multistep-maml-ggs
-    eq. 8): :func:`fedmeta.meta.per_fedavg_step` with this module's :func:`maml_gradient`. ``gen`` is accepted
-    for the common signature and not used (the covered estimators draw nothing)."""
-    g, _ = maml_gradient(f, w, meta._as_meta_batches(batches), inner_lr, estimator)
-    return meta.axpy(-meta_lr, g, w)
-
-
 def local_moml_init_memory(f: LossFn, w: Params, batches: Sequence[Batch], inner_lr: float,
                            estimator: MetaGradient = meta.EXACT) -> Params:
     """Reset of the personalized model, localmoml Algorithm 3 line 5: ``u = w - alpha grad f(w; S0)``
@@ -284,4 +275,4 @@ def local_moml_step(f: LossFn, w: Params, u: Params, batches: MetaBatches | tupl
 
 
 __all__ = ["ESTIMATORS", "backward", "descend_", "gradient", "hvp", "local_moml_init_memory", "local_moml_step", "make_loss",
-           "maml_gradient", "per_fedavg_step", "refusal", "sequential_forward", "trajectory"]
+           "maml_gradient", "refusal", "sequential_forward", "trajectory"]

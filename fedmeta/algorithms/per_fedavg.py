@@ -46,7 +46,7 @@ class PerFedAvg(MAMLAlgorithm):
     """tau local steps of eq. (8), ``w <- w - beta prod_j (I - alpha H(w_j; D_j)) grad f(w_N; T)``
     (:func:`fedmeta.meta.per_fedavg_step`; eq. (9) for N = 1), each on 2N + 1 fresh batches drawn as
     D (inner, N), D' (outer), D'' (Hessian, N). One client's exact and first-order steps also run on
-    plain autograd (:meth:`fast_step`, :func:`fedmeta.fast.per_fedavg_step`)."""
+    plain autograd (:meth:`fast_step`: :func:`fedmeta.fast.maml_gradient`, then the step in place)."""
 
     name = C.PER_FEDAVG
     config = PerFedAvgConfig
@@ -59,7 +59,7 @@ class PerFedAvg(MAMLAlgorithm):
 
     def fast_step(self, f, w, state, batches, hp: PerFedAvgConfig, gen=None):
         g, _ = fast.maml_gradient(f, w, as_meta_batches(batches), hp.inner_lr, hp.estimator())
-        return fast.descend_(w, g, hp.meta_lr), None  # eq. (8) in place, as fast.per_fedavg_step computes it
+        return fast.descend_(w, g, hp.meta_lr), None  # eq. (8) in place
 
     def train_loss(self, f, w, state, batches):
         return f(w, *batches[1])
