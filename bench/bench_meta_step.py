@@ -104,16 +104,18 @@ def meta_step_calls(cfg: ExperimentConfig, data: ClientData) -> dict[tuple[str, 
     w = meta.params_of(model)
     gen = round_generator(cfg.seed, 0, 1, 0)
     s0 = data.sample(cfg.init_batch_size, gen)
-    batches = tuple(data.sample(cfg.batch_size, gen) for _ in range(3))
+    b0, b1, b2 = (data.sample(cfg.batch_size, gen) for _ in range(3))
+    pf_batches = meta.MetaBatches(inner=(b0,), outer=b1, hessian=(b2,))  # Per-FedAvg's D, D', D''
+    lm_batches = meta.MetaBatches(inner=(b0,), hessian=(b1,), outer=b2)  # LocalMOML's S1, S2, S3
     pf = build_strategy(cfg.replace(algorithm=C.PER_FEDAVG)).hparams
     lm = build_strategy(cfg.replace(algorithm=C.LOCAL_MOML)).hparams
     u = meta.local_moml_init_memory(f, w, [s0], lm.inner_lr)
 
     def per_fedavg(hessian: meta.HessianCorrection) -> Callable[[], object]:
-        return lambda: meta.per_fedavg_step(f, w, batches, pf.inner_lr, pf.meta_lr, hessian)
+        return lambda: meta.per_fedavg_step(f, w, pf_batches, pf.inner_lr, pf.meta_lr, hessian)
 
     def local_moml(hessian: meta.HessianCorrection) -> Callable[[], object]:
-        return lambda: meta.local_moml_step(f, w, u, batches, lm.inner_lr, lm.lr, lm.momentum, hessian)
+        return lambda: meta.local_moml_step(f, w, u, lm_batches, lm.inner_lr, lm.lr, lm.momentum, hessian)
 
     step = {C.PER_FEDAVG: per_fedavg, C.LOCAL_MOML: local_moml}
     return {(alg, mode): step[alg](meta.meta_gradient(mode)) for alg in ALGORITHMS for mode in MODES}

@@ -332,7 +332,7 @@ def exact_vs_first_order(work: NodeWork, budget: Budget) -> dict[str, Any]:
         est = meta.meta_gradient(name)
 
         def step(wi, d, dp, dpp, est=est):
-            return meta.per_fedavg_step(work.f, wi, meta.MetaBatches((d,), dp, (dpp,)), hp.inner_lr, hp.meta_lr, est)
+            return meta.per_fedavg_step(work.f, wi, meta.MetaBatches(inner=(d,), outer=dp, hessian=(dpp,)), hp.inner_lr, hp.meta_lr, est)
 
         calls[f"single/{name}"] = functools.partial(step, work.w, *draws[0])
         calls[f"vmapped/{name}"] = functools.partial(vmap(step), wc, *stacked)

@@ -60,7 +60,7 @@ def relative_errors(name: str, dtype: torch.dtype, n: int, seed: int, k: int = 1
     criterion = nn.functional.mse_loss if loss == "mse" else nn.functional.cross_entropy
     f = meta.make_loss(model, criterion)
     w = meta.params_of(model)
-    b = MetaBatches(tuple(batch() for _ in range(n)), batch(), tuple(batch() for _ in range(n)))
+    b = MetaBatches(inner=tuple(batch() for _ in range(n)), outer=batch(), hessian=tuple(batch() for _ in range(n)))
     exact, _ = meta.maml_gradient(f, w, b, alpha, meta.meta_gradient("exact"))
     norm = sum(float((v.double() ** 2).sum()) for v in exact.values()) ** 0.5
     out = []

@@ -66,7 +66,7 @@ def stack_tasks(batches: Sequence[Batch]) -> Batch:
 
 
 def _meta_batches(ix: Tensor, iy: Tensor, ox: Tensor, oy: Tensor, hx: Tensor, hy: Tensor) -> meta.MetaBatches:
-    return meta.MetaBatches(tuple(zip(ix, iy)), (ox, oy), tuple(zip(hx, hy)))
+    return meta.MetaBatches(inner=tuple(zip(ix, iy)), outer=(ox, oy), hessian=tuple(zip(hx, hy)))
 
 
 def draw_task_batches(

@@ -217,7 +217,7 @@ def agent_gradient(f: meta.LossFn, w: Params, batches: tuple[Tensor, ...], inner
     x_in, y_in, x_o, y_o = batches
 
     def one(xi: Tensor, yi: Tensor, xo: Tensor, yo: Tensor) -> Params:
-        g, _ = meta.maml_gradient(f, w, meta.MetaBatches(((xi, yi),), (xo, yo), ((xi, yi),)), inner_lr, estimator, gen)
+        g, _ = meta.maml_gradient(f, w, meta.MetaBatches(inner=((xi, yi),), outer=(xo, yo), hessian=((xi, yi),)), inner_lr, estimator, gen)
         return g
 
     if estimator.name in VMAP_ESTIMATORS:

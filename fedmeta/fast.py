@@ -260,18 +260,17 @@ def local_moml_init_memory(f: LossFn, w: Params, batches: Sequence[Batch], inner
     return trajectory(f, w, batches, inner_lr, anchored=_checked(estimator).anchored)[-1]
 
 
-def local_moml_step(f: LossFn, w: Params, u: Params, batches: MetaBatches | tuple[Batch, Batch, Batch], inner_lr: float, lr: float,
+def local_moml_step(f: LossFn, w: Params, u: Params, batches: MetaBatches, inner_lr: float, lr: float,
                     momentum: float, estimator: MetaGradient | HessianCorrection,
                     gen: torch.Generator | None = None) -> tuple[Params, Params]:
     """One local LocalMOML step, localmoml eqs. (7)-(8) and Algorithm 3 lines 10-11 with an N-step inner loop,
     as :func:`fedmeta.meta.local_moml_step` (which states the equations and the batches): ``u <- (1 - beta) u +
     beta w_N(w; S1)``, then ``w <- w - eta prod_j (I - alpha H(w_j; S2_j)) grad f(u; S3)``. Returns ``(w, u)``."""
-    mb = batches if isinstance(batches, MetaBatches) else MetaBatches((batches[0],), batches[2], (batches[1],))
     est = _checked(estimator)
-    traj = trajectory(f, w, mb.inner, inner_lr, anchored=est.anchored)
+    traj = trajectory(f, w, batches.inner, inner_lr, anchored=est.anchored)
     u = meta.lerp(u, traj[-1], momentum)
-    g = gradient(f, u, mb.outer)
-    return meta.axpy(-lr, backward(f, traj, g, mb.hessian, inner_lr, est), w), u
+    g = gradient(f, u, batches.outer)
+    return meta.axpy(-lr, backward(f, traj, g, batches.hessian, inner_lr, est), w), u
 
 
 __all__ = ["ESTIMATORS", "backward", "descend_", "gradient", "hvp", "local_moml_init_memory", "local_moml_step", "make_loss",

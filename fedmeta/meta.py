@@ -381,9 +381,11 @@ EXACT = meta_gradient("exact")
 FIRST_ORDER = meta_gradient("first_order")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class MetaBatches:
-    """The independent batches of one meta-gradient (multistep-maml-ggs.txt Section 2.2).
+    """The independent batches of one meta-gradient (multistep-maml-ggs.txt Section 2.2), by name only
+    (the papers order them differently: Per-FedAvg's ``(D, D', D'')`` is ``(inner, outer, hessian)``,
+    LocalMOML's ``(S1, S2, S3)`` is ``(inner, hessian, outer)``).
 
     ``inner``: ``S_0..S_{N-1}`` (eq. 6); ``outer``: ``T`` for ``grad f(w_N; T)``;
     ``hessian``: ``D_0..D_{N-1}`` for the ``(I - alpha H)`` factors (eq. 8).
@@ -404,7 +406,7 @@ class MetaBatches:
         """Fresh batches in a fixed order: inner, outer, Hessian (for N=1: Per-FedAvg's D, D', D'')."""
         inner = tuple(sample(batch_size) for _ in range(inner_steps))
         outer = sample(batch_size)
-        return cls(inner, outer, tuple(sample(batch_size) for _ in range(inner_steps)))
+        return cls(inner=inner, outer=outer, hessian=tuple(sample(batch_size) for _ in range(inner_steps)))
 
 
 def maml_gradient(
@@ -414,13 +416,6 @@ def maml_gradient(
     traj = estimator.trajectory(f, w, batches.inner, inner_lr)
     g = gradient(f, traj[-1], batches.outer)
     return estimator.backward(f, traj, g, batches.hessian, inner_lr, gen), traj[-1]
-
-
-def _as_meta_batches(batches: MetaBatches | tuple[Batch, Batch, Batch]) -> MetaBatches:
-    if isinstance(batches, MetaBatches):
-        return batches
-    d, d_prime, d_second = batches
-    return MetaBatches((d,), d_prime, (d_second,))
 
 
 def _as_estimator(estimator: MetaGradient | HessianCorrection) -> MetaGradient:
@@ -436,7 +431,7 @@ def _as_estimator(estimator: MetaGradient | HessianCorrection) -> MetaGradient:
 def per_fedavg_step(
     f: LossFn,
     w: Params,
-    batches: MetaBatches | tuple[Batch, Batch, Batch],
+    batches: MetaBatches,
     inner_lr: float,
     meta_lr: float,
     estimator: MetaGradient | HessianCorrection,
@@ -446,13 +441,13 @@ def per_fedavg_step(
 
     ``w <- w - beta * prod_j (I - alpha H(w_j; D_j)) grad f(w_N; T)``  (multistep-maml-ggs eq. 8)
 
-    For ``N = 1`` and batches ``(D, D', D'')`` this is eq. (9):
+    For ``N = 1`` and batches ``inner=(D,), outer=D', hessian=(D'',)`` this is eq. (9):
     ``w <- w - beta (I - alpha H(w; D'')) grad f(w - alpha grad f(w; D); D')``.
 
     Parameters
     ----------
     batches
-        :class:`MetaBatches`, or the three independent batches ``(D, D', D'')`` for ``N = 1``.
+        The independent batches (for ``N = 1``: ``inner=(D,), outer=D', hessian=(D'',)``).
     inner_lr
         alpha.
     meta_lr
@@ -463,7 +458,7 @@ def per_fedavg_step(
         Random directions of ``ggs`` / ``zeroth_order``.
     """
     est = _as_estimator(estimator)
-    g, _ = maml_gradient(f, w, _as_meta_batches(batches), inner_lr, est, gen)
+    g, _ = maml_gradient(f, w, batches, inner_lr, est, gen)
     return axpy(-meta_lr, g, w)
 
 
@@ -486,7 +481,7 @@ def local_moml_step(
     f: LossFn,
     w: Params,
     u: Params,
-    batches: MetaBatches | tuple[Batch, Batch, Batch],
+    batches: MetaBatches,
     inner_lr: float,
     lr: float,
     momentum: float,
@@ -506,24 +501,18 @@ def local_moml_step(
     u
         The personalized model (the memory) before this step.
     batches
-        :class:`MetaBatches` with ``inner = S1``, ``outer = S3``, ``hessian = S2``; or the tuple
-        ``(S1, S2, S3)`` for ``N = 1``.
+        ``MetaBatches(inner=S1, hessian=S2, outer=S3)``.
     lr
         eta, the local meta step size.
     momentum
         LocalMOML's beta in (0, 1]. With ``momentum = 1`` the step equals
-        :func:`per_fedavg_step` with ``(D, D', D'') = (S1, S3, S2)`` (localmoml Section 5.1).
+        :func:`per_fedavg_step` on the same batches (localmoml Section 5.1).
 
     Returns
     -------
     (w, u) after the step.
     """
-    if isinstance(batches, MetaBatches):
-        mb = batches
-    else:
-        s1, s2, s3 = batches
-        mb = MetaBatches((s1,), s3, (s2,))
-    delta, u = moml_direction(f, w, u, mb, inner_lr, momentum, _as_estimator(estimator), gen)
+    delta, u = moml_direction(f, w, u, batches, inner_lr, momentum, _as_estimator(estimator), gen)
     return axpy(-lr, delta, w), u
 
 

@@ -58,7 +58,7 @@ def test_exact_n_step_meta_gradient_is_the_closed_form_on_quadratics(gen, n):
     inner = tuple(random_quadratic(gen) for _ in range(n))
     hess = tuple(random_quadratic(gen) for _ in range(n))
     outer = random_quadratic(gen)
-    batches = MetaBatches(inner, outer, hess)
+    batches = MetaBatches(inner=inner, outer=outer, hessian=hess)
 
     eye = torch.eye(D, dtype=F64)
     ws = [w]
@@ -129,12 +129,12 @@ def test_exact_equals_backprop_through_the_unrolled_loop_on_an_mlp(gen, n, same_
     outer = _batch(gen)
     alpha = 0.3
     expected, w_n = _unrolled_autograd(p, inner, hess, outer, alpha, act)
-    got, got_w_n = meta.maml_gradient(_mlp_loss(act), p, MetaBatches(inner, outer, hess), alpha, meta.meta_gradient("exact"))
+    got, got_w_n = meta.maml_gradient(_mlp_loss(act), p, MetaBatches(inner=inner, outer=outer, hessian=hess), alpha, meta.meta_gradient("exact"))
     for k in p:
         torch.testing.assert_close(got_w_n[k], w_n[k], rtol=0, atol=1e-12)
         torch.testing.assert_close(got[k], expected[k], rtol=1e-10, atol=1e-12)
     # ...and it is not first order: the Hessian terms are there
-    fo, _ = meta.maml_gradient(_mlp_loss(act), p, MetaBatches(inner, outer, hess), alpha, meta.meta_gradient("first_order"))
+    fo, _ = meta.maml_gradient(_mlp_loss(act), p, MetaBatches(inner=inner, outer=outer, hessian=hess), alpha, meta.meta_gradient("first_order"))
     assert max(float((fo[k] - got[k]).abs().max()) for k in p) > 1e-4
 
 
@@ -142,7 +142,7 @@ def test_per_fedavg_and_local_moml_steps_use_the_n_step_estimator(gen):
     """Per-FedAvg with N steps is ``w - beta * G``; LocalMOML with momentum 1 equals it (localmoml Section 5.1)."""
     f = _mlp_loss(torch.tanh)
     p = _mlp_params(gen)
-    b = MetaBatches(tuple(_batch(gen) for _ in range(3)), _batch(gen), tuple(_batch(gen) for _ in range(3)))
+    b = MetaBatches(inner=tuple(_batch(gen) for _ in range(3)), outer=_batch(gen), hessian=tuple(_batch(gen) for _ in range(3)))
     est = meta.meta_gradient("exact")
     g, w_n = meta.maml_gradient(f, p, b, 0.2, est)
     stepped = meta.per_fedavg_step(f, p, b, 0.2, 0.1, est)
@@ -171,7 +171,7 @@ def test_hessian_free_converges_to_exact_at_the_central_difference_rate_on_a_smo
     """tanh MLP, float64, N=3: the error of the whole meta-gradient drops ~100x per 10x smaller delta."""
     f = _mlp_loss(torch.tanh)
     p = _mlp_params(gen)
-    b = MetaBatches(tuple(_batch(gen) for _ in range(3)), _batch(gen), tuple(_batch(gen) for _ in range(3)))
+    b = MetaBatches(inner=tuple(_batch(gen) for _ in range(3)), outer=_batch(gen), hessian=tuple(_batch(gen) for _ in range(3)))
     exact, _ = meta.maml_gradient(f, p, b, 0.3, meta.meta_gradient("exact"))
     errors = []
     for delta in (1e-1, 1e-2, 1e-3, 1e-4):
@@ -258,7 +258,7 @@ def test_fo_muml_satisfies_lemma_2_on_quadratics(gen, alpha_l):
     est = meta.meta_gradient("fo_muml")
     errors = []
     for s in range(0, 8):
-        g, z_s = meta.maml_gradient(quad_loss, {"w": x}, MetaBatches(((a, b),) * max(s, 1), (a, b), ((a, b),) * max(s, 1)), alpha, est)
+        g, z_s = meta.maml_gradient(quad_loss, {"w": x}, MetaBatches(inner=((a, b),) * max(s, 1), outer=(a, b), hessian=((a, b),) * max(s, 1)), alpha, est)
         if s == 0:  # z_0 = x: grad f(x)
             g = {"w": a @ x - b}
         err = float((g["w"] - grad_env).norm())
@@ -270,11 +270,11 @@ def test_fo_muml_satisfies_lemma_2_on_quadratics(gen, alpha_l):
 def test_fo_muml_with_one_step_is_fo_maml_and_differs_from_it_after(gen):
     f = _mlp_loss(torch.tanh)
     p = _mlp_params(gen)
-    one = MetaBatches((_batch(gen),), _batch(gen), (_batch(gen),))
+    one = MetaBatches(inner=(_batch(gen),), outer=_batch(gen), hessian=(_batch(gen),))
     g1, _ = meta.maml_gradient(f, p, one, 0.2, meta.meta_gradient("fo_muml"))
     g2, _ = meta.maml_gradient(f, p, one, 0.2, meta.meta_gradient("first_order"))
     assert all(torch.equal(g1[k], g2[k]) for k in p)
-    three = MetaBatches(tuple(_batch(gen) for _ in range(3)), _batch(gen), tuple(_batch(gen) for _ in range(3)))
+    three = MetaBatches(inner=tuple(_batch(gen) for _ in range(3)), outer=_batch(gen), hessian=tuple(_batch(gen) for _ in range(3)))
     traj_mu = meta.meta_gradient("fo_muml").trajectory(f, p, three.inner, 0.2)
     traj_fo = meta.meta_gradient("first_order").trajectory(f, p, three.inner, 0.2)
     # anchored: z_2 = x - alpha grad f(z_1) restarts from x, unlike eq. (6)
@@ -335,6 +335,6 @@ def test_bad_estimator_settings_are_rejected_naming_the_field(kwargs, field):
 def test_meta_batches_need_matching_inner_and_hessian_batches(gen):
     a, b = random_quadratic(gen)
     with pytest.raises(ValueError, match="N >= 1"):
-        MetaBatches((), (a, b), ())
+        MetaBatches(inner=(), outer=(a, b), hessian=())
     with pytest.raises(ValueError, match="as many Hessian batches"):
-        MetaBatches(((a, b),), (a, b), ((a, b), (a, b)))
+        MetaBatches(inner=((a, b),), outer=(a, b), hessian=((a, b), (a, b)))

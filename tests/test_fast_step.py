@@ -141,19 +141,6 @@ def test_one_step_equals_the_torch_func_step(name, estimator, n, dtype):
         assert max(float((fo[k] - g_fast[k]).abs().max()) for k in w) > 100 * tol
 
 
-def test_the_three_batch_tuples_of_n_equal_1():
-    _, f_func, f_fast, w, x, y = _problem("mlp-classifier", torch.float64)
-    b = tuple((x[i:i + 5], y[i:i + 5]) for i in (0, 5, 10))
-    mb = MetaBatches((b[0],), b[1], (b[2],))  # Per-FedAvg's (D, D', D'')
-    for est in (meta.ExactHessian(), meta.FirstOrder()):
-        got = meta.axpy(-0.2, fast.maml_gradient(f_fast, w, mb, 0.1, meta.MetaGradient(name=est.name, correction=est))[0], w)
-        _assert_close(got, meta.per_fedavg_step(f_func, w, b, 0.1, 0.2, est), 1e-10)
-        got = fast.local_moml_step(f_fast, w, w, b, 0.1, 0.2, 0.5, est)
-        want = meta.local_moml_step(f_func, w, w, b, 0.1, 0.2, 0.5, est)
-        _assert_close(got[0], want[0], 1e-10)
-        _assert_close(got[1], want[1], 1e-10)
-
-
 def test_hvp_matches_torch_func_and_handles_parameters_the_gradient_does_not_depend_on():
     _, f_func, f_fast, w, x, y = _problem("mlp-classifier", torch.float64)
     v = {k: torch.randn_like(t) for k, t in w.items()}
@@ -174,7 +161,7 @@ def test_uncovered_estimators_are_refused_clearly():
     for name in ("hessian_free", "ggs", "zeroth_order"):
         assert fast.refusal(meta.meta_gradient(name)) is not None
         with pytest.raises(ValueError, match="fast path computes meta_gradient in"):
-            fast.maml_gradient(f_fast, w, MetaBatches((b[0],), b[1], (b[2],)), 0.1, meta.meta_gradient(name))
+            fast.maml_gradient(f_fast, w, MetaBatches(inner=(b[0],), outer=b[1], hessian=(b[2],)), 0.1, meta.meta_gradient(name))
     assert all(fast.refusal(meta.meta_gradient(name)) is None for name in fast.ESTIMATORS)
 
 

@@ -10,7 +10,7 @@ from torch.func import functional_call
 from fedmeta import meta
 from fedmeta.algorithms import LocalMOMLConfig, PerFedAvgConfig
 from fedmeta.algorithms.executor import local_round
-from fedmeta.meta import ExactHessian, FirstOrder
+from fedmeta.meta import ExactHessian, FirstOrder, MetaBatches
 
 D = 6
 
@@ -41,11 +41,13 @@ def test_per_fedavg_step_matches_closed_form(gen):
     w_tilde = w - alpha * (a1 @ w - b1)
     expected = w - beta * (eye - alpha * a3) @ (a2 @ w_tilde - b2)
 
-    got = meta.per_fedavg_step(quad_loss, {"w": w}, ((a1, b1), (a2, b2), (a3, b3)), alpha, beta, ExactHessian())
+    got = meta.per_fedavg_step(quad_loss, {"w": w}, MetaBatches(inner=((a1, b1),), outer=(a2, b2), hessian=((a3, b3),)), alpha, beta,
+                               ExactHessian())
     torch.testing.assert_close(got["w"], expected, atol=1e-6, rtol=0)
 
     expected_fo = w - beta * (a2 @ w_tilde - b2)
-    got_fo = meta.per_fedavg_step(quad_loss, {"w": w}, ((a1, b1), (a2, b2), (a3, b3)), alpha, beta, FirstOrder())
+    got_fo = meta.per_fedavg_step(quad_loss, {"w": w}, MetaBatches(inner=((a1, b1),), outer=(a2, b2), hessian=((a3, b3),)), alpha, beta,
+                                  FirstOrder())
     torch.testing.assert_close(got_fo["w"], expected_fo, atol=1e-6, rtol=0)
 
 
@@ -60,7 +62,7 @@ def test_local_moml_step_matches_closed_form(gen):
     w_new = w - eta * delta
 
     got_w, got_u = meta.local_moml_step(
-        quad_loss, {"w": w}, {"w": u}, ((a1, b1), (a2, b2), (a3, b3)), alpha, eta, mom, ExactHessian()
+        quad_loss, {"w": w}, {"w": u}, MetaBatches(inner=((a1, b1),), hessian=((a2, b2),), outer=(a3, b3)), alpha, eta, mom, ExactHessian()
     )
     torch.testing.assert_close(got_u["w"], u_new, atol=1e-6, rtol=0)
     torch.testing.assert_close(got_w["w"], w_new, atol=1e-6, rtol=0)
@@ -124,17 +126,18 @@ def test_exact_minus_first_order_is_exactly_the_alpha_hg_term(gen):
     model = _tiny_mlp()
     f = meta.make_loss(model, nn.functional.cross_entropy)
     w = meta.params_of(model)
-    batches = (_batch(gen), _batch(gen), _batch(gen))
+    d, d1, d2 = _batch(gen), _batch(gen), _batch(gen)
+    batches = MetaBatches(inner=(d,), outer=d1, hessian=(d2,))
     alpha, beta = 0.3, 0.1
     exact = meta.per_fedavg_step(f, w, batches, alpha, beta, ExactHessian())
     fo = meta.per_fedavg_step(f, w, batches, alpha, beta, FirstOrder())
 
     # g = grad f(w - alpha grad f(w; D); D') computed with plain autograd, H explicit on D''
-    w_tilde = {k: w[k] - alpha * g for k, g in meta.gradient(f, w, batches[0]).items()}
+    w_tilde = {k: w[k] - alpha * g for k, g in meta.gradient(f, w, d).items()}
     wt = {k: v.clone().requires_grad_(True) for k, v in w_tilde.items()}
-    g = torch.autograd.grad(f(wt, *batches[1]), list(wt.values()))
+    g = torch.autograd.grad(f(wt, *d1), list(wt.values()))
     g = torch.cat([t.reshape(-1) for t in g])
-    h = _explicit_hessian(model, w, batches[2])
+    h = _explicit_hessian(model, w, d2)
     # exact = w - beta (g - alpha H g), fo = w - beta g  =>  exact - fo = beta * alpha * H g
     torch.testing.assert_close(_flat(exact) - _flat(fo), beta * alpha * (h @ g), atol=1e-10, rtol=1e-8)
     assert (h @ g).abs().max() > 1e-3  # the term is not trivially zero here
@@ -148,9 +151,15 @@ def test_local_moml_with_momentum_one_is_per_fedavg_step_for_step(gen):
     u = {k: torch.randn(v.shape, generator=gen, dtype=torch.float64) for k, v in w_lm.items()}  # discarded by beta=1
     for _ in range(5):
         s1, s2, s3 = _batch(gen), _batch(gen), _batch(gen)
-        w_pf = meta.per_fedavg_step(f, w_pf, (s1, s3, s2), 0.2, 0.1, ExactHessian())
-        w_lm, u = meta.local_moml_step(f, w_lm, u, (s1, s2, s3), 0.2, 0.1, 1.0, ExactHessian())
+        mb = MetaBatches(inner=(s1,), hessian=(s2,), outer=s3)
+        w_pf = meta.per_fedavg_step(f, w_pf, mb, 0.2, 0.1, ExactHessian())
+        w_lm, u = meta.local_moml_step(f, w_lm, u, mb, 0.2, 0.1, 1.0, ExactHessian())
         torch.testing.assert_close(_flat(w_lm), _flat(w_pf), atol=1e-12, rtol=0)
+
+
+def _s123(s1, s2, s3) -> MetaBatches:
+    """LocalMOML's batches in the order a local round draws them (Algorithm 3: S1, S2, S3)."""
+    return MetaBatches(inner=(s1,), hessian=(s2,), outer=s3)
 
 
 def _sampler(gen):
@@ -178,7 +187,7 @@ def test_local_moml_round_memory_policies(gen):
     u = meta.local_moml_init_memory(f, w, [draws[0]], 0.1)
     ww = w
     for h in range(3):
-        ww, u = meta.local_moml_step(f, ww, u, tuple(draws[1 + 3 * h : 4 + 3 * h]), 0.1, 0.05, 0.4, ExactHessian())
+        ww, u = meta.local_moml_step(f, ww, u, _s123(*draws[1 + 3 * h : 4 + 3 * h]), 0.1, 0.05, 0.4, ExactHessian())
     torch.testing.assert_close(_flat(w1), _flat(ww), atol=1e-12, rtol=0)
     torch.testing.assert_close(_flat(u1), _flat(u), atol=1e-12, rtol=0)
     assert (stats.num_samples, stats.num_gradients, stats.num_hvps) == (6 + 36, 1 + 6, 3)
@@ -191,7 +200,7 @@ def test_local_moml_round_memory_policies(gen):
     u = u1
     ww = w
     for h in range(3):
-        ww, u = meta.local_moml_step(f, ww, u, tuple(draws[3 * h : 3 * h + 3]), 0.1, 0.05, 0.4, ExactHessian())
+        ww, u = meta.local_moml_step(f, ww, u, _s123(*draws[3 * h : 3 * h + 3]), 0.1, 0.05, 0.4, ExactHessian())
     torch.testing.assert_close(_flat(u2), _flat(u), atol=1e-12, rtol=0)
     assert stats2.num_samples == 36
 

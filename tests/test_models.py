@@ -73,12 +73,12 @@ def test_cnn_exact_meta_gradient_matches_plain_autograd_unrolling():
     d, d1, d2 = batch(), batch(), batch()
     w = meta.params_of(model)
     # With D'' = D the exact Per-FedAvg direction is the plain MAML gradient of f(w - alpha grad f(w; D); D').
-    got = meta.per_fedavg_step(f, w, (d, d1, d), 0.1, 1.0, meta.ExactHessian())
+    got = meta.per_fedavg_step(f, w, meta.MetaBatches(inner=(d,), outer=d1, hessian=(d,)), 0.1, 1.0, meta.ExactHessian())
     leaves = {k: v.clone().requires_grad_(True) for k, v in w.items()}
     inner = torch.autograd.grad(f(leaves, *d), list(leaves.values()), create_graph=True)
     fast = {k: v - 0.1 * gi for (k, v), gi in zip(leaves.items(), inner)}
     outer = torch.autograd.grad(f(fast, *d1), list(leaves.values()))
     for (k, v), go in zip(w.items(), outer):
         torch.testing.assert_close(got[k], v - go, atol=1e-10, rtol=1e-8)
-    first_order = meta.per_fedavg_step(f, w, (d, d1, d2), 0.1, 1.0, meta.FirstOrder())
+    first_order = meta.per_fedavg_step(f, w, meta.MetaBatches(inner=(d,), outer=d1, hessian=(d2,)), 0.1, 1.0, meta.FirstOrder())
     assert max(float((got[k] - first_order[k]).abs().max()) for k in w) > 1e-6

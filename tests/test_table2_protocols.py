@@ -69,7 +69,7 @@ def test_through_memory_is_the_gradient_of_the_loss_through_the_memory_update(me
     gen = torch.Generator().manual_seed(4)
     f, w = SINE.loss, SINE.init_params(gen)
     b = draw_batches(SINE, grid_tasks()[:1], 1, 5, 5, gen).task(0)
-    b = meta.MetaBatches(b.inner, b.outer, b.inner)  # the Hessian on S1, as autodiff takes it
+    b = meta.MetaBatches(inner=b.inner, outer=b.outer, hessian=b.inner)  # the Hessian on S1, as autodiff takes it
     u = {k: torch.randn(v.shape, generator=gen) * 0.1 for k, v in w.items()}
     beta, alpha = 0.3, 0.01
     d, u_new = meta.moml_direction(f, w, u, b, alpha, beta, meta.meta_gradient(meta_gradient))

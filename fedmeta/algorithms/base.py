@@ -213,8 +213,10 @@ class MAMLAlgorithm(Algorithm):
 
 
 def as_meta_batches(batches: Batches) -> MetaBatches:
+    """The ``(inner, outer, hessian)`` tuple of :meth:`MAMLAlgorithm.meta_batches` (a tuple, so that many
+    clients' draws stack for ``vmap``) as :class:`~fedmeta.meta.MetaBatches`."""
     inner, outer, hessian = batches
-    return MetaBatches(tuple(inner), outer, tuple(hessian))
+    return MetaBatches(inner=tuple(inner), outer=outer, hessian=tuple(hessian))
 
 
 __all__ = ["Algorithm", "Batch", "Batches", "EstimatorConfig", "MAMLAlgorithm", "RoundCost", "VMAP_ESTIMATORS", "as_meta_batches"]
