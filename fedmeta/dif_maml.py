@@ -43,7 +43,6 @@ from torch.func import vmap
 from fedmeta import graph as G
 from fedmeta import meta
 from fedmeta import validation as V
-from fedmeta.algorithms.base import VMAP_ESTIMATORS  # computed under vmap; the stochastic ones loop over agents
 from fedmeta.tasks import SineRegression
 from fedmeta.meta import Params
 from fedmeta.provenance import provenance
@@ -220,7 +219,7 @@ def agent_gradient(f: meta.LossFn, w: Params, batches: tuple[Tensor, ...], inner
         g, _ = meta.maml_gradient(f, w, meta.MetaBatches(inner=((xi, yi),), outer=(xo, yo), hessian=((xi, yi),)), inner_lr, estimator, gen)
         return g
 
-    if estimator.name in VMAP_ESTIMATORS:
+    if estimator.vmappable:
         per_task = vmap(one)(x_in, y_in, x_o, y_o)
         return {k: v.mean(0) for k, v in per_task.items()}
     grads = [one(x_in[t], y_in[t], x_o[t], y_o[t]) for t in range(x_in.shape[0])]
@@ -375,7 +374,7 @@ def simulate(cfg: DifMAMLConfig, *, log: Callable[[str], None] | None = None, re
         t = time.perf_counter()
         draws = [agent_batches(cfg, k, i) for k in range(K)]
         batches = tuple(torch.stack([d[j] for d in draws]) for j in range(4))
-        if estimator.name in VMAP_ESTIMATORS:
+        if estimator.vmappable:
             grads = vmap(lambda wk, *b: agent_gradient(f, wk, b, cfg.inner_lr, estimator))(w, *batches)
         else:
             per = [agent_gradient(f, {n: v[k] for n, v in w.items()}, tuple(b[k] for b in batches), cfg.inner_lr, estimator,

@@ -30,12 +30,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fedmeta import meta
-from fedmeta.meta import Batch, ExactHessian, FirstOrder, HessianCorrection, LossFn, MetaBatches, MetaGradient, Params
+from fedmeta.meta import Batch, ExactHessian, HessianCorrection, LossFn, MetaBatches, MetaGradient, Params
 
 Forward = Callable[[Params, Tensor], Tensor]
 """``forward(params, x)``: a model's output for the parameter dict ``params``."""
 
-ESTIMATORS = ("exact", "first_order", "fo_muml")
+ESTIMATORS = tuple(n for n in meta.META_GRADIENTS if meta.meta_gradient(n).plain_autograd)
 """Values of the ``meta_gradient`` setting the fast path computes."""
 
 
@@ -203,7 +203,7 @@ def hvp(f: LossFn, params: Params, v: Params, batch: Batch) -> Params:
 def refusal(estimator: MetaGradient | HessianCorrection) -> str | None:
     """Why the fast path does not compute ``estimator`` (it then runs on :mod:`fedmeta.meta`), or ``None``."""
     est = meta._as_estimator(estimator)
-    if type(est.correction) in (ExactHessian, FirstOrder):
+    if est.plain_autograd:
         return None
     return (f"the plain-autograd fast path computes meta_gradient in {list(ESTIMATORS)}, got {est.name!r} "
             "(it runs on the torch.func path)")

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Protocol, Sequence
+from typing import Callable, ClassVar, Protocol, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -125,6 +125,11 @@ class HessianCorrection(Protocol):
     name: str
     cost: Cost
     """Oracle calls of one ``__call__``."""
+    random: bool
+    """Whether it draws random directions from ``gen`` (then a client's estimate runs alone, not under ``vmap``:
+    each client draws its own directions in its own order)."""
+    plain_autograd: bool
+    """Whether :mod:`fedmeta.fast` computes it with plain ``torch.autograd`` (the one-client fast path)."""
 
     def __call__(
         self, f: LossFn, w: Params, v: Params, batch: Batch, inner_lr: float, gen: torch.Generator | None = None
@@ -136,6 +141,8 @@ class ExactHessian:
     """``v - alpha * H(w; batch) v`` with an exact double-backward HVP (per-fedavg.txt eq. 9, localmoml eq. 8)."""
 
     name: str = "exact"
+    random: ClassVar[bool] = False
+    plain_autograd: ClassVar[bool] = True
     cost: Cost = Cost(hvps=1)
 
     def __call__(self, f, w, v, batch, inner_lr, gen=None):
@@ -151,6 +158,8 @@ class FirstOrder:
     """
 
     name: str = "first_order"
+    random: ClassVar[bool] = False
+    plain_autograd: ClassVar[bool] = True
     cost: Cost = Cost()
 
     def __call__(self, f, w, v, batch, inner_lr, gen=None):
@@ -176,6 +185,8 @@ class FiniteDifference:
 
     delta: float = 1e-5
     name: str = "hessian_free"
+    random: ClassVar[bool] = False
+    plain_autograd: ClassVar[bool] = False
     cost: Cost = Cost(gradients=2)
 
     def __call__(self, f, w, v, batch, inner_lr, gen=None):
@@ -201,6 +212,8 @@ class GaussianSmoothing:
     delta: float = 1e-5
     num_directions: int = 10
     name: str = "ggs"
+    random: ClassVar[bool] = True
+    plain_autograd: ClassVar[bool] = False
 
     @property
     def cost(self) -> Cost:
@@ -234,6 +247,8 @@ class ZerothOrder:
     delta: float = 1e-5
     num_directions: int = 10
     name: str = "zeroth_order"
+    random: ClassVar[bool] = True
+    plain_autograd: ClassVar[bool] = False
 
     @property
     def cost(self) -> Cost:
@@ -289,6 +304,16 @@ class MetaGradient:
     name: str
     correction: HessianCorrection
     anchored: bool = False
+
+    @property
+    def vmappable(self) -> bool:
+        """Whether many clients' estimates run as one ``vmap`` call (the estimator draws nothing)."""
+        return not getattr(self.correction, "random", True)
+
+    @property
+    def plain_autograd(self) -> bool:
+        """Whether the one-client fast path (:mod:`fedmeta.fast`) computes it."""
+        return getattr(self.correction, "plain_autograd", False)
 
     def trajectory(self, f: LossFn, w: Params, batches: Sequence[Batch], inner_lr: float) -> list[Params]:
         """``[w_0, ..., w_N]`` for the N inner batches ``S_j`` (eq. 6, or Algorithm 3 line 7 when anchored)."""

@@ -338,3 +338,24 @@ def test_meta_batches_need_matching_inner_and_hessian_batches(gen):
         MetaBatches(inner=(), outer=(a, b), hessian=())
     with pytest.raises(ValueError, match="as many Hessian batches"):
         MetaBatches(inner=((a, b),), outer=(a, b), hessian=((a, b), (a, b)))
+
+
+def test_estimators_carry_their_capabilities():
+    """Whether an estimator runs under vmap (draws nothing) and on the plain-autograd fast path is said by the
+    estimator; the executor, the fast path and Dif-MAML read it there."""
+    from fedmeta import fast
+    from fedmeta.algorithms.base import VMAP_ESTIMATORS
+
+    caps = {n: (meta.meta_gradient(n).vmappable, meta.meta_gradient(n).plain_autograd) for n in meta.META_GRADIENTS}
+    assert caps == {"exact": (True, True), "first_order": (True, True), "hessian_free": (True, False), "ggs": (False, False),
+                    "zeroth_order": (False, False), "fo_muml": (True, True)}
+    assert VMAP_ESTIMATORS == ("exact", "first_order", "hessian_free", "fo_muml") and fast.ESTIMATORS == ("exact", "first_order", "fo_muml")
+
+    class Mine:  # a user's correction that declares nothing: looped, on the torch.func path
+        name, cost = "mine", meta.Cost()
+
+        def __call__(self, f, w, v, batch, inner_lr, gen=None):
+            return v
+
+    est = meta.MetaGradient(name="mine", correction=Mine())
+    assert (est.vmappable, est.plain_autograd) == (False, False) and fast.refusal(est) is not None

@@ -33,7 +33,7 @@ Batches = tuple
 """The batches of one local step: a tuple whose leaves are ``(x, y)`` batches (nested tuples allowed),
 so that the batches of many clients stack leaf by leaf for ``vmap``."""
 
-VMAP_ESTIMATORS = ("exact", "first_order", "hessian_free", "fo_muml")
+VMAP_ESTIMATORS = tuple(n for n in meta.META_GRADIENTS if meta.meta_gradient(n).vmappable)
 """Estimators computed under ``vmap``; the stochastic ones (``ggs``, ``zeroth_order``) draw their
 directions per client and run as a loop."""
 
@@ -189,7 +189,7 @@ class MAMLAlgorithm(Algorithm):
     """An algorithm whose step needs a meta-gradient: vmapped unless its estimator is stochastic."""
 
     def vmap_refusal(self, hp: EstimatorConfig) -> str | None:
-        if hp.meta_gradient in VMAP_ESTIMATORS:
+        if hp.estimator().vmappable:
             return None
         return (f"vectorize='vmap' supports meta_gradient in {list(VMAP_ESTIMATORS)}, got {hp.meta_gradient!r} "
                 "(its random directions are drawn per client: use vectorize='auto' or 'loop')")
