@@ -201,8 +201,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     minutes = (time.perf_counter() - t0) / 60
     figures = plot(runs, out)
     command = f"fedmeta-reproduce {args.name}" + (" --protocol authors" if authors else "") + (" --quick" if args.quick else "")
-    text = f"## {tag.removesuffix('-quick')}{' (quick budget)' if args.quick else ''}\n\n`{command}`: {count} simulations, {minutes:.1f} min wall time"
-    text += f" for the {count - reused} not reused from an earlier, interrupted invocation" if reused else ""
+    text = f"## {tag.removesuffix('-quick')}{' (quick budget)' if args.quick else ''}\n\n`{command}`: {count} simulations"
+    if reused == count:
+        text += ", all reused from an earlier invocation"
+    else:
+        text += f", {minutes:.1f} min wall time" + (f" for the {count - reused} not reused from an earlier, interrupted invocation" if reused else "")
+    run_minutes = sum(float(r.get("seconds", 0.0)) for rs in runs.values() for r in rs) / 60
+    text += f"; the runs' own wall times add up to {run_minutes:.1f} min"
     block = provenance({"name": args.name, **({"protocol": "authors"} if authors else {}), "quick": bool(args.quick),
                         **dataclasses.asdict(budget)}, started=started)
     text += f".\n\n{summary}"
