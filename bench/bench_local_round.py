@@ -37,7 +37,7 @@ from measure import emit, environment
 from fedmeta import algorithms, fast, meta
 from fedmeta import config as C
 from fedmeta.algorithms import FedAvgConfig, PerFedAvgConfig
-from fedmeta.algorithms.executor import local_round, local_rounds
+from fedmeta.algorithms.executor import check_finite, local_round, local_rounds
 from fedmeta.clients.client import round_generator
 from fedmeta.data import client_data
 from fedmeta.provenance import provenance
@@ -83,13 +83,13 @@ def calls(clients: int, steps: int) -> tuple[dict[str, tuple[Callable[[], object
         for s in range(1, steps + 1):
             wk, _ = unit.step(f_func, wk, None, unit.draw(draw, fedavg), fedavg)
             wk = {k: v.detach() for k, v in wk.items()}
-            meta.check_finite(s, model=wk)
+            check_finite(s, model=wk)
 
     def pure_fast() -> None:
         wk, draw = w, sampler()
         for _ in range(steps):
             wk = meta.axpy(-fedavg.lr, fast.gradient(f_fast, wk, unit.draw(draw, fedavg)[0]), wk)  # new tensors each step
-        meta.check_finite(steps, model=wk)
+        check_finite(steps, model=wk)
 
     def group(vectorize: str) -> Callable[[], object]:
         def call() -> object:

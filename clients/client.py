@@ -18,9 +18,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from fedmeta import algorithms, batched, fast, meta
+from fedmeta import algorithms, batched, fast, meta, personalize
 from fedmeta import config as C
-from fedmeta.algorithms.executor import STEP_IMPLS, local_round, local_rounds, resolve_step_impl
+from fedmeta.algorithms.executor import STEP_IMPLS, RoundStats, local_round, local_rounds, resolve_step_impl
 from fedmeta.clients.memory import ContextMemory, ParamSpec  # noqa: F401  (ContextMemory: re-exported)
 from fedmeta.config import EvalConfig
 from fedmeta.data import ClientData
@@ -75,7 +75,7 @@ def params_from(state: dict[str, Tensor], spec: ParamSpec, device: torch.device)
 class TrainResult:
     meta_model: Params
     personalized_model: Params | None
-    stats: meta.RoundStats
+    stats: RoundStats
 
     def check_finite(self) -> "TrainResult":
         """Refuse to hand back a diverged model: the caller's memory and the global model stay as they were."""
@@ -153,16 +153,16 @@ class MetaClient:
 
         Fine-tune the received meta-model ``eval_steps`` times with step size alpha on a support set
         drawn from the client's **train** split only, then score on the **test** split. The test
-        split is read only by :func:`fedmeta.meta.score`, after adaptation.
+        split is read only by :func:`fedmeta.personalize.score`, after adaptation.
         """
         if ev.eval_shots:
             support = self.data.sample(ev.eval_shots, gen)
         else:
             support = (self.data.x_train, self.data.y_train)
-        adapted = meta.fine_tune(self.loss, w, support, ev.inner_lr, ev.eval_steps)
+        adapted = personalize.fine_tune(self.loss, w, support, ev.inner_lr, ev.eval_steps)
         test = (self.data.x_test, self.data.y_test)
-        before = meta.score(self.loss, self.model, w, test)
-        after = meta.score(self.loss, self.model, adapted, test)
+        before = personalize.score(self.loss, self.model, w, test)
+        after = personalize.score(self.loss, self.model, adapted, test)
         out = {C.LOSS_BEFORE: before.loss, C.LOSS_AFTER: after.loss}
         if not np.isnan(after.accuracy):
             out.update({C.ACC_BEFORE: before.accuracy, C.ACC_AFTER: after.accuracy})
@@ -193,7 +193,7 @@ class GroupTrainResult:
 
     meta_models: Params
     personalized_models: Params | None
-    stats: list[meta.RoundStats]
+    stats: list[RoundStats]
     num_examples: list[int]
     """Each client's training-set size (``num-examples``)."""
     diverged: list[int] = dataclasses.field(default_factory=list)
@@ -313,8 +313,8 @@ class ClientGroup:
 
     def _vmapped_scores(self, w: Params, ev: EvalConfig) -> Callable[..., tuple[Tensor, ...]]:
         """``(xs, ys, xt, yt) -> (loss before, loss after, accuracy before, accuracy after)``, each ``[C]``,
-        for C clients stacked on the leading axis: ``eval_steps`` steps of ``meta.fine_tune`` on the support
-        set, then :func:`fedmeta.meta.score`'s loss and accuracy on the test set (accuracy NaN for regression)."""
+        for C clients stacked on the leading axis: ``eval_steps`` steps of ``personalize.fine_tune`` on the support
+        set, then :func:`fedmeta.personalize.score`'s loss and accuracy on the test set (accuracy NaN for regression)."""
         forward = fast.sequential_forward(self.model)
         if forward is None:
             def forward(params: Params, x: Tensor) -> Tensor:
@@ -326,7 +326,7 @@ class ClientGroup:
             return self.criterion(out, y), acc
 
         def one(xs: Tensor, ys: Tensor, xt: Tensor, yt: Tensor) -> tuple[Tensor, ...]:
-            adapted = meta.fine_tune(self.loss, w, (xs, ys), ev.inner_lr, ev.eval_steps)
+            adapted = personalize.fine_tune(self.loss, w, (xs, ys), ev.inner_lr, ev.eval_steps)
             (loss_b, acc_b), (loss_a, acc_a) = scores(w, xt, yt), scores(adapted, xt, yt)
             return loss_b.detach(), loss_a.detach(), acc_b.detach(), acc_a.detach()
 

@@ -10,7 +10,7 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from fedmeta.strategies.screening import reply_view
 from fedmeta import config as C
-from fedmeta import meta
+from fedmeta import meta, personalize
 from fedmeta.clients import ContextMemory, MetaClient, make_client_app, select_device
 from fedmeta.config import EvalConfig
 from fedmeta.data import ClientData
@@ -54,13 +54,13 @@ def test_personalized_evaluation_adapts_on_train_only_and_scores_on_test(monkeyp
     client = MetaClient(_model(), torch.nn.functional.cross_entropy, data, torch.device("cpu"))
     w = meta.params_of(_model())
     seen = []
-    real_fine_tune = meta.fine_tune
+    real_fine_tune = personalize.fine_tune
 
     def spy(f, params, support, inner_lr, steps):
         seen.append(support)
         return real_fine_tune(f, params, support, inner_lr, steps)
 
-    monkeypatch.setattr(meta, "fine_tune", spy)
+    monkeypatch.setattr(personalize, "fine_tune", spy)
     client.evaluate(w, EvalConfig(inner_lr=0.1, eval_steps=2, eval_shots=0), torch.Generator().manual_seed(0))
     assert seen[-1][0] is client.data.x_train and seen[-1][1] is client.data.y_train
     client.evaluate(w, EvalConfig(inner_lr=0.1, eval_steps=10, eval_shots=5), torch.Generator().manual_seed(0))
@@ -75,10 +75,10 @@ def test_evaluation_scores_the_fine_tuned_model_on_the_test_split():
     client = MetaClient(_model(), torch.nn.functional.cross_entropy, data, torch.device("cpu"))
     w = meta.params_of(_model())
     out = client.evaluate(w, EvalConfig(inner_lr=0.5, eval_steps=3, eval_shots=0), torch.Generator())
-    adapted = meta.fine_tune(client.loss, w, (data.x_train, data.y_train), 0.5, 3)
-    expected = meta.score(client.loss, client.model, adapted, (data.x_test, data.y_test))
+    adapted = personalize.fine_tune(client.loss, w, (data.x_train, data.y_train), 0.5, 3)
+    expected = personalize.score(client.loss, client.model, adapted, (data.x_test, data.y_test))
     assert out[C.ACC_AFTER] == pytest.approx(expected.accuracy) and out[C.LOSS_AFTER] == pytest.approx(expected.loss)
-    before = meta.score(client.loss, client.model, w, (data.x_test, data.y_test))
+    before = personalize.score(client.loss, client.model, w, (data.x_test, data.y_test))
     assert out[C.LOSS_BEFORE] == pytest.approx(before.loss)
 
 

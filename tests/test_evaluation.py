@@ -11,7 +11,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, Message
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedmeta import config as C
-from fedmeta import meta
+from fedmeta import meta, personalize
 from fedmeta.clients import MetaClient, make_client_app
 from fedmeta.algorithms import FedAvgConfig
 from fedmeta.algorithms.executor import local_round
@@ -53,17 +53,17 @@ def _trapped_data() -> ClientData:
 
 @pytest.fixture
 def armed(monkeypatch):
-    """Arm the tripwire; disarm it only when ``meta.score`` (the scoring step) is entered."""
+    """Arm the tripwire; disarm it only when ``personalize.score`` (the scoring step) is entered."""
     Tripwire.armed, Tripwire.touched = True, []
     scored = []
-    real_score = meta.score
+    real_score = personalize.score
 
     def score(*args, **kwargs):
         Tripwire.armed = False
         scored.append(True)
         return real_score(*args, **kwargs)
 
-    monkeypatch.setattr(meta, "score", score)
+    monkeypatch.setattr(personalize, "score", score)
     yield scored
     Tripwire.armed = False
 

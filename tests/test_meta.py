@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from fedmeta import meta
+from fedmeta import meta, personalize
 from fedmeta.algorithms import LocalMOMLConfig, PerFedAvgConfig
 from fedmeta.algorithms.executor import local_round
 from fedmeta.meta import ExactHessian, FirstOrder, MetaBatches
@@ -222,7 +222,7 @@ def test_fine_tune_is_repeated_adaptation(gen):
     expected = w
     for _ in range(4):
         expected = expected - 0.1 * (a @ expected - b)
-    got = meta.fine_tune(quad_loss, {"w": w}, (a, b), 0.1, 4)
+    got = personalize.fine_tune(quad_loss, {"w": w}, (a, b), 0.1, 4)
     torch.testing.assert_close(got["w"], expected, atol=1e-12, rtol=0)
 
 

@@ -31,9 +31,39 @@ from torch.func import vmap
 from fedmeta import algorithms
 from fedmeta.algorithms.base import Algorithm
 from fedmeta.batched import DEFAULT_CHUNK_SIZE, check_vectorize, stack, stack_batches
-from fedmeta.meta import LossFn, Params, RoundStats, Sampler, check_finite
+from fedmeta.meta import LossFn, Params, Sampler
 
 logger = logging.getLogger("fedmeta")
+
+
+@dataclass(frozen=True)
+class RoundStats:
+    """Work done in one local round, for fair comparisons between algorithms."""
+
+    num_samples: int
+    num_gradients: int
+    num_hvps: int
+    last_loss: float
+    num_loss_evals: int = 0
+
+
+def check_finite(steps: int, **params: Params) -> None:
+    """Divergence guard: raise ``FloatingPointError`` if a round's result holds NaN or Inf.
+
+    Checked once, after the round's ``steps`` local steps: a NaN or an infinity in the model or
+    the state propagates through every later step of the algorithms (each step adds to the model,
+    LocalMOML's memory is a convex combination), so the result of a round that diverged at any step
+    is non-finite. The caller then returns an error instead of a poisoned model (and leaves the
+    kept memory at its last finite value). One summing pass per tensor: a sum is non-finite iff a
+    value is (or the sum overflows, which only a diverged model's does).
+    """
+    for name, p in params.items():
+        bad = [k for k, v in p.items() if not bool(torch.isfinite(v.sum()))]
+        if bad:
+            raise FloatingPointError(
+                f"local training diverged within {steps} local steps: the {name} has non-finite values in {bad}; "
+                "lower lr / meta-lr / inner-lr"
+            )
 
 
 @dataclass(frozen=True)
@@ -113,7 +143,7 @@ def local_round(algorithm: str | Algorithm, f: LossFn, w: Params, sample: Sample
     Raises
     ------
     FloatingPointError
-        If the round's model or state holds NaN or Inf (the divergence guard, :func:`fedmeta.meta.check_finite`).
+        If the round's model or state holds NaN or Inf (the divergence guard, :func:`check_finite`).
     """
     algo = algorithms.get(algorithm)
     use_fast = resolve_step_impl(algo, hp, step_impl) == "fast"
@@ -275,4 +305,4 @@ def local_rounds(
     return LocalRounds(models, kept, stats)
 
 
-__all__ = ["LocalRound", "LocalRounds", "STEP_IMPLS", "local_round", "local_rounds", "resolve_step_impl"]
+__all__ = ["LocalRound", "LocalRounds", "RoundStats", "check_finite", "STEP_IMPLS", "local_round", "local_rounds", "resolve_step_impl"]
