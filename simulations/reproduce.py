@@ -164,7 +164,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     logging.basicConfig(format="%(asctime)s %(message)s", datefmt="%H:%M:%S", level=logging.WARNING, stream=sys.stdout)
 
-    from fedmeta.simulations.run import data_key, check_all, report_failure, simulate
+    from fedmeta.simulations.run import data_key, check_all, report_failure, resolve_nodes, simulate
 
     count = reused = 0
     checked: set[tuple] = set()
@@ -174,6 +174,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         nonlocal count, reused
         count += 1
         t0 = time.perf_counter()
+        cfg = resolve_nodes(cfg)  # num-nodes = -1 as simulate() resolves it: its results record the resolved config
         key = run_key(cfg)
         if key in finished:  # the same run finished before: reuse it (an interrupted command resumes)
             res, how = finished[key], "reused"

@@ -44,6 +44,26 @@ USAGE_PREFIX = "usage-"
 """``<results-dir>/usage-<first run>.json``: :func:`usage` of a fedmeta-sim invocation, with its provenance."""
 
 
+def resolve_nodes(cfg: ExperimentConfig, nodes: list[dict[str, Any]] | None = None) -> ExperimentConfig:
+    """``num-nodes = -1`` resolved as :func:`simulate` resolves it: one multi-client node per actor slot of the
+    cluster's alive ``nodes`` (an empty list: this machine; ``None``: read them, attaching briefly to the cluster
+    ``ray-address`` or ``RAY_ADDRESS`` names, if any). Any other value is returned unchanged, and so is the
+    config when that cluster does not answer (:func:`simulate` then says so)."""
+    if cfg.num_nodes != AUTO_NODES:
+        return cfg
+    if nodes is None:
+        address = cluster.cluster_address(cfg.ray_address)
+        nodes = []
+        if address:
+            try:
+                nodes = cluster.connect(address)
+            except cluster.ClusterUnreachable:
+                return cfg
+            finally:
+                cluster.disconnect()
+    return cfg.with_nodes_for(cluster.actor_slots(nodes or cluster.local_resources(), cfg.num_cpus, cfg.num_gpus))
+
+
 def simulate(cfg: ExperimentConfig, *, verbose: bool = False, check: bool = True, progress: bool = True) -> dict[str, Any]:
     """Run one experiment on Flower's simulation engine (:func:`~fedmeta.simulations.engine.run_on_ray`)
     and return its results (also written to ``<results-dir>/<run>.json``).
@@ -76,8 +96,8 @@ def simulate(cfg: ExperimentConfig, *, verbose: bool = False, check: bool = True
                 nodes = cluster.connect(address)
             except cluster.ClusterUnreachable as err:
                 raise InputError(str(err)) from None
-        if cfg.num_nodes == AUTO_NODES:  # one multi-client node per actor slot of the cluster (or of this machine)
-            cfg = cfg.with_nodes_for(cluster.actor_slots(nodes or cluster.local_resources(), cfg.num_cpus, cfg.num_gpus))
+        if cfg.num_nodes == AUTO_NODES:
+            cfg = resolve_nodes(cfg, nodes)
             client_cfg = client_cfg.replace(num_nodes=cfg.num_nodes)
         if ckpt is None and cfg.num_nodes and not cfg.memory_dir:  # multi-client nodes: memory banks for this run only
             refusal = cluster.temp_memory_refusal(len(nodes))

@@ -117,7 +117,12 @@ def test_table3_authors_protocol_end_to_end_with_a_tiny_budget(ray_runner, tmp_p
         res = json.loads(Path(paths[0]).read_text())
         assert res["status"] == "ok" and res["config"]["lr-decay-at"] == "0.5,0.75" and res["config"]["batch-draws"] == "per-round"
         assert 0 < res["final"]["accuracy-after"] <= 1
+        assert res["config"]["num-nodes"] >= 1  # -1 resolved to the actor slots, as the run was simulated
     capsys.readouterr()
+    # Again: the runs are found under their resolved num-nodes and reused, none simulated again.
+    assert reproduce.main(args) == 0
+    log = capsys.readouterr().out
+    assert log.count("(reused,") == 2 and "(ran," not in log and "all reused from an earlier invocation" in log
 
 
 def _runs_line(summary: str) -> str:
