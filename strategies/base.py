@@ -282,8 +282,7 @@ class MetaStrategy(CheckpointedRounds, PartitionNodes, ReplyScreening, Personali
             "strategy": type(self).__name__,
             "hparams": self.hparams.to_wire(),
             "evaluation": self.eval_config.to_wire(),
-            "lr_decay_at": list(self.lr_decay_at),
-            "lr_decay": self.lr_decay,
+            **({"lr_decay_at": list(self.lr_decay_at), "lr_decay": self.lr_decay} if self.lr_decay_at else {}),  # older checkpoints: none
             "num_clients": self.num_clients,
             "num_nodes": self.num_nodes,
             "clients_per_round": self.clients_per_round,
