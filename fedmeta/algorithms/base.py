@@ -175,12 +175,6 @@ class EstimatorConfig:
         """Samples in the outer batch."""
         return self.outer_batch_size or self.batch_size  # type: ignore[attr-defined]
 
-    def round_samples(self, local_steps: int) -> int:
-        """Samples the local steps of one round draw: 2N batches of ``batch_size`` and one outer batch, per
-        draw; one draw per step, or one per round (``batch_draws``)."""
-        per_draw = 2 * self.inner_steps * self.batch_size + self.outer_size  # type: ignore[attr-defined]
-        return per_draw * (1 if self.batch_draws == "per-round" else local_steps)
-
     def estimator(self) -> meta.MetaGradient:
         return meta.meta_gradient(self.meta_gradient, delta=self.delta, num_directions=self.num_directions)
 
@@ -199,6 +193,12 @@ class MAMLAlgorithm(Algorithm):
 
     def draws_once(self, hp: EstimatorConfig) -> bool:
         return hp.batch_draws == "per-round"
+
+    def round_samples(self, hp: EstimatorConfig) -> int:
+        """Samples the local steps of one round draw: 2N batches of ``batch_size`` and one outer batch per
+        draw (:meth:`meta_batches`), one draw per step or one per round (:meth:`draws_once`)."""
+        per_draw = 2 * hp.inner_steps * hp.batch_size + hp.outer_size  # type: ignore[attr-defined]
+        return per_draw * (1 if self.draws_once(hp) else hp.local_steps)  # type: ignore[attr-defined]
 
     @staticmethod
     def meta_batches(sample: Sampler, hp: EstimatorConfig, *, order: str) -> Batches:

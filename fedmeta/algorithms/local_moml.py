@@ -95,5 +95,5 @@ class LocalMOML(MAMLAlgorithm):
 
     def cost(self, hp: LocalMOMLConfig, *, fresh_state: bool) -> RoundCost:
         init_samples, init = (hp.init_batch_size * hp.inner_steps, meta.Cost(gradients=hp.inner_steps)) if fresh_state else (0, meta.Cost())
-        return RoundCost(init_samples + hp.round_samples(hp.local_steps),
+        return RoundCost(init_samples + self.round_samples(hp),
                          init + hp.estimator().cost(hp.inner_steps) * hp.local_steps)

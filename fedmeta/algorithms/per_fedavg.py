@@ -65,5 +65,5 @@ class PerFedAvg(MAMLAlgorithm):
         return f(w, *batches[1])
 
     def cost(self, hp: PerFedAvgConfig, *, fresh_state: bool) -> RoundCost:
-        return RoundCost(hp.round_samples(hp.local_steps),
+        return RoundCost(self.round_samples(hp),
                          hp.estimator().cost(hp.inner_steps) * hp.local_steps)
