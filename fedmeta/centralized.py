@@ -45,7 +45,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import sys
 import time
 from dataclasses import dataclass, fields
@@ -55,6 +54,8 @@ import torch
 from torch.func import vmap
 
 from fedmeta import meta
+from fedmeta import settings as S
+from fedmeta.config import HP
 from fedmeta.centralized_iteration import (
     Streams, TaskMemory, draw_batches, draw_task_batches, local_moml_models, memory_age_counts, meta_loss, moml_iteration, stack_tasks,
     task_meta_gradients,
@@ -78,165 +79,94 @@ OUTER_OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {"sgd": torc
 # Configuration
 
 
-@dataclass(frozen=True)
-class CentralizedConfig:
-    """One centralized meta-training run. Defaults: multistep-maml-ggs Section 5.1 (matrix factorization)."""
+_seed_or_derived = S.int_at_least(-1)
 
-    task: str = "matrix-factorization"
-    """Task family, one of :data:`TASKS`."""
-    meta_gradient: str = "exact"
-    """exact (MAML), first_order (FO-MAML), hessian_free, ggs (GGS-MAML), zeroth_order (ZO-MAML) or fo_muml (FO-MuML)."""
-    inner_steps: int = 3
-    """N: inner SGD steps (eq. 6); for fo_muml, s: the anchored steps of fo-muml Algorithm 3."""
-    inner_lr: float = 0.01
-    """alpha: inner step size."""
-    meta_lr: float = 0.003
-    """beta: outer (meta) step size, eq. (7) / (19); Adam's learning rate with outer_optimizer=adam."""
-    outer_optimizer: str = "sgd"
-    """sgd or adam."""
-    tasks_per_iteration: int = 10
-    """B = |B_k|: tasks per meta-iteration."""
-    batch_size: int = 1
-    """S = D: samples in each inner batch S_j and each Hessian batch D_j (1 for matrix factorization: g_i)."""
-    test_batch_size: int = 1
-    """T: samples in the outer batch T of grad f(w_N; T) and in the evaluation's test batches."""
-    delta: float = 1e-2
-    """ggs / zeroth_order: the Gaussian smoothing radius (eqs. 17-18); hessian_free: its finite-difference step."""
-    num_directions: int = 10
-    """U: Gaussian vectors per Hessian estimate (ggs, zeroth_order)."""
-    iterations: int = 2000
-    """K: meta-iterations."""
-    eval_every: int = 50
-    """Record the meta-loss every this many iterations (and before the first and after the last)."""
-    eval_tasks: int = 500
-    """Held-out tasks of the meta-loss estimate (drawn once per seed)."""
-    seed: int = 0
-    """Seeds the initial model, the training tasks and batches, the directions and the evaluation tasks."""
-    algorithm: str = "maml"
-    """``maml`` (Algorithms 1-2 above), ``moml`` (localmoml Algorithm 1, MOMLv1: a memory per task) or
-    ``local-moml`` (localmoml Algorithm 3 run centrally: every sampled task runs ``local_steps`` LocalMOML
-    steps from a fresh memory and w becomes their average)."""
-    num_tasks: int = 0
-    """n: a fixed set of training tasks, B of them sampled (distinct) per iteration; 0: a fresh task
-    from p(T) every time (the resampling setting). ``moml`` and ``local-moml`` need n >= B."""
-    task_set: str = "random"
-    """``random``: the n tasks are drawn once from p(T); ``grid`` (sine, n = 25): localmoml Section
-    6.1's ``A sin(phi + x)``, A in {1..5}, phi = i pi / 5, i = 1..5."""
-    momentum: float = 1.0
-    """beta of MOML's memory update (eq. v1) and of LocalMOML's (eq. 7), in (0, 1]; 1 makes MOML MAML."""
-    local_steps: int = 5
-    """H: LocalMOML's local steps per sampled task and iteration."""
-    init_batch_size: int = 0
-    """K0: LocalMOML's samples per memory-reset batch S0; 0 means 2 x batch_size (localmoml Section 6.1)."""
-    decay_at: float = 1.0
-    """Divide the outer step size by 10 from iteration ``floor(decay_at * iterations)`` on (localmoml Section 6.1: 0.75); 1: never."""
-    eval_protocol: str = "meta-loss"
-    """``meta-loss``: eq. (2) on held-out tasks (above). ``few-shot`` (localmoml Section 6.1): ``eval_tasks`` unseen
-    sine tasks A ~ U(1, 5), phi ~ U(pi/5, pi) drawn per seed; 10 steps of gradient descent at lr 0.01 on 10 points,
-    then the MSE on 100 more points (:func:`fedmeta.tasks.few_shot_error`). ``few-shot-fixed``: the same adaptation and score on
-    the authors' fixed test set (:meth:`FewShotSet.authors`), the same for every seed."""
-    eval_seed: int = -1
-    """Seed of the evaluation tasks; -1: derived from ``seed``. A tuning run scores on other tasks than the test."""
-    task_sampling: str = "distinct"
-    """How a fixed task set's B tasks of an iteration are drawn: ``distinct`` (the first B of a permutation) or
-    ``with-replacement`` (B independent uniform draws, as the localmoml authors' code does: sinewave/src/maml.py,
-    moml.py and lcmoml.py, ``np.random.choice(self.N_tasks, self.B_tasks)``). MOML visits a task drawn twice in
-    turn, so its second draw starts from the memory the first left (as the authors' loop over the draws does)."""
-    memory_init: str = "first-visit"
-    """MOML's memories ``u_i`` before training: ``first-visit`` (the paper is silent; a task's first visit takes
-    ``v_i`` itself) or ``initial-model`` (every task's memory is one inner loop from the initial model on a fresh
-    batch of K samples, before the first iteration: sinewave/src/moml.py, ``MOML.__init__``, lines 40-48)."""
-    memory_gradient: str = "direction"
-    """What MOML and LocalMOML step along: ``direction``, eq. (3) / eq. (8) as written,
-    ``(I - alpha H) grad L(u; S3)``; or ``through-memory``, the gradient of ``L(u(w); S3)`` through the memory
-    update eq. (v1) / (7) with the old memory held fixed, ``beta (I - alpha H) grad L(u; S3)`` (the authors' code
-    differentiates the loss at the mixed model: sinewave/src/moml.py lines 82-99, lcmoml.py lines 50-63)."""
-    init_seed: int = -1
-    """-1: the initial model is drawn from ``seed``; >= 0: from this seed alone, so every seed starts from the same
-    model (the authors' sinewave/src/model.py builds ``Model(seed=1234)`` for every seed)."""
+
+@dataclass(frozen=True)
+class CentralizedConfig(S.Settings):
+    """One centralized meta-training run. Defaults: multistep-maml-ggs Section 5.1 (matrix factorization). Every
+    field is a :class:`fedmeta.settings.Setting` (a ``--flag`` of the command line); the ones the federated configs
+    share (alpha, N, the estimator's, beta, H) are their declarations (:class:`fedmeta.config.HP`)."""
+
+    task: str = S.choice(lambda: sorted(TASKS), help="task family (fedmeta.tasks.TASKS)").field("matrix-factorization")
+    meta_gradient: str = HP.meta_gradient.field()
+    inner_steps: int = HP.inner_steps.field(3, help="inner SGD steps (eq. 6); for fo_muml, s: the anchored steps of fo-muml Algorithm 3")
+    inner_lr: float = HP.inner_lr.field(help="inner step size")
+    meta_lr: float = HP.meta_lr.field(0.003, symbol="beta", help="outer (meta) step size, eq. (7) / (19); Adam's learning rate "
+                                                                 "with outer_optimizer=adam")
+    outer_optimizer: str = S.choice(lambda: sorted(OUTER_OPTIMIZERS), help="sgd (eq. 7 / 19) or adam").field("sgd")
+    tasks_per_iteration: int = S.int_at_least(1, symbol="B", help="tasks per meta-iteration").field(10)
+    batch_size: int = HP.batch_size.field(1, symbol="S = D", help="samples in each inner batch S_j and each Hessian batch D_j "
+                                                                  "(1 for matrix factorization: g_i)")
+    test_batch_size: int = S.int_at_least(1, symbol="T", help="samples in the outer batch T of grad f(w_N; T) and in the "
+                                                              "evaluation's test batches").field(1)
+    delta: float = HP.delta.field(1e-2)
+    num_directions: int = HP.num_directions.field()
+    iterations: int = S.int_at_least(1, symbol="K", help="meta-iterations").field(2000)
+    eval_every: int = S.int_at_least(1, help="record the meta-loss every this many iterations (and before the first and after "
+                                             "the last)").field(50)
+    eval_tasks: int = S.int_at_least(1, help="held-out tasks of the meta-loss estimate (drawn once per seed)").field(500)
+    seed: int = HP.seed.field(help="seeds the initial model, the training tasks and batches, the directions and the evaluation tasks")
+    algorithm: str = S.choice(lambda: ALGORITHMS, help="maml (multistep-maml-ggs Algorithms 1-2), moml (localmoml Algorithm 1, "
+                                                       "MOMLv1: a memory per task) or local-moml (localmoml Algorithm 3 run "
+                                                       "centrally: every sampled task runs local_steps LocalMOML steps from a fresh "
+                                                       "memory and w becomes their average)").field("maml")
+    num_tasks: int = S.int_at_least(0, " (0: resample tasks)", symbol="n",
+                                    help="a fixed set of training tasks, B of them sampled per iteration; 0: a fresh task from "
+                                         "p(T) every time (the resampling setting); moml and local-moml need n >= B").field(0)
+    task_set: str = S.choice(lambda: ("random", "grid"), help="random: the n tasks are drawn once from p(T); grid (sine, n = 25): "
+                                                             "localmoml Section 6.1's A sin(phi + x), A in {1..5}, phi = i pi / 5").field("random")
+    momentum: float = HP.momentum.field(1.0, symbol="beta", help="MOML's memory update (eq. v1) and LocalMOML's (eq. 7); 1 makes "
+                                                                 "MOML MAML")
+    local_steps: int = HP.local_steps.field(5, symbol="H", help="LocalMOML's local steps per sampled task and iteration")
+    init_batch_size: int = S.int_at_least(0, symbol="K0", help="LocalMOML's samples per memory-reset batch S0; 0: 2 x batch_size "
+                                                               "(localmoml Section 6.1)").field(0)
+    decay_at: float = S.fraction(help="divide the outer step size by 10 from iteration floor(decay_at * iterations) on "
+                                      "(localmoml Section 6.1: 0.75); 1: never").field(1.0)
+    eval_protocol: str = S.choice(lambda: EVAL_PROTOCOLS,
+                                  help="meta-loss: eq. (2) on held-out tasks. few-shot (localmoml Section 6.1): eval_tasks unseen sine "
+                                       "tasks A ~ U(1, 5), phi ~ U(pi/5, pi) per seed; 10 steps of gradient descent at lr 0.01 on 10 "
+                                       "points, then the MSE on 100 more (fedmeta.tasks.few_shot_error). few-shot-fixed: the same on "
+                                       "the authors' fixed test set (FewShotSet.authors), the same for every seed").field("meta-loss")
+    eval_seed: int = _seed_or_derived.field(-1, help="seed of the evaluation tasks; -1: derived from seed (a tuning run scores on "
+                                                     "other tasks than the test)")
+    task_sampling: str = S.choice(lambda: ("distinct", "with-replacement"),
+                                  help="how a fixed task set's B tasks of an iteration are drawn: distinct (the first B of a "
+                                       "permutation) or with-replacement (B uniform draws, as the localmoml authors' sinewave/src "
+                                       "code does; MOML visits a task drawn twice in turn)").field("distinct")
+    memory_init: str = S.choice(lambda: ("first-visit", "initial-model"),
+                                help="MOML's memories before training: first-visit (a task's first visit takes v_i itself; the "
+                                     "paper is silent) or initial-model (one inner loop from the initial model on a fresh batch, "
+                                     "the authors' sinewave/src/moml.py, MOML.__init__)").field("first-visit")
+    memory_gradient: str = S.choice(lambda: ("direction", "through-memory"),
+                                    help="what MOML and LocalMOML step along: direction, eq. (3) / eq. (8) as written, "
+                                         "(I - alpha H) grad L(u; S3); or through-memory, the gradient of L(u(w); S3) through the "
+                                         "memory update with the old memory fixed, beta (I - alpha H) grad L(u; S3) (the authors' "
+                                         "sinewave/src/moml.py lines 82-99, lcmoml.py lines 50-63)").field("direction")
+    init_seed: int = _seed_or_derived.field(-1, help="-1: the initial model is drawn from seed; >= 0: from this seed alone, so every "
+                                                     "seed starts from the same model (the authors' Model(seed=1234))")
 
     def __post_init__(self) -> None:
+        super().__post_init__()
+
         def bad(name: str, allowed: str) -> ValueError:
             return ValueError(f"{name} must be {allowed}, got {getattr(self, name)!r}")
 
-        def is_int(v: Any) -> bool:
-            return isinstance(v, int) and not isinstance(v, bool)
-
-        if self.task not in TASKS:
-            raise bad("task", f"one of {sorted(TASKS)}")
-        meta.check_meta_gradient(self.meta_gradient, self.inner_steps, self.delta, self.num_directions)
-        for name, low in (("inner_lr", 0.0), ("meta_lr", None)):  # alpha = 0 is allowed, as in the federated configs
-            v = getattr(self, name)
-            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and (v >= low if low is not None else v > 0)
-            if not ok:
-                raise bad(name, "a finite number >= 0" if low is not None else "a finite number > 0")
-        if self.outer_optimizer not in OUTER_OPTIMIZERS:
-            raise bad("outer_optimizer", f"one of {sorted(OUTER_OPTIMIZERS)}")
-        for name in ("tasks_per_iteration", "batch_size", "test_batch_size", "iterations", "eval_every", "eval_tasks"):
-            if not (is_int(getattr(self, name)) and getattr(self, name) >= 1):
-                raise bad(name, "an integer >= 1")
-        if not (is_int(self.seed) and self.seed >= 0):
-            raise bad("seed", "an integer >= 0")
-        if self.algorithm not in ALGORITHMS:
-            raise bad("algorithm", f"one of {list(ALGORITHMS)}")
-        if not (is_int(self.num_tasks) and self.num_tasks >= 0):
-            raise bad("num_tasks", "an integer >= 0 (0: resample tasks)")
         if self.algorithm != "maml" and self.num_tasks < self.tasks_per_iteration:
             raise bad("num_tasks", f"an integer >= tasks_per_iteration={self.tasks_per_iteration} for {self.algorithm} (a memory per task)")
-        if self.task_set not in ("random", "grid"):
-            raise bad("task_set", "'random' or 'grid'")
         if self.task_set == "grid" and (not self.task.startswith("sine") or self.num_tasks != 25):
             raise bad("task_set", "'grid' only for a sine task with num_tasks=25")
-        if not (isinstance(self.momentum, (int, float)) and not isinstance(self.momentum, bool) and 0 < self.momentum <= 1):
-            raise bad("momentum", "a number in (0, 1]")
-        for name, low in (("local_steps", 1), ("init_batch_size", 0)):
-            if not (is_int(getattr(self, name)) and getattr(self, name) >= low):
-                raise bad(name, f"an integer >= {low}")
-        if not (isinstance(self.decay_at, (int, float)) and not isinstance(self.decay_at, bool) and 0 < self.decay_at <= 1):
-            raise bad("decay_at", "a fraction in (0, 1]")
         if self.algorithm == "local-moml" and (self.outer_optimizer != "sgd" or self.meta_gradient == "fo_muml"):
             raise bad("algorithm", "local-moml with outer_optimizer='sgd' and a meta_gradient other than fo_muml")
-        if self.eval_protocol not in EVAL_PROTOCOLS:
-            raise bad("eval_protocol", f"one of {list(EVAL_PROTOCOLS)}")
         if self.eval_protocol != "meta-loss" and not self.task.startswith("sine"):
             raise bad("eval_protocol", f"{self.eval_protocol!r} only for a sine task")
-        for name in ("eval_seed", "init_seed"):
-            if not (is_int(getattr(self, name)) and getattr(self, name) >= -1):
-                raise bad(name, "an integer >= -1")
-        if self.task_sampling not in ("distinct", "with-replacement"):
-            raise bad("task_sampling", "'distinct' or 'with-replacement'")
-        if self.memory_init not in ("first-visit", "initial-model"):
-            raise bad("memory_init", "'first-visit' or 'initial-model'")
-        if self.memory_gradient not in ("direction", "through-memory"):
-            raise bad("memory_gradient", "'direction' or 'through-memory'")
 
     @property
     def family(self) -> TaskFamily:
         return TASKS[self.task]
 
-    def replace(self, **changes: Any) -> "CentralizedConfig":
-        return dataclasses.replace(self, **changes)
-
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-    @classmethod
-    def from_mapping(cls, values: Mapping[str, Any]) -> "CentralizedConfig":
-        """Parse snake_case or kebab-case keys; command-line strings are converted to the field's type."""
-        known = {f.name for f in fields(cls)}
-        kwargs = {}
-        for key, value in values.items():
-            name = key.replace("-", "_")
-            if name not in known:
-                raise ValueError(f"unknown setting {key!r} (valid: {', '.join(sorted(known))})")
-            kind = type(getattr(cls, name))
-            try:
-                if kind is int and isinstance(value, float) and not value.is_integer():
-                    raise ValueError
-                kwargs[name] = value if isinstance(value, kind) else kind(value)
-            except ValueError:
-                raise ValueError(f"{name} must be {'an' if kind.__name__[0] in 'aeiou' else 'a'} {kind.__name__}, got {value!r}") from None
-        return cls(**kwargs)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -433,10 +363,7 @@ def train(cfg: CentralizedConfig, *, log: Callable[[str], None] | None = None) -
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m fedmeta.centralized", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
-    defaults = CentralizedConfig()
-    for f in fields(CentralizedConfig):
-        p.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, default=None, metavar=type(getattr(defaults, f.name)).__name__.upper(),
-                       help=f"(default: {getattr(defaults, f.name)!r})")
+    CentralizedConfig.add_arguments(p)
     p.add_argument("--json", dest="json_path", default=None, help="also write the run's record to this JSON file")
     return p
 

@@ -9,12 +9,12 @@ and again on the client (nothing a server sends is trusted blindly).
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar, Mapping
 
-from fedmeta import validation as V
+from fedmeta import settings as S
+from fedmeta.meta import DEFAULT_DELTA, META_GRADIENTS
 
 # --- train/evaluate ConfigRecord keys (server -> client) -------------------------------------
 ALGORITHM = "algorithm"
@@ -88,14 +88,65 @@ MEMORY_POLICIES = ("keep", "reset")
 BATCH_DRAW_CHOICES = ("per-step", "per-round")
 
 
+class HP:
+    """The hyper-parameters several configs share, each declared once (:class:`fedmeta.settings.Setting`): the
+    algorithms' configs, the evaluation's, the experiment's, the centralized runner's, Dif-MAML's and the
+    strategies' checks all use these declarations."""
+
+    inner_lr = S.number_at_least(0, symbol="alpha", default=0.01,
+                                 help="step size of the adaptation step w - alpha grad f(w), in training and in personalized evaluation")
+    meta_lr = S.number_above(0, symbol="Per-FedAvg beta", default=0.05, help="the local meta step size, per-fedavg eq. (8)")
+    lr = S.number_above(0, symbol="LocalMOML eta", default=0.05,
+                        help="the local meta step size, localmoml Algorithm 3 line 11 (FedAvg: the SGD step size)")
+    momentum = S.fraction(symbol="LocalMOML beta", default=0.5,
+                          help="weight of the fresh adapted model in the memory update, localmoml eq. (7); 1 makes it Per-FedAvg")
+    local_steps = S.int_at_least(1, symbol="tau / H", default=4, help="local steps per round")
+    batch_size = S.int_at_least(1, symbol="K", default=5, help="samples in each inner, outer and Hessian batch")
+    init_batch_size = S.int_at_least(1, symbol="K0", default=5,
+                                     help="samples in each batch S0 of LocalMOML's memory reset, localmoml Algorithm 3 line 5")
+    inner_steps = S.int_at_least(1, symbol="N", default=1, help="inner SGD steps of the adaptation, multistep-maml-ggs eq. (6)")
+    meta_gradient = S.choice(lambda: META_GRADIENTS, default="exact",
+                             help="estimator of the meta-gradient: exact (HVPs through the inner loop), first_order, hessian_free "
+                                  "(per-fedavg eq. 119), ggs (multistep-maml-ggs eq. 18), zeroth_order (eq. 17), fo_muml (fo-muml Algorithm 3)")
+    delta = S.number_above(0, default=DEFAULT_DELTA,
+                           help="finite-difference step of hessian_free (per-fedavg eq. 119) or Gaussian smoothing radius of ggs / "
+                                "zeroth_order (multistep-maml-ggs eqs. 17-18); see fedmeta.meta.DEFAULT_DELTA")
+    num_directions = S.int_at_least(1, symbol="U", default=10, help="Gaussian vectors per Hessian estimate (ggs, zeroth_order)")
+    outer_batch_size = S.int_at_least(0, " (0 = batch-size)", default=0,
+                                      help="samples in the outer (query) batch, Per-FedAvg's D' / LocalMOML's S3; 0: batch-size, as the "
+                                           "papers have it (the localmoml authors' federated code uses 10 query beside 5 support points)")
+    batch_draws = S.choice(lambda: BATCH_DRAW_CHOICES, default="per-step",
+                           help="per-step: every local step draws fresh batches (per-fedavg Algorithm 1, localmoml Algorithm 3); "
+                                "per-round: the first step's batches serve the round's local steps (the localmoml authors' federated code)")
+    memory_policy = S.choice(lambda: MEMORY_POLICIES, default="keep",
+                             help="LocalMOML's memory u: keep (carried over from the client's last round, localmoml Algorithm 3 line 7, "
+                                  "cross-silo) or reset (rebuilt from w every round, line 5, cross-device)")
+    eval_steps = S.int_at_least(0, default=1, help="personalized evaluation: fine-tuning steps (0 scores the meta-model as is)")
+    eval_shots = S.int_at_least(0, " (0 = the whole train split)", default=0,
+                                help="personalized evaluation: support-set size drawn from the client's train split")
+    eval_lr = S.number_at_least(0, " (0 = inner-lr)", default=0.0, help="personalized evaluation: the fine-tuning step size")
+    lr_decay = S.fraction(default=0.1, help="factor of each step-size decay of the lr-decay-at schedule")
+    evaluate_every = S.int_at_least(0, " (0 = never)", default=50, help="evaluate all clients every this many rounds (and after the last)")
+    seed = S.Setting(int, "an integer in [0, 2**63 - 1]", lambda v: v >= 0, default=0,
+                     help="seeds the initial model, the client sampling and every client's batches")
+
+
 def _normalized(key: str) -> str:
     return key.strip().lower().replace("_", "-").replace(" ", "-")
 
 
-class WireConfig:
-    """Mixin: round-trip a frozen dataclass through a flat kebab-case dict (a ``ConfigRecord``)."""
+class _Keys:
+    """``KEYS`` of a wire config: attribute -> wire key (its name in kebab case), for every setting field."""
 
-    KEYS: ClassVar[dict[str, str]]
+    def __get__(self, obj: Any, owner: type) -> dict[str, str]:
+        return {name: S.kebab(name) for name in owner.settings()}
+
+
+class WireConfig(S.Settings):
+    """Base of the configs that travel in a ``ConfigRecord``: a frozen dataclass of settings
+    (:class:`fedmeta.settings.Settings`) with a flat kebab-case dict form."""
+
+    KEYS: ClassVar[dict[str, str]] = _Keys()  # type: ignore[assignment]
     STEP_SIZES: ClassVar[tuple[str, ...]] = ()
     """The fields that are step sizes: what a step-size schedule scales (``lr_decay_at`` of the strategies)."""
 
@@ -110,24 +161,22 @@ class WireConfig:
         and the user's own keys), except a differently spelled known key (``inner_lr``, ``Inner-LR``),
         which fails with the key to use. A bad value fails with one ``ValueError`` naming the wire key,
         the value and what is allowed."""
-        wire_keys = set(cls.KEYS.values())
+        keys = cls.KEYS
+        wire_keys = set(keys.values())
         for key in record:
             if isinstance(key, str) and key not in wire_keys and _normalized(key) in wire_keys:
                 raise ValueError(
                     f"unknown {cls.__name__} config key {key!r} (value {record[key]!r}); did you mean {_normalized(key)!r}? "
                     f"(keys: {', '.join(sorted(wire_keys))})"
                 )
-        kwargs = {attr: record[key] for attr, key in cls.KEYS.items() if key in record}
+        kwargs = {attr: record[key] for attr, key in keys.items() if key in record}
         try:
             return cls(**kwargs)
         except ValueError as err:
             attr = str(err).split(" ", 1)[0]  # every message starts with the field
-            if attr not in cls.KEYS:
+            if attr not in keys:
                 raise
-            raise ValueError(f"config key {cls.KEYS[attr]!r} ({cls.__name__}): {err}") from None
-
-    def replace(self, **changes: Any):
-        return dataclasses.replace(self, **changes)
+            raise ValueError(f"config key {keys[attr]!r} ({cls.__name__}): {err}") from None
 
 
 @dataclass(frozen=True)
@@ -138,25 +187,13 @@ class EvalConfig(WireConfig):
     LocalMOML paper's protocol (Section 6.2) is ``eval_steps=10, eval_shots=5``.
     """
 
-    inner_lr: float = 0.01
-    """alpha used for the fine-tuning steps (>= 0)."""
-    eval_steps: int = 1
-    """k: fine-tuning steps (>= 0; 0 scores the meta-model as is)."""
-    eval_shots: int = 0
-    """Size of the support set drawn from the train split; 0 means the whole train split."""
-
-    KEYS: ClassVar[dict[str, str]] = {"inner_lr": INNER_LR, "eval_steps": EVAL_STEPS, "eval_shots": EVAL_SHOTS}
-
-    def __post_init__(self) -> None:
-        V.finite_nonneg("inner_lr (alpha)", self.inner_lr)
-        V.nonneg_int("eval_steps", self.eval_steps)
-        V.nonneg_int("eval_shots", self.eval_shots)
+    inner_lr: float = HP.inner_lr.field(help="alpha of the fine-tuning steps")
+    eval_steps: int = HP.eval_steps.field()
+    eval_shots: int = HP.eval_shots.field()
 
 
 def field_names(cls: type) -> set[str]:
     return {f.name for f in fields(cls)}
-
-
 
 
 class _AlgorithmConfigs(Mapping[str, type]):

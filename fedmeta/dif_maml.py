@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import difflib
 import json
 import math
 import sys
@@ -42,7 +41,9 @@ from torch.func import vmap
 
 from fedmeta import graph as G
 from fedmeta import meta
+from fedmeta import settings as S
 from fedmeta import validation as V
+from fedmeta.config import HP
 from fedmeta.tasks import SineRegression
 from fedmeta.meta import Params
 from fedmeta.provenance import provenance
@@ -52,71 +53,57 @@ ADAM_BETAS = (0.9, 0.999)
 ADAM_EPS = 1e-8
 
 
+def _pairs(value: Any) -> tuple[tuple[int, int], ...]:
+    pairs = (json.loads(value) if value.strip() else []) if isinstance(value, str) else value
+    return tuple(tuple(int(a) for a in e) for e in pairs)
+
+
+def _interval(value: Any) -> tuple[float, ...]:
+    return tuple(float(v) for v in (value.split(",") if isinstance(value, str) else value))
+
+
+def _ordered(pair: tuple[float, ...]) -> bool:
+    return len(pair) == 2 and all(V.is_finite(v) for v in pair) and pair[0] < pair[1]
+
+
+_interval_setting = S.Setting(tuple, "an interval (low, high) with low < high", _ordered, from_text=_interval)
+_count = S.int_at_least(1)
+
+
 @dataclass(frozen=True)
-class DifMAMLConfig:
-    """One Dif-MAML run. Defaults: dif-maml Section 5 and Appendix D.1 (sine regression, Adam)."""
+class DifMAMLConfig(S.Settings):
+    """One Dif-MAML run. Defaults: dif-maml Section 5 and Appendix D.1 (sine regression, Adam). Every field is a
+    :class:`fedmeta.settings.Setting` (a ``--flag``, a key of ``[tool.flwr.app.config.dif-maml]``)."""
 
-    num_agents: int = 6
-    """K: agents on the graph."""
-    topology: str = "ring-chords"
-    """One of :data:`fedmeta.graph.TOPOLOGIES`; ``complete`` with ``combination="uniform"`` is the centralized
-    solution, ``none`` (A = I) the non-cooperative baseline."""
-    edge_prob: float = 0.5
-    """``erdos-renyi``: the probability of each edge."""
-    graph_seed: int = 0
-    """``erdos-renyi``: the seed of the graph draw (redrawn until connected)."""
-    edges: tuple[tuple[int, int], ...] = ()
-    """``edges``: the explicit edge list."""
-    combination: str = "metropolis"
-    """``metropolis`` (a_lk = 1 / max(n_k, n_l)) or ``uniform`` (11^T / K; complete graph only)."""
-    inner_lr: float = 0.01
-    """alpha: the inner step of eq. (4)."""
-    step_size: float = 0.001
-    """mu: the adaptation step of eq. (6a) (Adam's learning rate with ``optimizer="adam"``)."""
-    optimizer: str = "adam"
-    """``adam`` (Appendix D.1, mu = 0.001) or ``sgd`` (eq. 6a as written; Figure 6: mu = 0.005)."""
-    tasks_per_agent: int = 1
-    """|S_k,i|: tasks per agent and iteration (D.1: 4,000 tasks x 6 epochs = 24,000 iterations, so 1)."""
-    shots: int = 10
-    """Samples in each of x_in and x_o (10-shot)."""
-    meta_gradient: str = "exact"
-    """The estimator of eq. (4)'s Hessian factor (:func:`fedmeta.meta.meta_gradient`)."""
-    iterations: int = 24_000
-    """i: iterations (each agent adapts and combines once per iteration)."""
-    eval_every: int = 200
-    """Test all agents every this many iterations (and at 0 and at the end)."""
-    eval_tasks: int = 1000
-    """Test tasks, the same for every agent and every test."""
-    eval_shots: int = 10
-    """Support points of a test task (one adaptation step at alpha)."""
-    eval_query: int = 100
-    """Query points of a test task (the reported MSE)."""
-    eval_steps: int = 10
-    """After training: the test loss after 0 .. eval_steps adaptation steps (Figure 2c)."""
-    amplitude: tuple[float, float] = (0.1, 5.0)
-    """The amplitude range, split evenly into K intervals, one per agent."""
-    phase: tuple[float, float] = (0.0, math.pi)
-    """Every agent's phase range."""
-    seed: int = 0
-    """Seeds the initial model, every agent's batches and the test tasks."""
-
-    def __post_init__(self) -> None:
-        V.positive_int("num_agents (K)", self.num_agents)
-        V.check_choice("topology", self.topology, G.TOPOLOGIES)
-        V.check_choice("combination", self.combination, G.COMBINATIONS)
-        V.check_choice("optimizer", self.optimizer, OPTIMIZERS)
-        V.finite_nonneg("inner_lr (alpha)", self.inner_lr)
-        V.finite_positive("step_size (mu)", self.step_size)
-        for name in ("tasks_per_agent", "shots", "iterations", "eval_every", "eval_tasks", "eval_shots", "eval_query"):
-            V.positive_int(name, getattr(self, name))
-        V.nonneg_int("eval_steps", self.eval_steps)
-        V.nonneg_int("seed", self.seed)
-        lo, hi = self.amplitude
-        V.check("amplitude", V.is_finite(lo) and V.is_finite(hi) and lo < hi, "an interval (low, high) with low < high", self.amplitude)
-        meta.check_meta_gradient(self.meta_gradient, 1, meta.DEFAULT_DELTA, 10)
-
-    def replace(self, **changes: Any) -> "DifMAMLConfig":
-        return dataclasses.replace(self, **changes)
+    num_agents: int = S.int_at_least(1, symbol="K", help="agents on the graph").field(6)
+    topology: str = S.choice(lambda: G.TOPOLOGIES, help="the graph (fedmeta.graph.TOPOLOGIES); complete with combination=uniform is "
+                                                        "the centralized solution, none (A = I) the non-cooperative baseline").field("ring-chords")
+    edge_prob: float = S.Setting(float, "a number in [0, 1]", lambda v: 0 <= v <= 1, help="erdos-renyi: the probability of each "
+                                                                                        "edge").field(0.5)
+    graph_seed: int = S.int_at_least(0, help="erdos-renyi: the seed of the graph draw (redrawn until connected)").field(0)
+    edges: tuple[tuple[int, int], ...] = S.Setting(tuple, "a JSON list of pairs of agents", from_text=_pairs,
+                                                    help="topology edges: the explicit edge list").field(())
+    combination: str = S.choice(lambda: G.COMBINATIONS, help="metropolis (a_lk = 1 / max(n_k, n_l)) or uniform (11^T / K; complete "
+                                                             "graph only)").field("metropolis")
+    inner_lr: float = HP.inner_lr.field(help="the inner step of eq. (4)")
+    step_size: float = S.number_above(0, symbol="mu", help="the adaptation step of eq. (6a) (Adam's learning rate with "
+                                                           "optimizer=adam)").field(0.001)
+    optimizer: str = S.choice(lambda: OPTIMIZERS, help="adam (Appendix D.1, mu = 0.001) or sgd (eq. 6a as written; Figure 6: "
+                                                       "mu = 0.005)").field("adam")
+    tasks_per_agent: int = _count.field(1, symbol="|S_k,i|", help="tasks per agent and iteration (D.1: 4,000 tasks x 6 epochs = "
+                                                                   "24,000 iterations, so 1)")
+    shots: int = _count.field(10, help="samples in each of x_in and x_o (10-shot)")
+    meta_gradient: str = HP.meta_gradient.field(help="the estimator of eq. (4)'s Hessian factor (fedmeta.meta.meta_gradient)")
+    iterations: int = _count.field(24_000, symbol="i", help="iterations (each agent adapts and combines once per iteration)")
+    eval_every: int = _count.field(200, help="test all agents every this many iterations (and at 0 and at the end)")
+    eval_tasks: int = _count.field(1000, help="test tasks, the same for every agent and every test")
+    eval_shots: int = _count.field(10, help="support points of a test task (one adaptation step at alpha)")
+    eval_query: int = _count.field(100, help="query points of a test task (the reported MSE)")
+    eval_steps: int = HP.eval_steps.field(10, help="after training: the test loss after 0 .. eval_steps adaptation steps (Figure 2c)")
+    amplitude: tuple[float, float] = _interval_setting.field((0.1, 5.0), help="the amplitude range, split evenly into K intervals, "
+                                                                               "one per agent")
+    phase: tuple[float, float] = _interval_setting.field((0.0, math.pi), help="every agent's phase range")
+    seed: int = HP.seed.field(help="seeds the initial model, every agent's batches and the test tasks")
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -126,31 +113,7 @@ class DifMAMLConfig:
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> "DifMAMLConfig":
-        """Parse snake_case or kebab-case keys; command-line strings are converted to the field's type."""
-        known = {f.name: f for f in fields(cls)}
-        kwargs: dict[str, Any] = {}
-        for key, value in values.items():
-            name = key.replace("-", "_")
-            if name not in known:
-                options = sorted(n.replace("_", "-") for n in known)
-                near = difflib.get_close_matches(key.replace("_", "-"), options, n=1)
-                raise ValueError(f"unknown Dif-MAML setting {key!r}" + (f"; did you mean {near[0]!r}?" if near else "")
-                                 + f" (valid: {', '.join(options)})")
-            default = getattr(cls, name)
-            if name == "edges":
-                pairs = (json.loads(value) if value.strip() else []) if isinstance(value, str) else value
-                kwargs[name] = tuple(tuple(int(a) for a in e) for e in pairs)
-            elif isinstance(default, tuple):
-                parts = value.split(",") if isinstance(value, str) else value
-                kwargs[name] = tuple(float(v) for v in parts)
-            elif isinstance(value, str) and not isinstance(default, str):
-                try:
-                    kwargs[name] = type(default)(value)
-                except ValueError:
-                    raise ValueError(f"{name} must be a {type(default).__name__}, got {value!r}") from None
-            else:
-                kwargs[name] = value
-        return cls(**kwargs)
+        return super().from_mapping(values, what="Dif-MAML setting")
 
     # --- derived
 
@@ -403,9 +366,7 @@ def simulate(cfg: DifMAMLConfig, *, log: Callable[[str], None] | None = None, re
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m fedmeta.dif_maml", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
-    defaults = DifMAMLConfig()
-    for fld in fields(DifMAMLConfig):
-        p.add_argument(f"--{fld.name.replace('_', '-')}", dest=fld.name, default=None, help=f"(default: {getattr(defaults, fld.name)!r})")
+    DifMAMLConfig.add_arguments(p)
     p.add_argument("--json", dest="json_path", default=None, help="also write the run's record to this JSON file")
     args = vars(p.parse_args(argv))
     json_path = args.pop("json_path")

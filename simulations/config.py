@@ -10,22 +10,21 @@ import argparse
 import dataclasses
 import difflib
 import inspect
-import math
-import numbers
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, ClassVar, Mapping, Sequence
 
 import torch
 from torch import nn
 
 from fedmeta import algorithms
 from fedmeta import config as C
+from fedmeta import settings as S
 from fedmeta.algorithms import FedAvgConfig, LocalMOMLConfig, PerFedAvgConfig
+from fedmeta.config import HP
 from fedmeta.strategies.base import MetaStrategy
 from fedmeta.batched import DEFAULT_CHUNK_SIZE, VECTORIZE, VMAP_ESTIMATORS
 from fedmeta.data import IMAGE_SHAPES, NUM_CLASSES
-from fedmeta.meta import META_GRADIENTS
 from fedmeta.models import MODELS, build_model
 from fedmeta.strategies.aggregation import holdout_partitions
 
@@ -39,164 +38,117 @@ EVAL_PROTOCOLS = {"one-step": (1, 0), "5-shot-10-step": (10, 5)}
 ``one-step``: per-fedavg.txt Section 5; ``5-shot-10-step``: localmoml Section 6.2."""
 
 
-def _algorithm_default(name: str) -> Any:
-    """The default of hyper-parameter ``name``, defined once, in the algorithms' config classes
-    (every built-in algorithm that has the field gives it the same default)."""
-    values = {f.default for cls in (FedAvgConfig, PerFedAvgConfig, LocalMOMLConfig) for f in fields(cls) if f.name == name}
-    if len(values) != 1:
-        raise AssertionError(f"the algorithms' configs disagree on the default of {name}: {sorted(map(repr, values))}")
-    return values.pop()
-
-
 def _strategy_default(name: str) -> Any:
     """The default of strategy argument ``name``, defined once, in :class:`MetaStrategy`'s signature."""
     return inspect.signature(MetaStrategy.__init__).parameters[name].default
 
 
-@dataclass(frozen=True)
-class ExperimentConfig:
-    """A federated meta-learning experiment on Flower's simulation engine."""
+def _is_device(device: str) -> bool:
+    if not device:
+        return True
+    try:
+        torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        return False
+    return True
 
-    algorithm: str = C.LOCAL_MOML
-    """``fedavg``, ``per-fedavg`` or ``local-moml``."""
-    dataset: str = "fashion-mnist"
-    """``fashion-mnist``, ``mnist``, ``cifar10``, ``cifar100`` (20 superclasses) or ``sinewave``."""
-    partition: str = "fallah"
-    """Image datasets: ``fallah`` (per-fedavg.txt Section 5), ``dirichlet`` or ``pathological``."""
-    a_train: int = 68
-    """Fallah split parameter a for the train split."""
-    a_test: int = 0
-    """Fallah split parameter a for the test split; 0: the paper's value (34; 15 for CIFAR-100, localmoml Section 6.2)."""
-    dirichlet_alpha: float = 0.5
-    """Dirichlet partition: concentration of each client's class proportions."""
-    classes_per_client: int = 2
-    """Pathological partition: classes per client."""
-    train_per_client: int = 300
-    """Dirichlet / pathological partitions: train samples per client."""
-    test_per_client: int = 100
-    """Dirichlet / pathological partitions: test samples per client."""
-    data_dir: str = ""
-    """Data directory (default: ``FEDMETA_DATA`` or the cache directory)."""
-    download: bool = False
-    """Let torchvision download missing data sets (needs internet)."""
-    model: str = ""
-    """Model name (``mlp-40-40``, ``mlp-80-60-elu``, ``sine-mlp``, ``cnn``); empty: the dataset's default."""
-    num_clients: int = 50
-    """n: training clients (simulated SuperNodes), one partition each."""
-    num_new_clients: int = 0
-    """Held-out clients (extra SuperNodes) that never train and are scored by new-client adaptation."""
-    clients_per_round: int = 10
-    """B: clients per round (cross-device); 0 means all n (cross-silo). With sampling-groups G > 1: B' per group."""
-    sampling_groups: int = 1
-    """G > 1: stratified sampling of B' clients from each of G groups (localmoml Section 6.2: 4 GPUs)."""
-    num_rounds: int = 500
-    """Communication rounds."""
-    local_steps: int = _algorithm_default("local_steps")
-    """tau (Per-FedAvg) / H (LocalMOML): local steps per round."""
-    inner_lr: float = _algorithm_default("inner_lr")
-    """alpha: adaptation step size (training and personalized evaluation)."""
-    meta_lr: float = _algorithm_default("meta_lr")
-    """Per-FedAvg's beta: local meta step size."""
-    lr: float = _algorithm_default("lr")
-    """LocalMOML's eta: local meta step size."""
-    momentum: float = _algorithm_default("momentum")
-    """LocalMOML's beta in (0, 1]."""
-    batch_size: int = _algorithm_default("batch_size")
-    """K: samples per batch (each of the three independent batches)."""
-    init_batch_size: int = _algorithm_default("init_batch_size")
-    """K0: samples for LocalMOML's memory reset."""
-    inner_steps: int = _algorithm_default("inner_steps")
-    """N: inner SGD steps of the adaptation (multistep-maml-ggs eq. 6)."""
-    meta_gradient: str = _algorithm_default("meta_gradient")
-    """Meta-gradient estimator: exact, first_order, hessian_free, ggs, zeroth_order or fo_muml."""
-    delta: float = _algorithm_default("delta")
-    """Finite-difference step (hessian_free) / Gaussian smoothing radius (ggs, zeroth_order)."""
-    num_directions: int = _algorithm_default("num_directions")
-    """U: Gaussian vectors per Hessian estimate (ggs, zeroth_order)."""
-    outer_batch_size: int = _algorithm_default("outer_batch_size")
-    """Samples in the outer (query) batch D' / S3; 0 = batch-size."""
-    batch_draws: str = _algorithm_default("batch_draws")
-    """``per-step``: fresh batches every local step; ``per-round``: one draw serves the round's local steps."""
-    lr_decay_at: str = ""
-    """Step-size schedule: comma-separated fractions of num-rounds (e.g. ``0.5,0.75``) from which the step sizes
-    are multiplied by lr-decay; empty: constant."""
-    lr_decay: float = _strategy_default("lr_decay")
-    """Factor of each step-size decay, in (0, 1]."""
-    memory_policy: str = ""
-    """LocalMOML memory: ``keep`` / ``reset``; empty: keep for cross-silo, reset for cross-device."""
-    eval_protocol: str = ""
-    """Named protocol (``one-step`` or ``5-shot-10-step``); overrides eval-steps / eval-shots."""
-    eval_steps: int = _strategy_default("eval_steps")
-    """Personalized evaluation: fine-tuning steps on the client's train split."""
-    eval_shots: int = _strategy_default("eval_shots")
-    """Personalized evaluation: support-set size (0 = whole train split)."""
-    eval_lr: float = 0.0
-    """Personalized evaluation: fine-tuning step size (0 = inner-lr)."""
-    evaluate_every: int = _strategy_default("evaluate_every")
-    """Evaluate all clients every this many rounds (and after the last)."""
-    seed: int = _strategy_default("seed")
-    """Seeds the initial model, client sampling and every client's batch sampling."""
-    num_cpus: float = 1.0
-    """CPUs per simulated client (Ray actor); 2 cores / 1.0 = 2 clients in parallel."""
-    num_gpus: float = 0.0
-    """GPUs per simulated client (fractions allowed, e.g. 0.25)."""
-    device: str = ""
-    """Force the clients' device (``cpu``, ``cuda``); empty: CUDA when available, else CPU."""
-    results_dir: str = "results"
-    """Where the results JSON is written."""
-    num_nodes: int = AUTO_NODES
-    """Simulated SuperNodes. -1 (``AUTO_NODES``, the default): one multi-client node per actor slot of the Ray
-    cluster (its CPUs / num-cpus, or GPUs / num-gpus), resolved by :func:`fedmeta.simulations.run.simulate`
-    (docs/cluster.md); under ``flwr run``, as many nodes as the federation has SuperNodes. 0: one node per
-    client (what a deployment of one SuperNode per client uses). Fewer than the clients: each node hosts a
-    block of clients and trains its sampled clients together (vectorized, :mod:`fedmeta.batched`); the
-    average over clients, each client's memory and the per-client sampling are those of one client per node."""
-    chunk_size: int = DEFAULT_CHUNK_SIZE
-    """Multi-client nodes: clients per vectorized call (bounds memory)."""
-    vectorize: str = "auto"
-    """Multi-client nodes: ``auto`` (vmap, loop where vmap cannot), ``vmap`` or ``loop``."""
-    memory_dir: str = ""
-    """Directory of the clients' memories (memory banks on multi-client nodes, a file per client otherwise);
-    empty: ``<checkpoint-dir>/memory`` when checkpointing, else a temporary directory per run on
-    multi-client nodes and ``context.state`` on single-client nodes."""
-    ray_address: str = ""
-    """An existing Ray cluster to run the clients on (``host:port`` of its head, or ``auto``); empty: the
-    ``RAY_ADDRESS`` environment variable if set, else Ray starts inside this process. On a multi-node cluster
-    the clients' memories must be on a directory every host mounts (checked before round 1; docs/cluster.md)."""
-    max_update_norm_ratio: float = 0.0
-    """Update screening: reject a reply whose update norm exceeds this many times the round's median; 0: off."""
-    min_valid_replies: int = _strategy_default("min_valid_replies")
-    """Keep the previous global model when fewer valid train replies remain in a round."""
-    max_failed_rounds: int = _strategy_default("max_failed_rounds")
-    """Stop the run (exit non-zero) after this many consecutive rounds without a valid train reply; 0: never stop."""
-    check_data: bool = True
-    """Before the first message, resolve the data set and build client 0's data in the server's process
-    (``flwr run .``); turn off when the ServerApp's machine has no copy of the clients' data."""
-    round_timeout: float = 3600.0
-    """Seconds to wait for a round's replies; nodes that have not replied are counted in ``num-missing``."""
-    checkpoint: bool = True
-    """Write a checkpoint (model, round, history) after every round to ``checkpoint-dir``."""
-    checkpoint_dir: str = ""
-    """Where the checkpoint goes; empty: ``<results-dir>/checkpoints/<algorithm>-<dataset>-n<num-clients>-seed<seed>``."""
-    resume: bool = False
-    """Continue the run in ``checkpoint-dir`` from its last completed round (same settings; ``num-rounds`` may grow)."""
+
+AlgorithmSettings = S.union("AlgorithmSettings", [PerFedAvgConfig, LocalMOMLConfig, FedAvgConfig], skip=("memory_policy",))
+"""The built-in algorithms' hyper-parameters (alpha, beta, eta, tau/H, K, N, the estimator's settings, ...), each
+declared once, in the algorithm's config (:mod:`fedmeta.algorithms`), with its range, paper symbol and default."""
+
+_partition_size = S.int_at_least(1)
+
+
+@dataclass(frozen=True)
+class ExperimentConfig(AlgorithmSettings):  # type: ignore[misc, valid-type]
+    """A federated meta-learning experiment on Flower's simulation engine: the data, the clients, the rounds, the
+    evaluation, Ray's resources and the files, and (from :data:`AlgorithmSettings`) the algorithms'
+    hyper-parameters. Every field is a :class:`fedmeta.settings.Setting`: its key (kebab case) in pyproject and
+    ``--run-config``, its flag on the command line, its range and its help are declared here, once."""
+
+    KEY_LABELS: ClassVar[bool] = True
+
+    algorithm: str = S.choice(lambda: sorted(C.ALGORITHM_CONFIGS), default=C.LOCAL_MOML,
+                              help="fedavg, per-fedavg, local-moml or a registered algorithm").field()
+    dataset: str = S.choice(lambda: sorted(DATASET_MODELS), default="fashion-mnist",
+                            help="fashion-mnist, mnist, cifar10, cifar100 (20 superclasses) or sinewave").field()
+    partition: str = S.choice(lambda: PARTITIONS, default="fallah",
+                              help="image datasets: fallah (per-fedavg.txt Section 5), dirichlet or pathological").field()
+    a_train: int = S.int_at_least(2, " (samples per class)", help="Fallah split parameter a of the train split").field(68)
+    a_test: int = S.Setting(int, "0 (the paper's value) or an integer >= 2 (samples per class)", lambda v: v == 0 or v >= 2,
+                            help="Fallah split parameter a of the test split; 0: the paper's (34; 15 for CIFAR-100)").field(0)
+    dirichlet_alpha: float = S.number_above(0, " (Dirichlet concentration)",
+                                            help="Dirichlet partition: concentration of each client's class proportions").field(0.5)
+    classes_per_client: int = S.int_at_least(1, help="pathological partition: classes per client").field(2)
+    train_per_client: int = _partition_size.field(300, help="Dirichlet / pathological partitions: train samples per client")
+    test_per_client: int = _partition_size.field(100, help="Dirichlet / pathological partitions: test samples per client")
+    data_dir: str = S.text("data directory (default: FEDMETA_DATA or the cache directory)").field("")
+    download: bool = S.flag("let torchvision download missing data sets (needs internet)").field(False)
+    model: str = S.choice(lambda: sorted(MODELS), empty_ok=True,
+                          help="model name; empty: the dataset's default (DATASET_MODELS)").field("")
+    num_clients: int = S.int_at_least(1, symbol="n", help="training clients, one partition each").field(50)
+    num_new_clients: int = S.int_at_least(0, help="held-out clients that never train, scored by new-client adaptation").field(0)
+    clients_per_round: int = S.int_at_least(0, " (0 = all clients)", symbol="B",
+                                            help="clients per round (cross-device); 0: all n (cross-silo); with "
+                                                 "sampling-groups G > 1: B' per group").field(10)
+    sampling_groups: int = S.int_at_least(1, symbol="G", help="G > 1: stratified sampling of B' clients from each of G groups "
+                                                              "(localmoml Section 6.2: 4 GPUs)").field(1)
+    num_rounds: int = S.int_at_least(1, help="communication rounds").field(500)
+    lr_decay_at: str = S.text("step-size schedule: comma-separated fractions of num-rounds (e.g. 0.5,0.75) from which the "
+                              "step sizes are multiplied by lr-decay; empty: constant").field("")
+    lr_decay: float = HP.lr_decay.field()
+    memory_policy: str = S.choice(lambda: C.MEMORY_POLICIES, empty_ok=True,
+                                  help="LocalMOML's memory: keep / reset; empty: keep for cross-silo, reset for cross-device").field("")
+    eval_protocol: str = S.choice(lambda: sorted(EVAL_PROTOCOLS), empty_ok=True,
+                                  help="a named evaluation protocol (one-step, 5-shot-10-step); overrides eval-steps / eval-shots").field("")
+    eval_steps: int = HP.eval_steps.field()
+    eval_shots: int = HP.eval_shots.field()
+    eval_lr: float = HP.eval_lr.field()
+    evaluate_every: int = HP.evaluate_every.field()
+    seed: int = HP.seed.field()
+    num_cpus: float = S.number_above(0, help="CPUs per simulated node (Ray actor); 2 cores / 1.0 = 2 nodes in parallel").field(1.0)
+    num_gpus: float = S.number_at_least(0, help="GPUs per simulated node (fractions allowed, e.g. 0.25)").field(0.0)
+    device: str = S.Setting(str, "empty (CUDA when available, else CPU) or a torch device such as 'cpu', 'cuda' or 'cuda:1'",
+                            _is_device, help="force the clients' device").field("")
+    results_dir: str = S.text("where the results JSON is written").field("results")
+    num_nodes: int = S.int_at_least(AUTO_NODES, " (-1 = one node per Ray actor slot, 0 = one node per client)",
+                                    help="simulated SuperNodes. -1: one multi-client node per actor slot of the Ray cluster, resolved "
+                                         "when the simulation starts (docs/cluster.md); under flwr run, the federation's SuperNodes. "
+                                         "0: one node per client. Fewer than the clients: each node trains its sampled clients "
+                                         "together (vectorized), with the numbers of one client per node").field(AUTO_NODES)
+    chunk_size: int = S.int_at_least(1, help="multi-client nodes: clients per vectorized call (bounds memory)").field(DEFAULT_CHUNK_SIZE)
+    vectorize: str = S.choice(lambda: VECTORIZE, help="multi-client nodes: auto (vmap, loop where vmap cannot), vmap or loop").field("auto")
+    memory_dir: str = S.text("directory of the clients' memories; empty: <checkpoint-dir>/memory when checkpointing, else a "
+                             "temporary directory (multi-client nodes) or context.state (one client per node)").field("")
+    ray_address: str = S.text("an existing Ray cluster (host:port of its head, or auto); empty: RAY_ADDRESS if set, else Ray "
+                              "starts in this process. On a multi-node cluster the memories must be on a shared directory "
+                              "(docs/cluster.md)").field("")
+    max_update_norm_ratio: float = S.Setting(float, "0 (off) or a finite number > 1", lambda v: v == 0 or v > 1,
+                                             help="update screening: reject a reply whose update norm exceeds this many times the "
+                                                  "round's median").field(0.0)
+    min_valid_replies: int = S.int_at_least(1, help="keep the previous global model when fewer valid train replies remain "
+                                                    "in a round").field(_strategy_default("min_valid_replies"))
+    max_failed_rounds: int = S.int_at_least(0, " (0 = never stop)", help="stop the run (exit non-zero) after this many consecutive "
+                                                                        "rounds without a valid train reply").field(_strategy_default("max_failed_rounds"))
+    check_data: bool = S.flag("before the first message, build client 0's data in the server's process (flwr run .); turn off "
+                              "when the ServerApp's machine has no copy of the clients' data").field(True)
+    round_timeout: float = S.number_above(0, help="seconds to wait for a round's replies; nodes that have not replied are "
+                                                  "counted in num-missing").field(3600.0)
+    checkpoint: bool = S.flag("write a checkpoint (model, round, history) after every round to checkpoint-dir").field(True)
+    checkpoint_dir: str = S.text("where the checkpoint goes; empty: <results-dir>/checkpoints/<algorithm>-<dataset>-n<num-clients>"
+                                 "-seed<seed>").field("")
+    resume: bool = S.flag("continue the run in checkpoint-dir from its last completed round (same settings; num-rounds may "
+                          "grow)").field(False)
 
     def __post_init__(self) -> None:
         """Validate every field before any work starts: one ``ValueError`` naming the key (kebab-case),
         the value and what is allowed. Types first, then each field's own range, then the constraints
         between fields, then the algorithm's own validation."""
-        for f in fields(self):
-            object.__setattr__(self, f.name, _checked_type(f.name, getattr(self, f.name), type(f.default)))
         if self.algorithm == C.DIF_MAML:
             raise ValueError("algorithm 'dif-maml' is not an experiment of this config: it runs with `flwr run .` (its settings in "
                              "[tool.flwr.app.config.dif-maml]), fedmeta.simulations.dif_maml_app or fedmeta.dif_maml.simulate")
-        for name, (options, empty_ok) in _CHOICES.items():
-            _check_choice(name, getattr(self, name), options(), empty_ok)
-        if self.device:
-            _check_device(self.device)
-        for name, (ok, allowed) in _RANGES.items():
-            if not ok(getattr(self, name)):
-                raise _bad(name, allowed, getattr(self, name))
+        super().__post_init__()
         self._check_cross_field()
         try:
             # the algorithm's own validation, before any work starts (num-nodes = -1: checked as the most nodes it can become)
@@ -242,45 +194,20 @@ class ExperimentConfig:
         if self.resume and not self.checkpoint:
             raise _bad("resume", "false when checkpoint is false (there is no checkpoint to resume from)", self.resume)
         if self.vectorize == "vmap":
-            algo = algorithms.get(self.algorithm)
-            fields_ = C.field_names(algo.config)
-            hp = algo.config(**{f: getattr(self, f) for f in fields_ if f in _FIELDS and f != "memory_policy"})
-            if algo.vmap_refusal(hp):
+            if algorithms.get(self.algorithm).vmap_refusal(self.algorithm_config()):
                 raise _bad("vectorize", f"'auto' or 'loop' with meta-gradient={self.meta_gradient!r} ('vmap' supports "
                                         f"meta-gradient in {list(VMAP_ESTIMATORS)})", self.vectorize)
 
     # --- parsing -------------------------------------------------------------------------------
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> "ExperimentConfig":
-        """Parse kebab-case (or snake_case) keys, as from ``[tool.flwr.app.config]``, ``flwr run
-        --run-config`` or the command line (string values are parsed with the field's type).
-
-        Every problem is one ``ValueError`` naming the key, the value and what is allowed; an unknown
-        key suggests the nearest valid one."""
-        known = {f.name: type(f.default) for f in fields(cls)}
-        kwargs: dict[str, Any] = {}
-        spelled: dict[str, str] = {}
-        for key, value in values.items():
-            text = key if isinstance(key, str) else repr(key)
-            if text == C.DIF_MAML or text.startswith(C.DIF_MAML + "."):
-                continue  # the [tool.flwr.app.config.dif-maml] section: fedmeta.simulations.dif_maml_app's settings
-            name = text.replace("-", "_")
-            if name not in known:
-                options = sorted(_kebab(k) for k in known)
-                near = difflib.get_close_matches(_kebab(text), options, n=1)
-                hint = f"; did you mean {near[0]!r}?" if near else ""
-                raise ValueError(f"unknown config key {text!r} (value {value!r}){hint} (valid keys: {', '.join(options)})")
-            if name in spelled:
-                raise ValueError(f"config key {_kebab(name)!r} is given twice, as {spelled[name]!r} and {text!r} (value {value!r})")
-            spelled[name] = text
-            kwargs[name] = _coerce(name, value, known[name])
-        return cls(**kwargs)
+        """Parse kebab-case (or snake_case) keys, as from ``[tool.flwr.app.config]``, ``flwr run --run-config`` or the
+        command line (:meth:`fedmeta.settings.Settings.from_mapping`); the ``dif-maml`` section is
+        :mod:`fedmeta.simulations.dif_maml_app`'s."""
+        return super().from_mapping(values, skip=lambda key: key == C.DIF_MAML or key.startswith(C.DIF_MAML + "."))
 
     def to_dict(self) -> dict[str, Any]:
         return {k.replace("_", "-"): v for k, v in dataclasses.asdict(self).items()}
-
-    def replace(self, **changes: Any) -> "ExperimentConfig":
-        return dataclasses.replace(self, **changes)
 
     # --- what the experiment is made of ---------------------------------------------------------
     @property
@@ -365,14 +292,20 @@ class ExperimentConfig:
     def criterion(self):
         return nn.functional.mse_loss if self.dataset == "sinewave" else nn.functional.cross_entropy
 
+    def algorithm_config(self) -> Any:
+        """The algorithm's config (:mod:`fedmeta.algorithms`) with this experiment's values of its fields (a user's
+        algorithm may have others: their defaults); an empty memory-policy is the config's default here (the
+        strategy picks keep or reset by cross-silo / cross-device)."""
+        cls = algorithms.get(self.algorithm).config
+        names = C.field_names(cls) & _FIELDS
+        return cls(**{f: getattr(self, f) for f in names if f != "memory_policy" or self.memory_policy})
+
     def strategy_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of the fedmeta strategy for this experiment."""
-        hp_cls = algorithms.get(self.algorithm).config
-        # The algorithm's fields that the experiment sets (a user's algorithm may have others: their defaults).
-        hp = {f: getattr(self, f) for f in C.field_names(hp_cls) if f in _FIELDS and f != "memory_policy"}
-        if "memory_policy" in C.field_names(hp_cls):
+        hp_cfg = self.algorithm_config()
+        hp = {f: getattr(hp_cfg, f) for f in C.field_names(type(hp_cfg)) & _FIELDS}
+        if "memory_policy" in hp:
             hp["memory_policy"] = self.memory_policy or None  # empty: the strategy's default for cross-silo / cross-device
-        hp_cls(**{k: v for k, v in hp.items() if v is not None})  # validate now
         eval_steps, eval_shots = self.eval_setting
         return dict(
             num_clients=self.num_partitions,
@@ -408,146 +341,6 @@ def _kebab(name: str) -> str:
 def _bad(name: str, allowed: str, value: Any) -> ValueError:
     """The one error format: ``<kebab-key> must be <allowed>, got <value>``."""
     return ValueError(f"{_kebab(name)} must be {allowed}, got {value!r}")
-
-
-_INT64 = 2**63
-_TRUE = ("true", "1", "yes", "on")
-_FALSE = ("false", "0", "no", "off")
-
-
-def _coerce(name: str, value: Any, kind: type) -> Any:
-    """Parse a string value (command line, ``--run-config``) with the field's type; other values are
-    passed on unchanged and type-checked by ``__post_init__`` (so ``True`` never becomes 1 and 2.5
-    never becomes 2)."""
-    if not isinstance(value, str) or kind is str:
-        return value
-    text = value.strip()
-    if kind is bool:
-        if text.lower() in _TRUE:
-            return True
-        if text.lower() in _FALSE:
-            return False
-        raise _bad(name, f"true or false (or one of {list(_TRUE[1:] + _FALSE[1:])})", value)
-    if kind is int:
-        try:
-            return int(text, 10)
-        except ValueError:
-            raise _bad(name, "an integer", value) from None
-    try:
-        number = float(text)
-    except ValueError:
-        raise _bad(name, "a finite number", value) from None
-    if not math.isfinite(number):
-        raise _bad(name, "a finite number", value)
-    return number
-
-
-def _checked_type(name: str, value: Any, kind: type) -> Any:
-    """``value`` as a plain ``kind`` (numpy scalars become Python ones), or a ``ValueError``."""
-    if kind is bool:
-        if isinstance(value, bool):
-            return value
-        raise _bad(name, "true or false", value)
-    if kind is int:
-        if isinstance(value, numbers.Integral) and not isinstance(value, bool):
-            if -_INT64 <= int(value) < _INT64:
-                return int(value)
-            raise _bad(name, "an integer that fits in 64 bits", value)
-        raise _bad(name, _RANGES[name][1] if name in _RANGES else "an integer", value)
-    if kind is float:
-        if isinstance(value, numbers.Real) and not isinstance(value, bool):
-            try:
-                number = float(value)
-            except OverflowError:
-                number = math.inf
-            if math.isfinite(number):
-                return number
-        raise _bad(name, _RANGES[name][1] if name in _RANGES else "a finite number", value)
-    if isinstance(value, str):
-        return value
-    if name in _CHOICES:
-        options, empty_ok = _CHOICES[name]
-        raise _bad(name, ("empty or " if empty_ok else "") + f"one of {list(options())}", value)
-    raise _bad(name, "a string", value)
-
-
-def _check_choice(name: str, value: str, options: Sequence[str], empty_ok: bool) -> None:
-    if (empty_ok and value == "") or value in options:
-        return
-    near = difflib.get_close_matches(value, list(options), n=1)
-    hint = f"; did you mean {near[0]!r}?" if near else ""
-    raise ValueError(f"{_kebab(name)} must be {'empty or ' if empty_ok else ''}one of {list(options)}, got {value!r}{hint}")
-
-
-def _check_device(device: str) -> None:
-    try:
-        torch.device(device)
-    except (RuntimeError, ValueError, TypeError):
-        raise _bad("device", "empty (CUDA when available, else CPU) or a torch device such as 'cpu', 'cuda' or 'cuda:1'",
-                   device) from None
-
-
-_CHOICES: dict[str, tuple[Callable[[], Sequence[str]], bool]] = {
-    # field: (its allowed values, whether empty means "the default")
-    "algorithm": (lambda: sorted(C.ALGORITHM_CONFIGS), False),
-    "dataset": (lambda: sorted(DATASET_MODELS), False),
-    "partition": (lambda: PARTITIONS, False),
-    "model": (lambda: sorted(MODELS), True),
-    "meta_gradient": (lambda: META_GRADIENTS, False),
-    "memory_policy": (lambda: C.MEMORY_POLICIES, True),
-    "batch_draws": (lambda: C.BATCH_DRAW_CHOICES, False),
-    "eval_protocol": (lambda: sorted(EVAL_PROTOCOLS), True),
-    "vectorize": (lambda: VECTORIZE, False),
-}
-"""The fields with a fixed set of values."""
-
-
-def _at_least(low: int, why: str = "") -> tuple[Callable[[Any], bool], str]:
-    return (lambda v: v >= low), f"an integer >= {low}{why}"
-
-
-_POSITIVE = ((lambda v: v > 0), "a finite number > 0")
-_NONNEG = ((lambda v: v >= 0), "a finite number >= 0")
-_RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
-    # field: (test of the type-checked value, what is allowed); constraints between fields are in _check_cross_field
-    "a_train": _at_least(2, " (samples per class)"),
-    "a_test": ((lambda v: v == 0 or v >= 2), "0 (the paper's value) or an integer >= 2 (samples per class)"),
-    "dirichlet_alpha": ((lambda v: v > 0), "a finite number > 0 (Dirichlet concentration)"),
-    "classes_per_client": _at_least(1),
-    "train_per_client": _at_least(1),
-    "test_per_client": _at_least(1),
-    "num_clients": _at_least(1),
-    "num_new_clients": _at_least(0),
-    "clients_per_round": _at_least(0, " (0 = all clients)"),
-    "sampling_groups": _at_least(1),
-    "num_rounds": _at_least(1),
-    "local_steps": _at_least(1),
-    "inner_lr": _NONNEG,
-    "meta_lr": _POSITIVE,
-    "lr": _POSITIVE,
-    "momentum": ((lambda v: 0 < v <= 1), "a finite number in (0, 1]"),
-    "batch_size": _at_least(1),
-    "init_batch_size": _at_least(1),
-    "inner_steps": _at_least(1),
-    "delta": _POSITIVE,
-    "num_directions": _at_least(1),
-    "eval_steps": _at_least(0),
-    "eval_shots": _at_least(0, " (0 = the whole train split)"),
-    "eval_lr": ((lambda v: v >= 0), "a finite number >= 0 (0 = inner-lr)"),
-    "outer_batch_size": _at_least(0, " (0 = batch-size)"),
-    "lr_decay": ((lambda v: 0 < v <= 1), "a finite number in (0, 1]"),
-    "evaluate_every": _at_least(0, " (0 = never)"),
-    "seed": ((lambda v: v >= 0), "an integer in [0, 2**63 - 1]"),
-    "num_cpus": _POSITIVE,
-    "num_gpus": _NONNEG,
-    "num_nodes": _at_least(AUTO_NODES, " (-1 = one node per Ray actor slot, 0 = one node per client)"),
-    "chunk_size": _at_least(1),
-    "max_update_norm_ratio": ((lambda v: v == 0 or v > 1), "0 (off) or a finite number > 1"),
-    "min_valid_replies": _at_least(1),
-    "max_failed_rounds": _at_least(0, " (0 = never stop)"),
-    "round_timeout": _POSITIVE,
-}
-"""Each field's own range (every field with one; the others are strings or booleans)."""
 
 
 def parse_cli(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> argparse.Namespace:

@@ -49,7 +49,6 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from dataclasses import fields
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -509,10 +508,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--node-data-dir", default=None, metavar="DIR", help="data directory of every SuperNode (FEDMETA_DATA)")
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait for the run (default: 3600)")
     p.add_argument("--verbose", action="store_true", help="log every process start")
-    defaults = ExperimentConfig()
-    for f in fields(ExperimentConfig):
-        p.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, default=None, metavar=type(getattr(defaults, f.name)).__name__.upper(),
-                       help="(default: pyproject's [tool.flwr.app.config])")
+    ExperimentConfig.add_arguments(p, defaults="pyproject's [tool.flwr.app.config]")
     return p
 
 

@@ -22,7 +22,6 @@ import shutil
 import sys
 import tempfile
 import time
-from dataclasses import fields
 from typing import Any, Sequence
 
 from pathlib import Path
@@ -136,15 +135,7 @@ def _parser() -> argparse.ArgumentParser:
                                 allow_abbrev=False)
     p.add_argument("--algorithms", default=f"{C.LOCAL_MOML},{C.PER_FEDAVG}", help="comma-separated algorithms to run")
     p.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
-    defaults = ExperimentConfig()
-    for f in fields(ExperimentConfig):
-        if f.name == "algorithm":
-            continue
-        flag, default = f"--{f.name.replace('_', '-')}", getattr(defaults, f.name)
-        if isinstance(default, bool):  # --resume alone means --resume true
-            p.add_argument(flag, dest=f.name, default=None, nargs="?", const="true", metavar="BOOL", help=f"(default: {str(default).lower()})")
-        else:
-            p.add_argument(flag, dest=f.name, default=None, metavar=type(default).__name__.upper(), help=f"(default: {default!r})")
+    ExperimentConfig.add_arguments(p, skip=("algorithm",))
     return p
 
 

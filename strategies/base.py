@@ -20,7 +20,7 @@ from flwr.serverapp.strategy import FedAvg as FlowerFedAvg
 
 from fedmeta import config as C
 from fedmeta import validation as V
-from fedmeta.config import EvalConfig, field_names
+from fedmeta.config import HP, EvalConfig, field_names
 from fedmeta.strategies.aggregation import average_arrays, average_metrics, sample_grouped, sample_partitions
 from fedmeta.strategies.evaluation import PersonalizedEvaluation, summarize  # noqa: F401  (summarize: re-exported)
 from fedmeta.strategies.failures import ClientFailures
@@ -135,14 +135,14 @@ class MetaStrategy(CheckpointedRounds, PartitionNodes, ReplyScreening, Personali
         clients_per_round: int | None = None,
         sampling_groups: int = 1,
         new_clients: Iterable[int] = (),
-        seed: int = 0,
+        seed: int = HP.seed.default,
         weighting: str = "uniform",
-        eval_steps: int = 1,
-        eval_shots: int = 0,
+        eval_steps: int = HP.eval_steps.default,
+        eval_shots: int = HP.eval_shots.default,
         eval_lr: float | None = None,
         lr_decay_at: Sequence[float] = (),
-        lr_decay: float = 0.1,
-        evaluate_every: int = 50,
+        lr_decay: float = HP.lr_decay.default,
+        evaluate_every: int = HP.evaluate_every.default,
         node_wait_timeout: float = 600.0,
         max_update_norm_ratio: float | None = None,
         min_valid_replies: int = 1,
@@ -169,7 +169,6 @@ class MetaStrategy(CheckpointedRounds, PartitionNodes, ReplyScreening, Personali
             ok = isinstance(clients_per_round, int) and 1 <= clients_per_round <= n_train
             V.check("clients_per_round (B)", ok, f"None (all clients) or an integer in [1, {n_train}]", clients_per_round)
         V.check("weighting", weighting in WEIGHTINGS, f"one of {list(WEIGHTINGS)}", weighting)
-        V.check("evaluate_every", isinstance(evaluate_every, int) and evaluate_every >= 0, "an integer >= 0", evaluate_every)
         V.check("node_wait_timeout", node_wait_timeout > 0, "> 0 seconds", node_wait_timeout)
         ok = max_update_norm_ratio is None or (
             isinstance(max_update_norm_ratio, (int, float)) and not isinstance(max_update_norm_ratio, bool)
@@ -190,7 +189,6 @@ class MetaStrategy(CheckpointedRounds, PartitionNodes, ReplyScreening, Personali
         ok = all(isinstance(m, (int, float)) and not isinstance(m, bool) and 0 < m < 1 for m in lr_decay_at)
         V.check("lr_decay_at", ok and list(lr_decay_at) == sorted(set(lr_decay_at)),
                 "increasing fractions of num_rounds in (0, 1), e.g. (0.5, 0.75)", lr_decay_at)
-        V.check("lr_decay", math.isfinite(lr_decay) and 0 < lr_decay <= 1, "a number in (0, 1]", lr_decay)
         V.check("lr_decay_at", not lr_decay_at or bool(self.hparams.STEP_SIZES),
                 f"empty: {type(self.hparams).__name__} declares no STEP_SIZES to decay", lr_decay_at)
         self.lr_decay_at = lr_decay_at

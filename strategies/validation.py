@@ -19,6 +19,8 @@ from dataclasses import fields
 from typing import Any, Callable, Mapping
 
 from fedmeta import config as C
+from fedmeta import settings as S
+from fedmeta.config import HP
 
 FIXED_BY_STRATEGY = {
     "fraction_train": "every sampled client trains (use clients_per_round)",
@@ -57,6 +59,21 @@ def _int_ids(value: Any) -> bool:
     return all(_is_int(p) for p in value)
 
 
+def _declared(setting: S.Setting, none_ok: str = "") -> tuple[Callable[[Any], bool], str]:
+    """A hyper-parameter's check as declared (:class:`fedmeta.config.HP`); ``none_ok``: what ``None`` means, if allowed."""
+
+    def ok(value: Any) -> bool:
+        if value is None and none_ok:
+            return True
+        try:
+            setting.check("", value)
+        except ValueError:
+            return False
+        return True
+
+    return ok, (f"None ({none_ok}) or " if none_ok else "") + setting.allowed
+
+
 _TYPES: dict[str, tuple[Callable[[Any], bool], str]] = {
     # MetaStrategy's own arguments: types (MetaStrategy.__init__ checks the ranges)
     "num_clients": (_is_int, "an integer >= 1"),
@@ -65,15 +82,15 @@ _TYPES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "sampling_groups": (_is_int, "an integer >= 1"),
     "new_clients": (lambda v: isinstance(v, collections.abc.Iterable) and not isinstance(v, (str, bytes)) and _int_ids(v),
                     "an iterable of integer client ids"),
-    "seed": (lambda v: _is_int(v) and 0 <= v < _INT64, "an integer in [0, 2**63 - 1]"),
+    "seed": _declared(HP.seed),
     "weighting": (lambda v: isinstance(v, str), "'uniform' or 'examples'"),
-    "eval_steps": (_is_int, "an integer >= 0"),
-    "eval_shots": (_is_int, "an integer >= 0"),
-    "eval_lr": (lambda v: v is None or (_is_real(v) and math.isfinite(float(v)) and v >= 0), "None (the inner_lr) or a number >= 0"),
+    "eval_steps": _declared(HP.eval_steps),
+    "eval_shots": _declared(HP.eval_shots),
+    "eval_lr": _declared(HP.eval_lr, "the inner_lr"),
     "lr_decay_at": (lambda v: isinstance(v, (list, tuple)) and all(_is_real(m) for m in v),
                     "a list or tuple of fractions of num_rounds in (0, 1)"),
-    "lr_decay": (lambda v: _is_real(v) and math.isfinite(float(v)), "a number in (0, 1]"),
-    "evaluate_every": (_is_int, "an integer >= 0 (0 = never)"),
+    "lr_decay": _declared(HP.lr_decay),
+    "evaluate_every": _declared(HP.evaluate_every),
     "node_wait_timeout": (lambda v: _is_real(v) and v > 0, "a number of seconds > 0"),
     # Flower FedAvg's
     "min_available_nodes": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
@@ -83,7 +100,7 @@ _TYPES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "train_metrics_aggr_fn": (lambda v: v is None or callable(v), "None or a callable"),
     "evaluate_metrics_aggr_fn": (lambda v: v is None or callable(v), "None or a callable"),
 }
-"""Types of the non-hyper-parameter arguments (the hyper-parameters are the config dataclass's business)."""
+"""Types (and, for the declared hyper-parameters, ranges) of the arguments that are not the config dataclass's."""
 
 
 def _init_parameters(strategy_cls: type) -> set[str]:

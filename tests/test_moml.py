@@ -166,9 +166,9 @@ def test_local_moml_runs_centrally_and_all_three_improve_on_the_grid():
 @pytest.mark.parametrize("bad, message", [
     (dict(algorithm="reptile"), "algorithm must be one of"),
     (dict(algorithm="moml", num_tasks=2, tasks_per_iteration=3), "num_tasks must be an integer >= tasks_per_iteration=3"),
-    (dict(algorithm="moml", num_tasks=25, momentum=0.0), "momentum must be a number in (0, 1]"),
+    (dict(algorithm="moml", num_tasks=25, momentum=0.0), "momentum (beta) must be a number in (0, 1]"),
     (dict(task="sine", num_tasks=10, task_set="grid"), "task_set must be 'grid' only for a sine task with num_tasks=25"),
-    (dict(decay_at=1.5), "decay_at must be a fraction in (0, 1]"),
+    (dict(decay_at=1.5), "decay_at must be a number in (0, 1]"),
     (dict(algorithm="local-moml", num_tasks=25, outer_optimizer="adam"), "local-moml with outer_optimizer='sgd'"),
 ])
 def test_bad_moml_settings_name_the_field(bad, message):

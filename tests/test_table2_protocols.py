@@ -121,9 +121,9 @@ def test_with_replacement_draws_repeat_and_distinct_draws_never_do():
 
 
 @pytest.mark.parametrize("bad, message", [
-    (dict(task_sampling="bootstrap"), "task_sampling must be 'distinct' or 'with-replacement'"),
-    (dict(memory_init="zeros"), "memory_init must be 'first-visit' or 'initial-model'"),
-    (dict(memory_gradient="chain"), "memory_gradient must be 'direction' or 'through-memory'"),
+    (dict(task_sampling="bootstrap"), "task_sampling must be one of ['distinct', 'with-replacement']"),
+    (dict(memory_init="zeros"), "memory_init must be one of ['first-visit', 'initial-model']"),
+    (dict(memory_gradient="chain"), "memory_gradient must be one of ['direction', 'through-memory']"),
     (dict(init_seed=-2), "init_seed must be an integer >= -1"),
     (dict(eval_protocol="few-shot-fixed"), "'few-shot-fixed' only for a sine task"),
 ])

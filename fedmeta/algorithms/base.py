@@ -24,9 +24,8 @@ from typing import Any, ClassVar
 
 import torch
 
-from fedmeta import config as C
 from fedmeta import fast, meta
-from fedmeta import validation as V
+from fedmeta.config import HP, WireConfig
 from fedmeta.meta import Batch, Cost, LossFn, MetaBatches, Params, Sampler
 
 Batches = tuple
@@ -128,47 +127,16 @@ class Algorithm:
 
 
 @dataclass(frozen=True)
-class EstimatorConfig:
+class EstimatorConfig(WireConfig):
     """The meta-gradient estimator fields of the MAML-type algorithms (:func:`fedmeta.meta.meta_gradient`)
     and how their batches are drawn."""
 
-    inner_steps: int = 1
-    """N: inner SGD steps of the adaptation, multistep-maml-ggs eq. (6) (>= 1; 1 is the papers' setting)."""
-    meta_gradient: str = "exact"
-    """Estimator of the meta-gradient: ``exact`` (HVPs through the inner loop), ``first_order``,
-    ``hessian_free`` (finite differences, per-fedavg eq. 119), ``ggs`` (eq. 18), ``zeroth_order``
-    (eq. 17) or ``fo_muml`` (fo-muml Algorithm 3)."""
-    delta: float = meta.DEFAULT_DELTA
-    """Finite-difference step of ``hessian_free`` (per-fedavg eq. 119) or smoothing radius of
-    ``ggs`` / ``zeroth_order`` (eqs. 17-18) (> 0). See :data:`fedmeta.meta.DEFAULT_DELTA`."""
-    num_directions: int = 10
-    """U: Gaussian vectors per Hessian estimate (``ggs``, ``zeroth_order``) (>= 1)."""
-    outer_batch_size: int = 0
-    """Samples in the outer batch (Per-FedAvg's D', LocalMOML's S3; a "query" set) (>= 0); 0: ``batch_size``,
-    as the papers have it. The localmoml authors' federated code uses 10 query points beside 5 support
-    points (GitHub ``bokun-wang/moml``, ``federated/train.py``: ``k_qry`` vs ``k_spt``)."""
-    batch_draws: str = "per-step"
-    """``per-step``: every local step draws fresh batches (per-fedavg Algorithm 1, localmoml Algorithm 3);
-    ``per-round``: the first step's batches serve all H steps of the round, as the localmoml authors'
-    federated code does (``federated/train.py``: ``x_spt[i]``, ``x_qry[i]`` in every step ``h``)."""
-
-    ESTIMATOR_KEYS: ClassVar[dict[str, str]] = {
-        "inner_steps": C.INNER_STEPS,
-        "meta_gradient": C.META_GRADIENT,
-        "delta": C.DELTA,
-        "num_directions": C.NUM_DIRECTIONS,
-        "outer_batch_size": C.OUTER_BATCH_SIZE,
-        "batch_draws": C.BATCH_DRAWS,
-    }
-
-    def _check_estimator(self) -> None:
-        V.check_choice("meta_gradient", self.meta_gradient, meta.META_GRADIENTS)
-        V.positive_int("inner_steps (N)", self.inner_steps)
-        V.finite_positive("delta (finite-difference step / smoothing radius)", self.delta)
-        V.positive_int("num_directions (U, Gaussian vectors per Hessian estimate)", self.num_directions)
-        meta.check_meta_gradient(self.meta_gradient, self.inner_steps, self.delta, self.num_directions)
-        V.nonneg_int("outer_batch_size (0 = batch_size)", self.outer_batch_size)
-        V.check_choice("batch_draws", self.batch_draws, C.BATCH_DRAW_CHOICES)
+    inner_steps: int = HP.inner_steps.field()
+    meta_gradient: str = HP.meta_gradient.field()
+    delta: float = HP.delta.field()
+    num_directions: int = HP.num_directions.field()
+    outer_batch_size: int = HP.outer_batch_size.field()
+    batch_draws: str = HP.batch_draws.field()
 
     @property
     def outer_size(self) -> int:

@@ -7,33 +7,21 @@ from typing import ClassVar
 
 from fedmeta import config as C
 from fedmeta import fast, meta
-from fedmeta import validation as V
 from fedmeta.algorithms.base import Algorithm, Batches, RoundCost
-from fedmeta.config import WireConfig
+from fedmeta.config import HP, WireConfig
 
 
 @dataclass(frozen=True)
 class FedAvgConfig(WireConfig):
     """FedAvg client hyper-parameters (the baseline of per-fedavg.txt Section 5): tau SGD steps."""
 
-    inner_lr: float = 0.01
-    """alpha: step size of personalized evaluation's fine-tuning (not used in training) (>= 0)."""
-    lr: float = 0.05
-    """Local SGD step size (> 0)."""
-    local_steps: int = 4
-    """tau: local SGD steps per round (>= 1)."""
-    batch_size: int = 5
-    """Samples per SGD step (>= 1)."""
+    inner_lr: float = HP.inner_lr.field(help="step size of personalized evaluation's fine-tuning (not used in training)")
+    lr: float = HP.lr.field(symbol="", help="local SGD step size")
+    local_steps: int = HP.local_steps.field(symbol="tau", help="local SGD steps per round")
+    batch_size: int = HP.batch_size.field(help="samples per SGD step")
 
     algorithm: ClassVar[str] = C.FEDAVG
     STEP_SIZES: ClassVar[tuple[str, ...]] = ("lr",)
-    KEYS: ClassVar[dict[str, str]] = {"inner_lr": C.INNER_LR, "lr": C.LR, "local_steps": C.LOCAL_STEPS, "batch_size": C.BATCH_SIZE}
-
-    def __post_init__(self) -> None:
-        V.finite_nonneg("inner_lr (alpha)", self.inner_lr)
-        V.finite_positive("lr", self.lr)
-        V.positive_int("local_steps (tau)", self.local_steps)
-        V.positive_int("batch_size", self.batch_size)
 
 
 class FedAvg(Algorithm):

@@ -7,53 +7,25 @@ from typing import ClassVar
 
 from fedmeta import config as C
 from fedmeta import fast, meta
-from fedmeta import validation as V
 from fedmeta.algorithms.base import Batches, EstimatorConfig, MAMLAlgorithm, RoundCost, as_meta_batches
-from fedmeta.config import WireConfig
+from fedmeta.config import HP
 
 
 @dataclass(frozen=True)
-class LocalMOMLConfig(EstimatorConfig, WireConfig):
-    """LocalMOML client hyper-parameters (localmoml Algorithm 3, eqs. 7-8)."""
+class LocalMOMLConfig(EstimatorConfig):
+    """LocalMOML client hyper-parameters (localmoml Algorithm 3, eqs. 7-8): alpha, eta, beta, H, K, K0 and the
+    memory policy, with the estimator's settings (:class:`~fedmeta.algorithms.base.EstimatorConfig`)."""
 
-    inner_lr: float = 0.01
-    """alpha: step size of the adaptation step ``w - alpha grad f(w; S1)`` (>= 0)."""
-    lr: float = 0.05
-    """eta: the local meta step size, Algorithm 3 line 11 (> 0)."""
-    momentum: float = 0.5
-    """beta of LocalMOML: weight of the fresh adapted model in eq. (7), in (0, 1]."""
-    local_steps: int = 4
-    """H: local steps per round (>= 1)."""
-    batch_size: int = 5
-    """K: samples in each of S1, S2, S3 (>= 1)."""
-    init_batch_size: int = 5
-    """K0: samples in S0 for the memory reset, Algorithm 3 line 5 (>= 1)."""
-    memory_policy: str = "keep"
-    """``keep``: u carries over from the client's last participating round (line 7, cross-silo);
-    ``reset``: u restarts from ``w - alpha grad f(w; S0)`` every round (line 5, cross-device)."""
+    inner_lr: float = HP.inner_lr.field()
+    lr: float = HP.lr.field()
+    momentum: float = HP.momentum.field()
+    local_steps: int = HP.local_steps.field(symbol="H")
+    batch_size: int = HP.batch_size.field()
+    init_batch_size: int = HP.init_batch_size.field()
+    memory_policy: str = HP.memory_policy.field()
 
     algorithm: ClassVar[str] = C.LOCAL_MOML
     STEP_SIZES: ClassVar[tuple[str, ...]] = ("inner_lr", "lr")
-    KEYS: ClassVar[dict[str, str]] = {
-        "inner_lr": C.INNER_LR,
-        "lr": C.LR,
-        "momentum": C.MOMENTUM,
-        "local_steps": C.LOCAL_STEPS,
-        "batch_size": C.BATCH_SIZE,
-        "init_batch_size": C.INIT_BATCH_SIZE,
-        "memory_policy": C.MEMORY_POLICY,
-        **EstimatorConfig.ESTIMATOR_KEYS,
-    }
-
-    def __post_init__(self) -> None:
-        V.finite_nonneg("inner_lr (alpha)", self.inner_lr)
-        V.finite_positive("lr (LocalMOML eta)", self.lr)
-        V.in_unit_interval("momentum (LocalMOML beta)", self.momentum)
-        V.positive_int("local_steps (H)", self.local_steps)
-        V.positive_int("batch_size (K)", self.batch_size)
-        V.positive_int("init_batch_size (K0)", self.init_batch_size)
-        self._check_estimator()
-        V.check_choice("memory_policy", self.memory_policy, C.MEMORY_POLICIES)
 
 
 class LocalMOML(MAMLAlgorithm):

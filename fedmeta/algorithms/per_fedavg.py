@@ -7,39 +7,22 @@ from typing import ClassVar
 
 from fedmeta import config as C
 from fedmeta import fast, meta
-from fedmeta import validation as V
 from fedmeta.algorithms.base import Batches, EstimatorConfig, MAMLAlgorithm, RoundCost, as_meta_batches
-from fedmeta.config import WireConfig
+from fedmeta.config import HP
 
 
 @dataclass(frozen=True)
-class PerFedAvgConfig(EstimatorConfig, WireConfig):
-    """Per-FedAvg client hyper-parameters (per-fedavg.txt Algorithm 1, eqs. 8-9)."""
+class PerFedAvgConfig(EstimatorConfig):
+    """Per-FedAvg client hyper-parameters (per-fedavg.txt Algorithm 1, eqs. 8-9): alpha, beta, tau and
+    |D| = |D'| = |D''|, with the estimator's settings (:class:`~fedmeta.algorithms.base.EstimatorConfig`)."""
 
-    inner_lr: float = 0.01
-    """alpha: step size of the adaptation step ``w - alpha grad f(w; D)`` (>= 0)."""
-    meta_lr: float = 0.05
-    """beta of Per-FedAvg: the local meta step size in eq. (8) (> 0)."""
-    local_steps: int = 4
-    """tau: local meta steps per round (>= 1)."""
-    batch_size: int = 5
-    """|D| = |D'| = |D''|: samples in each of the three independent batches (>= 1)."""
+    inner_lr: float = HP.inner_lr.field()
+    meta_lr: float = HP.meta_lr.field()
+    local_steps: int = HP.local_steps.field(symbol="tau")
+    batch_size: int = HP.batch_size.field()
+
     algorithm: ClassVar[str] = C.PER_FEDAVG
     STEP_SIZES: ClassVar[tuple[str, ...]] = ("inner_lr", "meta_lr")
-    KEYS: ClassVar[dict[str, str]] = {
-        "inner_lr": C.INNER_LR,
-        "meta_lr": C.META_LR,
-        "local_steps": C.LOCAL_STEPS,
-        "batch_size": C.BATCH_SIZE,
-        **EstimatorConfig.ESTIMATOR_KEYS,
-    }
-
-    def __post_init__(self) -> None:
-        V.finite_nonneg("inner_lr (alpha)", self.inner_lr)
-        V.finite_positive("meta_lr (Per-FedAvg beta)", self.meta_lr)
-        V.positive_int("local_steps (tau)", self.local_steps)
-        V.positive_int("batch_size", self.batch_size)
-        self._check_estimator()
 
 
 class PerFedAvg(MAMLAlgorithm):
