@@ -1,36 +1,41 @@
-"""The single-client fast path: FedAvg, Per-FedAvg and LocalMOML local steps with plain ``torch.autograd``.
+"""The single-client fast path: the plain ``torch.autograd`` backend of :mod:`fedmeta.meta`'s equations.
 
-:mod:`fedmeta.meta` builds every step from ``torch.func`` transforms so that the same code runs
-``vmap``-ped over the clients of a node. One client alone (a Flower SuperNode usually hosts exactly
-one) pays the transforms' wrapping on every call for nothing: here the same equations are computed
-with ``torch.autograd.grad`` on fresh leaf tensors, and the exact Hessian-vector product is the
-double backward ``grad(<grad f(w), v>)`` with ``create_graph=True`` (reverse over reverse, as
-:func:`fedmeta.meta.hvp`). The loss can also skip ``functional_call``: :func:`make_loss` runs an
-``nn.Sequential`` of ``Linear`` / ``Conv`` layers and parameter-free modules directly on the parameter
-dict (:func:`sequential_forward`).
+:mod:`fedmeta.meta` writes every equation once over two primitives (:class:`fedmeta.meta.Autodiff`);
+its default backend, ``torch.func`` transforms, runs the same code ``vmap``-ped over the clients of a
+node. One client alone (a Flower SuperNode usually hosts exactly one) pays the transforms' wrapping on
+every call for nothing: :data:`PLAIN_AUTOGRAD` computes the primitives with ``torch.autograd.grad`` on
+fresh leaf tensors (:func:`gradient`), and the exact Hessian-vector product is the double backward
+``grad(<grad f(w), v>)`` with ``create_graph=True`` (:func:`hvp`, reverse over reverse, as
+:func:`fedmeta.meta.hvp`). The steps are :mod:`fedmeta.meta`'s functions called with
+``ad=PLAIN_AUTOGRAD`` (e.g. ``meta.maml_gradient(f, w, batches, alpha, estimator, ad=fast.PLAIN_AUTOGRAD)``).
+The loss can also skip ``functional_call``: :func:`make_loss` runs an ``nn.Sequential`` of ``Linear`` /
+``Conv`` layers and parameter-free modules directly on the parameter dict (:func:`sequential_forward`).
+:func:`descend_` is the in-place update of a caller that owns its tensors.
 
-Same contract as :mod:`fedmeta.meta`: pure functions over parameter dicts (nothing updated in place,
-nothing written to ``.data``), same signatures, same batches, same order of operations. Measured
+Same contract as :mod:`fedmeta.meta`: pure functions over parameter dicts (nothing updated in place but by
+:func:`descend_`, nothing written to ``.data``), same batches, same order of operations. Measured
 (tests/test_fast_step.py, tests/test_golden_rounds.py) the results equal the ``torch.func`` path's
 bit for bit on the papers' MLPs on CPU; the tests hold them to 1e-6 (float32) and 1e-10 (float64).
 
-Covered (:data:`ESTIMATORS`): the ``exact`` and ``first_order`` meta-gradients with any number N of
-inner steps (multistep-maml-ggs.txt eqs. 6 and 8), and ``fo_muml`` (its anchored inner loop, first
-order), and FedAvg's SGD step (:func:`gradient`, then :func:`descend_`). The other estimators (``hessian_free``, ``ggs``,
-``zeroth_order``) stay on the ``torch.func`` path; :func:`refusal` says why a setting is not covered. The selection (``step_impl``)
-lives in :func:`fedmeta.algorithms.executor.resolve_step_impl`.
+Run on this backend (:data:`ESTIMATORS`, the estimators whose ``plain_autograd`` flag is set): the
+``exact`` and ``first_order`` meta-gradients with any number N of inner steps (multistep-maml-ggs.txt
+eqs. 6 and 8), and ``fo_muml`` (its anchored inner loop, first order), and FedAvg's SGD step
+(:func:`gradient`, then :func:`descend_`). The other estimators (``hessian_free``, ``ggs``,
+``zeroth_order``) stay on the ``torch.func`` path; :func:`refusal` says why a setting is not run here. The
+selection (``step_impl``), the one place that enforces it, is
+:func:`fedmeta.algorithms.executor.resolve_step_impl`.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fedmeta import meta
-from fedmeta.meta import Batch, ExactHessian, HessianCorrection, LossFn, MetaBatches, MetaGradient, Params
+from fedmeta.meta import Batch, HessianCorrection, LossFn, MetaGradient, Params
 
 Forward = Callable[[Params, Tensor], Tensor]
 """``forward(params, x)``: a model's output for the parameter dict ``params``."""
@@ -197,11 +202,17 @@ def hvp(f: LossFn, params: Params, v: Params, batch: Batch) -> Params:
 
 
 # ----------------------------------------------------------------------------------------------
-# The meta-gradient (multistep-maml-ggs.txt Section 2.2)
+# The backend, and which estimators run on it
+
+
+PLAIN_AUTOGRAD = meta.Autodiff("autograd", gradient, hvp)
+"""The plain ``torch.autograd`` backend (:func:`gradient`, :func:`hvp`) of :mod:`fedmeta.meta`'s equations: one
+client, no ``vmap``. Pass it as ``ad=`` to :func:`fedmeta.meta.maml_gradient`, :func:`fedmeta.meta.local_moml_step`,
+:func:`fedmeta.meta.local_moml_init_memory`, ... for the estimators in :data:`ESTIMATORS`."""
 
 
 def refusal(estimator: MetaGradient | HessianCorrection) -> str | None:
-    """Why the fast path does not compute ``estimator`` (it then runs on :mod:`fedmeta.meta`), or ``None``."""
+    """Why the fast path does not run ``estimator`` (its steps then run on the ``torch.func`` backend), or ``None``."""
     est = meta._as_estimator(estimator)
     if est.plain_autograd:
         return None
@@ -209,69 +220,4 @@ def refusal(estimator: MetaGradient | HessianCorrection) -> str | None:
             "(it runs on the torch.func path)")
 
 
-def _checked(estimator: MetaGradient | HessianCorrection) -> MetaGradient:
-    why = refusal(estimator)
-    if why:
-        raise ValueError(why)
-    return meta._as_estimator(estimator)
-
-
-def trajectory(f: LossFn, w: Params, batches: Sequence[Batch], inner_lr: float, *, anchored: bool = False) -> list[Params]:
-    """``[w_0, ..., w_N]``: the inner loop ``w_{j+1} = w_j - alpha grad f(w_j; S_j)``, ``w_0 = w``
-    (multistep-maml-ggs.txt eq. 6; per-fedavg.txt eq. 5 for N = 1), or FO-MuML's anchored loop
-    ``z_{l+1} = x - alpha grad f(z_l; S_l)`` (fo-muml Algorithm 3 line 7). As
-    :meth:`fedmeta.meta.MetaGradient.trajectory`."""
-    traj = [w]
-    for batch in batches:
-        z = traj[-1]
-        step = gradient(f, z, batch)
-        base = w if anchored else z
-        traj.append({k: (base[k] - inner_lr * step[k]).detach() for k in w})
-    return traj
-
-
-def backward(f: LossFn, traj: Sequence[Params], g: Params, hessian_batches: Sequence[Batch], inner_lr: float,
-             estimator: MetaGradient) -> Params:
-    """``prod_{j=0}^{N-1} (I - alpha H(w_j; D_j)) g``, right to left (multistep-maml-ggs.txt eq. 8;
-    per-fedavg.txt eq. 9 for N = 1, localmoml eq. 8), with exact HVPs for ``exact``; the identity for
-    the first-order estimators (per-fedavg.txt eq. 23, FO-MAML) and FO-MuML. As
-    :meth:`fedmeta.meta.MetaGradient.backward`."""
-    if estimator.anchored or not isinstance(estimator.correction, ExactHessian):
-        return g
-    for j in reversed(range(len(traj) - 1)):
-        g = meta.axpy(-inner_lr, hvp(f, traj[j], g, hessian_batches[j]), g)
-    return g
-
-
-def maml_gradient(f: LossFn, w: Params, batches: MetaBatches, inner_lr: float,
-                  estimator: MetaGradient | HessianCorrection) -> tuple[Params, Params]:
-    """The N-step meta-gradient ``G(w) = prod_j (I - alpha H(w_j; D_j)) grad f(w_N; T)``
-    (multistep-maml-ggs.txt eq. 8; FO-MuML's ``grad f(z_s)``) and ``w_N``, as :func:`fedmeta.meta.maml_gradient`."""
-    est = _checked(estimator)
-    traj = trajectory(f, w, batches.inner, inner_lr, anchored=est.anchored)
-    g = gradient(f, traj[-1], batches.outer)
-    return backward(f, traj, g, batches.hessian, inner_lr, est), traj[-1]
-
-
-def local_moml_init_memory(f: LossFn, w: Params, batches: Sequence[Batch], inner_lr: float,
-                           estimator: MetaGradient = meta.EXACT) -> Params:
-    """Reset of the personalized model, localmoml Algorithm 3 line 5: ``u = w - alpha grad f(w; S0)``
-    (with N batches S0, the N-step inner loop), as :func:`fedmeta.meta.local_moml_init_memory`."""
-    return trajectory(f, w, batches, inner_lr, anchored=_checked(estimator).anchored)[-1]
-
-
-def local_moml_step(f: LossFn, w: Params, u: Params, batches: MetaBatches, inner_lr: float, lr: float,
-                    momentum: float, estimator: MetaGradient | HessianCorrection,
-                    gen: torch.Generator | None = None) -> tuple[Params, Params]:
-    """One local LocalMOML step, localmoml eqs. (7)-(8) and Algorithm 3 lines 10-11 with an N-step inner loop,
-    as :func:`fedmeta.meta.local_moml_step` (which states the equations and the batches): ``u <- (1 - beta) u +
-    beta w_N(w; S1)``, then ``w <- w - eta prod_j (I - alpha H(w_j; S2_j)) grad f(u; S3)``. Returns ``(w, u)``."""
-    est = _checked(estimator)
-    traj = trajectory(f, w, batches.inner, inner_lr, anchored=est.anchored)
-    u = meta.lerp(u, traj[-1], momentum)
-    g = gradient(f, u, batches.outer)
-    return meta.axpy(-lr, backward(f, traj, g, batches.hessian, inner_lr, est), w), u
-
-
-__all__ = ["ESTIMATORS", "backward", "descend_", "gradient", "hvp", "local_moml_init_memory", "local_moml_step", "make_loss",
-           "maml_gradient", "refusal", "sequential_forward", "trajectory"]
+__all__ = ["ESTIMATORS", "PLAIN_AUTOGRAD", "descend_", "gradient", "hvp", "make_loss", "refusal", "sequential_forward"]

@@ -2,8 +2,13 @@
 
 Every function takes a *loss function* ``f(params, x, y) -> scalar`` (see :func:`make_loss`)
 and parameter dicts ``dict[str, Tensor]`` and returns new dicts; nothing is updated in place and
-nothing writes to ``.data``, so second-order terms are never silently dropped. All functions
-are built from ``torch.func`` transforms and can be ``vmap``-ped over clients later.
+nothing writes to ``.data``, so second-order terms are never silently dropped.
+
+Each equation is written once, over two autodiff primitives, the stochastic gradient and the exact
+Hessian-vector product (:class:`Autodiff`): every equation function takes the backend as the keyword
+``ad``. The default, :data:`TORCH_FUNC` (:func:`gradient`, :func:`hvp`), is built from ``torch.func``
+transforms and can be ``vmap``-ped over clients; :data:`fedmeta.fast.PLAIN_AUTOGRAD` computes the same
+floats with plain ``torch.autograd`` for one client (faster outside ``vmap``).
 
 Notation (papers in ``shared/papers``):
 
@@ -67,11 +72,6 @@ def gradient(f: LossFn, params: Params, batch: Batch) -> Params:
     return grad(f)(params, *batch)
 
 
-def adapt(f: LossFn, params: Params, batch: Batch, inner_lr: float) -> Params:
-    """One adaptation step ``params - alpha * grad f(params; batch)`` (per-fedavg.txt eq. 5)."""
-    return axpy(-inner_lr, gradient(f, params, batch), params)
-
-
 def hvp(f: LossFn, params: Params, v: Params, batch: Batch) -> Params:
     """Exact Hessian-vector product ``H(params; batch) v`` by double backward.
 
@@ -81,6 +81,31 @@ def hvp(f: LossFn, params: Params, v: Params, batch: Batch) -> Params:
     _, vjp_fn = vjp(lambda p: grad(f)(p, *batch), params)
     (hv,) = vjp_fn({k: v[k] for k in params})  # the cotangent's key order must match the parameters'
     return hv
+
+
+@dataclass(frozen=True)
+class Autodiff:
+    """The two primitives every equation here is built from: an autodiff backend.
+
+    ``gradient(f, params, batch)`` is the stochastic gradient ``grad f(params; batch)`` (per-fedavg.txt
+    eq. 7); ``hvp(f, params, v, batch)`` the exact Hessian-vector product ``H(params; batch) v``. Both are
+    pure (new dicts, inputs untouched) and give a zero for a parameter the loss does not use. The
+    equation functions take one as ``ad``: :data:`TORCH_FUNC` (default, vmappable over clients) or
+    :data:`fedmeta.fast.PLAIN_AUTOGRAD` (one client, plain ``torch.autograd``).
+    """
+
+    name: str
+    gradient: Callable[[LossFn, Params, Batch], Params]
+    hvp: Callable[[LossFn, Params, Params, Batch], Params]
+
+
+TORCH_FUNC = Autodiff("torch.func", gradient, hvp)
+"""The ``torch.func`` backend (:func:`gradient`, :func:`hvp`): ``grad`` and ``vjp``, vmappable over clients."""
+
+
+def adapt(f: LossFn, params: Params, batch: Batch, inner_lr: float, *, ad: Autodiff = TORCH_FUNC) -> Params:
+    """One adaptation step ``params - alpha * grad f(params; batch)`` (per-fedavg.txt eq. 5)."""
+    return axpy(-inner_lr, ad.gradient(f, params, batch), params)
 
 
 def dot(u: Params, v: Params) -> Tensor:
@@ -119,7 +144,7 @@ class HessianCorrection(Protocol):
     """Estimator of ``(I - alpha * H(w; batch)) v``: one factor of the meta-gradient product (eq. 8).
 
     ``gen`` feeds the random directions of the stochastic estimators (``ggs``, ``zeroth_order``);
-    the deterministic ones ignore it.
+    the deterministic ones ignore it. ``ad``: the autodiff backend of its gradients / HVPs.
     """
 
     name: str
@@ -129,10 +154,13 @@ class HessianCorrection(Protocol):
     """Whether it draws random directions from ``gen`` (then a client's estimate runs alone, not under ``vmap``:
     each client draws its own directions in its own order)."""
     plain_autograd: bool
-    """Whether :mod:`fedmeta.fast` computes it with plain ``torch.autograd`` (the one-client fast path)."""
+    """Whether a one-client round runs it on plain ``torch.autograd`` (:data:`fedmeta.fast.PLAIN_AUTOGRAD`, the fast
+    path; :func:`fedmeta.algorithms.executor.resolve_step_impl` reads it). Every correction computes on either
+    backend; the flag decides which one runs it."""
 
     def __call__(
-        self, f: LossFn, w: Params, v: Params, batch: Batch, inner_lr: float, gen: torch.Generator | None = None
+        self, f: LossFn, w: Params, v: Params, batch: Batch, inner_lr: float, gen: torch.Generator | None = None,
+        *, ad: Autodiff = TORCH_FUNC,
     ) -> Params: ...
 
 
@@ -145,8 +173,8 @@ class ExactHessian:
     plain_autograd: ClassVar[bool] = True
     cost: Cost = Cost(hvps=1)
 
-    def __call__(self, f, w, v, batch, inner_lr, gen=None):
-        return axpy(-inner_lr, hvp(f, w, v, batch), v)
+    def __call__(self, f, w, v, batch, inner_lr, gen=None, *, ad=TORCH_FUNC):
+        return axpy(-inner_lr, ad.hvp(f, w, v, batch), v)
 
 
 @dataclass(frozen=True)
@@ -162,7 +190,7 @@ class FirstOrder:
     plain_autograd: ClassVar[bool] = True
     cost: Cost = Cost()
 
-    def __call__(self, f, w, v, batch, inner_lr, gen=None):
+    def __call__(self, f, w, v, batch, inner_lr, gen=None, *, ad=TORCH_FUNC):
         return v
 
 
@@ -189,9 +217,9 @@ class FiniteDifference:
     plain_autograd: ClassVar[bool] = False
     cost: Cost = Cost(gradients=2)
 
-    def __call__(self, f, w, v, batch, inner_lr, gen=None):
-        plus = gradient(f, axpy(self.delta, v, w), batch)
-        minus = gradient(f, axpy(-self.delta, v, w), batch)
+    def __call__(self, f, w, v, batch, inner_lr, gen=None, *, ad=TORCH_FUNC):
+        plus = ad.gradient(f, axpy(self.delta, v, w), batch)
+        minus = ad.gradient(f, axpy(-self.delta, v, w), batch)
         return {k: v[k] - inner_lr * (plus[k] - minus[k]) / (2 * self.delta) for k in v}
 
 
@@ -219,14 +247,14 @@ class GaussianSmoothing:
     def cost(self) -> Cost:
         return Cost(gradients=self.num_directions + 1)
 
-    def __call__(self, f, w, v, batch, inner_lr, gen=None):
+    def __call__(self, f, w, v, batch, inner_lr, gen=None, *, ad=TORCH_FUNC):
         if gen is None:
             raise ValueError("meta_gradient='ggs' draws random directions: pass a torch.Generator as gen")
-        g0 = gradient(f, w, batch)
+        g0 = ad.gradient(f, w, batch)
         acc = {k: torch.zeros_like(t) for k, t in v.items()}
         for _ in range(self.num_directions):
             u = gaussian_like(w, gen)
-            g = gradient(f, axpy(self.delta, u, w), batch)
+            g = ad.gradient(f, axpy(self.delta, u, w), batch)
             c = dot(u, v) / (self.delta * self.num_directions)
             acc = {k: acc[k] + c * (g[k] - g0[k]) for k in acc}
         return axpy(-inner_lr, acc, v)
@@ -254,7 +282,7 @@ class ZerothOrder:
     def cost(self) -> Cost:
         return Cost(loss_evals=2 * self.num_directions + 1)
 
-    def __call__(self, f, w, v, batch, inner_lr, gen=None):
+    def __call__(self, f, w, v, batch, inner_lr, gen=None, *, ad=TORCH_FUNC):
         if gen is None:
             raise ValueError("meta_gradient='zeroth_order' draws random directions: pass a torch.Generator as gen")
         with torch.no_grad():
@@ -312,15 +340,18 @@ class MetaGradient:
 
     @property
     def plain_autograd(self) -> bool:
-        """Whether the one-client fast path (:mod:`fedmeta.fast`) computes it."""
+        """Whether the one-client fast path runs it (on :data:`fedmeta.fast.PLAIN_AUTOGRAD`, see
+        :attr:`HessianCorrection.plain_autograd`)."""
         return getattr(self.correction, "plain_autograd", False)
 
-    def trajectory(self, f: LossFn, w: Params, batches: Sequence[Batch], inner_lr: float) -> list[Params]:
+    def trajectory(
+        self, f: LossFn, w: Params, batches: Sequence[Batch], inner_lr: float, *, ad: Autodiff = TORCH_FUNC
+    ) -> list[Params]:
         """``[w_0, ..., w_N]`` for the N inner batches ``S_j`` (eq. 6, or Algorithm 3 line 7 when anchored)."""
         traj = [w]
         for batch in batches:
             z = traj[-1]
-            step = gradient(f, z, batch)
+            step = ad.gradient(f, z, batch)
             base = w if self.anchored else z
             traj.append({k: (base[k] - inner_lr * step[k]).detach() for k in w})
         return traj
@@ -333,12 +364,15 @@ class MetaGradient:
         hessian_batches: Sequence[Batch],
         inner_lr: float,
         gen: torch.Generator | None = None,
+        *,
+        ad: Autodiff = TORCH_FUNC,
     ) -> Params:
         """``prod_j (I - alpha H(w_j; D_j)) g`` applied to ``g = grad f(w_N; T)`` (eqs. 3, 8, 19)."""
         if self.anchored:  # FO-MuML: the outer step uses grad f(z_s) as is (Algorithm 3 line 11)
             return g
         for j in reversed(range(len(trajectory) - 1)):
-            g = {k: v.detach() for k, v in self.correction(f, trajectory[j], g, hessian_batches[j], inner_lr, gen).items()}
+            hv = self.correction(f, trajectory[j], g, hessian_batches[j], inner_lr, gen, ad=ad)
+            g = {k: v.detach() for k, v in hv.items()}
         return g
 
     def cost(self, inner_steps: int) -> Cost:
@@ -435,12 +469,20 @@ class MetaBatches:
 
 
 def maml_gradient(
-    f: LossFn, w: Params, batches: MetaBatches, inner_lr: float, estimator: MetaGradient, gen: torch.Generator | None = None
+    f: LossFn,
+    w: Params,
+    batches: MetaBatches,
+    inner_lr: float,
+    estimator: MetaGradient,
+    gen: torch.Generator | None = None,
+    *,
+    ad: Autodiff = TORCH_FUNC,
 ) -> tuple[Params, Params]:
-    """The N-step meta-gradient ``G(w)`` of eq. (8) (or FO-MuML's ``grad f(z_s)``) and ``w_N``."""
-    traj = estimator.trajectory(f, w, batches.inner, inner_lr)
-    g = gradient(f, traj[-1], batches.outer)
-    return estimator.backward(f, traj, g, batches.hessian, inner_lr, gen), traj[-1]
+    """The N-step meta-gradient ``G(w) = prod_j (I - alpha H(w_j; D_j)) grad f(w_N; T)`` of eq. (8)
+    (or FO-MuML's ``grad f(z_s)``) and ``w_N``."""
+    traj = estimator.trajectory(f, w, batches.inner, inner_lr, ad=ad)
+    g = ad.gradient(f, traj[-1], batches.outer)
+    return estimator.backward(f, traj, g, batches.hessian, inner_lr, gen, ad=ad), traj[-1]
 
 
 def _as_estimator(estimator: MetaGradient | HessianCorrection) -> MetaGradient:
@@ -461,6 +503,8 @@ def per_fedavg_step(
     meta_lr: float,
     estimator: MetaGradient | HessianCorrection,
     gen: torch.Generator | None = None,
+    *,
+    ad: Autodiff = TORCH_FUNC,
 ) -> Params:
     """One local Per-FedAvg step, per-fedavg.txt eqs. (8)-(9), with an N-step inner loop.
 
@@ -481,9 +525,11 @@ def per_fedavg_step(
         The meta-gradient estimator (:func:`meta_gradient`), or a bare ``(I - alpha H)`` estimator.
     gen
         Random directions of ``ggs`` / ``zeroth_order``.
+    ad
+        The autodiff backend (:class:`Autodiff`).
     """
     est = _as_estimator(estimator)
-    g, _ = maml_gradient(f, w, batches, inner_lr, est, gen)
+    g, _ = maml_gradient(f, w, batches, inner_lr, est, gen, ad=ad)
     return axpy(-meta_lr, g, w)
 
 
@@ -492,14 +538,20 @@ def per_fedavg_step(
 
 
 def local_moml_init_memory(
-    f: LossFn, w: Params, batches: Sequence[Batch], inner_lr: float, estimator: MetaGradient = EXACT
+    f: LossFn,
+    w: Params,
+    batches: Sequence[Batch],
+    inner_lr: float,
+    estimator: MetaGradient = EXACT,
+    *,
+    ad: Autodiff = TORCH_FUNC,
 ) -> Params:
     """Reset of the personalized model, localmoml Algorithm 3 line 5: ``u = w - alpha grad f(w; S0)``.
 
     ``batches`` holds ``S0``; with N of them the memory starts from the same N-step inner loop
     ``w_N(w; S0_0..S0_{N-1})`` that the meta step uses (eq. 6; FO-MuML's loop when anchored).
     """
-    return estimator.trajectory(f, w, batches, inner_lr)[-1]
+    return estimator.trajectory(f, w, batches, inner_lr, ad=ad)[-1]
 
 
 def local_moml_step(
@@ -512,6 +564,8 @@ def local_moml_step(
     momentum: float,
     estimator: MetaGradient | HessianCorrection,
     gen: torch.Generator | None = None,
+    *,
+    ad: Autodiff = TORCH_FUNC,
 ) -> tuple[Params, Params]:
     """One local LocalMOML step, localmoml eqs. (7)-(8) and Algorithm 3 lines 10-11, N-step inner loop.
 
@@ -537,7 +591,7 @@ def local_moml_step(
     -------
     (w, u) after the step.
     """
-    delta, u = moml_direction(f, w, u, batches, inner_lr, momentum, _as_estimator(estimator), gen)
+    delta, u = moml_direction(f, w, u, batches, inner_lr, momentum, _as_estimator(estimator), gen, ad=ad)
     return axpy(-lr, delta, w), u
 
 
@@ -550,6 +604,8 @@ def moml_direction(
     momentum: float | Tensor,
     estimator: MetaGradient,
     gen: torch.Generator | None = None,
+    *,
+    ad: Autodiff = TORCH_FUNC,
 ) -> tuple[Params, Params]:
     """One task's memory update and meta-direction, shared by LocalMOML (Algorithm 3 lines 10-11, eqs.
     7-8) and centralized MOML (Algorithm 1 lines 4-7, eqs. v1 and 3), with an N-step inner loop::
@@ -562,7 +618,7 @@ def moml_direction(
     (one beta per task under ``vmap``). Returns ``(Delta, u)``; ``beta = 1`` gives ``u = v`` exactly and
     ``Delta`` the MAML meta-gradient of :func:`maml_gradient` with ``T = S3`` and ``D = S2``.
     """
-    traj = estimator.trajectory(f, w, batches.inner, inner_lr)
+    traj = estimator.trajectory(f, w, batches.inner, inner_lr, ad=ad)
     u = lerp(u, traj[-1], momentum)
-    g = gradient(f, u, batches.outer)
-    return estimator.backward(f, traj, g, batches.hessian, inner_lr, gen), u
+    g = ad.gradient(f, u, batches.outer)
+    return estimator.backward(f, traj, g, batches.hessian, inner_lr, gen, ad=ad), u

@@ -1,4 +1,5 @@
-"""The single-client fast path (fedmeta.fast, plain autograd) against the torch.func path (fedmeta.meta).
+"""The single-client fast path (fedmeta.meta's equations on fedmeta.fast.PLAIN_AUTOGRAD, plain autograd) against
+the torch.func path (the same equations on meta.TORCH_FUNC, the default backend).
 
 Same batches (the same draws from the same generator, in the same order), same numbers: 1e-6 in
 float32 and 1e-10 in float64, for Per-FedAvg and LocalMOML (a fresh and a kept memory u), N in {1, 3},
@@ -19,6 +20,8 @@ from fedmeta.clients import client as client_module
 from fedmeta.clients.client import MetaClient, round_generator
 from fedmeta.data import ClientData, sinewave_task
 from fedmeta.meta import MetaBatches
+
+PLAIN = fast.PLAIN_AUTOGRAD
 from fedmeta.models import mlp, sine_mlp
 
 TOL = {torch.float32: 1e-6, torch.float64: 1e-10}
@@ -123,21 +126,23 @@ def test_one_step_equals_the_torch_func_step(name, estimator, n, dtype):
     mb = _meta_batches(sample, n, 5)
     est = meta.meta_gradient(estimator)
     tol = TOL[dtype]
-    g_fast, wn_fast = fast.maml_gradient(f_fast, w, mb, 0.05, est)
+    g_fast, wn_fast = meta.maml_gradient(f_fast, w, mb, 0.05, est, ad=PLAIN)
     g_func, wn_func = meta.maml_gradient(f_func, w, mb, 0.05, est)
     _assert_close(g_fast, g_func, tol)
     _assert_close(wn_fast, wn_func, tol)
-    # LocalMOML from a fresh memory (Algorithm 3 line 5) and from a kept one
-    u0 = meta.local_moml_init_memory(f_func, w, [sample(4) for _ in range(n)], 0.05, est)
+    # LocalMOML from a fresh memory (Algorithm 3 line 5, on both backends) and from a kept one
+    s0 = [sample(4) for _ in range(n)]
+    u0 = meta.local_moml_init_memory(f_func, w, s0, 0.05, est)
+    _assert_close(meta.local_moml_init_memory(f_fast, w, s0, 0.05, est, ad=PLAIN), u0, tol)
     u_kept = {k: v + 0.01 * torch.randn(v.shape, generator=torch.Generator().manual_seed(2), dtype=dtype) for k, v in w.items()}
     for u in (u0, u_kept):
-        got = fast.local_moml_step(f_fast, w, u, mb, 0.05, 0.1, 0.3, est)
+        got = meta.local_moml_step(f_fast, w, u, mb, 0.05, 0.1, 0.3, est, ad=PLAIN)
         want = meta.local_moml_step(f_func, w, u, mb, 0.05, 0.1, 0.3, est)
         _assert_close(got[0], want[0], tol)
         _assert_close(got[1], want[1], tol)
     # the exact meta-gradient is not the first-order one here (the Hessian term is exercised)
     if estimator == "exact":
-        fo, _ = fast.maml_gradient(f_fast, w, mb, 0.05, meta.FIRST_ORDER)
+        fo, _ = meta.maml_gradient(f_fast, w, mb, 0.05, meta.FIRST_ORDER, ad=PLAIN)
         assert max(float((fo[k] - g_fast[k]).abs().max()) for k in w) > 100 * tol
 
 
@@ -156,12 +161,19 @@ def test_hvp_matches_torch_func_and_handles_parameters_the_gradient_does_not_dep
 
 
 def test_uncovered_estimators_are_refused_clearly():
+    """The plain-autograd backend runs only the estimators of fast.ESTIMATORS: the executor's selection (the one
+    place that decides) refuses the others with a clear error when asked to run them there."""
     _, _, f_fast, w, x, y = _problem("sine-mlp", torch.float32)
-    b = ((x[:5], y[:5]),) * 3
     for name in ("hessian_free", "ggs", "zeroth_order"):
         assert fast.refusal(meta.meta_gradient(name)) is not None
-        with pytest.raises(ValueError, match="fast path computes meta_gradient in"):
-            fast.maml_gradient(f_fast, w, MetaBatches(inner=(b[0],), outer=b[1], hessian=(b[2],)), 0.1, meta.meta_gradient(name))
+        for hp in (PerFedAvgConfig(meta_gradient=name, local_steps=1), LocalMOMLConfig(meta_gradient=name, local_steps=1)):
+            with pytest.raises(ValueError, match="fast path computes meta_gradient in"):
+                resolve_step_impl(hp.algorithm, hp, "fast")
+            log: list = []
+            with pytest.raises(ValueError, match="fast path computes meta_gradient in"):
+                local_round(hp.algorithm, f_fast, w, _recording_sampler(x, y, torch.Generator().manual_seed(0), log), hp,
+                            gen=torch.Generator().manual_seed(1), step_impl="fast")
+            assert log == []  # refused before any draw or step
     assert all(fast.refusal(meta.meta_gradient(name)) is None for name in fast.ESTIMATORS)
 
 
@@ -277,23 +289,22 @@ NOT_COVERED = {
 
 @pytest.fixture
 def calls(monkeypatch):
-    """Counts of the fast path's steps and memory resets, and of the torch.func path's."""
+    """Counts of the fast path's steps and memory resets (meta's equations on the plain-autograd backend, and
+    fast.descend_), and of the torch.func path's (the same equations on the default backend)."""
     counts = {"fast": 0, "func": 0}
 
-    def counting(module, name, key):
+    def counting(module, name, key=None):
         original = getattr(module, name)
 
         def wrapper(*args, **kwargs):
-            counts[key] += 1
+            counts[key or ("fast" if kwargs.get("ad") is PLAIN else "func")] += 1
             return original(*args, **kwargs)
 
         monkeypatch.setattr(module, name, wrapper)
 
-    for name in ("descend_", "local_moml_step", "local_moml_init_memory"):  # every fast step ends in one of these
-        counting(fast, name, "fast")
-    for name in ("per_fedavg_step", "local_moml_step", "local_moml_init_memory"):
-        counting(meta, name, "func")
-    counting(meta, "adapt", "func")
+    counting(fast, "descend_", "fast")  # every fast step ends in descend_ or local_moml_step / _init_memory on PLAIN
+    for name in ("maml_gradient", "per_fedavg_step", "local_moml_step", "local_moml_init_memory", "adapt"):
+        counting(meta, name)
     return counts
 
 

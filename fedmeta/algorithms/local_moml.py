@@ -35,7 +35,8 @@ class LocalMOML(MAMLAlgorithm):
     The state is the personalized model u. Under ``keep`` a client starts from the u of its last
     participating round (line 7); under ``reset``, and in a client's first round, u is rebuilt from
     the N-step inner loop on N fresh batches S0 of ``init_batch_size`` (line 5). One client's exact and
-    first-order steps also run on plain autograd (:meth:`fast_step`, :func:`fedmeta.fast.local_moml_step`)."""
+    first-order steps also run on plain autograd (:meth:`fast_step`: :func:`fedmeta.meta.local_moml_step` with
+    ``ad=fedmeta.fast.PLAIN_AUTOGRAD``)."""
 
     name = C.LOCAL_MOML
     config = LocalMOMLConfig
@@ -57,10 +58,11 @@ class LocalMOML(MAMLAlgorithm):
         return meta.local_moml_step(f, w, state, as_meta_batches(batches), hp.inner_lr, hp.lr, hp.momentum, hp.estimator(), gen)
 
     def fast_init_state(self, f, w, batches, hp: LocalMOMLConfig):
-        return fast.local_moml_init_memory(f, w, list(batches), hp.inner_lr, hp.estimator())
+        return meta.local_moml_init_memory(f, w, list(batches), hp.inner_lr, hp.estimator(), ad=fast.PLAIN_AUTOGRAD)
 
     def fast_step(self, f, w, state, batches, hp: LocalMOMLConfig, gen=None):
-        return fast.local_moml_step(f, w, state, as_meta_batches(batches), hp.inner_lr, hp.lr, hp.momentum, hp.estimator())
+        return meta.local_moml_step(f, w, state, as_meta_batches(batches), hp.inner_lr, hp.lr, hp.momentum, hp.estimator(), gen,
+                                    ad=fast.PLAIN_AUTOGRAD)
 
     def train_loss(self, f, w, state, batches):
         return f(state, *batches[1])

@@ -29,7 +29,8 @@ class PerFedAvg(MAMLAlgorithm):
     """tau local steps of eq. (8), ``w <- w - beta prod_j (I - alpha H(w_j; D_j)) grad f(w_N; T)``
     (:func:`fedmeta.meta.per_fedavg_step`; eq. (9) for N = 1), each on 2N + 1 fresh batches drawn as
     D (inner, N), D' (outer), D'' (Hessian, N). One client's exact and first-order steps also run on
-    plain autograd (:meth:`fast_step`: :func:`fedmeta.fast.maml_gradient`, then the step in place)."""
+    plain autograd (:meth:`fast_step`: :func:`fedmeta.meta.maml_gradient` with ``ad=fedmeta.fast.PLAIN_AUTOGRAD``,
+    then the step in place)."""
 
     name = C.PER_FEDAVG
     config = PerFedAvgConfig
@@ -41,7 +42,7 @@ class PerFedAvg(MAMLAlgorithm):
         return meta.per_fedavg_step(f, w, as_meta_batches(batches), hp.inner_lr, hp.meta_lr, hp.estimator(), gen), None
 
     def fast_step(self, f, w, state, batches, hp: PerFedAvgConfig, gen=None):
-        g, _ = fast.maml_gradient(f, w, as_meta_batches(batches), hp.inner_lr, hp.estimator())
+        g, _ = meta.maml_gradient(f, w, as_meta_batches(batches), hp.inner_lr, hp.estimator(), gen, ad=fast.PLAIN_AUTOGRAD)
         return fast.descend_(w, g, hp.meta_lr), None  # eq. (8) in place
 
     def train_loss(self, f, w, state, batches):
