@@ -121,7 +121,9 @@ class MetaClient:
             raise ValueError(f"step_impl must be one of {list(STEP_IMPLS)}, got {step_impl!r}")
         self.step_impl = step_impl
         self.model = model.to(device)
+        self.criterion = criterion
         self.loss = meta.make_loss(self.model, criterion)
+        """``criterion(functional_call(model, params, (x,)), y)``: the ``func`` path's loss and evaluation's."""
         self.fast_loss = fast.make_loss(self.model, criterion)
         """The same loss without ``functional_call`` where the model allows it (the fast path's)."""
         self.data = data.to(device)
@@ -149,24 +151,30 @@ class MetaClient:
         return TrainResult(r.meta_model, r.state, r.stats).check_finite()
 
     def evaluate(self, w: Params, ev: EvalConfig, gen: torch.Generator) -> dict[str, float]:
-        """Personalized evaluation without leakage.
+        """Personalized evaluation without leakage (per-fedavg.txt Section 5; localmoml Section 6.2's protocol
+        is ``eval_steps=10, eval_shots=5``).
 
         Fine-tune the received meta-model ``eval_steps`` times with step size alpha on a support set
-        drawn from the client's **train** split only, then score on the **test** split. The test
-        split is read only by :func:`fedmeta.personalize.score`, after adaptation.
+        drawn from the client's **train** split only, then score it before and after on the **test** split
+        (:func:`fedmeta.personalize.adapt_and_score`, which reads the test split only after adaptation).
         """
         if ev.eval_shots:
             support = self.data.sample(ev.eval_shots, gen)
         else:
             support = (self.data.x_train, self.data.y_train)
-        adapted = personalize.fine_tune(self.loss, w, support, ev.inner_lr, ev.eval_steps)
-        test = (self.data.x_test, self.data.y_test)
-        before = personalize.score(self.loss, self.model, w, test)
-        after = personalize.score(self.loss, self.model, adapted, test)
-        out = {C.LOSS_BEFORE: before.loss, C.LOSS_AFTER: after.loss}
-        if not np.isnan(after.accuracy):
-            out.update({C.ACC_BEFORE: before.accuracy, C.ACC_AFTER: after.accuracy})
-        return out
+        s = personalize.adapt_and_score(self.loss, w, support, (self.data.x_test, self.data.y_test), ev.inner_lr,
+                                        ev.eval_steps, forward=personalize.model_forward(self.model),
+                                        criterion=self.criterion, at=(0, ev.eval_steps))
+        return score_row(s, regression=bool(torch.isnan(s.accuracy[1])))
+
+
+def score_row(s: personalize.Scores, *, regression: bool) -> dict[str, float]:
+    """One client's evaluate metrics from its before/after :class:`~fedmeta.personalize.Scores` (each ``[2]``)."""
+    (loss_before, loss_after), (acc_before, acc_after) = s.loss.tolist(), s.accuracy.tolist()
+    out = {C.LOSS_BEFORE: loss_before, C.LOSS_AFTER: loss_after}
+    if not regression:
+        out.update({C.ACC_BEFORE: acc_before, C.ACC_AFTER: acc_after})
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -303,7 +311,7 @@ class ClientGroup:
                     chunk = same[start:start + self.chunk_size]
                     scores = vscores(*(torch.stack([sets[i][j] for i in chunk]) for j in range(4)))
                     for n, i in enumerate(chunk):
-                        rows[i] = self._score_row(*(float(v[n]) for v in scores), regression=sets[i][3].is_floating_point())
+                        rows[i] = score_row(personalize.Scores(scores.loss[n], scores.accuracy[n]), regression=sets[i][3].is_floating_point())
         except (RuntimeError, NotImplementedError) as err:  # a model vmap cannot run (auto: loop instead)
             if self.vectorize == "vmap":
                 raise
@@ -311,30 +319,15 @@ class ClientGroup:
             return looped()  # fresh generators: the same support draws
         return rows
 
-    def _vmapped_scores(self, w: Params, ev: EvalConfig) -> Callable[..., tuple[Tensor, ...]]:
-        """``(xs, ys, xt, yt) -> (loss before, loss after, accuracy before, accuracy after)``, each ``[C]``,
-        for C clients stacked on the leading axis: ``eval_steps`` steps of ``personalize.fine_tune`` on the support
-        set, then :func:`fedmeta.personalize.score`'s loss and accuracy on the test set (accuracy NaN for regression)."""
-        forward = fast.sequential_forward(self.model)
-        if forward is None:
-            def forward(params: Params, x: Tensor) -> Tensor:
-                return torch.func.functional_call(self.model, params, (x,))
+    def _vmapped_scores(self, w: Params, ev: EvalConfig) -> Callable[..., personalize.Scores]:
+        """``(xs, ys, xt, yt) -> Scores`` of C clients stacked on the leading axis (loss and accuracy ``[C, 2]``:
+        before and after), :func:`fedmeta.personalize.adapt_and_score` vmapped: ``eval_steps`` steps on the support
+        set, then the loss and accuracy on the test set (accuracy NaN for regression), with the forward of
+        :attr:`loss` (:func:`fedmeta.fast.sequential_forward` where the model allows it)."""
+        forward = personalize.model_forward(self.model, sequential=True)
 
-        def scores(params: Params, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-            out = forward(params, x)
-            acc = (out.argmax(-1) == y).float().mean() if not y.is_floating_point() else torch.full((), float("nan"))
-            return self.criterion(out, y), acc
-
-        def one(xs: Tensor, ys: Tensor, xt: Tensor, yt: Tensor) -> tuple[Tensor, ...]:
-            adapted = personalize.fine_tune(self.loss, w, (xs, ys), ev.inner_lr, ev.eval_steps)
-            (loss_b, acc_b), (loss_a, acc_a) = scores(w, xt, yt), scores(adapted, xt, yt)
-            return loss_b.detach(), loss_a.detach(), acc_b.detach(), acc_a.detach()
+        def one(xs: Tensor, ys: Tensor, xt: Tensor, yt: Tensor) -> personalize.Scores:
+            return personalize.adapt_and_score(self.loss, w, (xs, ys), (xt, yt), ev.inner_lr, ev.eval_steps,
+                                               forward=forward, criterion=self.criterion, at=(0, ev.eval_steps))
 
         return torch.func.vmap(one)
-
-    @staticmethod
-    def _score_row(loss_before: float, loss_after: float, acc_before: float, acc_after: float, *, regression: bool) -> dict[str, float]:
-        out = {C.LOSS_BEFORE: loss_before, C.LOSS_AFTER: loss_after}
-        if not regression:
-            out.update({C.ACC_BEFORE: acc_before, C.ACC_AFTER: acc_after})
-        return out

@@ -14,6 +14,7 @@ from torch.func import vmap
 
 from fedmeta import meta
 from fedmeta.meta import Batch, Params
+from fedmeta.personalize import adapt_and_score
 from fedmeta.tasks import TaskFamily
 
 if TYPE_CHECKING:
@@ -255,12 +256,10 @@ def local_moml_models(
 
 
 def meta_loss(f: meta.LossFn, w: Params, batches: TaskBatches, inner_lr: float) -> float:
-    """``1/B sum_i l_i(w_N^i; T_i)`` with ``w_N^i`` from N SGD steps (eq. 6) on ``S_0..S_{N-1}``: eq. (2) estimated."""
+    """``1/B sum_i l_i(w_N^i; T_i)`` with ``w_N^i`` from N SGD steps (eq. 6) on ``S_0..S_{N-1}``: eq. (2) estimated
+    (:func:`fedmeta.personalize.adapt_and_score`, one step per inner batch, vmapped over the tasks)."""
 
-    def one(ix: Tensor, iy: Tensor, tx: Tensor, ty: Tensor) -> Tensor:
-        v = w
-        for batch in zip(ix, iy):
-            v = meta.adapt(f, v, batch, inner_lr)
-        return f(v, tx, ty)
+    def one(inner: Batch, outer: Batch) -> Tensor:
+        return adapt_and_score(f, w, inner, outer, inner_lr).loss
 
-    return float(vmap(one)(*batches.inner, *batches.outer).mean())
+    return float(vmap(one)(batches.inner, batches.outer).mean())

@@ -46,6 +46,7 @@ from fedmeta import validation as V
 from fedmeta.config import HP
 from fedmeta.tasks import SineRegression
 from fedmeta.meta import Params
+from fedmeta.personalize import adapt_and_score
 from fedmeta.provenance import provenance
 
 OPTIMIZERS = ("adam", "sgd")
@@ -251,17 +252,14 @@ class TestSet:
 
 def test_losses(f: meta.LossFn, w: Params, tests: TestSet, inner_lr: float, steps: int) -> Tensor:
     """Per agent (stacked ``w``) and per adaptation step 0..steps: the mean query MSE over the test
-    tasks after that many gradient steps at alpha on each task's support points. ``[K, steps + 1]``."""
+    tasks after that many gradient steps at alpha on each task's support points (dif-maml.txt Section 5,
+    Figure 2c). ``[K, steps + 1]``: :func:`fedmeta.personalize.adapt_and_score` vmapped over tasks and agents."""
+
+    def task(wk: Params, support: tuple[Tensor, Tensor], query: tuple[Tensor, Tensor]) -> Tensor:
+        return adapt_and_score(f, wk, support, query, inner_lr, steps, at=range(steps + 1)).loss
 
     def agent(wk: Params) -> Tensor:
-        def task(sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor) -> Tensor:
-            v, out = wk, [f(wk, qx, qy)]
-            for _ in range(steps):
-                v = meta.adapt(f, v, (sx, sy), inner_lr)
-                out.append(f(v, qx, qy))
-            return torch.stack(out)
-
-        return vmap(task)(*tests.support, *tests.query).mean(0)
+        return vmap(task, in_dims=(None, 0, 0))(wk, tests.support, tests.query).mean(0)
 
     return vmap(agent)(w)
 

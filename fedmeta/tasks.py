@@ -18,6 +18,7 @@ from torch.nn import functional as F
 from fedmeta import meta
 from fedmeta.meta import Batch, Params
 from fedmeta.models import mlp
+from fedmeta.personalize import adapt_and_score
 
 
 class TaskFamily(Protocol):
@@ -206,12 +207,10 @@ def few_shot_error(f: meta.LossFn, w: Params, held_out: FewShotSet, lr: float = 
 
 
 def few_shot_errors(f: meta.LossFn, w: Params, held_out: FewShotSet, lr: float = FEW_SHOT_LR, steps: int = FEW_SHOT_STEPS) -> Tensor:
-    """:func:`few_shot_error` of every task (one value per held-out task)."""
+    """:func:`few_shot_error` of every task (one value per held-out task): :func:`fedmeta.personalize.adapt_and_score`
+    vmapped over the tasks."""
 
-    def one(sx: Tensor, sy: Tensor, tx: Tensor, ty: Tensor) -> Tensor:
-        v = w
-        for _ in range(steps):
-            v = meta.adapt(f, v, (sx, sy), lr)
-        return f(v, tx, ty)
+    def one(support: Batch, test: Batch) -> Tensor:
+        return adapt_and_score(f, w, support, test, lr, steps).loss
 
-    return vmap(one)(*held_out.support, *held_out.test)
+    return vmap(one)(held_out.support, held_out.test)

@@ -54,13 +54,14 @@ def test_personalized_evaluation_adapts_on_train_only_and_scores_on_test(monkeyp
     client = MetaClient(_model(), torch.nn.functional.cross_entropy, data, torch.device("cpu"))
     w = meta.params_of(_model())
     seen = []
-    real_fine_tune = personalize.fine_tune
+    real = personalize.adapt_and_score
 
-    def spy(f, params, support, inner_lr, steps):
+    def spy(f, params, support, query, *args, **kwargs):
         seen.append(support)
-        return real_fine_tune(f, params, support, inner_lr, steps)
+        assert query[0] is client.data.x_test and query[1] is client.data.y_test
+        return real(f, params, support, query, *args, **kwargs)
 
-    monkeypatch.setattr(personalize, "fine_tune", spy)
+    monkeypatch.setattr(personalize, "adapt_and_score", spy)
     client.evaluate(w, EvalConfig(inner_lr=0.1, eval_steps=2, eval_shots=0), torch.Generator().manual_seed(0))
     assert seen[-1][0] is client.data.x_train and seen[-1][1] is client.data.y_train
     client.evaluate(w, EvalConfig(inner_lr=0.1, eval_steps=10, eval_shots=5), torch.Generator().manual_seed(0))
@@ -75,11 +76,17 @@ def test_evaluation_scores_the_fine_tuned_model_on_the_test_split():
     client = MetaClient(_model(), torch.nn.functional.cross_entropy, data, torch.device("cpu"))
     w = meta.params_of(_model())
     out = client.evaluate(w, EvalConfig(inner_lr=0.5, eval_steps=3, eval_shots=0), torch.Generator())
-    adapted = personalize.fine_tune(client.loss, w, (data.x_train, data.y_train), 0.5, 3)
-    expected = personalize.score(client.loss, client.model, adapted, (data.x_test, data.y_test))
-    assert out[C.ACC_AFTER] == pytest.approx(expected.accuracy) and out[C.LOSS_AFTER] == pytest.approx(expected.loss)
-    before = personalize.score(client.loss, client.model, w, (data.x_test, data.y_test))
-    assert out[C.LOSS_BEFORE] == pytest.approx(before.loss)
+    adapted = w
+    for _ in range(3):
+        adapted = meta.adapt(client.loss, adapted, (data.x_train, data.y_train), 0.5)
+
+    def scores(params):
+        logits = torch.func.functional_call(client.model, params, (data.x_test,))
+        return float(torch.nn.functional.cross_entropy(logits, data.y_test)), float((logits.argmax(-1) == data.y_test).float().mean())
+
+    (loss_after, acc_after), (loss_before, acc_before) = scores(adapted), scores(w)
+    assert out[C.ACC_AFTER] == pytest.approx(acc_after) and out[C.LOSS_AFTER] == pytest.approx(loss_after)
+    assert out[C.LOSS_BEFORE] == pytest.approx(loss_before) and out[C.ACC_BEFORE] == pytest.approx(acc_before)
 
 
 def _train_message(cfg: dict) -> Message:

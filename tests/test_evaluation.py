@@ -53,7 +53,8 @@ def _trapped_data() -> ClientData:
 
 @pytest.fixture
 def armed(monkeypatch):
-    """Arm the tripwire; disarm it only when ``personalize.score`` (the scoring step) is entered."""
+    """Arm the tripwire; disarm it only when ``personalize.score`` (the scoring step of
+    :func:`~fedmeta.personalize.adapt_and_score`, after adaptation) is entered."""
     Tripwire.armed, Tripwire.touched = True, []
     scored = []
     real_score = personalize.score

@@ -216,14 +216,24 @@ def test_functions_do_not_mutate_inputs(gen):
     assert torch.equal(_flat(w), before)
 
 
-def test_fine_tune_is_repeated_adaptation(gen):
+def test_adapt_and_score_is_repeated_adaptation_then_the_query_loss(gen):
     w = torch.randn(D, generator=gen, dtype=torch.float64)
     a, b = random_quadratic(gen)
-    expected = w
+    qa, qb = random_quadratic(gen)
+    iterates = [w]
     for _ in range(4):
-        expected = expected - 0.1 * (a @ expected - b)
-    got = personalize.fine_tune(quad_loss, {"w": w}, (a, b), 0.1, 4)
-    torch.testing.assert_close(got["w"], expected, atol=1e-12, rtol=0)
+        iterates.append(iterates[-1] - 0.1 * (a @ iterates[-1] - b))
+    expected = torch.stack([quad_loss({"w": v}, qa, qb) for v in iterates])
+    got = personalize.adapt_and_score(quad_loss, {"w": w}, (a, b), (qa, qb), 0.1, 4)
+    torch.testing.assert_close(got.loss, expected[-1], atol=1e-12, rtol=0)
+    assert got.accuracy.isnan()  # no forward: no accuracy
+    curve = personalize.adapt_and_score(quad_loss, {"w": w}, (a, b), (qa, qb), 0.1, 4, at=range(5))
+    torch.testing.assert_close(curve.loss, expected, atol=1e-12, rtol=0)
+    # steps=None: one step per batch of the leading axis (here the same batch four times)
+    per_step = personalize.adapt_and_score(quad_loss, {"w": w}, (a.expand(4, D, D), b.expand(4, D)), (qa, qb), 0.1)
+    torch.testing.assert_close(per_step.loss, expected[-1], atol=1e-12, rtol=0)
+    with pytest.raises(ValueError, match="at must name"):
+        personalize.adapt_and_score(quad_loss, {"w": w}, (a, b), (qa, qb), 0.1, 4, at=(5,))
 
 
 def test_unknown_hessian_mode_is_rejected():
