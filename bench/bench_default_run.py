@@ -41,6 +41,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+import timing  # bench/timing.py (the script's folder is on sys.path)
 from fedmeta.provenance import provenance
 from fedmeta.simulations.processes import busy_cpu_seconds
 from fedmeta.simulations.run import USAGE_PREFIX, client_steps
@@ -173,11 +174,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             rows.append(run_layout(key, extra, Path(work)))
     report = {"smoke": args.smoke, "fedmeta_sim_flags": extra, "cores": os.cpu_count(), "rows": rows}
     report["provenance"] = provenance({"layouts": keys, "smoke": args.smoke, "extra": extra}, started=started)
-    text = table(report)
-    print(text)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=1) + "\n")
-    print(f"figures written to {args.out}")
+    timing.emit(report, table(report), args.out)
     return 0
 
 

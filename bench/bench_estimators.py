@@ -33,9 +33,7 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import json
 import os
 import platform
 import sys
@@ -48,12 +46,12 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+import timing  # bench/timing.py (the script's folder is on sys.path)
 from timing import bench_interleaved  # bench/timing.py (the script's folder is on sys.path)
 from fedmeta import config as C
 from fedmeta import meta
 from fedmeta.meta import Batch, LossFn, Params, Sampler
 from fedmeta.models import build_model
-from fedmeta.provenance import provenance
 
 RESULTS_PATH = Path(__file__).resolve().parent / "results" / "bench_estimators.json"
 BASELINE = "first_order"
@@ -416,23 +414,11 @@ def run(budget: Budget, quick: bool, progress: Callable[[str], None]) -> dict[st
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument(
-        "--quick", action="store_true", help="a few cells, short repeats: a smoke test of well under a minute"
-    )
-    parser.add_argument(
-        "--out", type=Path, default=RESULTS_PATH, help=f"where to write the JSON (default: {RESULTS_PATH})"
-    )
-    args = parser.parse_args(argv)
+    args = timing.parser(__doc__, RESULTS_PATH, "a few cells, short repeats: a smoke test of well under a minute").parse_args(argv)
     torch.set_num_threads(1)
     started = time.time()
     report = run(QUICK if args.quick else FULL, args.quick, lambda msg: print(msg, file=sys.stderr, flush=True))
-    report["provenance"] = provenance(vars(args), started=started)
-    print(report_text(report))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=1) + "\n")
-    print(f"\nfigures written to {args.out}")
-    return 0
+    return timing.finish(report, args, started, report_text)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,6 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
 import functools
 import time
 from pathlib import Path
@@ -32,15 +31,15 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+import timing  # bench/timing.py (the script's folder is on sys.path)
 from timing import bench_interleaved  # bench/timing.py (the script's folder is on sys.path)
-from measure import emit, environment
+from measure import environment
 from fedmeta import algorithms, fast, meta
 from fedmeta import config as C
 from fedmeta.algorithms import FedAvgConfig, PerFedAvgConfig
 from fedmeta.algorithms.executor import check_finite, local_round, local_rounds
 from fedmeta.clients.client import round_generator
 from fedmeta.data import client_data
-from fedmeta.provenance import provenance
 from fedmeta.simulations.apps import initial_model
 from fedmeta.simulations.config import ExperimentConfig
 
@@ -140,15 +139,9 @@ def table(report: dict[str, Any]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="a few seconds (the smoke test)")
-    parser.add_argument("--out", type=Path, default=RESULTS_PATH, help=f"where to write the JSON (default: {RESULTS_PATH})")
-    args = parser.parse_args(argv)
+    args = timing.parser(__doc__, RESULTS_PATH, "a few seconds (the smoke test)").parse_args(argv)
     started = time.time()
-    report = run(args.quick)
-    report["provenance"] = provenance(vars(args), started=started)
-    emit(report, table(report), args.out)
-    return 0
+    return timing.finish(run(args.quick), args, started, table)
 
 
 if __name__ == "__main__":

@@ -24,8 +24,6 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
 import os
 import platform
@@ -40,6 +38,7 @@ from typing import Any, Callable, Sequence
 import flwr
 import torch
 
+import timing  # bench/timing.py (the script's folder is on sys.path)
 from timing import bench_interleaved  # bench/timing.py (the script's folder is on sys.path)
 from fedmeta import config as C
 from fedmeta import meta
@@ -47,7 +46,6 @@ from fedmeta.clients.client import MetaClient, round_generator
 from fedmeta.config import LocalMOMLConfig
 from fedmeta.data import ClientData, partitions
 from fedmeta.meta import Params
-from fedmeta.provenance import provenance
 from fedmeta.simulations.apps import build_strategy, initial_model
 from fedmeta.simulations.config import ExperimentConfig
 from fedmeta.simulations.run import simulate
@@ -306,22 +304,14 @@ def run(budget: Budget, quick: bool, results_dir: str) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="fewer repeats and rounds: a smoke test of about a minute")
-    parser.add_argument("--out", type=Path, default=RESULTS_PATH, help=f"where to write the JSON (default: {RESULTS_PATH})")
-    args = parser.parse_args(argv)
+    args = timing.parser(__doc__, RESULTS_PATH, "fewer repeats and rounds: a smoke test of about a minute").parse_args(argv)
     torch.set_num_threads(1)
     # As simulate() does: build_strategy() would log Flower's "evaluation skipped" warning.
     logging.getLogger("flwr").setLevel(logging.ERROR)
     started = time.time()
     with tempfile.TemporaryDirectory(prefix="bench_meta_step-") as results_dir:
         report = run(QUICK if args.quick else FULL, args.quick, results_dir)
-    report["provenance"] = provenance(vars(args), started=started)
-    print(table(report))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=1) + "\n")
-    print(f"\nfigures written to {args.out}")
-    return 0
+    return timing.finish(report, args, started, table)
 
 
 if __name__ == "__main__":

@@ -43,12 +43,12 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+import timing  # bench/timing.py (the script's folder is on sys.path)
 from measure import (  # bench/ is on sys.path
-    CLOCK_TICKS, GIB, ChildCpu, LoadMeter, Progress, describe, emit, environment, measured_child, run_child,
+    CLOCK_TICKS, GIB, ChildCpu, LoadMeter, Progress, describe, environment, measured_child, run_child,
 )
 from fedmeta import config as C
 from fedmeta.data import client_data
-from fedmeta.provenance import provenance
 from fedmeta.simulations.config import ExperimentConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -290,9 +290,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.time()
     report = run(w, progress, args.pfl_python)
     report["wall_s"] = progress.seconds()
-    report["provenance"] = provenance(vars(args), started=started)
-    emit(report, table(report) + f"\n\ntotal wall time {report['wall_s']:.0f} s", args.out)
-    return 0
+    return timing.finish(report, args, started, lambda r: table(r) + f"\n\ntotal wall time {r['wall_s']:.0f} s")
 
 
 if __name__ == "__main__":

@@ -61,14 +61,14 @@ from typing import Any
 import torch
 from torch.func import vmap
 
-from measure import GIB, ChildCpu, LoadMeter, Progress, TreeSampler, describe, emit, environment, run_child  # bench/ is on sys.path
+from measure import GIB, ChildCpu, LoadMeter, Progress, TreeSampler, describe, environment, run_child  # bench/ is on sys.path
+import timing  # bench/timing.py (the script's folder is on sys.path)
 from timing import bench_interleaved  # bench/timing.py (the script's folder is on sys.path)
 from fedmeta import config as C
 from fedmeta import meta
 from fedmeta.algorithms.executor import local_rounds
 from fedmeta.clients.client import directions_generator, round_generator
 from fedmeta.data import client_data
-from fedmeta.provenance import provenance
 from fedmeta.simulations.apps import build_strategy, initial_model
 from fedmeta.simulations.config import ExperimentConfig
 
@@ -579,9 +579,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.time()
     report = run(SMOKE if args.smoke else QUICK if args.quick else FULL, args.quick or args.smoke, progress)
     report["wall_s"] = progress.seconds()
-    report["provenance"] = provenance(vars(args), started=started)
-    emit(report, table(report) + f"\n\ntotal wall time {report['wall_s']:.0f} s", args.out)
-    return 0
+    return timing.finish(report, args, started, lambda r: table(r) + f"\n\ntotal wall time {r['wall_s']:.0f} s")
 
 
 if __name__ == "__main__":

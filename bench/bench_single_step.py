@@ -27,8 +27,6 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import platform
 import time
@@ -39,13 +37,13 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+import timing  # bench/timing.py (the script's folder is on sys.path)
 from timing import bench_interleaved  # bench/timing.py (the script's folder is on sys.path)
 from fedmeta import algorithms, fast, meta
 from fedmeta import config as C
 from fedmeta.clients.client import MetaClient, round_generator
 from fedmeta.config import LocalMOMLConfig, PerFedAvgConfig
 from fedmeta.data import ClientData, client_data
-from fedmeta.provenance import provenance
 from fedmeta.simulations.apps import initial_model
 from fedmeta.simulations.config import ExperimentConfig
 
@@ -211,19 +209,10 @@ def table(report: dict[str, Any]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="fewer repeats, N=1 only: a smoke test of a few seconds")
-    parser.add_argument("--out", type=Path, default=RESULTS_PATH, help=f"where to write the JSON (default: {RESULTS_PATH})")
-    args = parser.parse_args(argv)
+    args = timing.parser(__doc__, RESULTS_PATH, "fewer repeats, N=1 only: a smoke test of a few seconds").parse_args(argv)
     torch.set_num_threads(1)
     started = time.time()
-    report = run(QUICK if args.quick else FULL, args.quick)
-    report["provenance"] = provenance(vars(args), started=started)
-    print(table(report))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=1) + "\n")
-    print(f"\nfigures written to {args.out}")
-    return 0
+    return timing.finish(run(QUICK if args.quick else FULL, args.quick), args, started, table)
 
 
 if __name__ == "__main__":

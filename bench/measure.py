@@ -347,14 +347,6 @@ class Progress:
         print(f"  {self.seconds():6.0f} s  {msg}", file=sys.stderr, flush=True)
 
 
-def emit(report: dict[str, Any], text: str, out: Path) -> None:
-    """Print a benchmark's table and write its figures to ``out`` (JSON)."""
-    print(text)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1) + "\n")
-    print(f"figures written to {out}")
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--child", metavar="SPEC", required=True, help="run one simulation (what run_child starts)")

@@ -7,10 +7,13 @@ repeat, so that their ratios are not skewed by the VM's slow drifts.
 
 from __future__ import annotations
 
+import argparse
+import json
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Callable
+from pathlib import Path
+from typing import Any, Callable
 
 
 @dataclass(frozen=True)
@@ -83,3 +86,31 @@ def bench_interleaved(
         name: Timing(min_ms=1e3 * min(t), median_ms=1e3 * statistics.median(t), calls_per_repeat=calls[name], repeats=repeats)
         for name, t in per_call.items()
     }
+
+
+# --- what every benchmark script's command line and output share
+
+
+def parser(doc: str | None, results_path: Path, quick_help: str) -> argparse.ArgumentParser:
+    """A benchmark's command line: ``--quick`` (``quick_help``) and ``--out`` (default ``results_path``)."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help=quick_help)
+    p.add_argument("--out", type=Path, default=results_path, help=f"where to write the JSON (default: {results_path})")
+    return p
+
+
+def emit(report: dict[str, Any], text: str, out: Path) -> None:
+    """Print a benchmark's table and write its figures to ``out`` (JSON)."""
+    print(text)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1) + "\n")
+    print(f"figures written to {out}")
+
+
+def finish(report: dict[str, Any], args: argparse.Namespace, started: float, table: Callable[[dict[str, Any]], str]) -> int:
+    """Record the run's provenance (its flags as config) in ``report``, print ``table(report)``, write the JSON to ``args.out``."""
+    from fedmeta.provenance import provenance
+
+    report["provenance"] = provenance(vars(args), started=started)
+    emit(report, table(report), args.out)
+    return 0

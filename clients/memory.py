@@ -83,15 +83,8 @@ class Memory(Protocol):
     asks for the newest version written in a round before it (see the module docstring).
     """
 
-    def load(
-        self,
-        context: Context,
-        device: torch.device,
-        expected: ParamSpec | None = None,
-        *,
-        before_round: int | None = None,
-        memory_key: str | None = None,
-    ) -> Params | None: ...
+    def load(self, context: Context, device: torch.device, expected: ParamSpec | None = None, *,
+             before_round: int | None = None, memory_key: str | None = None) -> Params | None: ...
 
     def save(self, context: Context, params: Params, server_round: int, *, memory_key: str | None = None) -> None: ...
 
@@ -155,15 +148,8 @@ class ContextMemory:
     ``memory_key`` is accepted and ignored (``context.state`` belongs to one process of one run).
     """
 
-    def load(
-        self,
-        context: Context,
-        device: torch.device,
-        expected: ParamSpec | None = None,
-        *,
-        before_round: int | None = None,
-        memory_key: str | None = None,
-    ) -> Params | None:
+    def load(self, context: Context, device: torch.device, expected: ParamSpec | None = None, *,
+             before_round: int | None = None, memory_key: str | None = None) -> Params | None:
         if C.PERSONALIZED_MODEL not in context.state:
             return None
         if before_round is not None and self.written_in_round(context, before_round=before_round) is None:
@@ -359,15 +345,8 @@ class DiskMemory:
                 return stored
         return None
 
-    def load(
-        self,
-        context: Context,
-        device: torch.device,
-        expected: ParamSpec | None = None,
-        *,
-        before_round: int | None = None,
-        memory_key: str | None = None,
-    ) -> Params | None:
+    def load(self, context: Context, device: torch.device, expected: ParamSpec | None = None, *,
+             before_round: int | None = None, memory_key: str | None = None) -> Params | None:
         stored = self._choose(context, before_round, memory_key)
         if stored is None:
             return None

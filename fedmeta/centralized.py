@@ -42,9 +42,7 @@ every field of :class:`CentralizedConfig` is a flag. FO-MuML is ``--meta-gradien
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 import sys
 import time
 from dataclasses import dataclass, fields
@@ -61,7 +59,7 @@ from fedmeta.centralized_iteration import (
     task_meta_gradients,
 )
 from fedmeta.meta import Params
-from fedmeta.provenance import provenance
+from fedmeta.provenance import run_command
 from fedmeta.tasks import TASKS, FewShotSet, TaskFamily, few_shot_error, few_shot_errors, grid_tasks
 
 
@@ -80,6 +78,16 @@ OUTER_OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {"sgd": torc
 
 
 _seed_or_derived = S.int_at_least(-1)
+EVAL_PROTOCOL_HELP = """meta-loss: eq. (2) on held-out tasks. few-shot (localmoml Section 6.1): eval_tasks unseen sine tasks
+A ~ U(1, 5), phi ~ U(pi/5, pi) per seed; 10 steps of gradient descent at lr 0.01 on 10 points, then the MSE on 100 more
+(fedmeta.tasks.few_shot_error). few-shot-fixed: the same on the authors' fixed test set (FewShotSet.authors)."""
+TASK_SAMPLING_HELP = """how a fixed task set's B tasks of an iteration are drawn: distinct (the first B of a permutation) or
+with-replacement (B uniform draws, as the localmoml authors' sinewave/src code does; MOML visits a task drawn twice in turn)."""
+MEMORY_INIT_HELP = """MOML's memories before training: first-visit (a task's first visit takes v_i itself; the paper is silent)
+or initial-model (one inner loop from the initial model on a fresh batch: the authors' sinewave/src/moml.py, MOML.__init__)."""
+MEMORY_GRADIENT_HELP = """what MOML and LocalMOML step along: direction, eq. (3) / eq. (8) as written, (I - alpha H) grad L(u; S3);
+or through-memory, the gradient of L(u(w); S3) through the memory update with the old memory fixed, beta (I - alpha H)
+grad L(u; S3) (the authors' sinewave/src/moml.py lines 82-99, lcmoml.py lines 50-63)."""
 
 
 @dataclass(frozen=True)
@@ -123,28 +131,13 @@ class CentralizedConfig(S.Settings):
                                                                "(localmoml Section 6.1)").field(0)
     decay_at: float = S.fraction(help="divide the outer step size by 10 from iteration floor(decay_at * iterations) on "
                                       "(localmoml Section 6.1: 0.75); 1: never").field(1.0)
-    eval_protocol: str = S.choice(lambda: EVAL_PROTOCOLS,
-                                  help="meta-loss: eq. (2) on held-out tasks. few-shot (localmoml Section 6.1): eval_tasks unseen sine "
-                                       "tasks A ~ U(1, 5), phi ~ U(pi/5, pi) per seed; 10 steps of gradient descent at lr 0.01 on 10 "
-                                       "points, then the MSE on 100 more (fedmeta.tasks.few_shot_error). few-shot-fixed: the same on "
-                                       "the authors' fixed test set (FewShotSet.authors), the same for every seed").field("meta-loss")
-    eval_seed: int = _seed_or_derived.field(-1, help="seed of the evaluation tasks; -1: derived from seed (a tuning run scores on "
-                                                     "other tasks than the test)")
-    task_sampling: str = S.choice(lambda: ("distinct", "with-replacement"),
-                                  help="how a fixed task set's B tasks of an iteration are drawn: distinct (the first B of a "
-                                       "permutation) or with-replacement (B uniform draws, as the localmoml authors' sinewave/src "
-                                       "code does; MOML visits a task drawn twice in turn)").field("distinct")
-    memory_init: str = S.choice(lambda: ("first-visit", "initial-model"),
-                                help="MOML's memories before training: first-visit (a task's first visit takes v_i itself; the "
-                                     "paper is silent) or initial-model (one inner loop from the initial model on a fresh batch, "
-                                     "the authors' sinewave/src/moml.py, MOML.__init__)").field("first-visit")
-    memory_gradient: str = S.choice(lambda: ("direction", "through-memory"),
-                                    help="what MOML and LocalMOML step along: direction, eq. (3) / eq. (8) as written, "
-                                         "(I - alpha H) grad L(u; S3); or through-memory, the gradient of L(u(w); S3) through the "
-                                         "memory update with the old memory fixed, beta (I - alpha H) grad L(u; S3) (the authors' "
-                                         "sinewave/src/moml.py lines 82-99, lcmoml.py lines 50-63)").field("direction")
-    init_seed: int = _seed_or_derived.field(-1, help="-1: the initial model is drawn from seed; >= 0: from this seed alone, so every "
-                                                     "seed starts from the same model (the authors' Model(seed=1234))")
+    eval_protocol: str = S.choice(lambda: EVAL_PROTOCOLS, help=EVAL_PROTOCOL_HELP).field("meta-loss")
+    eval_seed: int = _seed_or_derived.field(-1, help="seed of the evaluation tasks; -1: derived from seed")
+    task_sampling: str = S.choice(lambda: ("distinct", "with-replacement"), help=TASK_SAMPLING_HELP).field("distinct")
+    memory_init: str = S.choice(lambda: ("first-visit", "initial-model"), help=MEMORY_INIT_HELP).field("first-visit")
+    memory_gradient: str = S.choice(lambda: ("direction", "through-memory"), help=MEMORY_GRADIENT_HELP).field("direction")
+    init_seed: int = _seed_or_derived.field(-1, help="-1: the initial model is drawn from seed; >= 0: from this seed alone "
+                                                     "(the authors' Model(seed=1234) for every seed)")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -360,31 +353,14 @@ def train(cfg: CentralizedConfig, *, log: Callable[[str], None] | None = None) -
 # Command line
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m fedmeta.centralized", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
-    CentralizedConfig.add_arguments(p)
-    p.add_argument("--json", dest="json_path", default=None, help="also write the run's record to this JSON file")
-    return p
+def _summary(cfg: CentralizedConfig, res: RunResult) -> str:
+    state = f"diverged at iteration {res.diverged_at}" if res.diverged_at is not None else f"final meta-loss {res.final_meta_loss:.6g}"
+    return (f"{cfg.task}, {cfg.meta_gradient}: {state}; {res.seconds:.1f} s; "
+            f"{res.cost.gradients} gradients, {res.cost.hvps} HVPs, {res.cost.loss_evals} loss evaluations")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = vars(_parser().parse_args(argv))
-    json_path = args.pop("json_path")
-    try:
-        cfg = CentralizedConfig.from_mapping({k: v for k, v in args.items() if v is not None})
-    except ValueError as err:
-        print(f"fedmeta.centralized: error: {err}", file=sys.stderr)
-        return 2
-    started = time.time()
-    res = train(cfg, log=lambda line: print(line, flush=True))
-    state = f"diverged at iteration {res.diverged_at}" if res.diverged_at is not None else f"final meta-loss {res.final_meta_loss:.6g}"
-    print(f"{cfg.task}, {cfg.meta_gradient}: {state}; {res.seconds:.1f} s; "
-          f"{res.cost.gradients} gradients, {res.cost.hvps} HVPs, {res.cost.loss_evals} loss evaluations")
-    if json_path:
-        with open(json_path, "w") as fh:
-            json.dump({**res.to_dict(), "provenance": provenance(cfg.to_dict(), started=started)}, fh, indent=1)
-    return 0
+    return run_command(CentralizedConfig, argv, train, _summary, prog="python -m fedmeta.centralized", doc=__doc__)
 
 
 if __name__ == "__main__":

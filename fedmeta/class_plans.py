@@ -180,14 +180,8 @@ def _check_sizes(train_per_client: int, test_per_client: int, low: int = 1, why:
     _check_int("test_per_client", test_per_client, low, why=why)
 
 
-def dirichlet_plans(
-    num_clients: int,
-    rng: np.random.Generator,
-    num_classes: int = 10,
-    alpha: float = 0.5,
-    train_per_client: int = 300,
-    test_per_client: int = 100,
-) -> tuple[Plan, Plan]:
+def dirichlet_plans(num_clients: int, rng: np.random.Generator, num_classes: int = 10, alpha: float = 0.5,
+                    train_per_client: int = 300, test_per_client: int = 100) -> tuple[Plan, Plan]:
     """Train and test plans of the Dirichlet label-skew partition.
 
     Client ``i``'s class proportions ``p_i ~ Dir(alpha 1_C)`` are drawn once (one
@@ -261,14 +255,8 @@ def pathological_classes(
     return out
 
 
-def pathological_plans(
-    num_clients: int,
-    rng: np.random.Generator,
-    num_classes: int = 10,
-    classes_per_client: int = 2,
-    train_per_client: int = 300,
-    test_per_client: int = 100,
-) -> tuple[Plan, Plan]:
+def pathological_plans(num_clients: int, rng: np.random.Generator, num_classes: int = 10, classes_per_client: int = 2,
+                       train_per_client: int = 300, test_per_client: int = 100) -> tuple[Plan, Plan]:
     """Train and test plans of the pathological partition: ``c`` classes per client.
 
     Client classes from :func:`pathological_classes`; each client has ``train_per_client // c``
@@ -276,12 +264,8 @@ def pathological_plans(
 
     Parameters
     ----------
-    num_clients
-        Number of clients, >= 1.
-    rng
-        Source of randomness.
-    num_classes
-        ``C``.
+    num_clients, rng, num_classes
+        As for :func:`dirichlet_plans`.
     classes_per_client
         ``c``, in ``[1, C]``.
     train_per_client, test_per_client

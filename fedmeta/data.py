@@ -423,25 +423,12 @@ def _validate_plan(
 
 
 @functools.lru_cache(maxsize=4)
-def _partition_plan(
-    dataset: str,
-    partition: str,
-    num_clients: int,
-    seed: int,
-    root: str,
-    params: tuple[tuple[str, Any], ...],
-) -> tuple[tuple[np.ndarray, ...], tuple[np.ndarray, ...]]:
+def _partition_plan(dataset: str, partition: str, num_clients: int, seed: int, root: str,
+                    params: tuple[tuple[str, Any], ...]) -> tuple[tuple[np.ndarray, ...], tuple[np.ndarray, ...]]:
     """Every client's train and test indices (:func:`partition_indices`); not to be modified."""
     _, y_train, _, y_test = _load_dataset(dataset, root)
-    train_idx, test_idx = partition_indices(
-        partition,
-        y_train.numpy(),
-        y_test.numpy(),
-        num_clients,
-        np.random.default_rng(seed),
-        NUM_CLASSES[dataset],
-        **dict(params),
-    )
+    train_idx, test_idx = partition_indices(partition, y_train.numpy(), y_test.numpy(), num_clients, np.random.default_rng(seed),
+                                            NUM_CLASSES[dataset], **dict(params))
     return tuple(train_idx), tuple(test_idx)
 
 
@@ -453,14 +440,8 @@ def _materialize(dataset: str, root: str, train_idx: np.ndarray, test_idx: np.nd
 
 
 @functools.lru_cache(maxsize=4)
-def _partitions(
-    dataset: str,
-    partition: str,
-    num_clients: int,
-    seed: int,
-    root: str,
-    params: tuple[tuple[str, Any], ...],
-) -> tuple[ClientData, ...]:
+def _partitions(dataset: str, partition: str, num_clients: int, seed: int, root: str,
+                params: tuple[tuple[str, Any], ...]) -> tuple[ClientData, ...]:
     train_idx, test_idx = _partition_plan(dataset, partition, num_clients, seed, root, params)
     return tuple(_materialize(dataset, root, tr, te) for tr, te in zip(train_idx, test_idx))
 

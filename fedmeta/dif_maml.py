@@ -25,7 +25,6 @@ points and scored on ``eval_query`` more (100).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
@@ -47,7 +46,7 @@ from fedmeta.config import HP
 from fedmeta.tasks import SineRegression
 from fedmeta.meta import Params
 from fedmeta.personalize import adapt_and_score
-from fedmeta.provenance import provenance
+from fedmeta.provenance import run_command
 
 OPTIMIZERS = ("adam", "sgd")
 ADAM_BETAS = (0.9, 0.999)
@@ -361,28 +360,15 @@ def simulate(cfg: DifMAMLConfig, *, log: Callable[[str], None] | None = None, re
 # Command line
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m fedmeta.dif_maml", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
-    DifMAMLConfig.add_arguments(p)
-    p.add_argument("--json", dest="json_path", default=None, help="also write the run's record to this JSON file")
-    args = vars(p.parse_args(argv))
-    json_path = args.pop("json_path")
-    try:
-        cfg = DifMAMLConfig.from_mapping({k: v for k, v in args.items() if v is not None})
-        cfg.combination_matrix()
-    except ValueError as err:
-        print(f"fedmeta.dif_maml: error: {err}", file=sys.stderr)
-        return 2
-    started = time.time()
-    res = simulate(cfg, log=lambda line: print(line, flush=True))
+def _summary(cfg: DifMAMLConfig, res: DifResult) -> str:
     state = f"diverged at iteration {res.diverged_at}" if res.diverged_at else f"final test loss {res.test_loss[-1]:.4f}"
-    print(f"dif-maml on {res.graph_name} (lambda_2 = {res.lambda_2:.4f}): {state}; {res.train_seconds:.1f} s training, {res.seconds:.1f} s in all; "
-          f"{res.messages_up} models up, {res.messages_down} down")
-    if json_path:
-        with open(json_path, "w") as fh:
-            json.dump({**res.to_dict(), "provenance": provenance(cfg.to_dict(), started=started)}, fh, indent=1)
-    return 0
+    return (f"dif-maml on {res.graph_name} (lambda_2 = {res.lambda_2:.4f}): {state}; {res.train_seconds:.1f} s training, "
+            f"{res.seconds:.1f} s in all; {res.messages_up} models up, {res.messages_down} down")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_command(DifMAMLConfig, argv, simulate, _summary, prog="python -m fedmeta.dif_maml", doc=__doc__,
+                       check=DifMAMLConfig.combination_matrix)
 
 
 if __name__ == "__main__":

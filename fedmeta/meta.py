@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, ClassVar, Protocol, Sequence
+from typing import Callable, ClassVar, Iterator, Protocol, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -224,7 +224,22 @@ class FiniteDifference:
 
 
 @dataclass(frozen=True)
-class GaussianSmoothing:
+class _GaussianDirections:
+    """What the two stochastic estimators share: U directions ``u ~ N(0, I)`` drawn from ``gen``, and the radius delta."""
+
+    delta: float = 1e-5
+    num_directions: int = 10
+    random: ClassVar[bool] = True
+    plain_autograd: ClassVar[bool] = False
+
+    def directions(self, w: Params, gen: torch.Generator | None) -> Iterator[Params]:
+        if gen is None:
+            raise ValueError(f"meta_gradient={self.name!r} draws random directions: pass a torch.Generator as gen")  # type: ignore[attr-defined]
+        return (gaussian_like(w, gen) for _ in range(self.num_directions))
+
+
+@dataclass(frozen=True)
+class GaussianSmoothing(_GaussianDirections):
     """GGS Hessian estimator, multistep-maml-ggs.txt eq. (18), applied to ``v`` without forming H::
 
         H v = (1/U) sum_u [grad f(w + delta u; D) - grad f(w; D)] <u, v> / delta,   u ~ N(0, I)
@@ -237,23 +252,17 @@ class GaussianSmoothing:
     term of Proposition 7.
     """
 
-    delta: float = 1e-5
-    num_directions: int = 10
     name: str = "ggs"
-    random: ClassVar[bool] = True
-    plain_autograd: ClassVar[bool] = False
 
     @property
     def cost(self) -> Cost:
         return Cost(gradients=self.num_directions + 1)
 
     def __call__(self, f, w, v, batch, inner_lr, gen=None, *, ad=TORCH_FUNC):
-        if gen is None:
-            raise ValueError("meta_gradient='ggs' draws random directions: pass a torch.Generator as gen")
+        directions = self.directions(w, gen)
         g0 = ad.gradient(f, w, batch)
         acc = {k: torch.zeros_like(t) for k, t in v.items()}
-        for _ in range(self.num_directions):
-            u = gaussian_like(w, gen)
+        for u in directions:
             g = ad.gradient(f, axpy(self.delta, u, w), batch)
             c = dot(u, v) / (self.delta * self.num_directions)
             acc = {k: acc[k] + c * (g[k] - g0[k]) for k in acc}
@@ -261,7 +270,7 @@ class GaussianSmoothing:
 
 
 @dataclass(frozen=True)
-class ZerothOrder:
+class ZerothOrder(_GaussianDirections):
     """Zeroth-order (ES-MAML-style) Hessian estimator, multistep-maml-ggs.txt eq. (17)::
 
         H v = (1/U) sum_u (Delta_{+} + Delta_{-}) / (2 delta^2) u <u, v>,
@@ -272,24 +281,18 @@ class ZerothOrder:
     comparison, as in the paper. Same batch for all three losses (see :class:`GaussianSmoothing`).
     """
 
-    delta: float = 1e-5
-    num_directions: int = 10
     name: str = "zeroth_order"
-    random: ClassVar[bool] = True
-    plain_autograd: ClassVar[bool] = False
 
     @property
     def cost(self) -> Cost:
         return Cost(loss_evals=2 * self.num_directions + 1)
 
     def __call__(self, f, w, v, batch, inner_lr, gen=None, *, ad=TORCH_FUNC):
-        if gen is None:
-            raise ValueError("meta_gradient='zeroth_order' draws random directions: pass a torch.Generator as gen")
+        directions = self.directions(w, gen)
         with torch.no_grad():
             l0 = f(w, *batch)
             acc = {k: torch.zeros_like(t) for k, t in v.items()}
-            for _ in range(self.num_directions):
-                u = gaussian_like(w, gen)
+            for u in directions:
                 second = f(axpy(self.delta, u, w), *batch) + f(axpy(-self.delta, u, w), *batch) - 2 * l0
                 c = second / (2 * self.delta**2) * dot(u, v) / self.num_directions
                 acc = {k: acc[k] + c * u[k] for k in acc}
@@ -495,17 +498,9 @@ def _as_estimator(estimator: MetaGradient | HessianCorrection) -> MetaGradient:
 # Per-FedAvg (Fallah et al. 2020), Algorithm 1
 
 
-def per_fedavg_step(
-    f: LossFn,
-    w: Params,
-    batches: MetaBatches,
-    inner_lr: float,
-    meta_lr: float,
-    estimator: MetaGradient | HessianCorrection,
-    gen: torch.Generator | None = None,
-    *,
-    ad: Autodiff = TORCH_FUNC,
-) -> Params:
+def per_fedavg_step(f: LossFn, w: Params, batches: MetaBatches, inner_lr: float, meta_lr: float,
+                    estimator: MetaGradient | HessianCorrection, gen: torch.Generator | None = None, *,
+                    ad: Autodiff = TORCH_FUNC) -> Params:
     """One local Per-FedAvg step, per-fedavg.txt eqs. (8)-(9), with an N-step inner loop.
 
     ``w <- w - beta * prod_j (I - alpha H(w_j; D_j)) grad f(w_N; T)``  (multistep-maml-ggs eq. 8)
@@ -554,19 +549,9 @@ def local_moml_init_memory(
     return estimator.trajectory(f, w, batches, inner_lr, ad=ad)[-1]
 
 
-def local_moml_step(
-    f: LossFn,
-    w: Params,
-    u: Params,
-    batches: MetaBatches,
-    inner_lr: float,
-    lr: float,
-    momentum: float,
-    estimator: MetaGradient | HessianCorrection,
-    gen: torch.Generator | None = None,
-    *,
-    ad: Autodiff = TORCH_FUNC,
-) -> tuple[Params, Params]:
+def local_moml_step(f: LossFn, w: Params, u: Params, batches: MetaBatches, inner_lr: float, lr: float, momentum: float,
+                    estimator: MetaGradient | HessianCorrection, gen: torch.Generator | None = None, *,
+                    ad: Autodiff = TORCH_FUNC) -> tuple[Params, Params]:
     """One local LocalMOML step, localmoml eqs. (7)-(8) and Algorithm 3 lines 10-11, N-step inner loop.
 
     ``u <- (1 - beta) u + beta w_N(w; S1)``                                (7)
