@@ -59,7 +59,7 @@ from fedmeta.centralized_iteration import (
     task_meta_gradients,
 )
 from fedmeta.meta import Params
-from fedmeta.provenance import run_command
+from fedmeta.provenance import command_parser, run_command
 from fedmeta.tasks import TASKS, FewShotSet, TaskFamily, few_shot_error, few_shot_errors, grid_tasks
 
 
@@ -359,8 +359,12 @@ def _summary(cfg: CentralizedConfig, res: RunResult) -> str:
             f"{res.cost.gradients} gradients, {res.cost.hvps} HVPs, {res.cost.loss_evals} loss evaluations")
 
 
+def _parser() -> Any:
+    return command_parser(CentralizedConfig, prog="python -m fedmeta.centralized", doc=__doc__)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    return run_command(CentralizedConfig, argv, train, _summary, prog="python -m fedmeta.centralized", doc=__doc__)
+    return run_command(_parser(), CentralizedConfig, argv, train, _summary)
 
 
 if __name__ == "__main__":

@@ -46,7 +46,7 @@ from fedmeta.config import HP
 from fedmeta.tasks import SineRegression
 from fedmeta.meta import Params
 from fedmeta.personalize import adapt_and_score
-from fedmeta.provenance import run_command
+from fedmeta.provenance import command_parser, run_command
 
 OPTIMIZERS = ("adam", "sgd")
 ADAM_BETAS = (0.9, 0.999)
@@ -367,8 +367,8 @@ def _summary(cfg: DifMAMLConfig, res: DifResult) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return run_command(DifMAMLConfig, argv, simulate, _summary, prog="python -m fedmeta.dif_maml", doc=__doc__,
-                       check=DifMAMLConfig.combination_matrix)
+    parser = command_parser(DifMAMLConfig, prog="python -m fedmeta.dif_maml", doc=__doc__)
+    return run_command(parser, DifMAMLConfig, argv, simulate, _summary, check=DifMAMLConfig.combination_matrix)
 
 
 if __name__ == "__main__":

@@ -152,26 +152,31 @@ def describe(block: Mapping[str, Any]) -> str:
 code_state()  # the checkout as this process imported it (see code_state)
 
 
-def run_command(config_cls: Any, argv: Sequence[str] | None, run: Any, summary: Any, *, prog: str, doc: str | None,
-                check: Any = None) -> int:
+def command_parser(config_cls: Any, *, prog: str, doc: str | None) -> Any:
     """The command line of a one-process runner (``python -m fedmeta.centralized``, ``python -m fedmeta.dif_maml``): a flag
-    per setting of ``config_cls`` (:meth:`fedmeta.settings.Settings.add_arguments`) and ``--json``. A bad setting (or
-    ``check(cfg)`` failing) exits 2 with one line before any work; else ``run(cfg, log=print)``, its ``summary(cfg, res)``
-    line, and with ``--json`` the run's record with its provenance."""
+    per setting of ``config_cls`` (:meth:`fedmeta.settings.Settings.add_arguments`) and ``--json``."""
     import argparse
-    import json
 
     p = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     config_cls.add_arguments(p)
     p.add_argument("--json", dest="json_path", default=None, help="also write the run's record to this JSON file")
-    args = vars(p.parse_args(argv))
+    return p
+
+
+def run_command(parser: Any, config_cls: Any, argv: Sequence[str] | None, run: Any, summary: Any, *, check: Any = None) -> int:
+    """Run a :func:`command_parser` command: a bad setting (or ``check(cfg)`` failing) exits 2 with one line before any
+    work; else ``run(cfg, log=print)``, its ``summary(cfg, res)`` line, and with ``--json`` the run's record with its
+    provenance."""
+    import json
+
+    args = vars(parser.parse_args(argv))
     json_path = args.pop("json_path")
     try:
         cfg = config_cls.from_mapping({k: v for k, v in args.items() if v is not None})
         if check is not None:
             check(cfg)
     except ValueError as err:
-        print(f"{prog.removeprefix('python -m ')}: error: {err}", file=sys.stderr)
+        print(f"{parser.prog.removeprefix('python -m ')}: error: {err}", file=sys.stderr)
         return 2
     started = time.time()
     res = run(cfg, log=lambda line: print(line, flush=True))
