@@ -1,5 +1,6 @@
-"""An algorithm is one unit: this file adds one (first-order Reptile) without touching any fedmeta module,
-and it runs through the client (loop and vmap), a multi-client node and a Ray simulation.
+"""An algorithm is one unit: README's "Add your own algorithm" adds one (first-order Reptile) without touching any
+fedmeta module; this file runs that code as written, through the client (loop and vmap), a multi-client node and a
+Ray simulation.
 
 Reptile (Nichol et al. 2018), one local step: ``k`` SGD steps from ``w`` on ``k`` fresh batches give
 ``phi``; then ``w <- w + epsilon (phi - w)``.
@@ -8,8 +9,6 @@ Reptile (Nichol et al. 2018), one local step: ``k`` SGD steps from ``w`` on ``k`
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
-from typing import ClassVar
 
 import numpy as np
 import pytest
@@ -17,60 +16,19 @@ import torch
 from flwr.clientapp import ClientApp
 
 from fedmeta import algorithms, meta
-from fedmeta import validation as V
-from fedmeta.algorithms import Algorithm, RoundCost
 from fedmeta.algorithms.executor import local_round, local_rounds
 from fedmeta.clients import make_client_app
 from fedmeta.clients.client import ClientGroup, MetaClient, round_generator
-from fedmeta.config import WireConfig
 from fedmeta.data import sinewave_task
 from fedmeta.models import sine_mlp
-from fedmeta.strategies.base import MetaStrategy
+
+from fakes import readme_snippet
 
 
-@dataclass(frozen=True)
-class ReptileConfig(WireConfig):
-    inner_lr: float = 0.01
-    """alpha: SGD step size of the inner steps (and of personalized evaluation)."""
-    meta_lr: float = 0.5
-    """epsilon: interpolation towards the adapted model."""
-    inner_steps: int = 2
-    """k: inner SGD steps per local step."""
-    local_steps: int = 2
-    batch_size: int = 5
-
-    algorithm: ClassVar[str] = "test-reptile"
-    KEYS: ClassVar[dict[str, str]] = {"inner_lr": "inner-lr", "meta_lr": "meta-lr", "inner_steps": "inner-steps",
-                                      "local_steps": "local-steps", "batch_size": "batch-size"}
-
-    def __post_init__(self) -> None:
-        V.finite_nonneg("inner_lr (alpha)", self.inner_lr)
-        V.in_unit_interval("meta_lr (epsilon)", self.meta_lr)
-        V.positive_int("inner_steps (k)", self.inner_steps)
-        V.positive_int("local_steps", self.local_steps)
-        V.positive_int("batch_size", self.batch_size)
-
-
-class Reptile(Algorithm):
-    name = "test-reptile"
-    config = ReptileConfig
-
-    def draw(self, sample, hp):
-        return tuple(sample(hp.batch_size) for _ in range(hp.inner_steps))
-
-    def step(self, f, w, state, batches, hp, gen=None):
-        phi = w
-        for batch in batches:
-            phi = meta.adapt(f, phi, batch, hp.inner_lr)
-        return meta.lerp(w, phi, hp.meta_lr), None
-
-    def train_loss(self, f, w, state, batches):
-        return f(w, *batches[-1])
-
-    def cost(self, hp, *, fresh_state):
-        return RoundCost(hp.batch_size * hp.inner_steps * hp.local_steps, meta.Cost(gradients=hp.inner_steps * hp.local_steps))
-
-
+_README: dict = {"__name__": "readme_your_algorithm"}  # not importable: Ray pickles the classes by value
+exec(compile(readme_snippet("your-algorithm"), "README.md", "exec", dont_inherit=True), _README)  # README's Reptile, run as written
+algorithms.unregister("reptile")  # it registers itself; the fixture below registers it for this module's tests only
+ReptileConfig, Reptile, ReptileStrategy = _README["ReptileConfig"], _README["Reptile"], _README["ReptileStrategy"]
 REPTILE = Reptile()
 
 
@@ -80,10 +38,6 @@ def registered():
     algorithms.register(REPTILE)
     yield
     algorithms.unregister(REPTILE.name)
-
-
-class ReptileStrategy(MetaStrategy):
-    hparams_cls = ReptileConfig
 
 
 def _by_hand(w, batches_per_step, hp, f):
@@ -107,14 +61,14 @@ def test_the_registered_unit_runs_by_name_and_computes_its_equations(problem):
     hp = ReptileConfig()
     data = sinewave_task(1, 4, 0)
     g = torch.Generator().manual_seed(3)
-    r = local_round("test-reptile", f, w, lambda k: data.sample(k, g), hp)
+    r = local_round("reptile", f, w, lambda k: data.sample(k, g), hp)
     g = torch.Generator().manual_seed(3)
     steps = [[data.sample(hp.batch_size, g) for _ in range(hp.inner_steps)] for _ in range(hp.local_steps)]
     expected = _by_hand(w, steps, hp, f)
     for k in w:
         torch.testing.assert_close(r.meta_model[k], expected[k], rtol=1e-6, atol=1e-7)
     assert (r.stats.num_samples, r.stats.num_gradients, r.state) == (20, 4, None)
-    assert algorithms.get("test-reptile") is REPTILE and "test-reptile" in algorithms.REGISTRY
+    assert algorithms.get("reptile") is REPTILE and "reptile" in algorithms.REGISTRY
 
 
 def test_the_clients_run_it_one_by_one_and_vmapped_alike(problem):
@@ -134,7 +88,7 @@ def test_the_clients_run_it_one_by_one_and_vmapped_alike(problem):
 
 def test_an_unknown_algorithm_is_a_clear_error_never_a_fallback(problem):
     _, f, w = problem
-    with pytest.raises(ValueError, match=r"algorithm must be one of \[.*'test-reptile'.*\], got 'reptile-typo'"):
+    with pytest.raises(ValueError, match=r"algorithm must be one of \[.*'reptile'.*\], got 'reptile-typo'"):
         local_rounds("reptile-typo", f, w, [], [], ReptileConfig())
     with pytest.raises(ValueError, match="already registered"):
         algorithms.register(type("Other", (Reptile,), {})())
