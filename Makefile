@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.fedmeta-installed
 # torch/torchvision pinned to the builds this machine provides from local disk.
 TORCH  := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: run test test-fast docs-results bench bench-default-run bench-peers bench-local-round bench-step bench-estimators bench-single-step bench-deploy bench-cluster venv clean
+.PHONY: run test test-fast docs-results bench bench-default-run bench-peers bench-versions bench-local-round bench-step bench-estimators bench-single-step bench-deploy bench-cluster venv clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -63,6 +63,11 @@ bench-default-run: $(STAMP)
 bench-peers: $(STAMP)
 	$(PY) scripts/provision_data.py
 	$(PY) bench/bench_peers.py $(ARGS)
+
+# This checkout against an older commit (OLD=...), both versions' benchmarks interleaved in one run.
+bench-versions: $(STAMP)
+	$(PY) scripts/provision_data.py
+	$(PY) bench/bench_versions.py $(OLD) $(ARGS)
 
 bench-local-round: $(STAMP)
 	$(PY) bench/bench_local_round.py $(ARGS)

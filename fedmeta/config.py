@@ -9,6 +9,7 @@ and again on the client (nothing a server sends is trusted blindly).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar, Mapping
@@ -139,7 +140,12 @@ class _Keys:
     """``KEYS`` of a wire config: attribute -> wire key (its name in kebab case), for every setting field."""
 
     def __get__(self, obj: Any, owner: type) -> dict[str, str]:
-        return {name: S.kebab(name) for name in owner.settings()}
+        return _keys(owner)
+
+
+@functools.cache
+def _keys(owner: type) -> dict[str, str]:
+    return {name: S.kebab(name) for name in owner.settings()}
 
 
 class WireConfig(S.Settings):

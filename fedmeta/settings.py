@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import functools
 import math
 import numbers
 from dataclasses import MISSING, dataclass, fields
@@ -170,6 +171,11 @@ def union(name: str, configs: Sequence[type], *, skip: Sequence[str] = ()) -> ty
     return dataclasses.make_dataclass(name, specs, bases=(Settings,), frozen=True)
 
 
+@functools.cache
+def _settings(cls: type) -> dict[str, Setting]:
+    return {f.name: s for f in fields(cls) if (s := setting_of(f)) is not None}
+
+
 class Settings:
     """Base of the config dataclasses: validation, parsing and flags from the fields' :class:`Setting` s."""
 
@@ -178,15 +184,16 @@ class Settings:
     attribute and symbol (``inner_lr (alpha)``, for configs built in Python)."""
 
     def __post_init__(self) -> None:
-        for f in fields(self):  # type: ignore[arg-type]
-            s = setting_of(f)
-            if s is not None:
-                object.__setattr__(self, f.name, s.check(self.label(f.name), getattr(self, f.name)))
+        for name, s in self.settings().items():
+            try:
+                object.__setattr__(self, name, s.check(name, getattr(self, name)))
+            except ValueError as err:  # every message starts with the name: say it as this config labels it
+                raise ValueError(self.label(name) + str(err)[len(name):]) from None
 
     @classmethod
     def settings(cls) -> dict[str, Setting]:
-        """Field name -> its setting, in field order."""
-        return {f.name: s for f in fields(cls) if (s := setting_of(f)) is not None}  # type: ignore[arg-type]
+        """Field name -> its setting, in field order (not to be modified)."""
+        return _settings(cls)
 
     @classmethod
     def label(cls, name: str) -> str:
