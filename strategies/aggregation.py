@@ -86,6 +86,21 @@ def average_metrics(records: Sequence[MetricRecord], weights: Sequence[float], s
     return MetricRecord(out)
 
 
+def average_clients(records: Sequence[ArrayRecord], rows: Sequence[Sequence[dict]], weighted_by: str | None,
+                    skip: Sequence[str] = ()) -> tuple[ArrayRecord, MetricRecord]:
+    """The average over clients of replies whose arrays ``records[i]`` are the average over the clients of
+    ``rows[i]`` (their metrics, one row per client): a reply weighs its clients (``weighted_by`` ``None``:
+    uniform) or their ``weighted_by`` (``num-examples``); the metrics are averaged per client (keys in
+    ``skip`` left out)."""
+    flat = [r for rr in rows for r in rr]
+    if weighted_by is None:
+        weights, row_weights = [float(len(rr)) for rr in rows], [1.0] * len(flat)
+    else:
+        weights = [sum(float(r[weighted_by]) for r in rr) for rr in rows]
+        row_weights = [float(r[weighted_by]) for r in flat]
+    return average_arrays(records, weights), average_metrics([MetricRecord(r) for r in flat], row_weights, skip=skip)
+
+
 def distribution(values: Sequence[float]) -> dict[str, float]:
     """Mean, standard deviation and 10th percentile across clients."""
     v = np.asarray(values, dtype=np.float64)

@@ -1,9 +1,12 @@
-"""What fedmeta's strategies (Per-FedAvg, LocalMOML, the FedAvg baseline) share on the server, one job a
-module: node discovery and messages (:mod:`~fedmeta.strategies.nodes`), the checkpointed round loop
-(:mod:`~fedmeta.strategies.rounds`), screening of replies (:mod:`~fedmeta.strategies.replies`,
-:mod:`~fedmeta.strategies.screening`), personalized evaluation (:mod:`~fedmeta.strategies.evaluation`).
-This module holds :class:`MetaStrategy` itself: its arguments, client sampling, the train config and
-the papers' uniform average of the train replies."""
+"""What fedmeta's strategies (Per-FedAvg, LocalMOML, the FedAvg baseline) share on the server:
+:class:`MetaStrategy`, a Flower ``FedAvg`` that holds its collaborators, each with its own state:
+``nodes`` (:class:`~fedmeta.strategies.nodes.PartitionNodes`: which node serves which client, the
+messages), ``screening`` (:class:`~fedmeta.strategies.replies.ReplyScreening`: the replies' checks,
+rejections and missing nodes), ``failures`` (:class:`~fedmeta.strategies.failures.ClientFailures`: error
+replies by distinct error) and ``evaluation`` (:class:`~fedmeta.strategies.evaluation.PersonalizedEvaluation`).
+Sampling and averaging are functions (:mod:`~fedmeta.strategies.aggregation`); the checkpointed round
+loop is :func:`fedmeta.strategies.rounds.start`. This module holds the arguments, the train config and
+the papers' average of the train replies over clients."""
 
 from __future__ import annotations
 
@@ -13,20 +16,21 @@ import time
 from logging import INFO
 from typing import Any, ClassVar, Iterable, Sequence
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg as FlowerFedAvg
+from flwr.serverapp.strategy import Result
 
 from fedmeta import config as C
 from fedmeta import validation as V
 from fedmeta.config import HP, EvalConfig, field_names
-from fedmeta.strategies.aggregation import average_arrays, average_metrics, sample_grouped, sample_partitions
-from fedmeta.strategies.evaluation import PersonalizedEvaluation, summarize  # noqa: F401  (summarize: re-exported)
+from fedmeta.strategies.aggregation import average_clients, sample_grouped, sample_partitions
+from fedmeta.strategies.evaluation import PersonalizedEvaluation
 from fedmeta.strategies.failures import ClientFailures
-from fedmeta.strategies.nodes import PartitionNodes, messages_to
-from fedmeta.strategies.replies import EVAL_KEYS, ReplyScreening, SentRound  # noqa: F401  (EVAL_KEYS: re-exported)
-from fedmeta.strategies.rounds import CheckpointedRounds
+from fedmeta.strategies.nodes import PartitionNodes
+from fedmeta.strategies.replies import ReplyScreening, SentRound, client_rows
+from fedmeta.strategies.rounds import start
 from fedmeta.strategies.screening import KEPT_GLOBAL_MODEL, NUM_ACCEPTED, NUM_MISSING, NUM_REJECTED, NUM_REJECTED_CLIENTS
 from fedmeta.strategies.validation import check_strategy_kwargs
 
@@ -36,119 +40,59 @@ WEIGHTINGS = ("uniform", "examples")
 
 
 
-class MetaStrategy(CheckpointedRounds, PartitionNodes, ReplyScreening, PersonalizedEvaluation, FlowerFedAvg):
+class MetaStrategy(FlowerFedAvg):
     """Base of the fedmeta strategies (see :class:`~fedmeta.strategies.PerFedAvg`).
 
     Parameters
     ----------
     num_clients
-        n, the number of clients (client ids ``0..num_clients-1``). The strategy waits until every
-        client is served by a connected node before the first round (at most ``node_wait_timeout`` s).
+        n, the number of clients (client ids ``0..num_clients-1``).
     num_nodes
-        The number of nodes (SuperNodes) serving them. ``None``: one node per client (the node's
-        ``partition-id`` is its client id). Fewer nodes than clients: each node hosts a contiguous
-        block of clients (node ``partition-id`` ``i`` of ``num-partitions`` ``M`` hosts block ``i``)
-        and trains the ones sampled in a round together (:mod:`fedmeta.batched`); sampling stays over
-        clients and the average stays the papers' average over clients.
-    clients_per_round
+        The number of nodes (SuperNodes) serving them; ``None``: one per client. Fewer nodes than
+        clients: node ``partition-id`` ``i`` hosts block ``i`` of the clients and trains the sampled
+        ones together (:mod:`fedmeta.batched`); sampling and the average stay over clients (``nodes``:
+        :class:`~fedmeta.strategies.nodes.PartitionNodes`).
+    clients_per_round, sampling_groups
         B: ``None`` for cross-silo (every training client every round) or ``1 <= B <= n`` for
-        cross-device (exactly B clients per round, sampled by partition from a generator seeded
-        by ``seed``), where n is the number of training clients.
-    sampling_groups
-        With ``G > 1``: stratified sampling, ``clients_per_round`` clients from each of G
-        contiguous groups of training clients (:func:`sample_grouped`; localmoml Section 6.2's
-        4 GPUs sampling B' tasks each), so ``G * clients_per_round`` clients train per round.
+        cross-device (:func:`~fedmeta.strategies.aggregation.sample_partitions`, seeded by ``seed``).
+        With ``G > 1`` groups: B from each of G contiguous groups (:func:`~fedmeta.strategies.aggregation.sample_grouped`;
+        localmoml Section 6.2).
     new_clients
-        Partition ids held out of training: they never train and are scored with the same
-        personalized evaluation ("new-client adaptation"), reported under ``new-`` keys.
+        Partition ids held out of training, evaluated apart under ``new-`` keys.
     seed
         Seeds client sampling and is sent to the clients, which seed their batch sampling from it.
     weighting
-        ``"uniform"`` (the papers' average over sampled clients) or ``"examples"`` (weighted by
-        ``num-examples``, Flower's default).
-    eval_steps, eval_shots
-        Personalized evaluation protocol: fine-tuning steps k and support-set size (0 = the client's
-        whole train split). Defaults: one step on the train split (per-fedavg.txt Section 5);
-        ``eval_steps=10, eval_shots=5`` is the LocalMOML paper's protocol (Section 6.2).
-    eval_lr
-        Step size of the evaluation's fine-tuning steps; ``None`` (default): the algorithm's ``inner_lr``
-        (alpha). The localmoml authors' federated code fine-tunes at 0.001 with alpha = 0.01
-        (GitHub ``bokun-wang/moml``, ``federated/train.py``: ``ft_lr``).
+        ``"uniform"`` (the papers' average over sampled clients) or ``"examples"`` (by ``num-examples``).
+    eval_steps, eval_shots, eval_lr, evaluate_every
+        Personalized evaluation (``evaluation``: :class:`~fedmeta.strategies.evaluation.PersonalizedEvaluation`):
+        k fine-tuning steps on a support set of ``eval_shots`` (0: the train split) at ``eval_lr``
+        (``None``: ``inner_lr``), every ``evaluate_every`` rounds (0: never) and after the last one.
+        Defaults: per-fedavg.txt Section 5; ``eval_steps=10, eval_shots=5`` is LocalMOML's (Section 6.2).
     lr_decay_at, lr_decay
-        A step-size schedule: the algorithm's step sizes (its config's ``STEP_SIZES``: alpha and the
-        outer step) are multiplied by ``lr_decay`` (default 0.1) from round ``floor(m * num_rounds) + 1``
-        on, for each fraction m in ``lr_decay_at`` (default ``()``: constant). ``(0.5, 0.75)`` is the
-        localmoml authors' schedule (``federated/train.py``: ``update_lr`` and ``meta_lr`` divided by 10
-        at 50 % and 75 % of ``total_iters``). The schedule follows ``num_rounds``: a resumed run that
-        extends it moves the decay rounds.
-    evaluate_every
-        Run personalized evaluation on all clients every this many rounds and after the last
-        round (default 50); 0 disables it.
+        Step sizes (``STEP_SIZES``) times ``lr_decay`` from round ``floor(m * num_rounds) + 1`` on, for
+        each fraction m in ``lr_decay_at`` (:meth:`round_hparams`; ``(0.5, 0.75)``: the localmoml authors').
     node_wait_timeout
-        Seconds to wait for the n nodes to connect before failing (Flower's own sampling waits forever).
-    max_update_norm_ratio
-        ``None`` (default): off. A number > 1: a train reply whose update norm
-        ``||w_reply - w_global||`` exceeds this many times the median update norm of the round's
-        replies that passed the other checks is rejected (:func:`~fedmeta.strategies.screening.norm_outliers`).
-        A multi-client node's reply is its clients' average, so its norm is that of the average.
-    min_valid_replies
-        m >= 1 (default 1), at most the number of train messages a round sends: when fewer than m
-        train replies pass screening, the round keeps the previous global model (``aggregate_train``
-        returns no arrays, and the metrics say ``kept-global-model`` = 1).
+        Seconds to wait for the nodes serving all n clients to connect.
+    max_update_norm_ratio, min_valid_replies
+        Screening (``screening``: :class:`~fedmeta.strategies.replies.ReplyScreening`): reject a train
+        reply whose update norm exceeds this many times the round's median (``None``: off); keep the
+        previous global model when fewer than ``min_valid_replies`` replies pass (:meth:`aggregate_train`).
     max_failed_rounds
-        Stop the run (:meth:`start` raises :class:`~fedmeta.strategies.failures.TrainingStopped`)
-        after this many consecutive rounds without a single valid train reply (every reply an error,
-        rejected, or missing); 0 never stops. Default 3: a run in which no client can train (data
-        missing on the nodes, a bug in the ClientApp) ends after 3 rounds instead of running all of them.
+        :meth:`start` stops (:class:`~fedmeta.strategies.failures.TrainingStopped`) after this many
+        consecutive rounds without a valid train reply; 0 never stops.
     **kwargs
         Algorithm hyper-parameters (fields of :attr:`hparams_cls`), then Flower ``FedAvg`` arguments.
-
-    Notes
-    -----
-    Screening. Before averaging, every train reply is checked (:mod:`fedmeta.strategies.screening`): exactly
-    one ArrayRecord and one MetricRecord; the clients it names are ones sent to its node this round
-    (a node that got no message, or a second reply from a node, is rejected too); ``per-client-``
-    lists aligned with ``client-ids``; ``num-examples`` finite and >= 0 (required when weighting by
-    examples, checked when present under uniform weighting); arrays with the global model's names, shapes and dtypes and no NaN/Inf; optionally
-    an update norm within ``max_update_norm_ratio`` x the round's median. A rejected reply is left
-    out of the average and logged (logger ``fedmeta``, warning, with node id and reason). The
-    round's train metrics add ``num-accepted`` (replies averaged), ``num-rejected`` (replies
-    rejected), ``num-rejected-clients`` (the clients sent to their nodes) and ``kept-global-model``
-    next to ``num-clients`` (clients averaged), ``num-failures`` (error replies: an exception or
-    out-of-memory in the ClientApp) and ``num-missing`` (nodes with no reply before the round's
-    ``timeout``); each rejection is kept in :attr:`rejections`. A round without a valid reply still
-    reports these counts, with ``kept-global-model`` = 1. Replies are averaged in client order, not
-    arrival order, so the result does not depend on timing. Evaluate replies are screened the same
-    way, without arrays, and the evaluation metrics add ``num-rejected`` and ``num-missing``.
-
-    Checkpoints. :meth:`start` runs Flower's round loop and, given ``checkpoint_dir``, writes a
-    checkpoint after every round and can resume from it (:mod:`fedmeta.strategies.checkpoint`).
     """
 
     hparams_cls: ClassVar[type]
 
-    def __init__(
-        self,
-        *,
-        num_clients: int,
-        num_nodes: int | None = None,
-        clients_per_round: int | None = None,
-        sampling_groups: int = 1,
-        new_clients: Iterable[int] = (),
-        seed: int = HP.seed.default,
-        weighting: str = "uniform",
-        eval_steps: int = HP.eval_steps.default,
-        eval_shots: int = HP.eval_shots.default,
-        eval_lr: float | None = None,
-        lr_decay_at: Sequence[float] = (),
-        lr_decay: float = HP.lr_decay.default,
-        evaluate_every: int = HP.evaluate_every.default,
-        node_wait_timeout: float = 600.0,
-        max_update_norm_ratio: float | None = None,
-        min_valid_replies: int = 1,
-        max_failed_rounds: int = 3,
-        **kwargs: Any,
-    ) -> None:
+    def __init__(self, *, num_clients: int, num_nodes: int | None = None, clients_per_round: int | None = None, sampling_groups: int = 1,
+                 new_clients: Iterable[int] = (), seed: int = HP.seed.default, weighting: str = "uniform",
+                 eval_steps: int = HP.eval_steps.default, eval_shots: int = HP.eval_shots.default, eval_lr: float | None = None,
+                 lr_decay_at: Sequence[float] = (), lr_decay: float = HP.lr_decay.default,
+                 evaluate_every: int = HP.evaluate_every.default, node_wait_timeout: float = 600.0,
+                 max_update_norm_ratio: float | None = None, min_valid_replies: int = 1, max_failed_rounds: int = 3,
+                 **kwargs: Any) -> None:
         check_strategy_kwargs(type(self), locals())
         V.check("num_clients", isinstance(num_clients, int) and num_clients >= 1, "an integer >= 1", num_clients)
         if num_nodes is None:
@@ -191,38 +135,26 @@ class MetaStrategy(CheckpointedRounds, PartitionNodes, ReplyScreening, Personali
                 "increasing fractions of num_rounds in (0, 1), e.g. (0.5, 0.75)", lr_decay_at)
         V.check("lr_decay_at", not lr_decay_at or bool(self.hparams.STEP_SIZES),
                 f"empty: {type(self.hparams).__name__} declares no STEP_SIZES to decay", lr_decay_at)
-        self.lr_decay_at = lr_decay_at
-        self.lr_decay = float(lr_decay)
-        self.num_clients = num_clients
-        self.num_nodes = num_nodes
-        self.new_clients = tuple(new)
+        self.lr_decay_at, self.lr_decay = lr_decay_at, float(lr_decay)
+        self.num_clients, self.num_nodes, self.new_clients = num_clients, num_nodes, tuple(new)
         self.train_clients = tuple(p for p in range(num_clients) if p not in set(new))
-        self.clients_per_round = clients_per_round
-        self.sampling_groups = sampling_groups
-        self.seed = seed
-        self.weighting = weighting
-        self.evaluate_every = evaluate_every
-        self.node_wait_timeout = node_wait_timeout
-        self.max_update_norm_ratio = max_update_norm_ratio
-        self.min_valid_replies = min_valid_replies
-        self.max_failed_rounds = max_failed_rounds
+        self.clients_per_round, self.sampling_groups, self.seed, self.weighting = clients_per_round, sampling_groups, seed, weighting
+        self.evaluate_every, self.max_update_norm_ratio = evaluate_every, max_update_norm_ratio
+        self.min_valid_replies, self.max_failed_rounds = min_valid_replies, max_failed_rounds
         self.failures = ClientFailures()
         """Every error reply of the run, grouped by distinct error (:mod:`fedmeta.strategies.failures`)."""
-        self.failed_rounds = 0
-        """Consecutive rounds, up to the last one, without a valid train reply."""
         kwargs.setdefault("min_available_nodes", num_nodes)
-        super().__init__(
-            fraction_train=1.0,
-            fraction_evaluate=1.0 if evaluate_every else 0.0,
-            min_train_nodes=min(per_round, num_nodes),
-            min_evaluate_nodes=num_nodes if evaluate_every else 0,
-            **kwargs,
-        )
+        super().__init__(fraction_train=1.0, fraction_evaluate=1.0 if evaluate_every else 0.0, min_train_nodes=min(per_round, num_nodes),
+                         min_evaluate_nodes=num_nodes if evaluate_every else 0, **kwargs)
+        self.nodes = PartitionNodes(num_clients=num_clients, num_nodes=num_nodes, node_wait_timeout=node_wait_timeout,
+                                    configrecord_key=self.configrecord_key, arrayrecord_key=self.arrayrecord_key)
+        self.screening = ReplyScreening(failures=self.failures, served=self.nodes.served, weighting=weighting,
+                                        examples_key=self.weighted_by_key, max_update_norm_ratio=max_update_norm_ratio)
+        self.evaluation = PersonalizedEvaluation(eval_config=self.eval_config, seed=seed, evaluate_every=evaluate_every,
+                                                 new_clients=self.new_clients)
         self.num_rounds: int | None = None
-        self._node_to_partition: dict[int, int] = {}
-        self._node_clients: dict[int, tuple[int, ...]] = {}
-        self.client_eval: dict[int, dict[int, dict[str, float]]] = {}
-        """Per round, per partition: the personalized-evaluation metrics each client reported."""
+        self.round_valid = True
+        """Whether the last round had a valid train reply."""
         self.client_train: dict[int, dict[int, dict[str, float | int]]] = {}
         """Per round, per partition: the train metrics each client reported (ints such as
         ``memory-round`` and ``memory-digest`` kept exact)."""
@@ -234,22 +166,28 @@ class MetaStrategy(CheckpointedRounds, PartitionNodes, ReplyScreening, Personali
         figures start at the resume."""
         self.phase_seconds: dict[str, float] = {"evaluate": 0.0, "checkpoint": 0.0}
         """The server's wall time in evaluation rounds (send, wait, aggregate) and in checkpoint writes."""
-        self.rejections: dict[int, list[dict[str, Any]]] = {}
-        """Per round with rejections: one ``{"stage": "train" | "evaluate", "node": id, "clients":
-        [the clients sent to it], "reason": str}`` per reply left out by screening."""
         self.memory_key: str | None = None
+        """Sent under ``memory-key`` when the run checkpoints (see :mod:`fedmeta.strategies.checkpoint`)."""
         self.resumed_from: int | None = None
         """The checkpoint's round a resumed run continued from (``None``: not resumed)."""
-        """Sent under ``memory-key`` when the run checkpoints (see :mod:`fedmeta.strategies.checkpoint`)."""
         self._round_started = 0.0
-        self._sent_train: dict[int, SentRound] = {}
-        self._sent_evaluate: dict[int, SentRound] = {}
 
-    # ------------------------------------------------------------------------------------------
+    client_rows = staticmethod(client_rows)
+
+    @property
+    def client_eval(self) -> dict[int, dict[int, dict[str, float]]]:
+        """Per round, per partition: the personalized-evaluation metrics each client reported (``evaluation``'s)."""
+        return self.evaluation.client_eval
+
+    @property
+    def rejections(self) -> dict[int, list[dict[str, Any]]]:
+        """Per round with rejections: the replies screening left out (``screening``'s)."""
+        return self.screening.rejections
+
     @property
     def multi_client(self) -> bool:
         """Whether nodes host several clients (messages then carry ``client-ids``)."""
-        return self.num_nodes < self.num_clients
+        return self.nodes.multi_client
 
     @property
     def cross_device(self) -> bool:
@@ -329,69 +267,49 @@ class MetaStrategy(CheckpointedRounds, PartitionNodes, ReplyScreening, Personali
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         self._round_started = time.perf_counter()
-        nodes = self.partition_nodes(grid)
+        nodes = self.nodes.discover(grid)
         parts = self.sample(server_round)
         logger.debug("round %d: training partitions %s", server_round, parts)
-        train_config = self.train_config(server_round, config)
-        self._sent_train = {server_round: SentRound(arrays, self._by_node(nodes, parts), self.multi_client)}
-        if not self.multi_client:
-            record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: train_config})
-            return messages_to([nodes[p] for p in parts], record, MessageType.TRAIN)
-        return self._group_messages(arrays, train_config, nodes, parts, MessageType.TRAIN)
+        messages, sent = self.nodes.messages(arrays, self.train_config(server_round, config), nodes, parts, MessageType.TRAIN, self.weighting)
+        self.screening.expect("train", server_round, SentRound(arrays, sent, self.multi_client))
+        return messages
 
     def record_handler_seconds(self, stage: str, server_round: int, replies: list[Message]) -> None:
         """Keep the handler times the ``replies`` report (``client-timing``) for round ``server_round``."""
-        times = []
-        for m in replies:
-            timing = m.content.config_records.get(C.CLIENT_TIMING)
-            value = timing.get(C.HANDLER_SECONDS) if timing is not None else None
-            if isinstance(value, (int, float)) and math.isfinite(value) and value >= 0:
-                times.append(float(value))
+        timings = [m.content.config_records.get(C.CLIENT_TIMING) for m in replies]
+        values = [t.get(C.HANDLER_SECONDS) for t in timings if t is not None]
+        times = [float(v) for v in values if isinstance(v, (int, float)) and math.isfinite(v) and v >= 0]
         if times:
             self.handler_seconds[stage][server_round] = times
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        replies = list(replies)
-        sent = self._sent_train.get(server_round, SentRound(None))
-        errors = [m for m in replies if m.has_error()]
-        self._record_errors(server_round, "train", errors, sent)
-        accepted, rejected = self._screen(server_round, "train", [m for m in replies if not m.has_error()], sent)
+        """The average over clients of the replies that pass screening (``screening``), in client order.
+        The metrics add ``num-clients`` (clients averaged), ``num-failures`` (error replies), ``num-missing``,
+        ``num-accepted``, ``num-rejected``, ``num-rejected-clients`` and ``kept-global-model``: 1 (and no
+        arrays) when fewer than ``min_valid_replies`` replies passed."""
+        s = self.screening.screen("train", server_round, replies)
+        accepted, rejected, errors, missing = s.accepted, s.rejected, s.errors, s.missing
         self.round_valid = bool(accepted)
         # Average in client order, not arrival order: the float sum is then the same in every run.
-        accepted.sort(key=lambda m: min(sent.clients.get(m.metadata.src_node_id, (math.inf,))))
-        # Consistency is screening's job; the errors were counted (and logged once each) above.
+        accepted.sort(key=lambda m: min(s.sent.clients.get(m.metadata.src_node_id, (math.inf,))))
         log(INFO, "aggregate_train: Received %s results and %s failures", len(accepted), len(errors))
         self.round_seconds[server_round] = time.perf_counter() - self._round_started
         self.record_handler_seconds("train", server_round, accepted)
-        missing = self._missing(server_round, "train", replies, sent)
-        counts: dict[str, int] = {
-            "num-failures": len(errors),
-            NUM_MISSING: missing,
-            NUM_ACCEPTED: len(accepted),
-            NUM_REJECTED: len(rejected),
-            NUM_REJECTED_CLIENTS: sum(len(r["clients"]) for r in rejected),
-        }
+        counts: dict[str, int] = {"num-failures": len(errors), NUM_MISSING: missing, NUM_ACCEPTED: len(accepted),
+                                  NUM_REJECTED: len(rejected), NUM_REJECTED_CLIENTS: sum(len(r["clients"]) for r in rejected)}
         if len(accepted) < self.min_valid_replies:
             logger.warning("round %d: %d valid replies < min_valid_replies=%d; keeping the previous global model "
                            "(%d failures, %d missing, %d rejected)", server_round, len(accepted), self.min_valid_replies,
                            len(errors), missing, len(rejected))
-            if not sent.clients and not replies:
+            if not s.sent.clients and not errors and not rejected:
                 return None, None  # nothing was sent
             return None, MetricRecord({"num-clients": 0, **counts, KEPT_GLOBAL_MODEL: 1})
-        array_records = [next(iter(m.content.array_records.values())) for m in accepted]
-        rows_per_reply = [self._reply_rows(m, sent) for m in accepted]
+        rows_per_reply = [s.rows(m) for m in accepted]
         rows = [r for rr in rows_per_reply for r in rr]
-        # A multi-client node's arrays are its clients' average: weight it by its clients (uniform)
-        # or by their examples, so the result is the average over clients.
-        if self.weighting == "uniform":
-            weights = [float(len(rr)) for rr in rows_per_reply]
-            row_weights = [1.0] * len(rows)
-        else:
-            weights = [sum(float(r[self.weighted_by_key]) for r in rr) for rr in rows_per_reply]
-            row_weights = [float(r[self.weighted_by_key]) for r in rows]
-        arrays = average_arrays(array_records, weights)
         # Identifiers, not quantities: averaging a partition id, a round number or a digest means nothing.
-        metrics = average_metrics([MetricRecord(r) for r in rows], row_weights, skip=(C.PARTITION_ID, C.MEMORY_ROUND, C.MEMORY_DIGEST))
+        arrays, metrics = average_clients([next(iter(m.content.array_records.values())) for m in accepted], rows_per_reply,
+                                          self.weighted_by_key if self.weighting == "examples" else None,
+                                          skip=(C.PARTITION_ID, C.MEMORY_ROUND, C.MEMORY_DIGEST))
         metrics["num-clients"] = len(rows)
         for key, value in counts.items():
             metrics[key] = value
@@ -409,3 +327,51 @@ class MetaStrategy(CheckpointedRounds, PartitionNodes, ReplyScreening, Personali
                         metrics.get(C.TRAIN_LOSS, metrics.get("train_loss", float("nan"))), len(rows), self.round_seconds[server_round])
         return arrays, metrics
 
+    # --- evaluate ------------------------------------------------------------------------------
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        if not self.evaluation.evaluates_in(server_round, self.num_rounds):
+            return []
+        nodes = self.nodes.discover(grid)
+        cfg = self.evaluation.config(server_round, config)
+        messages, sent = self.nodes.messages(arrays, cfg, nodes, sorted(nodes), MessageType.EVALUATE, self.weighting)
+        self.screening.expect("evaluate", server_round, SentRound(None, sent, self.multi_client))
+        return messages
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        """``evaluation``'s summary of the replies that pass screening, with ``num-failures``, ``num-missing``
+        and ``num-rejected``; ``None`` without a valid reply."""
+        s = self.screening.screen("evaluate", server_round, replies)
+        log(INFO, "aggregate_evaluate: Received %s results and %s failures", len(s.accepted), len(s.errors))
+        self.record_handler_seconds("evaluate", server_round, s.accepted)
+        if not s.accepted:
+            if s.rejected:
+                logger.warning("round %d: no valid evaluate replies (%d failures, %d rejected)", server_round, len(s.errors),
+                               len(s.rejected))
+            return None
+        counts = {"num-failures": len(s.errors), NUM_MISSING: s.missing, NUM_REJECTED: len(s.rejected)}
+        return self.evaluation.aggregate(server_round, self.num_rounds, [r for m in s.accepted for r in s.rows(m)], counts)
+
+    # --- the round loop ------------------------------------------------------------------------
+    def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3, *args: Any, **kwargs: Any) -> Result:
+        """Flower's round loop with checkpoints, resume and the failed-rounds stop: :func:`~fedmeta.strategies.rounds.start`
+        (which see, for ``timeout``, ``train_config``, ``evaluate_config``, ``evaluate_fn`` and the keyword-only
+        ``checkpoint_dir``, ``resume``, ``run_info``, ``checkpoint_sync``, ``on_round``) with this strategy."""
+        return start(self, grid, initial_arrays, num_rounds, *args, **kwargs)
+
+    def begin_run(self, num_rounds: int, memory_key: str | None, resumed_from: int | None) -> None:
+        """Called by the round loop before round 1 (or the first resumed round)."""
+        self.num_rounds, self.memory_key, self.resumed_from = num_rounds, memory_key, resumed_from
+
+    def history_entry(self, server_round: int) -> dict[str, Any]:
+        """What a checkpoint keeps of this strategy's round (:meth:`restore_round` reads it back)."""
+        return {"client_train": self.client_train.get(server_round), "client_eval": self.client_eval.get(server_round),
+                "round_seconds": self.round_seconds.get(server_round), "rejections": self.rejections.get(server_round)}
+
+    def restore_round(self, server_round: int, entry: dict[str, Any]) -> None:
+        for key, into in (("client_train", self.client_train), ("client_eval", self.client_eval)):
+            if entry.get(key) is not None:
+                into[server_round] = {int(c): m for c, m in entry[key].items()}
+        if entry.get("round_seconds") is not None:
+            self.round_seconds[server_round] = float(entry["round_seconds"])
+        if entry.get("rejections"):
+            self.rejections[server_round] = list(entry["rejections"])

@@ -64,7 +64,7 @@ def stack_states(phi: dict[int, ArrayRecord]) -> ArrayRecord:
     return ArrayRecord({n: Array(np.stack([phi[l][n].numpy() for l in agents])) for n in names})
 
 
-class DifMAML(PartitionNodes, Strategy):
+class DifMAML(Strategy):
     """Dif-MAML as a Flower Message-API strategy: a relay, one agent per node, no server average.
 
     Agent k is the node whose node config has ``partition-id`` k (k = 0 .. K-1); the strategy asks every
@@ -134,8 +134,9 @@ class DifMAML(PartitionNodes, Strategy):
         self.combination = a
         """A: column k holds agent k's weights ``a_lk``."""
         self.lambda_2 = lam
-        self.num_clients = self.num_nodes = config.num_agents  # PartitionNodes: one agent per node
-        self.node_wait_timeout = node_wait_timeout
+        self.nodes = PartitionNodes(num_clients=config.num_agents, num_nodes=config.num_agents, node_wait_timeout=node_wait_timeout,
+                                    configrecord_key=self.configrecord_key)
+        """Which node runs which agent (one agent per node)."""
         self.phi: dict[int, ArrayRecord] = {}
         """The relay's store: agent -> its latest valid intermediate state ``phi_l``."""
         self.fresh: set[int] = set(range(config.num_agents))
@@ -146,8 +147,6 @@ class DifMAML(PartitionNodes, Strategy):
         self.models_sent: dict[int, int] = {}
         """Per round: the phi's sent down."""
         self.round_seconds: dict[int, float] = {}
-        self._node_to_partition: dict[int, int] = {}
-        self._node_clients: dict[int, tuple[int, ...]] = {}
         self._sent: dict[int, int] = {}  # this round: node id -> agent
         self._round_started = 0.0
 
@@ -187,7 +186,7 @@ class DifMAML(PartitionNodes, Strategy):
         self._round_started = time.perf_counter()
         if not self.phi:
             self.phi = {l: arrays for l in range(self.config.num_agents)}
-        nodes = self.partition_nodes(grid)
+        nodes = self.nodes.discover(grid)
         messages, down = [], 0
         for agent in range(self.config.num_agents):
             content, n = self.train_message(agent, server_round, config)

@@ -1,22 +1,18 @@
-"""Personalized evaluation on the server: which rounds evaluate, the evaluate messages, and the summary
-over clients (mean, std, 10th percentile; held-out new clients apart). A mixin of
-:class:`~fedmeta.strategies.base.MetaStrategy`, whose state it uses."""
+"""Personalized evaluation on the server: which rounds evaluate, the evaluate config, and the summary
+over clients (mean, std, 10th percentile; held-out new clients apart). :class:`PersonalizedEvaluation`
+is the collaborator a strategy holds as ``evaluation``."""
 
 from __future__ import annotations
 
 import logging
-from logging import INFO
-from typing import Iterable
+from typing import Any, Iterable
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
-from flwr.common.logger import log
-from flwr.serverapp import Grid
+from flwr.app import ConfigRecord, MetricRecord
 
 from fedmeta import config as C
+from fedmeta.config import EvalConfig
 from fedmeta.strategies.aggregation import distribution
-from fedmeta.strategies.nodes import messages_to
-from fedmeta.strategies.replies import SUMMARY_KEYS, SentRound
-from fedmeta.strategies.screening import NUM_MISSING, NUM_REJECTED
+from fedmeta.strategies.replies import SUMMARY_KEYS
 
 logger = logging.getLogger("fedmeta")
 
@@ -35,69 +31,60 @@ def summarize(per_client: Iterable[dict[str, float]]) -> dict[str, float]:
 
 
 class PersonalizedEvaluation:
-    """Mixin: the evaluation half of a round."""
+    """Personalized evaluation of every client every ``evaluate_every`` rounds (0: never) and after the
+    last round, with the protocol ``eval_config`` and ``seed``; clients in ``new_clients`` (held out of
+    training) are summarised apart, under ``new-`` keys. Interface: :meth:`evaluates_in`, :meth:`config`
+    (an evaluate message's config), :meth:`aggregate` (a round's per-client rows to its metrics, logged
+    in one line). Owns :attr:`client_eval`."""
 
-    def evaluates_in(self, server_round: int) -> bool:
+    def __init__(self, *, eval_config: EvalConfig, seed: int, evaluate_every: int, new_clients: Iterable[int]) -> None:
+        self.eval_config, self.seed, self.evaluate_every, self.new_clients = eval_config, seed, evaluate_every, set(new_clients)
+        self.client_eval: dict[int, dict[int, dict[str, float]]] = {}
+        """Per round, per partition: the personalized-evaluation metrics each client reported."""
+
+    def evaluates_in(self, server_round: int, num_rounds: int | None) -> bool:
         if not self.evaluate_every:
             return False
-        return server_round % self.evaluate_every == 0 or server_round == self.num_rounds
+        return server_round % self.evaluate_every == 0 or server_round == num_rounds
 
-    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
-        if not self.evaluates_in(server_round):
-            return []
-        nodes = self.partition_nodes(grid)
-        cfg = ConfigRecord({**dict(config), **self.eval_config.to_wire(), C.SEED: self.seed, C.SERVER_ROUND: server_round})
-        self._sent_evaluate[server_round] = SentRound(None, self._by_node(nodes, sorted(nodes)), self.multi_client)
-        if self.multi_client:
-            return self._group_messages(arrays, cfg, nodes, sorted(nodes), MessageType.EVALUATE)
-        record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: cfg})
-        return messages_to([nodes[p] for p in sorted(nodes)], record, MessageType.EVALUATE)
+    def config(self, server_round: int, config: ConfigRecord) -> ConfigRecord:
+        """The user's ``config`` plus the evaluation protocol, the seed and the round."""
+        return ConfigRecord({**dict(config), **self.eval_config.to_wire(), C.SEED: self.seed, C.SERVER_ROUND: server_round})
 
-    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        replies = list(replies)
-        sent = self._sent_evaluate.pop(server_round, SentRound(None))
-        errors = [m for m in replies if m.has_error()]
-        self._record_errors(server_round, "evaluate", errors, sent)
-        valid, rejected = self._screen(server_round, "evaluate", [m for m in replies if not m.has_error()], sent)
-        log(INFO, "aggregate_evaluate: Received %s results and %s failures", len(valid), len(errors))
-        self.record_handler_seconds("evaluate", server_round, valid)
-        missing = self._missing(server_round, "evaluate", replies, sent)
-        if not valid:
-            if rejected:
-                logger.warning("round %d: no valid evaluate replies (%d failures, %d rejected)", server_round, len(errors), len(rejected))
-            return None
-        per_client = {}
-        for m in valid:
-            for rec in self._reply_rows(m, sent):
-                per_client[int(rec[C.PARTITION_ID])] = {k: float(rec[k]) for k in SUMMARY_KEYS if k in rec}
+    def aggregate(self, server_round: int, num_rounds: int | None, rows: Iterable[dict[str, Any]],
+                  counts: dict[str, int]) -> MetricRecord:
+        """The round's metrics from its per-client ``rows`` (each with ``partition-id``): ``num-clients``,
+        the ``counts`` (failures, missing, rejected), and :func:`summarize` of the training clients and
+        of the new ones (``new-`` keys)."""
+        per_client = {int(r[C.PARTITION_ID]): {k: float(r[k]) for k in SUMMARY_KEYS if k in r} for r in rows}
         per_client = dict(sorted(per_client.items()))  # client order, not arrival order: the same float sums every run
         self.client_eval[server_round] = per_client
-        new = set(self.new_clients)
-        out: dict[str, float | int] = {"num-clients": sum(p not in new for p in per_client), "num-failures": len(errors),
-                                       NUM_MISSING: missing, NUM_REJECTED: len(rejected)}
+        new = self.new_clients
+        out: dict[str, float | int] = {"num-clients": sum(p not in new for p in per_client), **counts}
         out.update(summarize(v for p, v in per_client.items() if p not in new))
         if new:
             out["new-num-clients"] = sum(p in new for p in per_client)
             out.update({f"new-{k}": v for k, v in summarize(v for p, v in per_client.items() if p in new).items()})
         metrics = MetricRecord(out)
-        self._log_evaluation(server_round, metrics)
+        self._log(server_round, num_rounds, metrics)
         return metrics
 
-    def _log_evaluation(self, server_round: int, metrics: MetricRecord) -> None:
+    @staticmethod
+    def _log(server_round: int, num_rounds: int | None, metrics: MetricRecord) -> None:
         """One line with the round's scores: whichever of fedmeta's or Flower's names the clients sent."""
         if C.ACC_AFTER in metrics and C.ACC_BEFORE in metrics:
             logger.info(
                 "round %s/%s: personalized accuracy %.4f +- %.4f (before adaptation %.4f), %d clients",
-                server_round, self.num_rounds, metrics[C.ACC_AFTER], metrics[f"{C.ACC_AFTER}-std"], metrics[C.ACC_BEFORE],
+                server_round, num_rounds, metrics[C.ACC_AFTER], metrics[f"{C.ACC_AFTER}-std"], metrics[C.ACC_BEFORE],
                 metrics["num-clients"],
             )
             if f"new-{C.ACC_AFTER}" in metrics and f"new-{C.ACC_BEFORE}" in metrics:
                 logger.info("    new clients: personalized accuracy %.4f (before adaptation %.4f), %d clients",
                             metrics[f"new-{C.ACC_AFTER}"], metrics[f"new-{C.ACC_BEFORE}"], metrics["new-num-clients"])
         elif C.LOSS_AFTER in metrics and C.LOSS_BEFORE in metrics:
-            logger.info("round %s/%s: personalized loss %.4f (before %.4f)", server_round, self.num_rounds,
+            logger.info("round %s/%s: personalized loss %.4f (before %.4f)", server_round, num_rounds,
                         metrics[C.LOSS_AFTER], metrics[C.LOSS_BEFORE])
         else:
             scores = ", ".join(f"{k} {metrics[k]:.4f}" for k in SUMMARY_KEYS if k in metrics)
-            logger.info("round %s/%s: evaluation %s, %d clients", server_round, self.num_rounds, scores or "(no scores)",
+            logger.info("round %s/%s: evaluation %s, %d clients", server_round, num_rounds, scores or "(no scores)",
                         metrics["num-clients"])

@@ -1,6 +1,6 @@
 """Which node serves which client: partition-keyed node discovery (``query``), node replacement after a
 SuperNode restart, and the messages to the nodes (one per node naming its clients on multi-client
-nodes). A mixin of :class:`~fedmeta.strategies.base.MetaStrategy`, whose state it uses."""
+nodes). :class:`PartitionNodes` is the collaborator a strategy holds as ``nodes``."""
 
 from __future__ import annotations
 
@@ -24,18 +24,39 @@ NO_QUERY_HANDLER = "No query function registered"
 """How Flower's ClientApp answers a message type it has no handler for (its error's text)."""
 
 
-def messages_to(nodes: Iterable[int], content: RecordDict, message_type: str) -> list[Message]:
-    """One message with ``content`` for each node (Flower's public ``Message`` constructor)."""
-    return [Message(content=content, message_type=message_type, dst_node_id=node) for node in nodes]
+def by_node(nodes: dict[int, int], clients: Iterable[int]) -> dict[int, tuple[int, ...]]:
+    """``node id -> its clients among clients``, for the ``client id -> node id`` map ``nodes``."""
+    out: dict[int, list[int]] = {}
+    for c in clients:
+        out.setdefault(nodes[c], []).append(c)
+    return {node: tuple(ids) for node, ids in out.items()}
 
 
 class PartitionNodes:
-    """Mixin: the ``client id -> node id`` map and the messages to the nodes."""
+    """The ``client id -> node id`` map of ``num_clients`` clients on ``num_nodes`` nodes, and the messages
+    to them. Interface: :meth:`discover` (the map, waiting for the nodes), :meth:`served` (a node's
+    clients, for screening) and :meth:`messages` (a round's messages). Owns the node map and
+    :attr:`by_order`; ``configrecord_key`` / ``arrayrecord_key`` name the records of its messages."""
 
-    nodes_by_order: bool = False
-    """Whether the nodes have no ``query`` handler and client i is the i-th node by node id (see :meth:`partition_nodes`)."""
+    def __init__(self, *, num_clients: int, num_nodes: int, node_wait_timeout: float, configrecord_key: str = "config",
+                 arrayrecord_key: str = "arrays") -> None:
+        self.num_clients, self.num_nodes, self.node_wait_timeout = num_clients, num_nodes, node_wait_timeout
+        self.configrecord_key, self.arrayrecord_key = configrecord_key, arrayrecord_key
+        self.by_order = False
+        """Whether the nodes have no ``query`` handler and client i is the i-th node by node id (see :meth:`discover`)."""
+        self._node_to_partition: dict[int, int] = {}
+        self._node_clients: dict[int, tuple[int, ...]] = {}
 
-    def partition_nodes(self, grid: Grid) -> dict[int, int]:
+    @property
+    def multi_client(self) -> bool:
+        """Whether nodes host several clients (messages then carry ``client-ids``)."""
+        return self.num_nodes < self.num_clients
+
+    def served(self, node: int) -> tuple[int, ...]:
+        """The clients ``node`` reported it serves (``()``: unknown)."""
+        return self._node_clients.get(node, ())
+
+    def discover(self, grid: Grid) -> dict[int, int]:
         """``client id -> node id`` for the connected nodes, asking new nodes with a ``query``.
 
         Flower's node ids are random per run, so the strategy samples clients and maps them to
@@ -66,9 +87,9 @@ class PartitionNodes:
                 self._node_clients.pop(gone, None)
             unknown = sorted(node_ids - set(self._node_to_partition))
             if unknown and len(node_ids) >= self.num_nodes:
-                if not self.nodes_by_order:
+                if not self.by_order:
                     self._query_partitions(grid, unknown, max(1.0, deadline - time.monotonic()))
-                if self.nodes_by_order:  # the nodes have no query handler (this query or an earlier one said so)
+                if self.by_order:  # the nodes have no query handler (this query or an earlier one said so)
                     self._order_nodes(sorted(node_ids)[: self.num_nodes])
             mapping = {c: node for node, ids in self._node_clients.items() if node in node_ids for c in ids}
             missing = sorted(set(range(self.num_clients)) - set(mapping))
@@ -129,7 +150,7 @@ class PartitionNodes:
             logger.warning("the nodes do not report a %s (%s): partition-keyed sampling is off; client i is the i-th "
                            "node in node-id order, so sampling picks nodes, not data partitions (a fedmeta ClientApp, or "
                            "a query handler replying {%r: ...}, turns it on)", C.PARTITION_ID, first, C.PARTITION_ID)
-            self.nodes_by_order = True
+            self.by_order = True
             return
         for node, (pid, ids) in reported.items():
             for old in [n for n, p in self._node_to_partition.items() if p == pid]:
@@ -145,21 +166,18 @@ class PartitionNodes:
             self._node_to_partition[node] = pid
             self._node_clients[node] = ids
 
-    @staticmethod
-    def _by_node(nodes: dict[int, int], clients: list[int]) -> dict[int, tuple[int, ...]]:
-        """``node id -> its clients among clients``, for the ``client id -> node id`` map ``nodes``."""
-        by_node: dict[int, list[int]] = {}
-        for c in clients:
-            by_node.setdefault(nodes[c], []).append(c)
-        return {node: tuple(ids) for node, ids in by_node.items()}
-
-    def _group_messages(
-        self, arrays: ArrayRecord, config: ConfigRecord, nodes: dict[int, int], clients: list[int], message_type: str
-    ) -> list[Message]:
-        """One message per node that hosts any of ``clients``, naming them under ``client-ids``."""
+    def messages(self, arrays: ArrayRecord, config: ConfigRecord, nodes: dict[int, int], clients: list[int], message_type: str,
+                 weighting: str) -> tuple[list[Message], dict[int, tuple[int, ...]]]:
+        """The messages that run ``clients`` (``nodes``: :meth:`discover`'s map) and ``node id -> its clients``.
+        One message per client on single-client nodes; on multi-client nodes one per node, naming its
+        clients under ``client-ids`` (with ``num-clients`` and the server's ``weighting``)."""
+        sent = by_node(nodes, clients)
+        if not self.multi_client:
+            record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
+            return [Message(content=record, message_type=message_type, dst_node_id=nodes[c]) for c in clients], sent
         messages = []
-        for node, ids in self._by_node(nodes, clients).items():
-            cfg = ConfigRecord({**dict(config), C.CLIENT_IDS: list(ids), C.NUM_CLIENTS: self.num_clients, C.WEIGHTING: self.weighting})
+        for node, ids in sent.items():
+            cfg = ConfigRecord({**dict(config), C.CLIENT_IDS: list(ids), C.NUM_CLIENTS: self.num_clients, C.WEIGHTING: weighting})
             record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: cfg})
             messages.append(Message(content=record, message_type=message_type, dst_node_id=node))
-        return messages
+        return messages, sent

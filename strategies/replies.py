@@ -1,18 +1,19 @@
 """A round's replies: what was sent (:class:`SentRound`), screening before aggregation (the checks are
 :mod:`fedmeta.strategies.screening`), error replies counted by distinct error
-(:mod:`fedmeta.strategies.failures`), missing nodes, and per-client rows. A mixin of
-:class:`~fedmeta.strategies.base.MetaStrategy`, whose state it uses."""
+(:mod:`fedmeta.strategies.failures`), missing nodes, and per-client rows. :class:`ReplyScreening` is the
+collaborator a strategy holds as ``screening``."""
 
 from __future__ import annotations
 
 import logging
 import statistics
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable, Iterable
 
 from flwr.app import ArrayRecord, Message, MetricRecord
 
 from fedmeta import config as C
+from fedmeta.strategies.failures import ClientFailures
 from fedmeta.strategies.screening import norm_outliers, reply_view, screen_evaluate_reply, screen_reply, update_norm
 
 logger = logging.getLogger("fedmeta")
@@ -36,29 +37,75 @@ class SentRound:
     """Whether the messages named the clients under ``client-ids`` (multi-client nodes)."""
 
 
-class ReplyScreening:
-    """Mixin: screening and bookkeeping of a round's replies."""
+def client_rows(record: MetricRecord) -> list[dict[str, Any]]:
+    """One reply's metrics per client: a multi-client node's ``per-client-`` lists, or the record itself."""
+    if C.CLIENT_IDS not in record:
+        return [dict(record)]
+    ids = list(record[C.CLIENT_IDS])
+    keys = [k for k in record if k.startswith(C.PER_CLIENT)]
+    bad = [k for k in keys if not isinstance(record[k], list) or len(record[k]) != len(ids)]
+    if bad:
+        raise ValueError(f"reply lists {bad} do not have one value per client of {C.CLIENT_IDS} ({len(ids)})")
+    return [{C.PARTITION_ID: c, **{k[len(C.PER_CLIENT):]: record[k][i] for k in keys}} for i, c in enumerate(ids)]
 
-    @staticmethod
-    def client_rows(record: MetricRecord) -> list[dict[str, Any]]:
-        """One reply's metrics per client: a multi-client node's ``per-client-`` lists, or the record itself."""
-        if C.CLIENT_IDS not in record:
-            return [dict(record)]
-        ids = list(record[C.CLIENT_IDS])
-        keys = [k for k in record if k.startswith(C.PER_CLIENT)]
-        bad = [k for k in keys if not isinstance(record[k], list) or len(record[k]) != len(ids)]
-        if bad:
-            raise ValueError(f"reply lists {bad} do not have one value per client of {C.CLIENT_IDS} ({len(ids)})")
-        return [{C.PARTITION_ID: c, **{k[len(C.PER_CLIENT):]: record[k][i] for k in keys}} for i, c in enumerate(ids)]
 
-    def _reply_rows(self, message: Message, sent: SentRound) -> list[dict[str, Any]]:
-        """:meth:`client_rows` of a screened reply; a single-client reply without ``partition-id``
+@dataclass
+class Screened:
+    """A round's replies after :meth:`ReplyScreening.screen`."""
+
+    sent: SentRound
+    accepted: list[Message]
+    """The replies that passed screening, in arrival order."""
+    rejected: list[dict[str, Any]]
+    """One rejection record per reply left out (see :attr:`ReplyScreening.rejections`)."""
+    errors: list[Message]
+    missing: int
+    """Nodes sent a message that did not reply before the round's timeout."""
+
+    def rows(self, message: Message) -> list[dict[str, Any]]:
+        """:func:`client_rows` of an accepted reply; a single-client reply without ``partition-id``
         is attributed to the partition its node was sent."""
         record = reply_view(message.content)
-        rows = self.client_rows(record)
+        rows = client_rows(record)
         if C.CLIENT_IDS not in record and C.PARTITION_ID not in record:
-            rows[0][C.PARTITION_ID] = sent.clients[message.metadata.src_node_id][0]
+            rows[0][C.PARTITION_ID] = self.sent.clients[message.metadata.src_node_id][0]
         return rows
+
+
+class ReplyScreening:
+    """Screening and bookkeeping of a round's replies. Interface: :meth:`expect` (what a round sent),
+    :meth:`screen` (that round's replies). Owns :attr:`rejections` and what each round sent; counts
+    error replies into ``failures``. ``served(node)`` (the node map's) sharpens rejection reasons;
+    ``examples_key`` (``num-examples``) is required in train replies when ``weighting`` is ``"examples"``;
+    ``max_update_norm_ratio`` (or ``None``) rejects train replies by update norm
+    (:func:`~fedmeta.strategies.screening.norm_outliers`)."""
+
+    def __init__(self, *, failures: ClientFailures, served: Callable[[int], tuple[int, ...]], weighting: str,
+                 examples_key: str, max_update_norm_ratio: float | None) -> None:
+        self.failures, self.served, self.examples_key = failures, served, examples_key
+        self.weighted_by = examples_key if weighting == "examples" else None
+        self.max_update_norm_ratio = max_update_norm_ratio
+        self.rejections: dict[int, list[dict[str, Any]]] = {}
+        """Per round with rejections: one ``{"stage": "train" | "evaluate", "node": id, "clients":
+        [the clients sent to it], "reason": str}`` per reply left out by screening."""
+        self._sent: dict[tuple[str, int], SentRound] = {}
+
+    def expect(self, stage: str, server_round: int, sent: SentRound) -> None:
+        """Record what round ``server_round`` sent for ``stage`` (``train`` / ``evaluate``), kept until a
+        later round's training is configured."""
+        if stage == "train":
+            self._sent = {k: v for k, v in self._sent.items() if k[1] >= server_round}
+        self._sent[stage, server_round] = sent
+
+    def screen(self, stage: str, server_round: int, replies: Iterable[Message]) -> Screened:
+        """Screen the replies to what :meth:`expect` recorded: error replies counted (a new error is logged
+        once, every one in full to ``fedmeta.errors``), rejections and missing nodes logged (warnings)."""
+        replies = list(replies)
+        sent = self._sent.get((stage, server_round), SentRound(None))
+        errors = [m for m in replies if m.has_error()]
+        self.failures.record_replies(server_round, stage, errors, lambda node: sent.clients.get(node, ()))
+        accepted, rejected = self._screen(server_round, stage, [m for m in replies if not m.has_error()], sent)
+        return Screened(sent, accepted, rejected, errors, self._missing(server_round, stage, replies, sent))
 
     def _screen(
         self, server_round: int, stage: str, candidates: list[Message], sent: SentRound
@@ -66,7 +113,6 @@ class ReplyScreening:
         """Split the non-error replies of a round into accepted ones and rejection records (logged)."""
         reasons: dict[int, str] = {}
         seen: set[int] = set()
-        weighted_by = self.weighted_by_key if self.weighting == "examples" else None
         for i, m in enumerate(candidates):
             node = m.metadata.src_node_id
             if node not in sent.clients:
@@ -74,11 +120,10 @@ class ReplyScreening:
             elif node in seen:
                 reasons[i] = f"a second {stage} reply from the node in round {server_round}"
             else:
-                served = self._node_clients.get(node, ())
+                served = self.served(node)
                 if sent.reference is not None:  # a train round
                     reason = screen_reply(m.content, sent.reference, sent=sent.clients[node], expect_ids=sent.with_ids,
-                                          served=served, weighted_by_key=weighted_by,
-                                          examples_key=self.weighted_by_key)
+                                          served=served, weighted_by_key=self.weighted_by, examples_key=self.examples_key)
                 else:
                     reason = screen_evaluate_reply(m.content, sent=sent.clients[node], expect_ids=sent.with_ids,
                                                    served=served, numeric_keys=SUMMARY_KEYS)
@@ -101,11 +146,6 @@ class ReplyScreening:
         if rejected:
             self.rejections.setdefault(server_round, []).extend(rejected)
         return [m for i, m in enumerate(candidates) if i not in reasons], rejected
-
-    def _record_errors(self, server_round: int, stage: str, errors: list[Message], sent: SentRound) -> None:
-        """Count the round's error replies by distinct error: a new error is logged once (INFO, its key),
-        every error reply in full to ``fedmeta.errors`` (the command line tools' run log)."""
-        self.failures.record_replies(server_round, stage, errors, lambda node: sent.clients.get(node, ()))
 
     @staticmethod
     def _missing(server_round: int, stage: str, replies: list[Message], sent: SentRound) -> int:

@@ -1,12 +1,20 @@
 """The checkpointed round loop: Flower's ``Strategy.start`` (train, evaluate, optional server-side
-evaluation, per round) plus a checkpoint after every round, resume, a stop when no client can train
-(``max_failed_rounds``) and an ``on_round`` hook.
+evaluation, per round) plus what fedmeta adds to it: a checkpoint after every round, resume, a stop when
+no client can train (``max_failed_rounds``), short polls (:func:`~fedmeta.strategies.exchange.exchange`)
+and an ``on_round`` hook.
+
+Why a loop of its own rather than hooks on Flower's: ``Strategy.start`` (flwr 1.42) always runs rounds
+``1..num_rounds`` and evaluates round 0 (no resume from round k+1), keeps its ``Result`` in a local (the
+checkpoint's history and the stop's partial result need it after every round; ``evaluate_fn``, its only
+per-round callback, sees the model but not the round's metrics) and waits with
+``Grid.send_and_receive`` (a deployment's 3 s polls). The loop below is Flower's, with those additions
+marked, and logs Flower's start and final lines.
 
 :func:`start` runs it for any Flower ``Strategy``: fedmeta's own (whose ``start`` is this loop), a stock
 ``FedAvg`` / ``FedAdam`` driving fedmeta clients, or a Flower wrapper such as
 ``DifferentialPrivacyServerSideFixedClipping`` around a fedmeta strategy. A fedmeta strategy, bare or
-wrapped (found under the wrapper's public ``strategy`` attribute), keeps its per-client history, its
-memory key and its evaluation schedule through checkpoints and resumes."""
+wrapped (found under the wrapper's public ``strategy`` attribute), is a :class:`RoundHooks`: it keeps its
+per-client history, its memory key and its evaluation schedule through checkpoints and resumes."""
 
 from __future__ import annotations
 
@@ -15,7 +23,7 @@ import logging
 import time
 from logging import INFO
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Protocol, runtime_checkable
 
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
 from flwr.common.logger import log
@@ -30,14 +38,27 @@ from fedmeta.strategies.failures import ClientFailures, TrainingStopped
 logger = logging.getLogger("fedmeta")
 
 
+@runtime_checkable
+class RoundHooks(Protocol):
+    """What the loop asks of a fedmeta strategy (:class:`~fedmeta.strategies.base.MetaStrategy`)."""
+
+    max_failed_rounds: int
+    failures: ClientFailures  # its error replies (it records them itself when bare)
+    round_valid: bool  # whether the last round had a valid train reply
+    phase_seconds: dict[str, float]  # the loop adds its time in evaluation rounds and checkpoint writes
+
+    def fingerprint(self) -> dict[str, Any]: ...
+    def begin_run(self, num_rounds: int, memory_key: str | None, resumed_from: int | None) -> None: ...
+    def history_entry(self, server_round: int) -> dict[str, Any]: ...
+    def restore_round(self, server_round: int, entry: dict[str, Any]) -> None: ...
 
 
-def _meta(strategy: Strategy) -> "CheckpointedRounds | None":
+def _meta(strategy: Strategy) -> RoundHooks | None:
     """The fedmeta strategy in ``strategy``: itself, or the one a Flower wrapper holds as ``strategy``."""
-    if isinstance(strategy, CheckpointedRounds):
-        return strategy
-    inner = getattr(strategy, "strategy", None)
-    return inner if isinstance(inner, CheckpointedRounds) else None
+    for s in (strategy, getattr(strategy, "strategy", None)):
+        if isinstance(s, RoundHooks):
+            return s
+    return None
 
 
 def _scalars(obj: Any) -> dict[str, Any]:
@@ -51,7 +72,7 @@ def fingerprint(strategy: Strategy) -> dict[str, Any]:
     :meth:`~fedmeta.strategies.base.MetaStrategy.fingerprint`; for a wrapper, its class and scalar
     settings (e.g. the DP noise multiplier and clipping norm) around the wrapped strategy's; for
     another strategy, its class and scalar settings."""
-    if isinstance(strategy, CheckpointedRounds):
+    if isinstance(strategy, RoundHooks):
         return strategy.fingerprint()
     out: dict[str, Any] = {"strategy": type(strategy).__name__, "settings": _scalars(strategy)}
     inner = getattr(strategy, "strategy", None)
@@ -60,23 +81,11 @@ def fingerprint(strategy: Strategy) -> dict[str, Any]:
     return out
 
 
-def start(
-    strategy: Strategy,
-    grid: Grid,
-    initial_arrays: ArrayRecord,
-    num_rounds: int = 3,
-    timeout: float = 3600,
-    train_config: ConfigRecord | None = None,
-    evaluate_config: ConfigRecord | None = None,
-    evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
-    *,
-    checkpoint_dir: str | Path | None = None,
-    resume: bool = False,
-    run_info: Mapping[str, Any] | None = None,
-    checkpoint_sync: bool = True,
-    on_round: Callable[[int, Result], None] | None = None,
-    max_failed_rounds: int | None = None,
-) -> Result:
+def start(strategy: Strategy, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3, timeout: float = 3600,
+          train_config: ConfigRecord | None = None, evaluate_config: ConfigRecord | None = None,
+          evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None, *, checkpoint_dir: str | Path | None = None,
+          resume: bool = False, run_info: Mapping[str, Any] | None = None, checkpoint_sync: bool = True,
+          on_round: Callable[[int, Result], None] | None = None, max_failed_rounds: int | None = None) -> Result:
     """Run ``strategy`` (any Flower ``Strategy``) for ``num_rounds`` rounds, as ``strategy.start`` would,
     with a checkpoint after every round, resume, and a stop when no client can train.
 
@@ -129,57 +138,35 @@ def start(
         max_failed_rounds = meta.max_failed_rounds if meta is not None else 3
     ok = isinstance(max_failed_rounds, int) and not isinstance(max_failed_rounds, bool) and max_failed_rounds >= 0
     V.check("max_failed_rounds", ok, "an integer >= 0 (0 = never stop)", max_failed_rounds)
-    if meta is not None:
-        meta.num_rounds = num_rounds  # its evaluation schedule (the last round) and its log lines use it
     train_config = ConfigRecord() if train_config is None else train_config
     evaluate_config = ConfigRecord() if evaluate_config is None else evaluate_config
     # A bare fedmeta strategy records its error replies itself; around any other, the loop does.
     failures = meta.failures if bare else ClientFailures()
     result = Result()
-    arrays, first = initial_arrays, 1
-    ckpt = None
-    if checkpoint_dir is not None:  # checked before any message is sent
+    # fedmeta: open (or resume) the checkpoint, before any message is sent
+    ckpt, memory_key, done, arrays = None, None, 0, initial_arrays
+    if checkpoint_dir is not None:
         ckpt = CheckpointDir(checkpoint_dir, sync=checkpoint_sync)
-        fp = {**fingerprint(strategy), **({"run": dict(run_info)} if run_info else {})}
-        state = check_can_start(ckpt.path, resume)
-        if state is None:
-            memory_key = new_memory_key()
-            ckpt.begin(arrays, num_rounds=num_rounds, memory_key=memory_key, fingerprint=fp)
-        else:
-            if why := fingerprint_mismatch(state.fingerprint, fp):
-                raise CheckpointError(f"checkpoint {ckpt.path} is from a run with other settings ({why}): "
-                                      f"resume with the same settings, or start afresh in another checkpoint-dir")
-            V.check("num_rounds", num_rounds >= state.round,
-                    f">= the checkpoint's completed rounds ({state.round}) when resuming", num_rounds)
-            memory_key = state.memory_key
-            arrays, first = state.arrays, state.round + 1
-            if state.round:
-                result.arrays = arrays
-            _restore(meta, state.history, result)
-            ckpt.begin(arrays, num_rounds=num_rounds, memory_key=memory_key, fingerprint=fp,
-                       history=state.history, at_round=state.round)
-            if meta is not None:
-                meta.resumed_from = state.round
-            log(INFO, "Resuming from the checkpoint after round %d of %d in %s", state.round, num_rounds, ckpt.path)
-        if meta is not None:
-            meta.memory_key = memory_key
+        arrays, memory_key, done = _open(ckpt, strategy, meta, initial_arrays, num_rounds, resume, run_info, result)
+    if meta is not None:  # its evaluation schedule (the last round), log lines and train messages use these
+        meta.begin_run(num_rounds, memory_key, done if ckpt is not None and resume else None)
 
     log(INFO, "Starting %s strategy:", strategy.__class__.__name__)
     log(INFO, "\t├── Number of rounds: %d", num_rounds)
     log(INFO, "\t├── ArrayRecord (%.2f MB)", sum(len(a.data) for a in arrays.values()) / 2**20)
-    log(INFO, "\t├── ConfigRecord (train): %s", dict(train_config) or "(empty)")
-    log(INFO, "\t├── ConfigRecord (evaluate): %s", dict(evaluate_config) or "(empty)")
+    for stage, cfg in (("train", train_config), ("evaluate", evaluate_config)):
+        log(INFO, "\t├── ConfigRecord (%s): %s", stage, dict(cfg) or "(empty)")
     strategy.summary()
     log(INFO, "")
     t_start = time.time()
-    if evaluate_fn and first == 1:
+    if evaluate_fn and done == 0:
         res = evaluate_fn(0, arrays)
         log(INFO, "Initial global evaluation results: %s", res)
         if res is not None:
             result.evaluate_metrics_serverapp[0] = res
 
     failed_rounds = 0
-    for current_round in range(first, num_rounds + 1):
+    for current_round in range(done + 1, num_rounds + 1):  # fedmeta: from the checkpoint's round on
         log(INFO, "")
         log(INFO, "[ROUND %s/%s]", current_round, num_rounds)
         replies = exchange(grid, strategy.configure_train(current_round, arrays, train_config, grid), timeout=timeout)
@@ -191,10 +178,9 @@ def start(
         if agg_train_metrics is not None:
             log(INFO, "\t└──> Aggregated MetricRecord: %s", agg_train_metrics)
             result.train_metrics_clientapp[current_round] = agg_train_metrics
+        # fedmeta: the failed-rounds stop
         trained = meta.round_valid if bare else agg_arrays is not None
         failed_rounds = 0 if trained else failed_rounds + 1
-        if meta is not None:
-            meta.failed_rounds = failed_rounds
         if max_failed_rounds and failed_rounds >= max_failed_rounds:
             _stop(current_round, failed_rounds, max_failed_rounds, failures, result, ckpt, on_round)
         t_evaluate = time.perf_counter()
@@ -213,6 +199,7 @@ def start(
             log(INFO, "\t└──> MetricRecord: %s", res)
             if res is not None:
                 result.evaluate_metrics_serverapp[current_round] = res
+        # fedmeta: the checkpoint and the on_round hook
         if ckpt is not None:
             t_commit = time.perf_counter()
             ckpt.commit(current_round, arrays, _history_entry(meta, current_round, result))
@@ -230,6 +217,35 @@ def start(
         log(INFO, "\t%s", line.strip("\n"))
     log(INFO, "")
     return result
+
+
+def _open(ckpt: CheckpointDir, strategy: Strategy, meta: RoundHooks | None, initial_arrays: ArrayRecord, num_rounds: int,
+          resume: bool, run_info: Mapping[str, Any] | None, result: Result) -> tuple[ArrayRecord, str, int]:
+    """Begin a fresh run's checkpoint, or resume the one in ``ckpt`` into ``result`` and ``meta``:
+    ``(the model to start from, the memory key, the rounds already done)``."""
+    fp = {**fingerprint(strategy), **({"run": dict(run_info)} if run_info else {})}
+    state = check_can_start(ckpt.path, resume)
+    if state is None:
+        memory_key = new_memory_key()
+        ckpt.begin(initial_arrays, num_rounds=num_rounds, memory_key=memory_key, fingerprint=fp)
+        return initial_arrays, memory_key, 0
+    if why := fingerprint_mismatch(state.fingerprint, fp):
+        raise CheckpointError(f"checkpoint {ckpt.path} is from a run with other settings ({why}): "
+                              f"resume with the same settings, or start afresh in another checkpoint-dir")
+    V.check("num_rounds", num_rounds >= state.round, f">= the checkpoint's completed rounds ({state.round}) when resuming", num_rounds)
+    if state.round:
+        result.arrays = state.arrays
+    for entry in state.history:  # rounds 1..k back into the result and the fedmeta strategy
+        r = int(entry["round"])
+        for key, into in _results(result):
+            if entry.get(key) is not None:
+                into[r] = MetricRecord(entry[key])
+        if meta is not None:
+            meta.restore_round(r, entry)
+    ckpt.begin(state.arrays, num_rounds=num_rounds, memory_key=state.memory_key, fingerprint=fp, history=state.history,
+               at_round=state.round)
+    log(INFO, "Resuming from the checkpoint after round %d of %d in %s", state.round, num_rounds, ckpt.path)
+    return state.arrays, state.memory_key, state.round
 
 
 def _stop(server_round: int, failed_rounds: int, max_failed_rounds: int, failures: ClientFailures, result: Result,
@@ -250,55 +266,13 @@ def _stop(server_round: int, failed_rounds: int, max_failed_rounds: int, failure
     raise error
 
 
-def _history_entry(meta: "CheckpointedRounds | None", server_round: int, result: Result) -> dict[str, Any]:
-    """Round ``server_round``'s line in the checkpoint history (see :func:`_restore`)."""
-
-    def plain(record: MetricRecord | None) -> dict[str, Any] | None:
-        return None if record is None else dict(record)
-
-    entry: dict[str, Any] = {
-        "train": plain(result.train_metrics_clientapp.get(server_round)),
-        "evaluate": plain(result.evaluate_metrics_clientapp.get(server_round)),
-        "serverapp": plain(result.evaluate_metrics_serverapp.get(server_round)),
-    }
-    if meta is not None:
-        entry.update({
-            "client_train": meta.client_train.get(server_round),
-            "client_eval": meta.client_eval.get(server_round),
-            "round_seconds": meta.round_seconds.get(server_round),
-            "rejections": meta.rejections.get(server_round),
-        })
-    return entry
+def _results(result: Result) -> tuple[tuple[str, dict[int, MetricRecord]], ...]:
+    """The checkpoint history's keys for the ``Result``'s metrics."""
+    return (("train", result.train_metrics_clientapp), ("evaluate", result.evaluate_metrics_clientapp),
+            ("serverapp", result.evaluate_metrics_serverapp))
 
 
-def _restore(meta: "CheckpointedRounds | None", history: list[dict[str, Any]], result: Result) -> None:
-    """Put the checkpointed history of rounds 1..k back into ``result`` and the fedmeta strategy."""
-    for entry in history:
-        r = int(entry["round"])
-        for key, into in (("train", result.train_metrics_clientapp), ("evaluate", result.evaluate_metrics_clientapp),
-                          ("serverapp", result.evaluate_metrics_serverapp)):
-            if entry.get(key) is not None:
-                into[r] = MetricRecord(entry[key])
-        if meta is None:
-            continue
-        for key, into in (("client_train", meta.client_train), ("client_eval", meta.client_eval)):
-            if entry.get(key) is not None:
-                into[r] = {int(c): m for c, m in entry[key].items()}
-        if entry.get("round_seconds") is not None:
-            meta.round_seconds[r] = float(entry["round_seconds"])
-        if entry.get("rejections"):
-            meta.rejections[r] = list(entry["rejections"])
-
-
-class CheckpointedRounds:
-    """Mixin of :class:`~fedmeta.strategies.base.MetaStrategy`: its :meth:`start` is :func:`start`."""
-
-    round_valid: bool = True
-    """Whether the last round had a valid train reply (set by ``aggregate_train``)."""
-
-    def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3, *args: Any, **kwargs: Any) -> Result:
-        """Flower's round loop with checkpoints, resume and the failed-rounds stop: :func:`start` (which
-        see, for ``timeout``, ``train_config``, ``evaluate_config``, ``evaluate_fn`` and the keyword-only
-        ``checkpoint_dir``, ``resume``, ``run_info``, ``checkpoint_sync``, ``on_round``) with this
-        strategy and its ``max_failed_rounds``."""
-        return start(self, grid, initial_arrays, num_rounds, *args, **kwargs)
+def _history_entry(meta: RoundHooks | None, server_round: int, result: Result) -> dict[str, Any]:
+    """Round ``server_round``'s line in the checkpoint history: the round's metrics and the fedmeta strategy's own."""
+    entry = {key: None if (m := into.get(server_round)) is None else dict(m) for key, into in _results(result)}
+    return {**entry, **(meta.history_entry(server_round) if meta is not None else {})}
