@@ -61,7 +61,7 @@ def old_version(commit: str) -> tuple[Path, Path]:
         _git("worktree", "add", "--detach", str(tree), sha)
     python = tree / ".venv" / "bin" / "python"
     if not python.exists():
-        subprocess.run([sys.executable, "-m", "venv", str(tree / ".venv")], check=True)
+        subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(tree / ".venv")], check=True)  # pip, setuptools: shared
         purelib = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], check=True,
                                  capture_output=True, text=True).stdout.strip()
         Path(purelib, "_shared_packages.pth").write_text("\n".join(site.getsitepackages()) + "\n")  # torch, flwr, ray, ...
