@@ -49,8 +49,6 @@ DataFn = Callable[[int], ClientData]
 DEVICE_NODE_CONFIG = "device"
 MEMORY_DIR_ENV = "FEDMETA_MEMORY_DIR"
 """Environment variable: where multi-client nodes keep their memory banks when no ``memory-dir`` is set."""
-PER_CLIENT_TRAIN = (C.NUM_EXAMPLES, C.NUM_SAMPLES, C.NUM_GRADIENTS, C.NUM_HVPS, C.NUM_LOSS_EVALS, C.TRAIN_LOSS, C.MEMORY_ROUND)
-"""Train metrics a multi-client node reports per client (lists under ``per-client-<key>``)."""
 """Optional node-config key overriding the device (e.g. ``cpu`` or ``cuda:1``)."""
 
 

@@ -267,18 +267,6 @@ def file_digest(path: Path) -> int:
     return read_memory_file(path).digest
 
 
-def write_memory_file(
-    path: Path, experiment: str, partition: int, params: Params, server_round: int, *, sync: bool = True
-) -> None:
-    """Write u atomically: temp file in the same directory, fsync, ``os.replace``, fsync the directory.
-
-    ``sync=False`` skips both fsyncs: still atomic for a killed process (the page cache outlives it),
-    not durable across a power cut.
-    """
-    path = Path(path)
-    files.replace(_write_temp(path, experiment, partition, params, server_round, sync=sync), path, sync=sync)
-
-
 def _write_temp(path: Path, experiment: str, partition: int, params: Params, server_round: int, *, sync: bool) -> Path:
     """Write u to a new temporary file beside ``path`` (fsynced if ``sync``) and return its path.
 

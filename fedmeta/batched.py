@@ -35,12 +35,6 @@ def stack(params: Sequence[Params]) -> Params:
     return {k: torch.stack([p[k] for p in params]) for k in params[0]}
 
 
-def unstack(params: Params) -> list[Params]:
-    """The inverse of :func:`stack`: one dict per client (views)."""
-    n = next(iter(params.values())).shape[0]
-    return [{k: v[i] for k, v in params.items()} for i in range(n)]
-
-
 def stack_batches(per_client: Sequence[Any]) -> Any:
     """The clients' batches (tensors in equally shaped nested tuples) stacked leaf by leaf on a new
     leading axis, or ``None`` if the clients' tensors differ in shape (ragged batches)."""

@@ -28,13 +28,14 @@ Notation (papers in ``shared/papers``):
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Callable, ClassVar, Iterator, Protocol, Sequence
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vjp
+
+from fedmeta import validation as V
 
 Params = dict[str, Tensor]
 Batch = tuple[Tensor, Tensor]
@@ -388,22 +389,6 @@ META_GRADIENTS = ("exact", "first_order", "hessian_free", "ggs", "zeroth_order",
 """Values of the ``meta_gradient`` setting."""
 
 
-def check_meta_gradient(meta_gradient: str, inner_steps: int, delta: float, num_directions: int) -> None:
-    """Validate an estimator setting; ``ValueError`` names the field and its allowed range."""
-    if meta_gradient not in META_GRADIENTS:
-        raise ValueError(f"meta_gradient must be one of {list(META_GRADIENTS)}, got {meta_gradient!r}")
-    if not (isinstance(inner_steps, int) and not isinstance(inner_steps, bool) and inner_steps >= 1):
-        raise ValueError(f"inner_steps (N) must be an integer >= 1, got {inner_steps!r}")
-    ok = isinstance(delta, (int, float)) and not isinstance(delta, bool) and math.isfinite(delta) and delta > 0
-    if not ok:
-        raise ValueError(f"delta (finite-difference / smoothing radius) must be a finite number > 0, got {delta!r}")
-    ok = isinstance(num_directions, int) and not isinstance(num_directions, bool) and num_directions >= 1
-    if not ok:
-        raise ValueError(
-            f"num_directions (U, Gaussian vectors per Hessian estimate) must be an integer >= 1, got {num_directions!r}"
-        )
-
-
 DEFAULT_DELTA = 1e-5
 """delta when none is given, for every estimator that uses one.
 
@@ -427,7 +412,9 @@ def meta_gradient(name: str = "exact", *, delta: float = DEFAULT_DELTA, num_dire
     num_directions
         U, Gaussian vectors per Hessian estimate (``ggs``, ``zeroth_order``).
     """
-    check_meta_gradient(name, 1, delta, num_directions)
+    V.check_choice("meta_gradient", name, META_GRADIENTS)
+    V.check("delta (finite-difference step / smoothing radius)", V.is_finite(delta) and delta > 0, "a finite number > 0", delta)
+    V.check("num_directions (U)", V.is_int(num_directions) and num_directions >= 1, "an integer >= 1", num_directions)
     correction: HessianCorrection = {
         "exact": lambda: ExactHessian(),
         "first_order": lambda: FirstOrder(),

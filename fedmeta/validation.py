@@ -48,18 +48,4 @@ def nonneg_int(name: str, value: Any) -> None:
     check(name, is_int(value) and value >= 0, "an integer >= 0", value)
 
 
-def finite_nonneg(name: str, value: Any) -> None:
-    check(name, is_finite(value) and value >= 0, "a finite number >= 0", value)
-
-
-def finite_positive(name: str, value: Any) -> None:
-    check(name, is_finite(value) and value > 0, "a finite number > 0", value)
-
-
-def in_unit_interval(name: str, value: Any) -> None:
-    """``value`` in (0, 1]."""
-    check(name, is_finite(value) and 0 < value <= 1, "a number in (0, 1]", value)
-
-
-__all__ = ["check", "check_choice", "finite_nonneg", "finite_positive", "in_unit_interval", "is_finite", "is_int", "nonneg_int",
-           "positive_int"]
+__all__ = ["check", "check_choice", "is_finite", "is_int", "nonneg_int", "positive_int"]

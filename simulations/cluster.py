@@ -238,10 +238,6 @@ class LocalCluster:
             ray.shutdown()
         return self
 
-    def session_dirs(self) -> list[Path]:
-        """Each raylet's session directory (its logs name the actors it ran)."""
-        return sorted(self.root.glob("*/session_*"))
-
     def processes(self) -> set[int]:
         """Every live process of this cluster (:func:`local_cluster_processes`)."""
         return local_cluster_processes(self.root)
