@@ -1,7 +1,7 @@
 """Two versions of fedmeta side by side (``make bench-versions OLD=<commit>``): is this checkout slower than an older one?
 
-Runs benchmark scripts (``bench_default_run.py``, ``bench_peers.py``) of this checkout and of ``OLD`` in turn, repeat by
-repeat (old, new, old, new, ...: the machine's drifts hit both alike), each version from its own tree and its own
+Runs benchmark scripts (``bench_default_run.py``, ``bench_peers.py``, ``bench_single_step.py``) of this checkout and of ``OLD`` in turn, repeat by
+repeat (old then new, then new then old, ...: the machine's drifts hit both alike), each version from its own tree and its own
 interpreter, and prints every rate of the new version over the old one's, per repeat and their median.
 
 ``OLD`` is checked out as a git worktree under ``build/versions/<commit>`` with a venv of its own that installs only
@@ -43,9 +43,14 @@ def _rates_peers(report: dict[str, Any]) -> dict[str, float]:
     return {k: v for k, v in report["medians"].items() if v is not None}
 
 
+def _rates_single_step(report: dict[str, Any]) -> dict[str, float]:
+    return {f"{cell}: steps/s": 1000.0 / t["min_ms"] for cell, t in report["ms"].items()}
+
+
 BENCHES: dict[str, tuple[str, Callable[[dict[str, Any]], dict[str, float]]]] = {
     "default-run": ("bench_default_run.py", _rates_default_run),
     "peers": ("bench_peers.py", _rates_peers),
+    "single-step": ("bench_single_step.py", _rates_single_step),
 }
 
 
@@ -77,7 +82,8 @@ def run(old: str, benches: Sequence[str], repeats: int, extra: dict[str, list[st
             rep: dict[str, Any] = {}
             for bench in benches:
                 script, rates = BENCHES[bench]
-                for side, (tree, python) in versions.items():
+                sides = list(versions.items())
+                for side, (tree, python) in (sides if i % 2 else sides[::-1]):  # old first, then new first: drifts cancel
                     progress(f"[repeat {i}/{repeats}] {bench}, {side} version")
                     out = Path(tmp) / f"{bench}-{side}-{i}.json"
                     argv = [str(python), str(tree / "bench" / script), "--out", str(out), *extra[bench]]
