@@ -60,7 +60,10 @@ def _git(*args: str) -> str:
 
 def old_version(commit: str) -> tuple[Path, Path]:
     """``commit``'s tree (a detached worktree under build/versions) and its interpreter, made on first use."""
-    sha = _git("rev-parse", "--verify", f"{commit}^{{commit}}")
+    try:
+        sha = _git("rev-parse", "--verify", "--quiet", f"{commit}^{{commit}}")
+    except subprocess.CalledProcessError:
+        raise SystemExit(f"bench_versions: {commit!r} is not a commit of this repository (give a commit, branch or tag)") from None
     tree = ROOT / "build" / "versions" / sha[:12]
     if not tree.exists():
         _git("worktree", "add", "--detach", str(tree), sha)
