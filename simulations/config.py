@@ -154,7 +154,7 @@ class ExperimentConfig(AlgorithmSettings):  # type: ignore[misc, valid-type]
             # the algorithm's own validation, before any work starts (num-nodes = -1: checked as the most nodes it can become)
             (self if self.num_nodes != AUTO_NODES else dataclasses.replace(self, num_nodes=0)).strategy_kwargs()
         except ValueError as err:  # (all caught above; kept so no rule of the dataclasses goes unchecked)
-            raise ValueError(f"{_kebab(str(err).split(' ', 1)[0])}: {err}") from None
+            raise ValueError(f"{S.kebab(str(err).split(' ', 1)[0])}: {err}") from None
 
     def _check_cross_field(self) -> None:
         n, new = self.num_clients, self.num_new_clients
@@ -207,7 +207,7 @@ class ExperimentConfig(AlgorithmSettings):  # type: ignore[misc, valid-type]
         return super().from_mapping(values, skip=lambda key: key == C.DIF_MAML or key.startswith(C.DIF_MAML + "."))
 
     def to_dict(self) -> dict[str, Any]:
-        return {k.replace("_", "-"): v for k, v in dataclasses.asdict(self).items()}
+        return {S.kebab(k): v for k, v in dataclasses.asdict(self).items()}
 
     # --- what the experiment is made of ---------------------------------------------------------
     @property
@@ -334,13 +334,9 @@ _NOT_IN_FINGERPRINT = frozenset({"num-rounds", "results-dir", "data-dir", "downl
                                   "ray-address"})
 
 
-def _kebab(name: str) -> str:
-    return name.replace("_", "-")
-
-
 def _bad(name: str, allowed: str, value: Any) -> ValueError:
     """The one error format: ``<kebab-key> must be <allowed>, got <value>``."""
-    return ValueError(f"{_kebab(name)} must be {allowed}, got {value!r}")
+    return ValueError(f"{S.kebab(name)} must be {allowed}, got {value!r}")
 
 
 def parse_cli(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> argparse.Namespace:
