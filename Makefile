@@ -16,6 +16,12 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
+# The optional integrations (TensorBoard, W&B, Optuna, Flower Datasets), which the test suite exercises.
+EXTRAS_STAMP := $(VENV)/.fedmeta-extras-installed
+$(EXTRAS_STAMP): $(STAMP)
+	$(PY) -m pip install -q -e '.[dev,extras]'
+	touch $(EXTRAS_STAMP)
+
 # The data set: found, installed (apt-get, as root or with password-less sudo) or downloaded;
 # otherwise `make run` stops here with one message saying what to run (scripts/provision_data.py).
 run: $(STAMP)
@@ -40,7 +46,7 @@ FAST := not ray and not deploy and not subprocess and not flwr139
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider -m "$(FAST)"
 
-test: $(STAMP)
+test: $(STAMP) $(EXTRAS_STAMP)
 	$(PY) scripts/provision_data.py --optional
 	$(PY) scripts/build_flwr_venv.py --flwr 1.39.0 --dest build/flwr139 > /dev/null
 	build/flwr139/bin/python -m pytest -q -p no:cacheprovider -m "not ray and not deploy" $(FLWR139_TESTS)

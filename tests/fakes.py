@@ -107,14 +107,21 @@ def group_reply(to: Message, models: dict[int, np.ndarray], examples: dict[int, 
 
 # --- the README's snippets and a strategy on Ray -----------------------------------------------------
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+
+
+def doc_snippet(name: str, lang: str = "python", page: str = "README.md") -> str:
+    """The code block after ``<!-- snippet: name -->`` in ``page`` (a path from the repository's root,
+    e.g. ``docs/tracking.md``)."""
+    m = re.search(rf"<!-- snippet: {re.escape(name)} -->\n```{lang}\n(.*?)```", (ROOT / page).read_text(), re.S)
+    assert m, f"{page} has no {lang} snippet {name!r}"
+    return m.group(1)
 
 
 def readme_snippet(name: str, lang: str = "python") -> str:
     """The code block after ``<!-- snippet: name -->`` in the README."""
-    m = re.search(rf"<!-- snippet: {re.escape(name)} -->\n```{lang}\n(.*?)```", README.read_text(), re.S)
-    assert m, f"README has no {lang} snippet {name!r}"
-    return m.group(1)
+    return doc_snippet(name, lang)
 
 
 def simulate_strategy(strategy, cfg, client_app=None, **start_kwargs):
