@@ -40,6 +40,7 @@ from fedmeta.memory_bank import MemoryBank, bank_path
 from fedmeta.stored_params import params_digest
 from fedmeta.config import EvalConfig
 from fedmeta.data import ClientData, client_data
+from fedmeta.flwr_partitions import flwr_datasets_data  # noqa: F401  (re-exported: a built-in task like the two below)
 
 logger = logging.getLogger("fedmeta")
 

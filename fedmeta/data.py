@@ -72,6 +72,7 @@ from fedmeta.class_plans import (  # noqa: F401  (re-exported: fedmeta.data is t
     pathological_plans,
     split_by_plan,
 )
+from fedmeta import flwr_partitions
 from fedmeta.datasets import (  # noqa: F401
     FASHION_MNIST_PACKAGE,
     IDX_FILES,
@@ -392,9 +393,13 @@ def _split_key(
 ) -> SplitKey:
     """Validate a split's arguments (before touching the disk), locate the data: the cache key."""
     _check_dataset(dataset, PARTITIONED_DATASETS)
-    full = tuple(sorted(_partition_params(partition, params, dataset).items()))
-    # Validate before touching the disk: plans are cheap, the data set is not.
-    _validate_plan(partition, num_clients, seed, NUM_CLASSES[dataset], full)
+    # Validate before touching the disk: plans (and partitioners without data) are cheap, the data set is not.
+    if flwr_partitions.is_flwr_partition(partition):
+        full = tuple(sorted(flwr_partitions.flwr_params(params).items()))
+        flwr_partitions.check_flwr_partition(partition, dict(full)["partition_args"], num_clients, seed)
+    else:
+        full = tuple(sorted(_partition_params(partition, params, dataset).items()))
+        _validate_plan(partition, num_clients, seed, NUM_CLASSES[dataset], full)
     resolved = str(locate_dataset(dataset, root, download).resolve())
     return dataset, partition, num_clients, seed, resolved, full
 
@@ -425,16 +430,23 @@ def _validate_plan(
 @functools.lru_cache(maxsize=4)
 def _partition_plan(dataset: str, partition: str, num_clients: int, seed: int, root: str,
                     params: tuple[tuple[str, Any], ...]) -> tuple[tuple[np.ndarray, ...], tuple[np.ndarray, ...]]:
-    """Every client's train and test indices (:func:`partition_indices`); not to be modified."""
+    """Every client's train and test indices (:func:`partition_indices`; a ``flwr:`` partition's both into the train
+    split, :func:`fedmeta.flwr_partitions.partition_indices`); not to be modified."""
     _, y_train, _, y_test = _load_dataset(dataset, root)
+    if flwr_partitions.is_flwr_partition(partition):
+        train_idx, test_idx = flwr_partitions.partition_indices(partition, y_train.numpy(), num_clients, seed, **dict(params))
+        return tuple(train_idx), tuple(test_idx)
     train_idx, test_idx = partition_indices(partition, y_train.numpy(), y_test.numpy(), num_clients, np.random.default_rng(seed),
                                             NUM_CLASSES[dataset], **dict(params))
     return tuple(train_idx), tuple(test_idx)
 
 
-def _materialize(dataset: str, root: str, train_idx: np.ndarray, test_idx: np.ndarray) -> ClientData:
-    """One client's float32 data from its indices into the cached uint8 data set."""
+def _materialize(dataset: str, root: str, train_idx: np.ndarray, test_idx: np.ndarray, partition: str) -> ClientData:
+    """One client's float32 data from its indices into the cached uint8 data set (a ``flwr:`` partition's test
+    indices are rows of the train split)."""
     x_train, y_train, x_test, y_test = _load_dataset(dataset, root)
+    if flwr_partitions.is_flwr_partition(partition):
+        x_test, y_test = x_train, y_train
     tr, te = torch.from_numpy(train_idx), torch.from_numpy(test_idx)
     return ClientData(_to_unit(x_train[tr]), y_train[tr], _to_unit(x_test[te]), y_test[te])
 
@@ -443,7 +455,7 @@ def _materialize(dataset: str, root: str, train_idx: np.ndarray, test_idx: np.nd
 def _partitions(dataset: str, partition: str, num_clients: int, seed: int, root: str,
                 params: tuple[tuple[str, Any], ...]) -> tuple[ClientData, ...]:
     train_idx, test_idx = _partition_plan(dataset, partition, num_clients, seed, root, params)
-    return tuple(_materialize(dataset, root, tr, te) for tr, te in zip(train_idx, test_idx))
+    return tuple(_materialize(dataset, root, tr, te, partition) for tr, te in zip(train_idx, test_idx))
 
 
 CLIENT_CACHE_SIZE = 20_000
@@ -465,7 +477,7 @@ def _client(
     partition_id: int,
 ) -> ClientData:
     train_idx, test_idx = _partition_plan(dataset, partition, num_clients, seed, root, params)
-    return _materialize(dataset, root, train_idx[partition_id], test_idx[partition_id])
+    return _materialize(dataset, root, train_idx[partition_id], test_idx[partition_id], partition)
 
 
 def _cache_clear() -> None:

@@ -25,6 +25,7 @@ from fedmeta.config import HP
 from fedmeta.strategies.base import MetaStrategy
 from fedmeta.batched import DEFAULT_CHUNK_SIZE, VECTORIZE, VMAP_ESTIMATORS
 from fedmeta.data import IMAGE_SHAPES, NUM_CLASSES
+from fedmeta.flwr_partitions import DEFAULT_TEST_FRACTION, MissingExtra, check_flwr_partition, is_flwr_partition
 from fedmeta.models import MODELS, build_model
 from fedmeta.strategies.aggregation import holdout_partitions
 
@@ -73,8 +74,16 @@ class ExperimentConfig(AlgorithmSettings):  # type: ignore[misc, valid-type]
                               help="fedavg, per-fedavg, local-moml or a registered algorithm").field()
     dataset: str = S.choice(lambda: sorted(DATASET_MODELS), default="fashion-mnist",
                             help="fashion-mnist, mnist, cifar10, cifar100 (20 superclasses) or sinewave").field()
-    partition: str = S.choice(lambda: PARTITIONS, default="fallah",
-                              help="image datasets: fallah (per-fedavg.txt Section 5), dirichlet or pathological").field()
+    partition: str = S.Setting(str, lambda: f"one of {list(PARTITIONS)} or 'flwr:<Partitioner>' (a Flower Datasets partitioner)",
+                               lambda v: v in PARTITIONS or is_flwr_partition(v), choices=lambda: PARTITIONS,
+                               help="image datasets: fallah (per-fedavg.txt Section 5), dirichlet, pathological, or "
+                                    "flwr:<Partitioner> (flwr-datasets, e.g. flwr:DirichletPartitioner; docs/flwr-datasets.md)").field("fallah")
+    partition_args: str = S.text("flwr:<Partitioner> partitions: the partitioner's arguments, key=value pairs separated by commas "
+                                 "(alpha=0.5,min_partition_size=20) or a JSON object; num_partitions and seed come from "
+                                 "num-clients + num-new-clients and seed, partition_by defaults to label").field("")
+    test_fraction: float = S.Setting(float, "a number in (0, 1)", lambda v: 0 < v < 1,
+                                     help="flwr:<Partitioner> partitions: share of each client's partition held out as its test "
+                                          "data (stratified by label)").field(DEFAULT_TEST_FRACTION)
     a_train: int = S.int_at_least(2, " (samples per class)", help="Fallah split parameter a of the train split").field(68)
     a_test: int = S.Setting(int, "0 (the paper's value) or an integer >= 2 (samples per class)", lambda v: v == 0 or v >= 2,
                             help="Fallah split parameter a of the test split; 0: the paper's (34; 15 for CIFAR-100)").field(0)
@@ -177,6 +186,7 @@ class ExperimentConfig(AlgorithmSettings):  # type: ignore[misc, valid-type]
         if self.min_valid_replies > most:
             raise _bad("min_valid_replies", f"an integer in [1, {most}] (at most the clients per round and the nodes)",
                        self.min_valid_replies)
+        self._check_flwr_partition()
         if self.model_name == "cnn" and self.dataset == "sinewave":
             raise _bad("model", "an MLP for dataset 'sinewave' (cnn needs images)", self.model)
         if self.dataset in NUM_CLASSES and self.partition == "pathological":
@@ -197,6 +207,20 @@ class ExperimentConfig(AlgorithmSettings):  # type: ignore[misc, valid-type]
             if algorithms.get(self.algorithm).vmap_refusal(self.algorithm_config()):
                 raise _bad("vectorize", f"'auto' or 'loop' with meta-gradient={self.meta_gradient!r} ('vmap' supports "
                                         f"meta-gradient in {list(VMAP_ESTIMATORS)})", self.vectorize)
+
+    def _check_flwr_partition(self) -> None:
+        """A ``flwr:`` partition's name and arguments, checked on a partitioner built without data (one error naming
+        the partitioner or the argument; the missing extra named in one line)."""
+        flwr = self.dataset != "sinewave" and is_flwr_partition(self.partition)
+        if not flwr:
+            if self.partition_args.strip() and self.dataset != "sinewave":
+                raise _bad("partition_args", f"empty unless partition is flwr:<Partitioner> (partition={self.partition!r})",
+                           self.partition_args)
+            return
+        try:
+            check_flwr_partition(self.partition, self.partition_args, self.num_partitions, self.seed)
+        except MissingExtra as err:
+            raise ValueError(str(err)) from None
 
     # --- parsing -------------------------------------------------------------------------------
     @classmethod
@@ -267,6 +291,9 @@ class ExperimentConfig(AlgorithmSettings):  # type: ignore[misc, valid-type]
         """Keyword arguments of :func:`fedmeta.data.client_data` (besides the partition id)."""
         if self.dataset == "sinewave":
             return dict(num_clients=self.num_partitions, seed=self.seed)
+        if is_flwr_partition(self.partition):
+            return dict(num_clients=self.num_partitions, seed=self.seed, partition=self.partition, root=self.data_dir or None,
+                        download=self.download, partition_args=self.partition_args, test_fraction=self.test_fraction)
         params: dict[str, Any] = {
             "fallah": dict(a_train=self.a_train, **({"a_test": self.a_test} if self.a_test else {})),
             "dirichlet": dict(alpha=self.dirichlet_alpha, train_per_client=self.train_per_client, test_per_client=self.test_per_client),
