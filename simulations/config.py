@@ -213,7 +213,7 @@ class ExperimentConfig(AlgorithmSettings):  # type: ignore[misc, valid-type]
         the partitioner or the argument; the missing extra named in one line)."""
         flwr = self.dataset != "sinewave" and is_flwr_partition(self.partition)
         if not flwr:
-            if self.partition_args.strip() and self.dataset != "sinewave":
+            if self.partition_args.strip() and not is_flwr_partition(self.partition):
                 raise _bad("partition_args", f"empty unless partition is flwr:<Partitioner> (partition={self.partition!r})",
                            self.partition_args)
             return

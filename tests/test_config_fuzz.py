@@ -72,7 +72,7 @@ FLOAT_RANGE = {  # field: (low, low allowed, high or None)
     "dirichlet_alpha": (0.0, False, None), "inner_lr": (0.0, True, None), "meta_lr": (0.0, False, None),
     "lr": (0.0, False, None), "momentum": (0.0, False, 1.0), "delta": (0.0, False, None),
     "num_cpus": (0.0, False, None), "num_gpus": (0.0, True, None), "round_timeout": (0.0, False, None),
-    "eval_lr": (0.0, True, None), "lr_decay": (0.0, False, 1.0),
+    "eval_lr": (0.0, True, None), "lr_decay": (0.0, False, 1.0), "test_fraction": (0.0, False, 1.0),
 }
 DECAY_FRACTIONS = ("", "0.5", "0.5,0.75", "0.1, 0.2,0.9")
 """Valid values of lr_decay_at (a string field with its own grammar)."""
@@ -81,7 +81,8 @@ FREE_STRINGS = ("data_dir", "results_dir", "memory_dir", "checkpoint_dir", "ray_
 
 def test_the_tables_cover_every_field():
     covered = set(CHOICES) | set(INT_MIN) | set(FLOAT_RANGE) | set(FREE_STRINGS) | {"a_test", "download", "device", "max_update_norm_ratio",
-                                                                                      "checkpoint", "resume", "check_data", "lr_decay_at"}
+                                                                                      "checkpoint", "resume", "check_data", "lr_decay_at",
+                                                                                      "partition_args"}
     assert covered == set(FIELDS)
 
 
@@ -126,6 +127,7 @@ def valid_configs(draw) -> dict[str, Any]:
         memory_dir=draw(st.sampled_from(["", "/tmp/m"])), max_update_norm_ratio=draw(st.sampled_from([0.0, 1.5, 10.0])),
         min_valid_replies=1, round_timeout=draw(st.floats(1e-3, 1e6)), checkpoint=(ckpt := draw(st.booleans())),
         checkpoint_dir=draw(st.sampled_from(["", "/tmp/c"])), resume=ckpt and draw(st.booleans()),
+        partition_args="", test_fraction=draw(st.floats(0.01, 0.99)),  # (flwr: partitions: tests/test_flwr_datasets.py)
     )  # fmt: skip
 
 
@@ -202,6 +204,8 @@ def string_invalid(name: str) -> st.SearchStrategy[str]:
         return bad | st.sampled_from(options).flatmap(misspelled).filter(lambda s: s not in options)
     if name == "device":
         return st.sampled_from(["gpu", "cuda:x", "CPU", "tpu:0", "cuda:-"])
+    if name == "partition_args":  # only for flwr:<Partitioner> partitions, which valid_configs does not draw
+        return st.sampled_from(["alpha=0.5", "{}", "x"])
     if name == "lr_decay_at":
         return st.sampled_from(["0.75,0.5", "0.5,0.5", "1", "0", "-0.5", "abc", "0.5;0.75", "nan", "0.5,"])
     return st.nothing()  # free strings: every string is valid
