@@ -355,7 +355,10 @@ class FlwrDatasetsData:
         if dataset is not None:
             if partitioner.is_dataset_assigned():
                 raise ValueError("the partitioner already has a dataset: pass a new partitioner, or dataset=None")
-            partitioner.dataset = dataset
+            # flwr-datasets' partitioners read a label column as numpy from arrow at once, from a python-format
+            # Dataset row by row (same partitions, 2-10 times slower): give them an arrow view of the data set
+            fast = type(partitioner).__module__.startswith("flwr_datasets.")
+            partitioner.dataset = dataset.with_format("arrow") if fast else dataset
         elif not partitioner.is_dataset_assigned():
             raise ValueError("no data: pass dataset=<a datasets.Dataset> or a partitioner whose .dataset is set")
         columns = partitioner.dataset.column_names
