@@ -19,14 +19,17 @@
   - ``dirichlet``: client class proportions ``p_i ~ Dir(alpha 1_C)``.
   - ``pathological``: ``c`` classes per client, equally many samples of each.
 
-The partitions are written in numpy rather than taken from ``flwr-datasets`` (0.6.1): its
+These partitions are written in numpy rather than taken from ``flwr-datasets`` (0.6.1): its
 partitioners work on a ``datasets.Dataset``, and ``datasets`` pulls in pyarrow, pandas,
 huggingface-hub, hf-xet and aiohttp (about 250 MB installed, none of it otherwise needed here,
 in every simulation process). They also partition each split on its own, so a client's test
 data would not share its training data's class distribution; their Dirichlet partitioner draws
 per-class shares over clients (random client sizes) rather than per-client class proportions
 with fixed sizes, and their pathological partitioner splits all of a class's samples between the
-clients holding it (sizes depend on the data set).
+clients holding it (sizes depend on the data set). Any of their partitioners is still available,
+with the optional extra: ``partition="flwr:<PartitionerName>"`` (:mod:`fedmeta.flwr_partitions`)
+partitions the train split and holds out a stratified share of each client's partition as its test
+data, through the same caches and :func:`client_data`.
 
 The files and their loading live in :mod:`fedmeta.datasets`, the class plans of the partitions in
 :mod:`fedmeta.class_plans`; this module builds clients from them (and re-exports their public names).
@@ -345,8 +348,9 @@ def partitions(
     dataset
         One of :data:`PARTITIONED_DATASETS`.
     partition
-        ``"fallah"`` (per-fedavg.txt Section 5, localmoml Section 6.2), ``"dirichlet"`` or
-        ``"pathological"``.
+        ``"fallah"`` (per-fedavg.txt Section 5, localmoml Section 6.2), ``"dirichlet"``,
+        ``"pathological"`` or ``"flwr:<PartitionerName>"`` (a Flower Datasets partitioner,
+        :mod:`fedmeta.flwr_partitions`).
     num_clients
         Number of clients (even for ``fallah``; 50 in localmoml Section 6.2).
     seed
@@ -359,7 +363,8 @@ def partitions(
         ``dirichlet``: ``alpha`` (0.5), ``train_per_client`` (300), ``test_per_client`` (100).
         ``pathological``: ``classes_per_client`` (2), ``train_per_client`` (300),
         ``test_per_client`` (100). See :func:`fallah_plans`, :func:`dirichlet_plans`,
-        :func:`pathological_plans`.
+        :func:`pathological_plans`. ``flwr:<Name>``: ``partition_args`` (the partitioner's
+        arguments, :func:`fedmeta.flwr_partitions.parse_partition_args`), ``test_fraction`` (0.25).
 
     Returns
     -------
