@@ -19,7 +19,7 @@ and ``datasets`` are the optional extra ``fedmeta[flwr-datasets]``, imported onl
 How ``flwr:DirichletPartitioner`` differs from fedmeta's ``dirichlet`` partition (``docs/flwr-datasets.md``):
 fedmeta draws each *client's* class proportions ``p_i ~ Dir(alpha 1_C)`` and gives every client
 ``train_per_client`` + ``test_per_client`` samples; flwr-datasets draws each *class's* shares over the clients
-``q_k ~ Dir(alpha 1_n)`` and hands out all of the class's samples, so client sizes vary (and it redraws
+``q_k ~ Dir(alpha 1_n)`` (after Yurochkin et al. 2019, arXiv:1905.12022) and hands out all of the class's samples, so client sizes vary (and it redraws
 while a client has fewer than ``min_partition_size`` samples). Both take their draws from
 ``numpy.random.default_rng(seed)`` one Dirichlet vector after another: with as many clients as classes the
 two splits use the very same ``n x C`` matrix, read by rows as clients (fedmeta) or as classes (flwr-datasets).
@@ -36,6 +36,8 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor
+
+from fedmeta.class_plans import _largest_remainder
 
 FLWR_PREFIX = "flwr:"
 """``partition = "flwr:<PartitionerName>"`` selects a Flower Datasets partitioner."""
@@ -246,8 +248,6 @@ def split_train_test(labels: np.ndarray, test_fraction: float, rng: np.random.Ge
     tuple[np.ndarray, np.ndarray]
         int64 positions into ``labels`` of the train and of the test samples.
     """
-    from fedmeta.class_plans import _largest_remainder
-
     labels = np.asarray(labels)
     n = len(labels)
     total = int(round(test_fraction * n))
