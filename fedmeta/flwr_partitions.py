@@ -27,6 +27,7 @@ two splits use the very same ``n x C`` matrix, read by rows as clients (fedmeta)
 
 from __future__ import annotations
 
+import difflib
 import functools
 import inspect
 import json
@@ -176,7 +177,9 @@ def make_partitioner(partition: str, args: str | Mapping[str, Any], num_partitio
     module = partitioner_module(f"partition {partition!r}")
     names = partitioner_names()
     if name not in names:
+        near = difflib.get_close_matches(name, names, n=1, cutoff=0.5)
         why = f" ({NOT_ROW_PARTITIONERS[name]})" if name in NOT_ROW_PARTITIONERS else ""
+        why += f"; did you mean '{FLWR_PREFIX}{near[0]}'?" if near and not why else ""
         raise ValueError(f"partition must be 'flwr:<name>' with a Flower Datasets partitioner among {', '.join(names)}; "
                          f"got {partition!r}{why}")
     cls = getattr(module, name)

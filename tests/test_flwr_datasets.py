@@ -62,7 +62,7 @@ def test_partition_args_as_pairs_or_json_give_the_same_arguments():
 
 @pytest.mark.parametrize("kwargs, message", [
     (dict(partition="flwr:Dirichlet"), r"^partition must be 'flwr:<name>' with a Flower Datasets partitioner among .*DirichletPartitioner.*"
-                                        r"PathologicalPartitioner.*; got 'flwr:Dirichlet'$"),
+                                        r"PathologicalPartitioner.*; got 'flwr:Dirichlet'; did you mean 'flwr:DirichletPartitioner'\?$"),
     (dict(partition="flwr:VerticalSizePartitioner"), r"got 'flwr:VerticalSizePartitioner' \(splits columns, not samples\)$"),
     (dict(args="alpha=0.5,alpah=1"), r"^partition-args: DirichletPartitioner has no argument 'alpah' \(its arguments: partition_by, "
                                      r"alpha, min_partition_size, self_balancing, shuffle\)$"),
