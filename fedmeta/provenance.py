@@ -149,7 +149,7 @@ def describe(block: Mapping[str, Any]) -> str:
     return f"{code}, {str(block.get('started', '?'))[:10]}; {libs}; Python {block.get('python', '?')}; {machine}"
 
 
-code_state()  # the checkout as this process imported it (see code_state)
+code_state(PACKAGE_ROOT)  # the checkout as this process imported it (see code_state); the key provenance() asks with
 
 
 def command_parser(config_cls: Any, *, prog: str, doc: str | None) -> Any:

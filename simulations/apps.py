@@ -222,6 +222,7 @@ def _main(grid: Grid, context: Context) -> None:
         dif_maml_app.run_from_run_config(grid, context.run_config)
         return
     cfg = ExperimentConfig.from_mapping(context.run_config)
+    tracking.require(cfg.track)  # a missing optional package: one line, before the first message
     if cfg.check_data:  # before the first message: data and model, in this process (see check-data)
         print(f"inputs checked: {check_inputs(cfg)}", flush=True)
     cfg = nodes_of_federation(grid, cfg)

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from fedmeta import config as C
 from fedmeta.provenance import provenance
-from fedmeta.tracking import Tracker, Trackers, require
+from fedmeta.tracking import MissingExtra, Tracker, Trackers, require
 from fedmeta.simulations.apps import build_client_app, build_server_app
 from fedmeta.simulations.config import AUTO_NODES, ExperimentConfig, parse_cli
 from fedmeta.simulations.engine import run_on_ray
@@ -257,6 +257,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if not configs:
         print("fedmeta-sim: error: --algorithms is empty", file=sys.stderr)
+        return 2
+    try:
+        require(configs[0].track)  # a missing optional package: one line, before any work
+    except MissingExtra as err:
+        print(f"fedmeta-sim: error: {err}", file=sys.stderr)
         return 2
     for cfg in configs:  # every run's checkpoint, before the first run starts
         try:
