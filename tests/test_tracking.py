@@ -251,3 +251,29 @@ def test_a_bad_track_names_the_field_and_the_choices(capsys, tmp_path):
 
     with pytest.raises(ValueError, match=r"^track must be one of"):
         DifMAMLConfig.from_mapping({"track": "bogus"})
+
+
+# --- docs/tracking.md, run as written -------------------------------------------------------------------------------
+
+
+@pytest.mark.ray
+@pytest.mark.subprocess  # the command line of the page
+def test_the_tracking_pages_examples_run_as_written(ray_runner, tmp_path, monkeypatch, capsys):
+    from fakes import doc_snippet
+
+    monkeypatch.chdir(tmp_path)
+    proc = subprocess.run(["bash", "-e", "-c", doc_snippet("track-cli", "bash", page="docs/tracking.md")], capture_output=True,
+                          text=True, timeout=600, env={**__import__("os").environ, "PATH": f"{Path(sys.executable).parent}:"
+                                                                                            f"{__import__('os').environ['PATH']}"})
+    assert proc.returncode == 0, proc.stderr
+    results = json.loads((tmp_path / "results" / "per-fedavg-sinewave-n4-seed0.json").read_text())
+    [log_dir] = (tmp_path / "results" / "tracking").glob("per-fedavg-sinewave-n4-seed0-*")
+    assert_same_values(tensorboard_values(log_dir), results_values(results), rel=1e-6)
+
+    exec(compile(doc_snippet("track-python", page="docs/tracking.md"), "docs/tracking.md:track-python", "exec"), {})  # noqa: S102
+    out = capsys.readouterr().out
+    results = json.loads((tmp_path / "runs" / "per-fedavg-sinewave-n4-seed0.json").read_text())
+    losses = [(int(r), m["loss-after"]) for r, m in sorted(results["evaluate"].items(), key=lambda kv: int(kv[0]))]
+    lines = [f"round {r}: loss after fine-tuning {loss:.4f}" for r, loss in losses]
+    own = [line for line in out.splitlines() if line.startswith(("round ", "tracker ", "[("))]  # (not simulate's progress lines)
+    assert own == lines + ["tracker closed", f"{[(r, round(loss, 4)) for r, loss in losses]}"] and len(losses) == 3
