@@ -277,3 +277,14 @@ def test_the_tracking_pages_examples_run_as_written(ray_runner, tmp_path, monkey
     lines = [f"round {r}: loss after fine-tuning {loss:.4f}" for r, loss in losses]
     own = [line for line in out.splitlines() if line.startswith(("round ", "tracker ", "[("))]  # (not simulate's progress lines)
     assert own == lines + ["tracker closed", f"{[(r, round(loss, 4)) for r, loss in losses]}"] and len(losses) == 3
+
+
+def test_dif_maml_trackers_see_every_tested_iteration_of_its_record():
+    from fedmeta.dif_maml import DifMAMLConfig, simulate as dif_simulate
+
+    watcher = Recorder()
+    cfg = DifMAMLConfig(num_agents=3, topology="ring", iterations=4, eval_every=2, eval_tasks=5, eval_steps=1)
+    res = dif_simulate(cfg, trackers=[watcher]).to_dict()
+    expected = {i: {"test_loss": loss, "disagreement": d, **{f"agent_test_loss/{k}": x for k, x in enumerate(agents)}}
+                for i, loss, d, agents in zip(res["iterations"], res["test_loss"], res["disagreement"], res["agent_test_loss"])}
+    assert sorted(expected) == [0, 2, 4] and watcher.rows == expected and watcher.closed == 1
