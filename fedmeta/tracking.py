@@ -11,8 +11,7 @@ config.
 JSON, in TensorBoard and in W&B: ``results[section][round][key]`` is logged as ``<section>/<key>`` at step ``round``
 (``train/train-loss``, ``evaluate/acc-after``, ``evaluate/acc-after-p10``, ``train/num-failures``), and a per-round
 list or mapping ``results[key][round]`` as ``key`` (``round_seconds``; the centralized runner's ``train_loss`` and
-``meta_loss``). :func:`round_values` builds one round's values; :func:`per_round` reads them all back from a results
-dict, e.g. to check a tracker's file against the JSON.
+``meta_loss``). :func:`round_values` builds one round's values.
 
 **Values.** Numbers only (``bool`` counts as 0/1); anything else (a string, a list, ``None``) is a ``TypeError``
 naming the key, since a value that vanished silently from a plot is worse than a run that says why. NaN and
@@ -34,11 +33,9 @@ import numbers
 import os
 import time
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Protocol, Sequence, runtime_checkable
+from typing import Any, Iterable, Mapping, Protocol, runtime_checkable
 
 NONE, TENSORBOARD, WANDB = "none", "tensorboard", "wandb"
-TRACKS = (NONE, TENSORBOARD, WANDB)
-"""Values of the ``track`` setting."""
 
 EXTRAS: dict[str, tuple[str, str]] = {TENSORBOARD: ("tensorboard", "TensorBoard"), WANDB: ("wandb", "Weights & Biases")}
 """Backend -> (the module it imports, which is also fedmeta's extra of that name; its name for people)."""
@@ -72,7 +69,7 @@ def require(track: str) -> None:
     is missing, a ``ValueError`` naming the choices for an unknown ``track``."""
     if track not in TRACKS:
         raise ValueError(f"track must be one of {list(TRACKS)}, got {track!r}")
-    if track == NONE:
+    if track not in EXTRAS:
         return
     module, name = EXTRAS[track]
     try:
@@ -106,21 +103,6 @@ def round_values(sections: Mapping[str, Mapping[str, Any] | None] | None = None,
     return numbers_of(out)
 
 
-def per_round(results: Mapping[str, Any], sections: Sequence[str] = ("train", "evaluate"),
-              series: Sequence[str] = ("round_seconds",)) -> dict[int, dict[str, float]]:
-    """Every per-round value of a results dict (as written to the results JSON), step -> ``{name: value}`` named as
-    :func:`round_values` names them: ``results[section][round][key]`` for each of ``sections`` and
-    ``results[key][round]`` for each of ``series``."""
-    out: dict[int, dict[str, float]] = {}
-    for section in sections:
-        for step, metrics in (results.get(section) or {}).items():
-            out.setdefault(int(step), {}).update(round_values({section: metrics}))
-    for key in series:
-        for step, value in (results.get(key) or {}).items():
-            out.setdefault(int(step), {}).update(round_values(**{key: value}))
-    return out
-
-
 def _unique(directory: Path, name: str) -> Path:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     path, n = directory / f"{name}-{stamp}", 1
@@ -134,6 +116,9 @@ class NoTracker:
     """``track = "none"``: logs nothing (the values are still checked, as every backend checks them)."""
 
     path: Path | None = None
+
+    def __init__(self, directory: str | Path = TRACKING_DIR, run_name: str = "", config: Mapping[str, Any] | None = None) -> None:
+        pass
 
     def log(self, step: int, values: Mapping[str, float]) -> None:
         numbers_of(values)
@@ -189,7 +174,11 @@ class WandbTracker:
         self._run.finish()
 
 
-BACKENDS = {NONE: NoTracker, TENSORBOARD: TensorBoardTracker, WANDB: WandbTracker}
+BACKENDS: dict[str, type] = {NONE: NoTracker, TENSORBOARD: TensorBoardTracker, WANDB: WandbTracker}
+"""``track`` value -> its tracker class, called as ``cls(directory, run_name, config)``; a backend with an optional
+package names it in :data:`EXTRAS`."""
+TRACKS = tuple(BACKENDS)
+"""Values of the ``track`` setting."""
 
 
 def open_tracker(track: str, run_name: str, directory: str | Path = TRACKING_DIR,
@@ -197,7 +186,7 @@ def open_tracker(track: str, run_name: str, directory: str | Path = TRACKING_DIR
     """The tracker of the ``track`` setting for a run named ``run_name``, writing under ``directory``, with
     ``config`` (the run's provenance block) as its configuration."""
     require(track)
-    return BACKENDS[track](directory, run_name, config) if track != NONE else NoTracker()
+    return BACKENDS[track](directory, run_name, config)
 
 
 class Trackers:
@@ -240,5 +229,5 @@ class Trackers:
                 raise
 
 
-__all__ = ["BACKENDS", "EXTRAS", "MissingExtra", "NoTracker", "TRACKING_DIR", "TRACKS", "TensorBoardTracker", "Tracker",
-           "Trackers", "WandbTracker", "numbers_of", "open_tracker", "per_round", "require", "round_values"]
+__all__ = ["BACKENDS", "EXTRAS", "MissingExtra", "NONE", "NoTracker", "TENSORBOARD", "TRACKING_DIR", "TRACKS", "TensorBoardTracker",
+           "Tracker", "Trackers", "WANDB", "WandbTracker", "numbers_of", "open_tracker", "require", "round_values"]

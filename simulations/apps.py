@@ -75,18 +75,23 @@ def run_server(grid: Grid, cfg: ExperimentConfig, on_round: Callable[[int, Resul
     After every round, the tracker of ``cfg.track`` (:func:`fedmeta.tracking.open_tracker`, under
     ``cfg.tracking_path``) and ``trackers`` receive the round's values under their results-JSON names
     (:func:`fedmeta.tracking.round_values`: ``train/<key>``, ``evaluate/<key>``, ``round_seconds``). All of them
-    are closed when the rounds end; an exception from a tracker's ``log`` ends the run there and propagates."""
+    are closed when the rounds end; an exception from a tracker's ``log`` ends the run there and propagates. A
+    resumed run logs the rounds it restored from the checkpoint before its first new round."""
     strategy = build_strategy(cfg)
     started, t0 = time.time(), time.perf_counter()
     failure = None
     sinks = tracking.Trackers(trackers)
+    logged = [0]  # the last round the trackers have
 
     def round_done(server_round: int, result: Result) -> None:
         if on_round is not None:
             on_round(server_round, result)
-        sections = {"train": result.train_metrics_clientapp.get(server_round),
-                    "evaluate": result.evaluate_metrics_clientapp.get(server_round)}
-        sinks.log(server_round, tracking.round_values(sections, round_seconds=strategy.round_seconds.get(server_round)))
+        for r in range(logged[0] + 1, server_round + 1):  # a resumed run's restored rounds first, so the trackers hold them all
+            sections = {"train": result.train_metrics_clientapp.get(r), "evaluate": result.evaluate_metrics_clientapp.get(r)}
+            values = tracking.round_values(sections, round_seconds=strategy.round_seconds.get(r))
+            if values:
+                sinks.log(r, values)
+        logged[0] = server_round
 
     with sinks:
         sinks.trackers.insert(0, tracking.open_tracker(cfg.track, cfg.stem, cfg.tracking_path,

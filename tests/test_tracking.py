@@ -288,3 +288,38 @@ def test_dif_maml_trackers_see_every_tested_iteration_of_its_record():
     expected = {i: {"test_loss": loss, "disagreement": d, **{f"agent_test_loss/{k}": x for k, x in enumerate(agents)}}
                 for i, loss, d, agents in zip(res["iterations"], res["test_loss"], res["disagreement"], res["agent_test_loss"])}
     assert sorted(expected) == [0, 2, 4] and watcher.rows == expected and watcher.closed == 1
+
+
+def test_a_resumed_run_logs_its_restored_rounds_first_so_its_tracker_holds_every_round_of_its_results(tmp_path):
+    from fakes import set_task_identity
+    from test_checkpoint import LoopbackGrid  # the ServerApp's loop against ClientApps called in this process
+
+    from fedmeta.simulations.apps import build_client_app, run_server
+
+    set_task_identity()
+
+    cfg = sine_cfg(tmp_path, num_rounds=2, evaluate_every=1, num_nodes=0, checkpoint=True)
+    run_server(LoopbackGrid(build_client_app(cfg), cfg.num_supernodes, run_id=1), cfg)
+    watcher = Recorder()
+    resumed = cfg.replace(num_rounds=4, resume=True, track="tensorboard")
+    results = run_server(LoopbackGrid(build_client_app(resumed), cfg.num_supernodes, run_id=2), resumed, trackers=[watcher])
+    expected = results_values(json.loads(Path(results["path"]).read_text()))
+    assert sorted(expected) == [1, 2, 3, 4] and results["resumed_from"] == 2
+    assert watcher.rows == expected and watcher.closed == 1
+    [log_dir] = (tmp_path / "tracking").iterdir()
+    assert_same_values(tensorboard_values(log_dir), expected, rel=1e-6)
+
+
+@pytest.mark.subprocess  # a fresh interpreter: what the base install imports
+def test_the_backends_are_imported_only_when_a_tracker_opens(tmp_path):
+    code = ("import sys, fedmeta.simulations.run, fedmeta.simulations.apps, fedmeta.centralized, fedmeta.dif_maml, fedmeta.tracking as t\n"
+            "assert not {'tensorboard', 'wandb', 'torch.utils.tensorboard'} & set(sys.modules), sorted(sys.modules)\n"
+            "t.open_tracker('none', 'run').log(1, {'x': 1.0})\n"
+            "assert not {'tensorboard', 'wandb'} & set(sys.modules)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    import tomllib
+
+    project = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]
+    assert not [d for d in project["dependencies"] if d.split("[")[0].split("=")[0].split(">")[0].strip() in ("tensorboard", "wandb")]
+    assert project["optional-dependencies"]["tensorboard"] == ["tensorboard"] and project["optional-dependencies"]["wandb"] == ["wandb"]
