@@ -231,10 +231,20 @@ def test_ring_of_six_on_ray_equals_the_simulator_with_its_message_counts(ray_run
 
     logging.getLogger("flwr").setLevel(logging.ERROR)
     cfg, rounds = RING6, 3
-    box = {}
-    run_on_ray(build_server_app(cfg, rounds, sink=lambda s, r: box.update(strategy=s, result=r)),
+    box, rows = {}, {}
+
+    class Rows:  # an in-process tracker: every round's values
+        def log(self, step, values):
+            rows[step] = dict(values)
+
+        def close(self):
+            rows["closed"] = True
+
+    run_on_ray(build_server_app(cfg, rounds, sink=lambda s, r: box.update(strategy=s, result=r), trackers=[Rows()]),
                make_dif_maml_client_app(), num_supernodes=cfg.num_agents)
     result = box["result"]
+    assert rows.pop("closed") and rows == {r: {**{f"train/{k}": float(v) for k, v in result.train_metrics_clientapp[r].items()},
+                                                "round_seconds": box["strategy"].round_seconds[r]} for r in range(1, rounds + 1)}
     ref = simulate(cfg.replace(iterations=rounds), record=False)
     edges = len(G.ring(6).edges)
     for r in range(1, rounds + 1):
