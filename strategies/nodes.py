@@ -4,9 +4,10 @@ nodes). :class:`PartitionNodes` is the collaborator a strategy holds as ``nodes`
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
-from typing import Iterable
+from typing import Iterable, Iterator
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.common.constant import ErrorCode
@@ -22,6 +23,29 @@ logger = logging.getLogger("fedmeta")
 
 NO_QUERY_HANDLER = "No query function registered"
 """How Flower's ClientApp answers a message type it has no handler for (its error's text)."""
+
+
+class _NoQueryHandlerRecords(logging.Filter):
+    """Drops exactly the records of Flower's no-query-handler error (its message, or the exception it carries)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return NO_QUERY_HANDLER not in record.getMessage() and (exc is None or NO_QUERY_HANDLER not in str(exc))
+
+
+@contextlib.contextmanager
+def quiet_no_query_handler() -> Iterator[None]:
+    """While fedmeta's partition query is out, Flower's logger (``flwr``) drops its records of the
+    no-query-handler error: the simulation engine logs that error and its traceback once per node
+    without a ``query`` handler, and :meth:`PartitionNodes.discover` says in one warning what it does
+    instead. Every other record, Flower's other errors included, passes. (A deployed SuperNode logs
+    in its own process: its console keeps its line.)"""
+    flower, quiet = logging.getLogger("flwr"), _NoQueryHandlerRecords()
+    flower.addFilter(quiet)
+    try:
+        yield
+    finally:
+        flower.removeFilter(quiet)
 
 
 def by_node(nodes: dict[int, int], clients: Iterable[int]) -> dict[int, tuple[int, ...]]:
@@ -117,7 +141,9 @@ class PartitionNodes:
         ]
         reported: dict[int, tuple[int, tuple[int, ...]]] = {}
         refused: dict[int, str] = {}
-        for reply in exchange(grid, queries, timeout=timeout):
+        with quiet_no_query_handler():
+            replies = exchange(grid, queries, timeout=timeout)
+        for reply in replies:
             node = reply.metadata.src_node_id
             if reply.has_error():
                 if reply.error.code == ErrorCode.NODE_UNAVAILABLE:

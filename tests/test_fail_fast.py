@@ -430,3 +430,18 @@ def test_errors_differing_only_in_client_ids_and_numbers_are_one_with_each_clien
     assert report.startswith("4 distinct client errors (8 error replies):")
     assert "[1] raised 4 times by 4 clients (0-3) in train of rounds 1-3; as first raised (round 1 by client 3):" in report
     assert report.count("Traceback (most recent call last)") == 3 and report.count("raise FloatingPointError") == 2
+
+
+@pytest.mark.ray
+@pytest.mark.subprocess
+def test_a_run_where_every_client_diverges_prints_one_traceback(tmp_path, _session_ray):
+    """The issue's command: every client's FloatingPointError names its own client ids; the console shows it once."""
+    proc = subprocess.run([sys.executable, "-m", "fedmeta.simulations.run", "--dataset", "sinewave", "--num-clients", "4",
+                           "--clients-per-round", "2", "--meta-lr", "1e30", "--inner-lr", "1e30", "--results-dir", str(tmp_path / "r")],
+                          env=_env(tmp_path, RAY_ADDRESS=_session_ray.address), cwd=tmp_path, capture_output=True, text=True,
+                          timeout=600)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 1, out
+    assert out.count("Traceback (most recent call last)") == 1 and out.count("raise FloatingPointError") == 1, out
+    # one error reply per node and round: how many depends on the nodes (one per Ray actor slot by default)
+    assert re.search(r"^1 distinct client error \(\d+ error replies\):\n\[1\] raised \d+ times by 4 clients \(0-3\)", out, re.M), out
