@@ -180,7 +180,7 @@ def nodes_of_federation(grid: Grid, cfg: ExperimentConfig, timeout: float = 600.
         if time.monotonic() > deadline:
             raise RuntimeError(f"num-nodes = -1: no SuperNode connected within {timeout:.0f} s")
         time.sleep(0.2)
-    reported = federation_size(grid, nodes[0], cfg.num_partitions, max(1.0, deadline - time.monotonic())) or 0
+    reported = federation_size(grid, nodes[0], cfg.num_partitions, max(1.0, deadline - time.monotonic())) or 0  # None: no reply
     return cfg.replace(num_nodes=reported if 0 < reported < cfg.num_partitions else 0)
 
 

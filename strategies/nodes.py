@@ -57,16 +57,18 @@ def quiet_no_query_handler() -> Iterator[None]:
 
 def federation_size(grid: Grid, node: int, num_clients: int, timeout: float) -> int | None:
     """How many SuperNodes share the clients, as ``node`` reports it in its ``query`` reply
-    (``num-partitions``); ``None`` when it reports none (a ClientApp without fedmeta's query handler)."""
+    (``num-partitions``); 0 when its reply has none (a ClientApp without fedmeta's query handler),
+    ``None`` when it did not reply within ``timeout`` s."""
     query = Message(RecordDict({"config": ConfigRecord({C.NUM_CLIENTS: num_clients})}), dst_node_id=node,
                     message_type=MessageType.QUERY)
     with quiet_no_query_handler():
         replies = exchange(grid, [query], timeout=timeout)
-    for reply in replies:
-        if not reply.has_error() and len(reply.content.metric_records) == 1:
-            reported = int(reply_view(reply.content).get(C.NUM_PARTITIONS, 0))
-            return reported if reported > 0 else None
-    return None
+    if not replies or replies[0].has_error() and replies[0].error.code == ErrorCode.NODE_UNAVAILABLE:
+        return None
+    [reply] = replies
+    if reply.has_error() or len(reply.content.metric_records) != 1:
+        return 0
+    return max(0, int(reply_view(reply.content).get(C.NUM_PARTITIONS, 0)))
 
 
 def by_node(nodes: dict[int, int], clients: Iterable[int]) -> dict[int, tuple[int, ...]]:
@@ -178,12 +180,15 @@ class PartitionNodes:
                 f"(num_nodes={self.num_nodes}{' from num_nodes=-1' if self.auto else ''})")
 
     def _resolve_auto(self, grid: Grid, node: int, timeout: float) -> None:
-        """``num_nodes`` for ``num_nodes=-1``: as many as ``node`` says share the clients (see :meth:`discover`)."""
+        """``num_nodes`` for ``num_nodes=-1``: as many as ``node`` says share the clients (see :meth:`discover`);
+        still -1 when it did not answer."""
         reported = federation_size(grid, node, self.num_clients, timeout)
-        self.num_nodes = reported if reported is not None and reported < self.num_clients else self.num_clients
+        if reported is None:
+            return
+        self.num_nodes = reported if 0 < reported < self.num_clients else self.num_clients
         logger.info("num_nodes=-1: %d node%s for num_clients=%d (node %d reports %s)", self.num_nodes,
                     "s" * (self.num_nodes != 1), self.num_clients, node,
-                    f"{C.NUM_PARTITIONS}={reported}" if reported is not None else f"no {C.NUM_PARTITIONS}")
+                    f"{C.NUM_PARTITIONS}={reported}" if reported else f"no {C.NUM_PARTITIONS}")
 
     def _order_nodes(self, nodes: list[int]) -> None:
         """Client i is ``nodes[i]`` (nodes without a ``query`` handler)."""

@@ -79,7 +79,8 @@ def test_num_nodes_minus_one_takes_the_federations_supernodes(grid, nodes, caplo
 
 @pytest.mark.ray
 def test_six_clients_on_three_supernodes_train_with_num_nodes_minus_one(ray_runner):
-    cfg = ExperimentConfig(dataset="sinewave", num_clients=6, num_nodes=3, num_rounds=2, evaluate_every=1, local_steps=1)
+    cfg = ExperimentConfig(algorithm="per-fedavg", dataset="sinewave", num_clients=6, clients_per_round=0, num_nodes=3, num_rounds=2, evaluate_every=1,
+                           local_steps=1)
     strategy = PerFedAvg(**{**cfg.strategy_kwargs(), "num_nodes": -1})
     result = simulate_strategy(strategy, cfg)
     assert strategy.num_nodes == 3 and strategy.multi_client
