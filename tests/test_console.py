@@ -77,10 +77,21 @@ def test_num_nodes_minus_one_takes_the_federations_supernodes(grid, nodes, caplo
     assert strategy.fingerprint()["num_nodes"] == -1  # the setting: a resumed run may have another federation
 
 
+def test_num_nodes_minus_one_waits_for_a_node_to_answer_and_says_so():
+    class Silent(FakeGrid):
+        def send_and_receive(self, messages, timeout=None):
+            return []  # no reply within the timeout: the node is still starting
+
+    strategy = PerFedAvg(num_clients=6, num_nodes=-1, node_wait_timeout=0.3)
+    with pytest.raises(RuntimeError, match="3 connected nodes serve 0 of num_clients=6 clients; num_nodes=-1 needs one node to report"):
+        train_messages(strategy, Silent(3))
+    assert strategy.num_nodes == -1
+
+
 @pytest.mark.ray
 def test_six_clients_on_three_supernodes_train_with_num_nodes_minus_one(ray_runner):
-    cfg = ExperimentConfig(algorithm="per-fedavg", dataset="sinewave", num_clients=6, clients_per_round=0, num_nodes=3, num_rounds=2, evaluate_every=1,
-                           local_steps=1)
+    cfg = ExperimentConfig(algorithm="per-fedavg", dataset="sinewave", num_clients=6, clients_per_round=0, num_nodes=3,
+                           num_rounds=2, evaluate_every=1, local_steps=1)
     strategy = PerFedAvg(**{**cfg.strategy_kwargs(), "num_nodes": -1})
     result = simulate_strategy(strategy, cfg)
     assert strategy.num_nodes == 3 and strategy.multi_client
