@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Result
@@ -31,8 +31,7 @@ from fedmeta.simulations.preflight import check_inputs
 from fedmeta.simulations.progress import RoundProgress
 from fedmeta.strategies import FedAvg, LocalMOML, PerFedAvg
 from fedmeta.strategies.base import MetaStrategy
-from fedmeta.strategies.exchange import exchange
-from fedmeta.strategies.screening import reply_view
+from fedmeta.strategies.nodes import federation_size
 from fedmeta.strategies.failures import TrainingStopped
 
 logger = logging.getLogger("fedmeta")
@@ -207,12 +206,7 @@ def nodes_of_federation(grid: Grid, cfg: ExperimentConfig, timeout: float = 600.
         if time.monotonic() > deadline:
             raise RuntimeError(f"num-nodes = -1: no SuperNode connected within {timeout:.0f} s")
         time.sleep(0.2)
-    query = Message(RecordDict({"config": ConfigRecord({C.NUM_CLIENTS: cfg.num_partitions})}), dst_node_id=nodes[0],
-                    message_type=MessageType.QUERY)
-    reported = 0
-    for reply in exchange(grid, [query], timeout=max(1.0, deadline - time.monotonic())):
-        if not reply.has_error() and len(reply.content.metric_records) == 1:
-            reported = int(reply_view(reply.content).get(C.NUM_PARTITIONS, 0))
+    reported = federation_size(grid, nodes[0], cfg.num_partitions, max(1.0, deadline - time.monotonic())) or 0  # None: no reply
     return cfg.replace(num_nodes=reported if 0 < reported < cfg.num_partitions else 0)
 
 

@@ -28,13 +28,13 @@ from fedmeta.data import IMAGE_SHAPES, NUM_CLASSES
 from fedmeta.flwr_partitions import DEFAULT_TEST_FRACTION, MissingExtra, check_flwr_partition, is_flwr_partition
 from fedmeta.models import MODELS, build_model
 from fedmeta.strategies.aggregation import holdout_partitions
+from fedmeta.strategies.nodes import AUTO_NODES
 from fedmeta.tracking import TRACKING_DIR
 
 DATASET_MODELS = {"fashion-mnist": "mlp-40-40", "mnist": "mlp-40-40", "cifar10": "cnn", "cifar100": "cnn", "sinewave": "sine-mlp"}
 """The default model of each dataset (the papers' MLPs; a small CNN for CIFAR)."""
 PARTITIONS = ("fallah", "dirichlet", "pathological")
-AUTO_NODES = -1
-"""``num-nodes = -1``: one multi-client node per Ray actor slot (resolved when the simulation starts)."""
+# AUTO_NODES (num-nodes = -1): one multi-client node per Ray actor slot (resolved when the simulation starts)
 EVAL_PROTOCOLS = {"one-step": (1, 0), "5-shot-10-step": (10, 5)}
 """Named personalized-evaluation protocols: (fine-tuning steps, support-set size; 0 = whole train split).
 ``one-step``: per-fedavg.txt Section 5; ``5-shot-10-step``: localmoml Section 6.2."""

@@ -28,7 +28,7 @@ from fedmeta.config import HP, EvalConfig, field_names
 from fedmeta.strategies.aggregation import average_clients, sample_grouped, sample_partitions
 from fedmeta.strategies.evaluation import PersonalizedEvaluation
 from fedmeta.strategies.failures import ClientFailures
-from fedmeta.strategies.nodes import PartitionNodes
+from fedmeta.strategies.nodes import AUTO_NODES, PartitionNodes
 from fedmeta.strategies.replies import ReplyScreening, SentRound, client_rows
 from fedmeta.strategies.rounds import start
 from fedmeta.strategies.screening import KEPT_GLOBAL_MODEL, NUM_ACCEPTED, NUM_MISSING, NUM_REJECTED, NUM_REJECTED_CLIENTS
@@ -48,7 +48,9 @@ class MetaStrategy(FlowerFedAvg):
     num_clients
         n, the number of clients (client ids ``0..num_clients-1``).
     num_nodes
-        The number of nodes (SuperNodes) serving them; ``None``: one per client. Fewer nodes than
+        The number of nodes (SuperNodes) serving them; ``None``: one per client; ``-1``: the clients
+        shared among the federation's SuperNodes, as many as the first node reports (its node config's
+        ``num-partitions``; one per client when it reports none). Fewer nodes than
         clients: node ``partition-id`` ``i`` hosts block ``i`` of the clients and trains the sampled
         ones together (:mod:`fedmeta.batched`); sampling and the average stay over clients (``nodes``:
         :class:`~fedmeta.strategies.nodes.PartitionNodes`).
@@ -72,7 +74,8 @@ class MetaStrategy(FlowerFedAvg):
         Step sizes (``STEP_SIZES``) times ``lr_decay`` from round ``floor(m * num_rounds) + 1`` on, for
         each fraction m in ``lr_decay_at`` (:meth:`round_hparams`; ``(0.5, 0.75)``: the localmoml authors').
     node_wait_timeout
-        Seconds to wait for the nodes serving all n clients to connect.
+        Seconds to wait for the nodes serving all n clients to connect (a warning every few seconds
+        says what is missing; ``nodes.wait_log_every`` sets how often).
     max_update_norm_ratio, min_valid_replies
         Screening (``screening``: :class:`~fedmeta.strategies.replies.ReplyScreening`): reject a train
         reply whose update norm exceeds this many times the round's median (``None``: off); keep the
@@ -97,8 +100,10 @@ class MetaStrategy(FlowerFedAvg):
         V.check("num_clients", isinstance(num_clients, int) and num_clients >= 1, "an integer >= 1", num_clients)
         if num_nodes is None:
             num_nodes = num_clients
-        ok = isinstance(num_nodes, int) and not isinstance(num_nodes, bool) and 1 <= num_nodes <= num_clients
-        V.check("num_nodes", ok, f"None (one node per client) or an integer in [1, num_clients={num_clients}]", num_nodes)
+        ok = isinstance(num_nodes, int) and not isinstance(num_nodes, bool) and (1 <= num_nodes <= num_clients or num_nodes == AUTO_NODES)
+        V.check("num_nodes", ok, f"None (one node per client), -1 (the federation's SuperNodes) or an integer in "
+                                 f"[1, num_clients={num_clients}]", num_nodes)
+        known_nodes = num_clients if num_nodes == AUTO_NODES else num_nodes  # at most, before -1 is resolved
         new = sorted(set(new_clients))
         ok = all(isinstance(p, int) and 0 <= p < num_clients for p in new) and len(new) < num_clients
         V.check("new_clients", ok, f"distinct partition ids in [0, {num_clients - 1}], leaving at least one training client", list(new_clients))
@@ -120,7 +125,7 @@ class MetaStrategy(FlowerFedAvg):
         )
         V.check("max_update_norm_ratio", ok, "None (off) or a finite number > 1", max_update_norm_ratio)
         per_round = n_train if clients_per_round is None else clients_per_round * sampling_groups
-        most = min(per_round, num_nodes)  # train messages per round, at most
+        most = min(per_round, known_nodes)  # train messages per round, at most
         ok = isinstance(min_valid_replies, int) and not isinstance(min_valid_replies, bool) and 1 <= min_valid_replies <= most
         V.check("min_valid_replies", ok, f"an integer in [1, {most}] (the train replies a round can have)", min_valid_replies)
         ok = isinstance(max_failed_rounds, int) and not isinstance(max_failed_rounds, bool) and max_failed_rounds >= 0
@@ -136,16 +141,17 @@ class MetaStrategy(FlowerFedAvg):
         V.check("lr_decay_at", not lr_decay_at or bool(self.hparams.STEP_SIZES),
                 f"empty: {type(self.hparams).__name__} declares no STEP_SIZES to decay", lr_decay_at)
         self.lr_decay_at, self.lr_decay = lr_decay_at, float(lr_decay)
-        self.num_clients, self.num_nodes, self.new_clients = num_clients, num_nodes, tuple(new)
+        self.num_clients, self.new_clients = num_clients, tuple(new)
         self.train_clients = tuple(p for p in range(num_clients) if p not in set(new))
         self.clients_per_round, self.sampling_groups, self.seed, self.weighting = clients_per_round, sampling_groups, seed, weighting
         self.evaluate_every, self.max_update_norm_ratio = evaluate_every, max_update_norm_ratio
         self.min_valid_replies, self.max_failed_rounds = min_valid_replies, max_failed_rounds
         self.failures = ClientFailures()
         """Every error reply of the run, grouped by distinct error (:mod:`fedmeta.strategies.failures`)."""
-        kwargs.setdefault("min_available_nodes", num_nodes)
-        super().__init__(fraction_train=1.0, fraction_evaluate=1.0 if evaluate_every else 0.0, min_train_nodes=min(per_round, num_nodes),
-                         min_evaluate_nodes=num_nodes if evaluate_every else 0, **kwargs)
+        kwargs.setdefault("min_available_nodes", 1 if num_nodes == AUTO_NODES else num_nodes)
+        super().__init__(fraction_train=1.0, fraction_evaluate=1.0 if evaluate_every else 0.0,
+                         min_train_nodes=1 if num_nodes == AUTO_NODES else min(per_round, num_nodes),
+                         min_evaluate_nodes=(1 if num_nodes == AUTO_NODES else num_nodes) if evaluate_every else 0, **kwargs)
         self.nodes = PartitionNodes(num_clients=num_clients, num_nodes=num_nodes, node_wait_timeout=node_wait_timeout,
                                     configrecord_key=self.configrecord_key, arrayrecord_key=self.arrayrecord_key)
         self.screening = ReplyScreening(failures=self.failures, served=self.nodes.served, weighting=weighting,
@@ -175,6 +181,11 @@ class MetaStrategy(FlowerFedAvg):
     client_rows = staticmethod(client_rows)
 
     @property
+    def num_nodes(self) -> int:
+        """The nodes serving the clients (``nodes``'; ``-1`` until :meth:`PartitionNodes.discover` resolves it)."""
+        return self.nodes.num_nodes
+
+    @property
     def client_eval(self) -> dict[int, dict[int, dict[str, float]]]:
         """Per round, per partition: the personalized-evaluation metrics each client reported (``evaluation``'s)."""
         return self.evaluation.client_eval
@@ -196,7 +207,9 @@ class MetaStrategy(FlowerFedAvg):
     def summary(self) -> None:
         n = len(self.train_clients)
         mode = f"cross-device, B={self.clients_per_round} of n={n}" if self.cross_device else f"cross-silo, n={n}"
-        if self.multi_client:
+        if self.nodes.auto:
+            mode += " on the federation's SuperNodes (num_nodes=-1)"
+        elif self.multi_client:
             mode += f" on {self.num_nodes} multi-client nodes"
         if self.sampling_groups > 1:
             mode = f"cross-device, B'={self.clients_per_round} from each of {self.sampling_groups} groups of n={n}"
@@ -220,7 +233,7 @@ class MetaStrategy(FlowerFedAvg):
             "evaluation": self.eval_config.to_wire(),
             **({"lr_decay_at": list(self.lr_decay_at), "lr_decay": self.lr_decay} if self.lr_decay_at else {}),  # older checkpoints: none
             "num_clients": self.num_clients,
-            "num_nodes": self.num_nodes,
+            "num_nodes": AUTO_NODES if self.nodes.auto else self.num_nodes,  # the setting: -1 resumes on any federation
             "clients_per_round": self.clients_per_round,
             "sampling_groups": self.sampling_groups,
             "new_clients": list(self.new_clients),

@@ -5,7 +5,9 @@ text for the exception: ``<class 'T'>:<'message'>`` in a deployment; in a Ray si
 remote traceback with Flower's ``ClientAppException`` wrapper chained after the original exception.
 :func:`parse_reason` recovers the original exception line (``FileNotFoundError: fashion-mnist not
 found ...``) as the error's key and a clean traceback; :class:`ClientFailures` counts every error
-reply by key, so a run of 1,000 rounds in which every client failed says so in a few lines.
+reply by what the error is (:func:`error_group`: the exception type, its message with numbers and id
+lists masked, and the line that raised it), so a run of 1,000 rounds in which every client failed
+says so in a few lines, however many client ids its messages name.
 
 :class:`TrainingStopped` is what a strategy raises when ``max_failed_rounds`` consecutive rounds had
 no valid train reply (see :meth:`fedmeta.strategies.base.MetaStrategy.start`).
@@ -70,6 +72,28 @@ def parse_reason(reason: str) -> tuple[str, str]:
     return _key_from_message(message), message
 
 
+_NUMBER = r"[-+]?(?:0x[0-9a-fA-F]+|(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)"
+_NUMBERS = re.compile(rf"(?<![\w.]){_NUMBER}(?![\w])")
+_NUMBER_LIST = re.compile(rf"[\[(]\s*(?:{_NUMBER}|\.\.\.)?(?:\s*,\s*(?:{_NUMBER}|\.\.\.))*\s*,?\s*[\])]")
+_FRAME = re.compile(r'^\s*File "([^"]*)", line (\d+), in (\S+)', re.M)
+
+
+def raised_at(text: str) -> str:
+    """``path:line in function`` of the innermost frame of a traceback (``""``: ``text`` has none)."""
+    frames = _FRAME.findall(text)
+    return f"{frames[-1][0]}:{frames[-1][1]} in {frames[-1][2]}" if frames else ""
+
+
+def error_group(key: str, text: str) -> str:
+    """What an error is, for grouping: :func:`parse_reason`'s ``key`` with its lists of numbers
+    (client ids) and its numbers masked, and where it was raised (:func:`raised_at` of ``text``).
+    Two clients that raise the same exception at the same line with messages differing only in
+    their ids or values are one error; another type, message or line is another."""
+    masked = _NUMBERS.sub("#", _NUMBER_LIST.sub("[...]", key))
+    where = raised_at(text)
+    return f"{masked} @ {where}" if where else masked
+
+
 def _key_from_message(message: str) -> str:
     first = message.strip().splitlines()[0] if message.strip() else "(no message)"
     return first
@@ -77,7 +101,8 @@ def _key_from_message(message: str) -> str:
 
 @dataclass
 class ClientError:
-    """One distinct error: where it was first seen, its text, and every (round, client) that raised it."""
+    """One distinct error (:func:`error_group`): its first occurrence (``key``: its exception line as
+    raised, ``text``: its traceback), and every (round, client) that raised it."""
 
     key: str
     text: str
@@ -91,7 +116,7 @@ class ClientError:
     def to_dict(self) -> dict[str, Any]:
         return {"error": self.key, "replies": self.replies, "clients": sorted(self.clients), "rounds": sorted(self.rounds),
                 "stages": sorted(self.stages), "first_round": self.first_round, "first_clients": list(self.first_clients),
-                "traceback": self.text}
+                "raised_at": raised_at(self.text), "traceback": self.text}
 
 
 def _spans(values: Iterable[int]) -> str:
@@ -106,10 +131,11 @@ def _spans(values: Iterable[int]) -> str:
 
 
 class ClientFailures:
-    """Every error reply of a run, grouped by :func:`parse_reason`'s key (insertion order = first seen)."""
+    """Every error reply of a run, grouped by :func:`error_group` (insertion order = first seen)."""
 
     def __init__(self) -> None:
         self.errors: dict[str, ClientError] = {}
+        """:func:`error_group` -> the error."""
 
     def record_replies(self, server_round: int, stage: str, replies: Iterable[Any],
                        clients_of: Callable[[int], Sequence[int]] | None = None) -> None:
@@ -134,9 +160,10 @@ class ClientFailures:
         """Count one error reply of ``stage`` (``train`` / ``evaluate``) from a node that ran ``clients``."""
         key, text = parse_reason(reason)
         ids = tuple(sorted(int(c) for c in clients))
-        err = self.errors.get(key)
+        group = error_group(key, text)
+        err = self.errors.get(group)
         if err is None:
-            err = self.errors[key] = ClientError(key, text, server_round, ids)
+            err = self.errors[group] = ClientError(key, text, server_round, ids)
         err.stages.add(stage)
         err.rounds.add(server_round)
         err.clients.update(ids)
@@ -154,14 +181,15 @@ class ClientFailures:
         return [e.to_dict() for e in self.errors.values()]
 
     def report(self) -> str:
-        """Each distinct error once: who raised it, when, and its first traceback in full."""
+        """Each distinct error once: who raised it (every client listed once), when, and its first traceback in full."""
         if not self.errors:
             return "no client errors"
         parts = [f"{len(self.errors)} distinct client error{'s' * (len(self.errors) > 1)} ({self.total} error replies):"]
         for i, e in enumerate(self.errors.values(), 1):
-            who = f"{len(e.clients)} client{'s' * (len(e.clients) > 1)}"
-            parts.append(f"[{i}] raised {e.replies} times by {who} in {'/'.join(sorted(e.stages))} of rounds {_spans(e.rounds)}; "
-                         f"first in round {e.first_round} (clients {list(e.first_clients)[:8]}):")
+            who = f"{len(e.clients)} client{'s' * (len(e.clients) != 1)}" + (f" ({_spans(e.clients)})" if e.clients else "")
+            first = f" by client{'s' * (len(e.first_clients) > 1)} {_spans(e.first_clients)}" if e.first_clients else ""
+            parts.append(f"[{i}] raised {e.replies} time{'s' * (e.replies != 1)} by {who} in {'/'.join(sorted(e.stages))} of rounds "
+                         f"{_spans(e.rounds)}; as first raised (round {e.first_round}{first}):")
             parts.append("\n".join("    " + ln for ln in e.text.splitlines()))
         return "\n".join(parts)
 
@@ -179,4 +207,4 @@ class TrainingStopped(RuntimeError):
         self.failures = failures
 
 
-__all__ = ["ClientError", "ClientFailures", "TrainingStopped", "parse_reason"]
+__all__ = ["ClientError", "ClientFailures", "TrainingStopped", "error_group", "parse_reason", "raised_at"]

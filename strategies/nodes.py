@@ -4,9 +4,11 @@ nodes). :class:`PartitionNodes` is the collaborator a strategy holds as ``nodes`
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import sys
 import time
-from typing import Iterable
+from typing import Iterable, Iterator
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.common.constant import ErrorCode
@@ -20,8 +22,53 @@ from fedmeta.strategies.screening import reply_view
 logger = logging.getLogger("fedmeta")
 
 
+AUTO_NODES = -1
+"""``num_nodes=-1``: the clients are shared among the federation's SuperNodes, as many as the first
+node reports (its node config's ``num-partitions``: Flower's simulation sets it, and
+``--node-config`` in a deployment); one node per client when it reports none or one per client."""
+
 NO_QUERY_HANDLER = "No query function registered"
 """How Flower's ClientApp answers a message type it has no handler for (its error's text)."""
+
+
+class _NoQueryHandlerRecords(logging.Filter):
+    """Drops exactly the records of Flower's no-query-handler error: its message, a record carrying it, or a
+    record logged while that error is being handled (the engine's generic "exception ... by RayBackend" line)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        errors = (record.exc_info[1] if record.exc_info else None, sys.exc_info()[1])  # the logging thread's
+        return NO_QUERY_HANDLER not in record.getMessage() and not any(e is not None and NO_QUERY_HANDLER in str(e) for e in errors)
+
+
+@contextlib.contextmanager
+def quiet_no_query_handler() -> Iterator[None]:
+    """While fedmeta's partition query is out, Flower's logger (``flwr``) drops its records of the
+    no-query-handler error: the simulation engine logs that error and its traceback once per node
+    without a ``query`` handler, and :meth:`PartitionNodes.discover` says in one warning what it does
+    instead. Every other record, Flower's other errors included, passes. (A deployed SuperNode logs
+    in its own process: its console keeps its line.)"""
+    flower, quiet = logging.getLogger("flwr"), _NoQueryHandlerRecords()
+    flower.addFilter(quiet)
+    try:
+        yield
+    finally:
+        flower.removeFilter(quiet)
+
+
+def federation_size(grid: Grid, node: int, num_clients: int, timeout: float) -> int | None:
+    """How many SuperNodes share the clients, as ``node`` reports it in its ``query`` reply
+    (``num-partitions``); 0 when its reply has none (a ClientApp without fedmeta's query handler),
+    ``None`` when it did not reply within ``timeout`` s."""
+    query = Message(RecordDict({"config": ConfigRecord({C.NUM_CLIENTS: num_clients})}), dst_node_id=node,
+                    message_type=MessageType.QUERY)
+    with quiet_no_query_handler():
+        replies = exchange(grid, [query], timeout=timeout)
+    if not replies or replies[0].has_error() and replies[0].error.code == ErrorCode.NODE_UNAVAILABLE:
+        return None
+    [reply] = replies
+    if reply.has_error() or len(reply.content.metric_records) != 1:
+        return 0
+    return max(0, int(reply_view(reply.content).get(C.NUM_PARTITIONS, 0)))
 
 
 def by_node(nodes: dict[int, int], clients: Iterable[int]) -> dict[int, tuple[int, ...]]:
@@ -39,8 +86,12 @@ class PartitionNodes:
     :attr:`by_order`; ``configrecord_key`` / ``arrayrecord_key`` name the records of its messages."""
 
     def __init__(self, *, num_clients: int, num_nodes: int, node_wait_timeout: float, configrecord_key: str = "config",
-                 arrayrecord_key: str = "arrays") -> None:
+                 arrayrecord_key: str = "arrays", wait_log_every: float = 5.0) -> None:
         self.num_clients, self.num_nodes, self.node_wait_timeout = num_clients, num_nodes, node_wait_timeout
+        self.auto = num_nodes == AUTO_NODES
+        """Whether ``num_nodes`` was -1 (:data:`AUTO_NODES`; :meth:`discover` then sets ``num_nodes``)."""
+        self.wait_log_every = wait_log_every
+        """Seconds between the warnings :meth:`discover` logs while it waits for nodes."""
         self.configrecord_key, self.arrayrecord_key = configrecord_key, arrayrecord_key
         self.by_order = False
         """Whether the nodes have no ``query`` handler and client i is the i-th node by node id (see :meth:`discover`)."""
@@ -78,10 +129,18 @@ class PartitionNodes:
         one client (``num_nodes == num_clients``), client i is the i-th node in sorted node-id order,
         and one warning says that partition-keyed sampling is off (seeded sampling then picks nodes,
         not data partitions).
+
+        ``num_nodes=-1``: the first connected node says how many SuperNodes share the clients
+        (:func:`federation_size`); ``num_nodes`` is that many, or ``num_clients`` when it reports none
+        or at least one per client. While it waits, a warning every ``wait_log_every`` s says how many
+        nodes are connected and serve how many clients, what ``num_nodes`` asks for, and the fix.
         """
-        deadline = time.monotonic() + self.node_wait_timeout
+        started = time.monotonic()
+        deadline, next_log = started + self.node_wait_timeout, started + self.wait_log_every
         while True:
             node_ids = set(grid.get_node_ids())
+            if self.num_nodes == AUTO_NODES and node_ids:
+                self._resolve_auto(grid, min(node_ids), max(1.0, deadline - time.monotonic()))
             for gone in set(self._node_to_partition) - node_ids:
                 del self._node_to_partition[gone]
                 self._node_clients.pop(gone, None)
@@ -95,13 +154,41 @@ class PartitionNodes:
             missing = sorted(set(range(self.num_clients)) - set(mapping))
             if not missing:
                 return mapping
-            if time.monotonic() > deadline:
-                raise RuntimeError(
-                    f"only {len(mapping)} of num_clients={self.num_clients} clients are served by the "
-                    f"{len(node_ids)} connected nodes after {self.node_wait_timeout:.0f} s (missing clients {missing[:20]})"
-                )
+            now = time.monotonic()
+            if now > deadline:
+                raise RuntimeError(f"gave up waiting for nodes after node_wait_timeout={self.node_wait_timeout:g} s: "
+                                   + self._waiting_for(len(node_ids), len(mapping), missing))
+            if now >= next_log:
+                logger.warning("waiting for nodes (%.0f s of node_wait_timeout=%g s): %s", now - started, self.node_wait_timeout,
+                               self._waiting_for(len(node_ids), len(mapping), missing))
+                next_log = now + self.wait_log_every
             check_cancelled()
-            time.sleep(0.2)
+            time.sleep(min(0.2, self.wait_log_every))
+
+    def _waiting_for(self, connected: int, served: int, missing: list[int]) -> str:
+        """What :meth:`discover` has, what it needs, which setting decides it, and the fix."""
+        have = f"{connected} connected node{'s' * (connected != 1)} serve{'s' * (connected == 1)} {served} of num_clients={self.num_clients} clients"
+        if self.num_nodes == AUTO_NODES:
+            return f"{have}; num_nodes=-1 needs one node to report how many SuperNodes share the clients"
+        if connected < self.num_nodes:
+            why = " (None: one node per client)" if self.num_nodes == self.num_clients and not self.auto else ""
+            return (f"{have}; num_nodes={self.num_nodes}{why} needs {self.num_nodes} nodes. Start "
+                    f"{self.num_nodes - connected} more SuperNode{'s' * (self.num_nodes - connected != 1)}, or pass "
+                    "num_nodes=-1 to the strategy to share the clients among the federation's SuperNodes (fedmeta's "
+                    "ClientApp hosts several clients per node)")
+        return (f"{have}; missing clients {missing[:20]}: check num-partitions on every node "
+                f"(num_nodes={self.num_nodes}{' from num_nodes=-1' if self.auto else ''})")
+
+    def _resolve_auto(self, grid: Grid, node: int, timeout: float) -> None:
+        """``num_nodes`` for ``num_nodes=-1``: as many as ``node`` says share the clients (see :meth:`discover`);
+        still -1 when it did not answer."""
+        reported = federation_size(grid, node, self.num_clients, timeout)
+        if reported is None:
+            return
+        self.num_nodes = reported if 0 < reported < self.num_clients else self.num_clients
+        logger.info("num_nodes=-1: %d node%s for num_clients=%d (node %d reports %s)", self.num_nodes,
+                    "s" * (self.num_nodes != 1), self.num_clients, node,
+                    f"{C.NUM_PARTITIONS}={reported}" if reported else f"no {C.NUM_PARTITIONS}")
 
     def _order_nodes(self, nodes: list[int]) -> None:
         """Client i is ``nodes[i]`` (nodes without a ``query`` handler)."""
@@ -117,7 +204,9 @@ class PartitionNodes:
         ]
         reported: dict[int, tuple[int, tuple[int, ...]]] = {}
         refused: dict[int, str] = {}
-        for reply in exchange(grid, queries, timeout=timeout):
+        with quiet_no_query_handler():
+            replies = exchange(grid, queries, timeout=timeout)
+        for reply in replies:
             node = reply.metadata.src_node_id
             if reply.has_error():
                 if reply.error.code == ErrorCode.NODE_UNAVAILABLE:

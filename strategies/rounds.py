@@ -255,7 +255,7 @@ def _stop(server_round: int, failed_rounds: int, max_failed_rounds: int, failure
     why = (f"no valid train reply in {failed_rounds} consecutive rounds ({first}-{server_round}; max-failed-rounds="
            f"{max_failed_rounds}): {failures.total} client error replies, {len(failures.errors)} distinct")
     if failures.errors:
-        why += f"; first: {next(iter(failures.errors))}"
+        why += f"; first: {next(iter(failures.errors.values())).key}"
     if ckpt is not None:
         ckpt.mark_stopped(server_round, why)
     if on_round is not None:

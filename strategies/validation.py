@@ -77,7 +77,7 @@ def _declared(setting: S.Setting, none_ok: str = "") -> tuple[Callable[[Any], bo
 _TYPES: dict[str, tuple[Callable[[Any], bool], str]] = {
     # MetaStrategy's own arguments: types (MetaStrategy.__init__ checks the ranges)
     "num_clients": (_is_int, "an integer >= 1"),
-    "num_nodes": (lambda v: v is None or _is_int(v), "None (one node per client) or an integer >= 1"),
+    "num_nodes": (lambda v: v is None or _is_int(v), "None (one node per client), -1 (the federation's SuperNodes) or an integer >= 1"),
     "clients_per_round": (lambda v: v is None or _is_int(v), "None (all clients) or an integer >= 1"),
     "sampling_groups": (_is_int, "an integer >= 1"),
     "new_clients": (lambda v: isinstance(v, collections.abc.Iterable) and not isinstance(v, (str, bytes)) and _int_ids(v),

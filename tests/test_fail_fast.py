@@ -250,7 +250,7 @@ def test_a_run_where_every_client_raises_stops_after_max_failed_rounds(failed_ru
     assert out.count(MESSAGE) == 2 and proc.stderr.strip().splitlines()[-1].count(MESSAGE) == 1, out
     assert "Traceback (most recent call last)" in out and "ClientAppException" not in out and "ray::" not in out
     replies = 3 * min(os.cpu_count() or 1, 4)  # 3 rounds x the default's nodes (one per actor slot), each one error reply
-    assert re.search(rf"raised {replies} times by 4 clients in train of rounds 1-3", out), out
+    assert re.search(rf"raised {replies} times by 4 clients \(0-3\) in train of rounds 1-3", out), out
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("fedmeta-sim: error: local-moml: stopped after round 3: no valid train reply in 3 consecutive rounds")
     res = json.loads((results / "local-moml-sinewave-n4-seed0.json").read_text())
@@ -351,7 +351,7 @@ def test_error_reasons_from_a_deployment_and_a_third_party_client_are_keyed_by_t
     assert [e["error"] for e in failures.to_list()] == ["ValueError: bad", "KeyError: x"]
     assert failures.total == 4
     report = failures.report()
-    assert report.count("ValueError: bad") == 1 and "raised 3 times by 2 clients in train of rounds 1-2" in report
+    assert report.count("ValueError: bad") == 1 and "raised 3 times by 2 clients (0-1) in train of rounds 1-2" in report
 
 
 
@@ -403,3 +403,45 @@ def test_ctrl_c_stops_the_run_with_one_line_and_the_interrupted_run_resumes(tmp_
     res = json.loads((tmp_path / "r" / f"{algorithm}-sinewave-n4-seed0.json").read_text())
     assert res["status"] == "ok" and res["final_round"] == 40 and (res["resumed_from"] is not None) == started
     assert started or algorithm == "per-fedavg"  # mid-round, the checkpoint of the rounds done is there
+
+
+def _ray_reason(message: str, exc: str = "FloatingPointError", line: int = 282, func: str = "train") -> str:
+    """An error reply's reason as the Ray engine sends it: the client's traceback, Flower's wrapper chained after it."""
+    return (f'Traceback (most recent call last):\n  File "/src/clients/app.py", line 83, in run\n    reply = handler(msg, context)\n'
+            f'  File "/src/clients/client.py", line {line}, in {func}\n    raise {exc}(\n{exc}: {message}\n'
+            "\nThe above exception was the direct cause of the following exception:\n\nray::ClientAppActor.run() (pid=1, ip=x)\n"
+            f"flwr.clientapp.client_app.ClientAppException: Exception ClientAppException occurred. Message: {message}")
+
+
+def test_errors_differing_only_in_client_ids_and_numbers_are_one_with_each_client_listed_once():
+    failures = ClientFailures()
+    for rnd, clients in ((1, [3]), (1, [1]), (2, [2, 0]), (3, [3])):
+        failures.record(rnd, "train", clients, _ray_reason(f"diverged for every client of the round {clients}: loss {rnd * 1.5e30}"))
+    failures.record(3, "train", [1], _ray_reason("diverged for every client of the round [1]: loss 2", line=290))  # another line
+    failures.record(3, "train", [2], _ray_reason("diverged for every client of the round [2]: loss 2", exc="ValueError"))
+    failures.record(3, "evaluate", [0], "<class 'KeyError'>:<'client 0 has no test split'>")
+    failures.record(3, "evaluate", [1], "<class 'KeyError'>:<'client 1 has no test split'>")
+    first, *others = failures.to_list()
+    assert len(others) == 3 and [e["error"].split(":")[0] for e in others] == ["FloatingPointError", "ValueError", "KeyError"]
+    assert first["error"] == "FloatingPointError: diverged for every client of the round [3]: loss 1.5e+30"  # as first raised
+    assert first["clients"] == [0, 1, 2, 3] and first["replies"] == 4 and first["raised_at"] == "/src/clients/client.py:282 in train"
+    assert others[-1]["clients"] == [0, 1] and others[-1]["raised_at"] == ""
+    report = failures.report()
+    assert report.startswith("4 distinct client errors (8 error replies):")
+    assert "[1] raised 4 times by 4 clients (0-3) in train of rounds 1-3; as first raised (round 1 by client 3):" in report
+    assert report.count("Traceback (most recent call last)") == 3 and report.count("raise FloatingPointError") == 2
+
+
+@pytest.mark.ray
+@pytest.mark.subprocess
+def test_a_run_where_every_client_diverges_prints_one_traceback(tmp_path, _session_ray):
+    """The issue's command: every client's FloatingPointError names its own client ids; the console shows it once."""
+    proc = subprocess.run([sys.executable, "-m", "fedmeta.simulations.run", "--dataset", "sinewave", "--num-clients", "4",
+                           "--clients-per-round", "2", "--meta-lr", "1e30", "--inner-lr", "1e30", "--results-dir", str(tmp_path / "r")],
+                          env=_env(tmp_path, RAY_ADDRESS=_session_ray.address), cwd=tmp_path, capture_output=True, text=True,
+                          timeout=600)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 1, out
+    assert out.count("Traceback (most recent call last)") == 1 and out.count("raise FloatingPointError") == 1, out
+    # one error reply per node and round: how many depends on the nodes (one per Ray actor slot by default)
+    assert re.search(r"^1 distinct client error \(\d+ error replies\):\n\[1\] raised \d+ times by 4 clients \(0-3\)", out, re.M), out

@@ -152,8 +152,10 @@ def test_fedmeta_strategies_drive_a_quickstart_style_client(ray_runner, strategy
         ev = result.evaluate_metrics_clientapp[rnd]
         assert ev["num-clients"] == N and 0 <= ev["eval_acc"] <= 1 and "eval_acc-std" in ev and "eval_loss-p10" in ev
         assert result.train_metrics_clientapp[rnd]["num-accepted"] >= 3
-    warnings = [r.getMessage() for r in caplog.records if "partition-keyed sampling is off" in r.getMessage()]
-    assert len(warnings) == 1
+    # Flower's no-query-handler error (and its traceback per node) is not logged; fedmeta's one warning says what it did
+    warnings = [f"{r.name}: {r.getMessage()}" for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and "partition-keyed sampling is off" in warnings[0], warnings
+    assert "Traceback" not in caplog.text and "No query function registered" in warnings[0]
 
 
 def contract_net() -> torch.nn.Module:

@@ -172,7 +172,7 @@ def test_waiting_for_nodes_times_out_with_a_message():
             return set()
 
     strategy = PerFedAvg(num_clients=3, node_wait_timeout=0.3)
-    with pytest.raises(RuntimeError, match="only 0 of num_clients=3"):
+    with pytest.raises(RuntimeError, match="0 connected nodes serve 0 of num_clients=3 clients"):
         train_messages(strategy, Empty(3))
 
 
