@@ -128,11 +128,12 @@ def counted(trials: Sequence[Any]) -> int:
     return sum(1 for t in trials if not (t.state.name == "FAIL" and t.number in retried))
 
 
-def open_study(spec: TuneSpec, store: Any, name: str) -> Any:
-    """Create the study, or load it when it exists (it must have been made from the same space file)."""
+def open_study(spec: TuneSpec, store: Any, name: str, worker: int = 0) -> Any:
+    """Create the study, or load it when it exists (it must have been made from the same space file). Worker ``w``'s
+    sampler is seeded with ``seed + w``: workers with one seed would propose the same settings."""
     optuna = optuna_module()
     s = spec.study
-    seed = None if s.seed < 0 else s.seed
+    seed = None if s.seed < 0 else s.seed + worker
     if s.sampler == "grid":
         sampler = optuna.samplers.GridSampler(spec.grid(), seed=seed)
     elif s.sampler == "random":
@@ -207,12 +208,17 @@ def run_simulation(cfg: Any, out: Path, trackers: Sequence[Any]) -> dict[str, fl
 RUNS: dict[str, Callable[[Any, Path, Sequence[Any]], dict[str, float]]] = {"centralized": run_centralized, "simulation": run_simulation}
 
 
-def objective(spec: TuneSpec, trials_dir: Path) -> Callable[[Any], float]:
+def _params(params: Mapping[str, Any]) -> str:
+    return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
+
+
+def objective(spec: TuneSpec, trials_dir: Path, worker: int = 0) -> Callable[[Any], float]:
     """A trial: the base run with the trial's settings; its value the final metric (NaN fails the trial)."""
 
     def run_trial(trial: Any) -> float:
         trial.set_user_attr(OWNER, owner())
         params = {d.key: d.suggest(trial) for d in spec.space}
+        print(f"[trial {trial.number}] {_params(params)}: started (worker {worker})", flush=True)
         cfg = spec.config(params)
         finals = RUNS[spec.runner](cfg, trials_dir / f"{trial.number:04d}", (PruneOn(trial, spec.objective.metric),))
         if spec.objective.metric not in finals:
@@ -224,7 +230,7 @@ def objective(spec: TuneSpec, trials_dir: Path) -> Callable[[Any], float]:
 
 
 def _line(trial: Any, metric: str, worker: int) -> str:
-    params = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in trial.params.items())
+    params = _params(trial.params)
     value = f"{metric} {trial.value:.6g}" if trial.value is not None else "no value"
     seconds = (trial.datetime_complete - trial.datetime_start).total_seconds() if trial.datetime_complete and trial.datetime_start else 0.0
     retry = f", retry of trial {trial.user_attrs[RETRY_OF]}" if RETRY_OF in trial.user_attrs else ""
@@ -238,8 +244,8 @@ def work(spec: TuneSpec, url: str, name: str, study_dir: Path, worker: int = 0, 
         from fedmeta.simulations.runcache import one_thread
 
         one_thread()  # tiny models: one thread per process, one process per core
-    study = open_study(spec, storage(url), name)
-    run_trial = objective(spec, study_dir / "trials")
+    study = open_study(spec, storage(url), name, worker)
+    run_trial = objective(spec, study_dir / "trials", worker)
 
     def report(study: Any, trial: Any) -> None:
         print(_line(trial, spec.objective.metric, worker), flush=True)

@@ -144,7 +144,7 @@ class TuneSpec:
 
     def config(self, params: Mapping[str, Any]) -> Any:
         """The run of a trial: the base run with ``params`` (kebab-case keys) in it."""
-        return runner_config(self.runner).from_mapping({**self.run, **params}, what=f"{self.runner} setting")
+        return runner_config(self.runner).from_mapping({**self.run, **params})
 
     def grid(self) -> dict[str, list[Any]]:
         return {d.key: list(d.choices) for d in self.space}
@@ -171,9 +171,9 @@ def _dimension(cls: type, key: str, entry: Any, base: Callable[[Mapping[str, Any
     name = key.replace("-", "_")
     if name not in known:
         try:  # Settings.from_mapping names the key and the nearest valid one
-            cls.from_mapping({key: None}, what="setting")
+            cls.from_mapping({key: None})
         except ValueError as err:
-            raise SpaceError(f"{where}: {err}") from None
+            raise SpaceError(f"{where}: {str(err).replace(' (value None)', '')}") from None
     setting = known[name]
     if "choices" in entry:
         if set(entry) != {"choices"} or not isinstance(entry["choices"], list) or not entry["choices"]:
@@ -237,7 +237,7 @@ def load_spec(path: Path, study_flags: Mapping[str, Any] | None = None) -> TuneS
     cls = runner_config(runner)
 
     def base(params: Mapping[str, Any]) -> Any:
-        return cls.from_mapping({**run, **params}, what=f"{runner} setting")
+        return cls.from_mapping({**run, **params})
 
     try:
         base({})
