@@ -59,7 +59,8 @@ from fedmeta.centralized_iteration import (
     task_meta_gradients,
 )
 from fedmeta.meta import Params
-from fedmeta.provenance import command_parser, run_command
+from fedmeta.provenance import command_parser, provenance, run_command
+from fedmeta.tracking import NONE, TRACKING_DIR, Tracker, Trackers, open_tracker, require
 from fedmeta.tasks import TASKS, FewShotSet, TaskFamily, few_shot_error, few_shot_errors, grid_tasks
 
 
@@ -138,6 +139,8 @@ class CentralizedConfig(S.Settings):
     memory_gradient: str = S.choice(lambda: ("direction", "through-memory"), help=MEMORY_GRADIENT_HELP).field("direction")
     init_seed: int = _seed_or_derived.field(-1, help="-1: the initial model is drawn from seed; >= 0: from this seed alone "
                                                      "(the authors' Model(seed=1234) for every seed)")
+    track: str = HP.track.field()
+    tracking_dir: str = HP.tracking_dir.field()
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -157,6 +160,11 @@ class CentralizedConfig(S.Settings):
     @property
     def family(self) -> TaskFamily:
         return TASKS[self.task]
+
+    @property
+    def run_name(self) -> str:
+        """The run's name in a tracker: ``centralized-<algorithm>-<task>-<meta-gradient>-seed<seed>``."""
+        return f"centralized-{self.algorithm}-{self.task}-{self.meta_gradient}-seed{self.seed}"
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -225,7 +233,7 @@ class RunResult:
         )
 
 
-def train(cfg: CentralizedConfig, *, log: Callable[[str], None] | None = None) -> RunResult:
+def train(cfg: CentralizedConfig, *, log: Callable[[str], None] | None = None, trackers: Sequence[Tracker] = ()) -> RunResult:
     """Run Algorithm 1 (exact, first_order, hessian_free), Algorithm 2 (ggs), ZO-MAML or FO-MuML; with
     ``algorithm="moml"`` localmoml's MOMLv1 (Algorithm 1), with ``"local-moml"`` its Algorithm 3 centrally.
 
@@ -242,7 +250,22 @@ def train(cfg: CentralizedConfig, *, log: Callable[[str], None] | None = None) -
     the tasks themselves are drawn once, before the first iteration (or are the grid). ``memory_init``,
     ``memory_gradient`` and ``init_seed`` are the other choices where the localmoml authors' code and the
     paper's text part (see :class:`CentralizedConfig`).
-    """
+
+    Tracking: the tracker of ``cfg.track`` (:func:`fedmeta.tracking.open_tracker`, under ``cfg.tracking_dir``,
+    default ``./tracking``; the provenance block as its config) and ``trackers`` receive, at step ``k``, iteration
+    k's values under the :class:`RunResult` names: ``train_loss`` (every iteration) and ``meta_loss`` (step 0 is the
+    initial model's). Every tracker is closed when the run ends, however it ends; an exception from a tracker's
+    ``log`` (a tuner's ``optuna.TrialPruned``) stops the run after that iteration and propagates."""
+    with Trackers(trackers) as sinks:
+        require(cfg.track)
+        config = provenance(cfg.to_dict(), started=time.time()) if cfg.track != NONE else None
+        sinks.trackers.insert(0, open_tracker(cfg.track, cfg.run_name, cfg.tracking_dir or TRACKING_DIR, config=config))
+        return _train(cfg, log=log, on_iteration=sinks.log)
+
+
+def _train(cfg: CentralizedConfig, *, log: Callable[[str], None] | None = None,
+        on_iteration: Callable[[int, dict[str, float]], None] | None = None) -> RunResult:
+    """The run of :func:`train`; ``on_iteration(k, values)`` after every iteration (and at 0)."""
     t0 = time.perf_counter()
     family, streams = cfg.family, Streams.from_seed(cfg.seed)
     f = family.loss
@@ -278,6 +301,8 @@ def train(cfg: CentralizedConfig, *, log: Callable[[str], None] | None = None) -
         return {k: v.detach() for k, v in leaves.items()}
 
     recorded, losses, train_losses, task_ids = [0], [evaluate(current())], [], []
+    if on_iteration is not None:
+        on_iteration(0, {"meta_loss": losses[0]})
     diverged_at, done, train_seconds = None, 0, 0.0
     # from iteration floor(decay_at * K) on, as the localmoml authors' code decays (sinewave/src/maml.py, main_loop)
     decay_from = int(cfg.decay_at * cfg.iterations) if cfg.decay_at < 1 else cfg.iterations + 1
@@ -322,12 +347,18 @@ def train(cfg: CentralizedConfig, *, log: Callable[[str], None] | None = None) -
         train_losses.append(float(outer.mean()))
         if not all(bool(torch.isfinite(p).all()) for p in leaves.values()):
             diverged_at = k
+            if on_iteration is not None:
+                on_iteration(k, {"train_loss": train_losses[-1]})
             break
+        values = {"train_loss": train_losses[-1]}
         if k % cfg.eval_every == 0 or k == cfg.iterations:
             recorded.append(k)
             losses.append(evaluate(current()))
+            values["meta_loss"] = losses[-1]
             if log:
                 log(f"{cfg.algorithm} {cfg.meta_gradient} iteration {k}: {cfg.eval_protocol} {losses[-1]:.6g}")
+        if on_iteration is not None:
+            on_iteration(k, values)
     per_task = estimator.cost(cfg.inner_steps) * (cfg.local_steps if cfg.algorithm == "local-moml" else 1)
     task_errors = ()
     if cfg.eval_protocol != "meta-loss" and diverged_at is None:

@@ -16,6 +16,7 @@ from typing import Any, ClassVar, Mapping
 
 from fedmeta import settings as S
 from fedmeta.meta import DEFAULT_DELTA, META_GRADIENTS
+from fedmeta.tracking import TRACKS
 
 # --- train/evaluate ConfigRecord keys (server -> client) -------------------------------------
 ALGORITHM = "algorithm"
@@ -130,6 +131,12 @@ class HP:
     evaluate_every = S.int_at_least(0, " (0 = never)", default=50, help="evaluate all clients every this many rounds (and after the last)")
     seed = S.Setting(int, "an integer in [0, 2**63 - 1]", lambda v: v >= 0, default=0,
                      help="seeds the initial model, the client sampling and every client's batches")
+    track = S.choice(lambda: TRACKS, default="none",
+                     help="live tracking of the per-round values: tensorboard (event files; pip install 'fedmeta[tensorboard]'), "
+                          "wandb (Weights & Biases, offline unless WANDB_MODE says otherwise; pip install 'fedmeta[wandb]') or none "
+                          "(docs/tracking.md)")
+    tracking_dir = S.text("where the tracker writes; empty: <results-dir>/tracking (./tracking for runners without a "
+                          "results directory)", default="")
 
 
 def _normalized(key: str) -> str:

@@ -46,7 +46,8 @@ from fedmeta.config import HP
 from fedmeta.tasks import SineRegression
 from fedmeta.meta import Params
 from fedmeta.personalize import adapt_and_score
-from fedmeta.provenance import command_parser, run_command
+from fedmeta.provenance import command_parser, provenance, run_command
+from fedmeta.tracking import NONE, TRACKING_DIR, Tracker, Trackers, open_tracker, require
 
 OPTIMIZERS = ("adam", "sgd")
 ADAM_BETAS = (0.9, 0.999)
@@ -104,6 +105,8 @@ class DifMAMLConfig(S.Settings):
                                                                                "one per agent")
     phase: tuple[float, float] = _interval_setting.field((0.0, math.pi), help="every agent's phase range")
     seed: int = HP.seed.field(help="seeds the initial model, every agent's batches and the test tasks")
+    track: str = HP.track.field()
+    tracking_dir: str = HP.tracking_dir.field()
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -116,6 +119,11 @@ class DifMAMLConfig(S.Settings):
         return super().from_mapping(values, what="Dif-MAML setting")
 
     # --- derived
+
+    @property
+    def run_name(self) -> str:
+        """The run's name in a tracker: ``dif-maml-<topology>-K<num_agents>-seed<seed>``."""
+        return f"dif-maml-{self.topology}-K{self.num_agents}-seed{self.seed}"
 
     def graph(self) -> G.Graph:
         return G.graph(self.topology, self.num_agents, edge_prob=self.edge_prob, seed=self.graph_seed, edges=self.edges)
@@ -307,9 +315,25 @@ class DifResult:
         return cls(config=DifMAMLConfig.from_mapping(d["config"]), **kw)
 
 
-def simulate(cfg: DifMAMLConfig, *, log: Callable[[str], None] | None = None, record: bool = True) -> DifResult:
+def simulate(cfg: DifMAMLConfig, *, log: Callable[[str], None] | None = None, record: bool = True,
+             trackers: Sequence[Tracker] = ()) -> DifResult:
     """Run Algorithm 1 for ``cfg.iterations`` iterations with all K agents stacked: the adaptation (6a)
-    vmapped over agents, the combination (6b) one einsum with A. ``record=False`` skips the tests."""
+    vmapped over agents, the combination (6b) one einsum with A. ``record=False`` skips the tests.
+
+    Tracking: the tracker of ``cfg.track`` (:func:`fedmeta.tracking.open_tracker`, under ``cfg.tracking_dir``,
+    default ``./tracking``; the provenance block as its config) and ``trackers`` receive, at every tested iteration
+    ``i``, its values under the :class:`DifResult` names: ``test_loss``, ``disagreement`` and ``agent_test_loss/<k>``
+    for every agent k. Every tracker is closed when the run ends, however it ends; an exception from a tracker's
+    ``log`` stops the run there and propagates."""
+    with Trackers(trackers) as sinks:
+        require(cfg.track)
+        config = provenance(cfg.to_dict(), started=time.time()) if cfg.track != NONE else None
+        sinks.trackers.insert(0, open_tracker(cfg.track, cfg.run_name, cfg.tracking_dir or TRACKING_DIR, config=config))
+        return _simulate(cfg, log=log, record=record, on_test=sinks.log)
+
+
+def _simulate(cfg: DifMAMLConfig, *, log: Callable[[str], None] | None, record: bool,
+              on_test: Callable[[int, dict[str, float]], None]) -> DifResult:
     t0 = time.perf_counter()
     g, a_np, lam = cfg.combination_matrix()  # Assumption 6, before any work
     K, f, estimator = cfg.num_agents, loss_fn(cfg), cfg.estimator()
@@ -326,6 +350,7 @@ def simulate(cfg: DifMAMLConfig, *, log: Callable[[str], None] | None = None, re
         dis.append(disagreement(w))
         if log:
             log(f"dif-maml {g.name} iteration {i}: test loss {losses[-1]:.4f}, disagreement {dis[-1]:.3g}")
+        on_test(i, {"test_loss": losses[-1], "disagreement": dis[-1], **{f"agent_test_loss/{k}": x for k, x in enumerate(agents[-1])}})
 
     if record:
         test(0)

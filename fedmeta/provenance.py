@@ -149,7 +149,7 @@ def describe(block: Mapping[str, Any]) -> str:
     return f"{code}, {str(block.get('started', '?'))[:10]}; {libs}; Python {block.get('python', '?')}; {machine}"
 
 
-code_state()  # the checkout as this process imported it (see code_state)
+code_state(PACKAGE_ROOT)  # the checkout as this process imported it (see code_state); the key provenance() asks with
 
 
 def command_parser(config_cls: Any, *, prog: str, doc: str | None) -> Any:
@@ -169,13 +169,16 @@ def run_command(parser: Any, config_cls: Any, argv: Sequence[str] | None, run: A
     provenance."""
     import json
 
+    from fedmeta.tracking import NONE, MissingExtra, require
+
     args = vars(parser.parse_args(argv))
     json_path = args.pop("json_path")
     try:
         cfg = config_cls.from_mapping({k: v for k, v in args.items() if v is not None})
         if check is not None:
             check(cfg)
-    except ValueError as err:
+        require(getattr(cfg, "track", NONE))  # a missing optional package: one line, before any work
+    except (ValueError, MissingExtra) as err:
         print(f"{parser.prog.removeprefix('python -m ')}: error: {err}", file=sys.stderr)
         return 2
     started = time.time()

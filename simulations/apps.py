@@ -13,7 +13,7 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
@@ -21,7 +21,7 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Result
 
-from fedmeta import algorithms
+from fedmeta import algorithms, tracking
 from fedmeta.clients import make_client_app
 from fedmeta.data import client_data
 from fedmeta import config as C
@@ -64,30 +64,48 @@ def _scalars(record: Any) -> dict[str, float]:
     return {k: float(v) for k, v in dict(record).items()}
 
 
-def run_server(grid: Grid, cfg: ExperimentConfig, on_round: Callable[[int, Result], None] | None = None) -> dict[str, Any]:
+def run_server(grid: Grid, cfg: ExperimentConfig, on_round: Callable[[int, Result], None] | None = None,
+               trackers: Sequence[tracking.Tracker] = ()) -> dict[str, Any]:
     """Run the experiment on ``grid`` and return (and write) its results.
 
     ``results["status"]`` is ``"ok"``, or ``"failed"`` with the cause in ``results["failure"]`` when
     the strategy stopped the run because no client could train (``max-failed-rounds``) or the final
-    evaluation never happened; ``results["client_errors"]`` lists every distinct client error."""
+    evaluation never happened; ``results["client_errors"]`` lists every distinct client error.
+
+    After every round, the tracker of ``cfg.track`` (:func:`fedmeta.tracking.open_tracker`, under
+    ``cfg.tracking_path``) and ``trackers`` receive the round's values under their results-JSON names
+    (:func:`fedmeta.tracking.round_values`: ``train/<key>``, ``evaluate/<key>``, ``round_seconds``). All of them
+    are closed when the rounds end; an exception from a tracker's ``log`` ends the run there and propagates."""
     strategy = build_strategy(cfg)
     started, t0 = time.time(), time.perf_counter()
     failure = None
-    try:
-        result = strategy.start(
-            grid=grid,
-            initial_arrays=ArrayRecord(initial_model(cfg).state_dict()),
-            num_rounds=cfg.num_rounds,
-            timeout=cfg.round_timeout,
-            train_config=ConfigRecord({}),
-            evaluate_config=ConfigRecord({}),
-            checkpoint_dir=cfg.checkpoint_path,
-            resume=cfg.resume,
-            run_info=cfg.fingerprint(),
-            on_round=on_round,
-        )
-    except TrainingStopped as stop:
-        result, failure = stop.result, str(stop)
+    sinks = tracking.Trackers(trackers)
+
+    def round_done(server_round: int, result: Result) -> None:
+        if on_round is not None:
+            on_round(server_round, result)
+        sections = {"train": result.train_metrics_clientapp.get(server_round),
+                    "evaluate": result.evaluate_metrics_clientapp.get(server_round)}
+        sinks.log(server_round, tracking.round_values(sections, round_seconds=strategy.round_seconds.get(server_round)))
+
+    with sinks:
+        sinks.trackers.insert(0, tracking.open_tracker(cfg.track, cfg.stem, cfg.tracking_path,
+                                                       config=provenance(cfg.to_dict(), started=started)))
+        try:
+            result = strategy.start(
+                grid=grid,
+                initial_arrays=ArrayRecord(initial_model(cfg).state_dict()),
+                num_rounds=cfg.num_rounds,
+                timeout=cfg.round_timeout,
+                train_config=ConfigRecord({}),
+                evaluate_config=ConfigRecord({}),
+                checkpoint_dir=cfg.checkpoint_path,
+                resume=cfg.resume,
+                run_info=cfg.fingerprint(),
+                on_round=round_done,
+            )
+        except TrainingStopped as stop:
+            result, failure = stop.result, str(stop)
     seconds = time.perf_counter() - t0
     evals = {r: _scalars(m) for r, m in result.evaluate_metrics_clientapp.items()}
     last = max(evals) if evals else None
@@ -148,12 +166,15 @@ def write_client_csv(path: Path, strategy: MetaStrategy) -> None:
 
 
 def build_server_app(cfg: ExperimentConfig, sink: Callable[[dict[str, Any]], None] | None = None,
-                     on_round: Callable[[int, Result], None] | None = None) -> ServerApp:
+                     on_round: Callable[[int, Result], None] | None = None,
+                     trackers: Sequence[tracking.Tracker] = ()) -> ServerApp:
+    """The experiment's ServerApp (:func:`run_server`): its results go to ``sink``, every round to ``on_round`` and
+    ``trackers``."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        results = run_server(grid, cfg, on_round=on_round)
+        results = run_server(grid, cfg, on_round=on_round, trackers=trackers)
         if sink is not None:
             sink(results)
 
@@ -201,6 +222,7 @@ def _main(grid: Grid, context: Context) -> None:
         dif_maml_app.run_from_run_config(grid, context.run_config)
         return
     cfg = ExperimentConfig.from_mapping(context.run_config)
+    tracking.require(cfg.track)  # a missing optional package: one line, before the first message
     if cfg.check_data:  # before the first message: data and model, in this process (see check-data)
         print(f"inputs checked: {check_inputs(cfg)}", flush=True)
     cfg = nodes_of_federation(grid, cfg)

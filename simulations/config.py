@@ -27,6 +27,7 @@ from fedmeta.batched import DEFAULT_CHUNK_SIZE, VECTORIZE, VMAP_ESTIMATORS
 from fedmeta.data import IMAGE_SHAPES, NUM_CLASSES
 from fedmeta.models import MODELS, build_model
 from fedmeta.strategies.aggregation import holdout_partitions
+from fedmeta.tracking import TRACKING_DIR
 
 DATASET_MODELS = {"fashion-mnist": "mlp-40-40", "mnist": "mlp-40-40", "cifar10": "cnn", "cifar100": "cnn", "sinewave": "sine-mlp"}
 """The default model of each dataset (the papers' MLPs; a small CNN for CIFAR)."""
@@ -112,6 +113,8 @@ class ExperimentConfig(AlgorithmSettings):  # type: ignore[misc, valid-type]
     device: str = S.Setting(str, "empty (CUDA when available, else CPU) or a torch device such as 'cpu', 'cuda' or 'cuda:1'",
                             _is_device, help="force the clients' device").field("")
     results_dir: str = S.text("where the results JSON is written").field("results")
+    track: str = HP.track.field()
+    tracking_dir: str = HP.tracking_dir.field()
     num_nodes: int = S.int_at_least(AUTO_NODES, " (-1 = one node per Ray actor slot, 0 = one node per client)",
                                     help="simulated SuperNodes. -1: one multi-client node per actor slot of the Ray cluster, resolved "
                                          "when the simulation starts (docs/cluster.md); under flwr run, the federation's SuperNodes. "
@@ -239,6 +242,11 @@ class ExperimentConfig(AlgorithmSettings):  # type: ignore[misc, valid-type]
         return f"{self.algorithm}-{self.dataset}-n{self.num_clients}-seed{self.seed}"
 
     @property
+    def tracking_path(self) -> Path:
+        """Where the run's tracker writes (the ``track`` setting): ``tracking-dir``, else ``<results-dir>/tracking``."""
+        return Path(self.tracking_dir) if self.tracking_dir else Path(self.results_dir) / TRACKING_DIR
+
+    @property
     def checkpoint_path(self) -> Path | None:
         """The checkpoint directory, or ``None`` when the run does not checkpoint."""
         if not self.checkpoint:
@@ -331,7 +339,7 @@ _FIELDS = frozenset(f.name for f in fields(ExperimentConfig))
 
 _NOT_IN_FINGERPRINT = frozenset({"num-rounds", "results-dir", "data-dir", "download", "memory-dir", "checkpoint", "checkpoint-dir",
                                   "resume", "round-timeout", "num-cpus", "num-gpus", "max-failed-rounds", "check-data",
-                                  "ray-address"})
+                                  "ray-address", "track", "tracking-dir"})
 
 
 def _bad(name: str, allowed: str, value: Any) -> ValueError:

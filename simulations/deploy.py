@@ -54,6 +54,7 @@ from typing import Any, Mapping, Sequence
 
 from fedmeta import config as C
 from fedmeta.simulations.config import AUTO_NODES, ExperimentConfig
+from fedmeta.tracking import MissingExtra, require
 from fedmeta.simulations.preflight import check_inputs
 from fedmeta.simulations.flwr_processes import (
     DATA_ENV, HOST, ISOLATIONS, MEMORY_DIR, NODE_READY, PROJECT_DIR, TASK_POLL_ENV, TASK_POLL_INTERVAL, Certificates, DeploymentError,
@@ -376,6 +377,8 @@ class LocalDeployment:
         values.setdefault("clients-per-round", 0)
         results = Path(values.get("results-dir") or self.workdir / "runs" / f"run-{len(self.runs) + 1}")
         values["results-dir"] = str(results.resolve())
+        if values.get("tracking-dir"):  # the ServerApp's working directory is flwr's, not this one
+            values["tracking-dir"] = str(Path(values["tracking-dir"]).resolve())
         cfg = ExperimentConfig.from_mapping({**app_config(self.project_dir), **values})
         if cfg.num_nodes == AUTO_NODES:  # the ServerApp takes -1 as the SuperNodes' count: one client each, unless num-nodes says
             cfg = cfg.replace(num_nodes=0)
@@ -527,9 +530,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         dep = LocalDeployment(args.nodes, workdir=args.workdir, flwr_bin=args.flwr_bin, tls=args.tls, memory=args.memory,
                               data_dirs=args.node_data_dir, isolation=args.isolation,
                               certificates=Certificates(certs / "ca.pem", certs / "server.pem", certs / "server.key") if certs else None)
-        dep.run_config(overrides)  # bad keys or values fail here, before any process starts
+        rc = dep.run_config(overrides)  # bad keys or values fail here, before any process starts
+        require(ExperimentConfig.from_mapping({**app_config(dep.project_dir), **rc}).track)  # and a missing optional package
         logger.info("inputs: %s", dep.check_inputs(overrides))  # and missing data or a model that does not fit
-    except (ValueError, DeploymentError) as err:
+    except (ValueError, MissingExtra, DeploymentError) as err:
         print(f"fedmeta-deploy-local: error: {err}", file=sys.stderr)
         return 2
     print(f"flwr {dep.version} ({dep.transport.name}), {args.nodes} SuperNodes on {HOST}{', TLS' if dep.certificates else ''}; work directory {dep.workdir}")

@@ -28,6 +28,7 @@ from pathlib import Path
 
 from fedmeta import config as C
 from fedmeta.provenance import provenance
+from fedmeta.tracking import MissingExtra, Tracker, Trackers, require
 from fedmeta.simulations.apps import build_client_app, build_server_app
 from fedmeta.simulations.config import AUTO_NODES, ExperimentConfig, parse_cli
 from fedmeta.simulations.engine import run_on_ray
@@ -63,7 +64,8 @@ def resolve_nodes(cfg: ExperimentConfig, nodes: list[dict[str, Any]] | None = No
     return cfg.with_nodes_for(cluster.actor_slots(nodes or cluster.local_resources(), cfg.num_cpus, cfg.num_gpus))
 
 
-def simulate(cfg: ExperimentConfig, *, verbose: bool = False, check: bool = True, progress: bool = True) -> dict[str, Any]:
+def simulate(cfg: ExperimentConfig, *, verbose: bool = False, check: bool = True, progress: bool = True,
+             trackers: Sequence[Tracker] = ()) -> dict[str, Any]:
     """Run one experiment on Flower's simulation engine (:func:`~fedmeta.simulations.engine.run_on_ray`)
     and return its results (also written to ``<results-dir>/<run>.json``).
 
@@ -73,7 +75,22 @@ def simulate(cfg: ExperimentConfig, *, verbose: bool = False, check: bool = True
     plain round lines otherwise. A run the strategy stopped because no client could train, or whose
     final evaluation never happened, returns with ``results["status"] == "failed"`` and the cause in
     ``results["failure"]``.
+
+    ``trackers``: further :class:`fedmeta.tracking.Tracker` s of this process (a tuner's), beside the one
+    ``cfg.track`` opens; after every round each receives ``log(round, values)`` with the values the results
+    JSON holds for that round (:func:`fedmeta.tracking.round_values`), and all are closed when the run ends, however
+    it ends. An exception a tracker's ``log`` raises (``optuna.TrialPruned``) stops the run after that round: the
+    engine shuts down and the exception propagates from here, after the trackers are closed.
     """
+    fanout = Trackers(trackers)
+    try:
+        return _simulate(cfg, verbose=verbose, check=check, progress=progress, trackers=fanout)
+    finally:
+        fanout.close()
+
+
+def _simulate(cfg: ExperimentConfig, *, verbose: bool, check: bool, progress: bool, trackers: Trackers) -> dict[str, Any]:
+    require(cfg.track)  # a missing optional package: one line, before any work
     if check:
         check_inputs(cfg)
     box: dict[str, Any] = {}
@@ -114,7 +131,7 @@ def simulate(cfg: ExperimentConfig, *, verbose: bool = False, check: bool = True
         stack.enter_context(console_through(bar))
         CANCELLED.clear()  # a stop of an earlier simulation in this process does not stop this one
         try:
-            run_on_ray(build_server_app(cfg, sink=box.update, on_round=bar), build_client_app(client_cfg),
+            run_on_ray(build_server_app(cfg, sink=box.update, on_round=bar, trackers=[trackers]), build_client_app(client_cfg),
                        num_supernodes=cfg.num_supernodes, num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, verbose=verbose)
         except KeyboardInterrupt:
             # Ctrl-C reaches this (the main) thread, in Flower's engine; the ServerApp runs in Flower's thread, which
@@ -240,6 +257,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if not configs:
         print("fedmeta-sim: error: --algorithms is empty", file=sys.stderr)
+        return 2
+    try:
+        require(configs[0].track)  # a missing optional package: one line, before any work
+    except MissingExtra as err:
+        print(f"fedmeta-sim: error: {err}", file=sys.stderr)
         return 2
     for cfg in configs:  # every run's checkpoint, before the first run starts
         try:

@@ -26,6 +26,7 @@ from flwr.app import ConfigRecord
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from fedmeta.tracking import TRACKS
 from fedmeta import config as C
 from fedmeta.batched import VECTORIZE, VMAP_ESTIMATORS
 from fedmeta.data import NUM_CLASSES
@@ -61,6 +62,7 @@ CHOICES: dict[str, tuple[tuple[str, ...], bool]] = {  # field: (allowed values, 
     "batch_draws": (C.BATCH_DRAW_CHOICES, False),
     "eval_protocol": (tuple(EVAL_PROTOCOLS), True),
     "vectorize": (VECTORIZE, False),
+    "track": (TRACKS, False),
 }
 INT_MIN = {  # each integer field's own lower bound
     "a_train": 2, "classes_per_client": 1, "train_per_client": 1, "test_per_client": 1, "num_clients": 1,
@@ -76,7 +78,7 @@ FLOAT_RANGE = {  # field: (low, low allowed, high or None)
 }
 DECAY_FRACTIONS = ("", "0.5", "0.5,0.75", "0.1, 0.2,0.9")
 """Valid values of lr_decay_at (a string field with its own grammar)."""
-FREE_STRINGS = ("data_dir", "results_dir", "memory_dir", "checkpoint_dir", "ray_address")
+FREE_STRINGS = ("data_dir", "results_dir", "memory_dir", "checkpoint_dir", "ray_address", "tracking_dir")
 
 
 def test_the_tables_cover_every_field():
