@@ -180,18 +180,11 @@ class PruneOn:
         pass
 
 
-def _trackers(run: Callable[..., Any], trackers: Sequence[Any]) -> dict[str, Any]:
-    """``trackers=`` for a run function that takes trackers (fedmeta.tracking's hooks); none otherwise."""
-    import inspect
-
-    return {"trackers": tuple(trackers)} if "trackers" in inspect.signature(run).parameters else {}
-
-
 def run_centralized(cfg: Any, out: Path, trackers: Sequence[Any]) -> dict[str, float]:
     """A :func:`fedmeta.centralized.train` run; its record in ``out.json``; its final values (NaN when it diverged)."""
     from fedmeta.centralized import train
 
-    res = train(cfg, **_trackers(train, trackers))
+    res = train(cfg, trackers=trackers)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(res.to_dict()))
     return {"meta-loss": res.final_meta_loss, "train-loss": res.train_loss[-1] if res.diverged_at is None and res.train_loss else math.nan}
@@ -201,11 +194,16 @@ def run_simulation(cfg: Any, out: Path, trackers: Sequence[Any]) -> dict[str, fl
     """A :func:`fedmeta.simulations.run.simulate` run, its results in ``out/``; its final values (none when it failed)."""
     from fedmeta.simulations.run import simulate
 
-    res = simulate(cfg.replace(results_dir=str(out)), progress=False, **_trackers(simulate, trackers))
+    res = simulate(cfg.replace(results_dir=str(out)), progress=False, trackers=trackers)
     return dict(res["final"]) if res["status"] == "ok" else {}
 
 
 RUNS: dict[str, Callable[[Any, Path, Sequence[Any]], dict[str, float]]] = {"centralized": run_centralized, "simulation": run_simulation}
+TRACKED: dict[str, Callable[[str], str]] = {"centralized": lambda metric: metric.replace("-", "_"),
+                                            "simulation": lambda metric: f"evaluate/{metric}"}
+"""A metric's name in the values a run sends its trackers (:mod:`fedmeta.tracking`): the centralized runner's
+``meta_loss`` at each evaluation (step 0: the initial model) and ``train_loss`` at each iteration; a simulation's
+``evaluate/<metric>`` at each evaluation round."""
 
 
 def _params(params: Mapping[str, Any]) -> str:
@@ -220,7 +218,8 @@ def objective(spec: TuneSpec, trials_dir: Path, worker: int = 0) -> Callable[[An
         params = {d.key: d.suggest(trial) for d in spec.space}
         print(f"[trial {trial.number}] {_params(params)}: started (worker {worker})", flush=True)
         cfg = spec.config(params)
-        finals = RUNS[spec.runner](cfg, trials_dir / f"{trial.number:04d}", (PruneOn(trial, spec.objective.metric),))
+        pruning = PruneOn(trial, TRACKED[spec.runner](spec.objective.metric))
+        finals = RUNS[spec.runner](cfg, trials_dir / f"{trial.number:04d}", (pruning,))
         if spec.objective.metric not in finals:
             trial.set_user_attr("failure", "the run ended without a final " + spec.objective.metric)
             return math.nan
