@@ -226,3 +226,51 @@ def test_the_docs_example_runs_two_trials_at_once(tmp_path):
                    if a.number < b.number and a.datetime_start < b.datetime_complete and b.datetime_start < a.datetime_complete]
     assert overlapping, [(t.number, t.datetime_start, t.datetime_complete) for t in trials]
     assert {line.split("worker ")[1].rstrip(")") for line in proc.stdout.splitlines() if "started (worker" in line} == {"0", "1"}
+
+
+SIM_SPACE = """runner = "simulation"
+
+[run]
+algorithm = "per-fedavg"
+dataset = "sinewave"
+num-clients = 4
+clients-per-round = 2
+num-rounds = 4
+evaluate-every = 2
+local-steps = 1
+num-nodes = 2
+checkpoint = false
+
+[space.meta-lr]
+choices = [0.001, 0.05]
+
+[objective]
+metric = "loss-after"
+
+[study]
+sampler = "grid"
+trials = 2
+startup-trials = 1
+"""
+
+
+@pytest.mark.ray
+def test_a_simulation_study_reports_each_evaluation_round_and_prunes_on_it(ray_runner, tmp_path):
+    import json
+
+    from fedmeta.simulations.config import ExperimentConfig
+
+    spec = load_spec(write(tmp_path / "sim.toml", SIM_SPACE))
+    study = tune.run_study(spec, tmp_path / "study", name="sim")
+    first, second = study.get_trials(deepcopy=False)
+    assert (first.params, first.state.name) == ({"meta-lr": 0.05}, "COMPLETE")
+    results = json.loads(next((tmp_path / "study" / "trials" / "0000").glob("*.json")).read_text())
+    assert first.intermediate_values == {r: m["loss-after"] for r, m in ((int(r), m) for r, m in results["evaluate"].items())}
+    assert first.value == results["final"]["loss-after"]
+    # the other step size is worse at round 2 than the first trial was: stopped there, round 4 never ran
+    assert second.state.name == "PRUNED" and list(second.intermediate_values) == [2]
+    assert second.intermediate_values[2] > first.intermediate_values[2]
+    import tomllib
+
+    best = tomllib.loads((tmp_path / "study" / "best.toml").read_text())
+    assert ExperimentConfig.from_mapping(best).meta_lr == 0.05  # the best run, as a run config
