@@ -47,6 +47,8 @@ OWNER = "fedmeta-worker"
 """A trial's user attribute: the host, pid and process start time of the process that runs it."""
 RETRY_OF = "fedmeta-retry-of"
 """A retried trial's user attribute: the number of the trial it runs again."""
+INTERRUPTED = "fedmeta-interrupted"
+"""A failed trial's user attribute: Ctrl-C stopped it (it is run again, as a killed one)."""
 JOURNAL = "study.journal"
 FINISHED = ("COMPLETE", "PRUNED", "FAIL")
 
@@ -107,14 +109,18 @@ def _alive(who: Mapping[str, Any]) -> bool:
 
 def recover_stale(study: Any, retry: bool = True) -> list[int]:
     """Fail the trials left running by a process of this machine that is gone (killed mid-trial) and, with ``retry``,
-    enqueue each one's settings again; return their numbers. Trials of other machines are left to them (and, with a database storage, to
-    Optuna's heartbeats)."""
+    enqueue each one's settings again, as for the trials a Ctrl-C stopped; return their numbers. Trials of other
+    machines are left to them (and, with a database storage, to Optuna's heartbeats)."""
     optuna = optuna_module()
     host, stale = socket.gethostname(), []
-    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+    trials = study.get_trials(deepcopy=False)
+    retried = {t.user_attrs[RETRY_OF] for t in trials if RETRY_OF in t.user_attrs}
+    for t in trials:
         who = t.user_attrs.get(OWNER)
-        if who and who["host"] == host and not _alive(who):
+        gone = t.state.name == "RUNNING" and who and who["host"] == host and not _alive(who)
+        if gone:
             study.tell(t.number, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)
+        if gone or (t.state.name == "FAIL" and t.user_attrs.get(INTERRUPTED) and t.number not in retried):
             if retry:
                 study.enqueue_trial(t.params, user_attrs={RETRY_OF: t.number}, skip_if_exists=False)
             stale.append(t.number)
@@ -122,10 +128,10 @@ def recover_stale(study: Any, retry: bool = True) -> list[int]:
 
 
 def counted(trials: Sequence[Any]) -> int:
-    """Trials toward the study's budget: finished ones (a failed trial that was retried counts through its retry),
+    """Trials toward the study's budget: finished ones (a trial a kill or Ctrl-C stopped counts through its retry),
     running and waiting ones."""
     retried = {t.user_attrs[RETRY_OF] for t in trials if RETRY_OF in t.user_attrs}
-    return sum(1 for t in trials if not (t.state.name == "FAIL" and t.number in retried))
+    return sum(1 for t in trials if not (t.state.name == "FAIL" and (t.number in retried or t.user_attrs.get(INTERRUPTED))))
 
 
 def open_study(spec: TuneSpec, store: Any, name: str, worker: int = 0) -> Any:
@@ -219,7 +225,11 @@ def objective(spec: TuneSpec, trials_dir: Path, worker: int = 0) -> Callable[[An
         print(f"[trial {trial.number}] {_params(params)}: started (worker {worker})", flush=True)
         cfg = spec.config(params)
         pruning = PruneOn(trial, TRACKED[spec.runner](spec.objective.metric))
-        finals = RUNS[spec.runner](cfg, trials_dir / f"{trial.number:04d}", (pruning,))
+        try:
+            finals = RUNS[spec.runner](cfg, trials_dir / f"{trial.number:04d}", (pruning,))
+        except KeyboardInterrupt:  # Optuna fails the trial; the next run of the command runs it again
+            trial.set_user_attr(INTERRUPTED, True)
+            raise
         if spec.objective.metric not in finals:
             trial.set_user_attr("failure", "the run ended without a final " + spec.objective.metric)
             return math.nan
@@ -282,7 +292,7 @@ def run_study(spec: TuneSpec, study_dir: Path, url: str | None = None, name: str
     study = open_study(spec, storage(url), name)
     stale = recover_stale(study)
     if stale:
-        print(f"trials {', '.join(map(str, stale))} were left running by a process that is gone: failed, and run again", flush=True)
+        print(f"trials {', '.join(map(str, stale))} stopped before they finished (a killed process or Ctrl-C): run again", flush=True)
     done = counted(study.get_trials(deepcopy=False))
     if done:
         print(f"study {name!r}: {done} of {spec.study.trials} trials there already", flush=True)
@@ -355,6 +365,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SpaceError as err:
         print(f"fedmeta-tune: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"fedmeta-tune: interrupted; run the same command to continue the study (in {study_dir})", file=sys.stderr)
+        return 130
     with contextlib.suppress(ValueError):
         best = study.best_trial
         print(f"best: trial {best.number}, {spec.objective.metric} {best.value:.6g} with "

@@ -79,7 +79,8 @@ class StudySettings(S.Settings):
 
     KEY_LABELS = True
     trials: int = S.int_at_least(1, help="trials the study ends with (completed, pruned and failed ones; a retried trial "
-                                         "counts once); a grid stops at its last point").field(20)
+                                         "counts once; with --jobs N, up to N - 1 more when workers start trials at the same "
+                                         "moment); a grid stops at its last point").field(20)
     sampler: str = S.choice(lambda: SAMPLERS, help="tpe (Optuna's default), random, or grid: every combination of the "
                                                    "choices (each space entry needs choices)").field("tpe")
     pruner: str = S.choice(lambda: PRUNERS, help="median: stop a trial whose intermediate value is worse than the median "

@@ -131,6 +131,20 @@ def test_a_grid_trial_left_running_by_a_killed_reproduction_is_scored_again(tmp_
     assert [(r["params"]["meta-lr"], r["state"]) for r in rows] == [(0.01, "FAIL"), (0.001, "COMPLETE"), (0.01, "COMPLETE")]
 
 
+def test_a_trial_stopped_by_ctrl_c_is_run_again_and_counts_once():
+    study = optuna.create_study()
+    done = study.ask({"meta-lr": optuna.distributions.FloatDistribution(1e-3, 0.3, log=True)})
+    study.tell(done, 0.5)
+    stopped = study.ask({"meta-lr": optuna.distributions.FloatDistribution(1e-3, 0.3, log=True)})
+    stopped.set_user_attr(tune.INTERRUPTED, True)
+    study.tell(stopped, state=optuna.trial.TrialState.FAIL)
+    assert tune.counted(study.get_trials()) == 1
+    assert tune.recover_stale(study) == [1]
+    waiting = study.get_trials()[2]
+    assert (waiting.state.name, waiting.system_attrs["fixed_params"], waiting.user_attrs[tune.RETRY_OF]) == ("WAITING", stopped.params, 1)
+    assert tune.counted(study.get_trials()) == 2 and tune.recover_stale(study) == []  # retried once
+
+
 # --------------------------------------------------------------------------------------------
 # A small sine study through the command line
 
@@ -188,7 +202,7 @@ def test_a_study_killed_mid_trial_resumes_prunes_and_beats_the_grids_worst(tmp_p
 
     second = subprocess.run([str(CLI), *args], cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert second.returncode == 0, second.stdout + second.stderr
-    assert "trials 1 were left running by a process that is gone: failed, and run again" in second.stdout
+    assert "trials 1 stopped before they finished (a killed process or Ctrl-C): run again" in second.stdout
     trials = load_trials(tmp_path / "study", "sine")
     assert trials[0].datetime_start == before[0].datetime_start and trials[0].value == before[0].value  # kept, not rerun
     assert trials[1].state.name == "FAIL"
@@ -221,7 +235,7 @@ def test_the_docs_example_runs_two_trials_at_once(tmp_path):
     for name in ("study.journal", "best.toml", "best.json", "trials.csv", "trials.md", "optimization_history.png", "slice.png"):
         assert (study / name).exists(), name
     trials = [t for t in load_trials(study, "sine") if t.datetime_complete]
-    assert len(trials) == 4
+    assert 4 <= len(trials) <= 5  # two workers starting a trial at the same moment may make one more
     overlapping = [(a.number, b.number) for a in trials for b in trials
                    if a.number < b.number and a.datetime_start < b.datetime_complete and b.datetime_start < a.datetime_complete]
     assert overlapping, [(t.number, t.datetime_start, t.datetime_complete) for t in trials]
