@@ -4,6 +4,7 @@ reproductions' tuning steps (:func:`grid_choice`)."""
 from __future__ import annotations
 
 import csv
+import importlib.util
 import itertools
 import json
 import math
@@ -27,7 +28,7 @@ def trial_rows(study: Any) -> list[dict[str, Any]]:
         rows.append({"number": t.number, "state": t.state.name, "value": t.value, "params": dict(t.params),
                      "last step": t.last_step, "started": t.datetime_start.isoformat(timespec="seconds") if t.datetime_start else "",
                      "completed": t.datetime_complete.isoformat(timespec="seconds") if t.datetime_complete else "",
-                     "seconds": seconds, "retry of": t.user_attrs.get(RETRY_OF)})
+                     "seconds": None if seconds is None else round(seconds, 1), "retry of": t.user_attrs.get(RETRY_OF)})
     return rows
 
 
@@ -87,7 +88,8 @@ def write_outputs(study: Any, spec: TuneSpec, out: Path) -> list[Path]:
 
 def plots(study: Any, out: Path) -> list[Path]:
     """Optuna's matplotlib plots that apply to this study: the optimization history, the intermediate values (when
-    trials reported any), a slice per parameter, and with two or more parameters the contour and the importances."""
+    trials reported any), a slice per parameter, and with two or more parameters the importances and (with SciPy
+    installed) the contour."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -102,16 +104,18 @@ def plots(study: Any, out: Path) -> list[Path]:
     if complete:
         kinds.append(("slice", vis.plot_slice))
     if len({k for t in complete for k in t.params}) >= 2 and len(complete) >= 2:
-        kinds += [("contour", vis.plot_contour), ("param_importances", vis.plot_param_importances)]
+        kinds.append(("param_importances", vis.plot_param_importances))
+        if importlib.util.find_spec("scipy") is not None:  # Optuna's contour plot interpolates with SciPy
+            kinds.append(("contour", vis.plot_contour))
     paths = []
     for name, plot in kinds:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings():  # Optuna's "experimental" notes and matplotlib's layout notes
             warnings.simplefilter("ignore")
             result = plot(study)
-        axes = result.ravel()[0] if hasattr(result, "ravel") else result
-        fig = axes.get_figure()
-        fig.tight_layout()
-        fig.savefig(out / f"{name}.png", dpi=100)
+            axes = result.ravel()[0] if hasattr(result, "ravel") else result
+            fig = axes.get_figure()
+            fig.tight_layout()
+            fig.savefig(out / f"{name}.png", dpi=100)
         plt.close(fig)
         paths.append(out / f"{name}.png")
     return paths
