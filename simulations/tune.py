@@ -81,8 +81,10 @@ def storage(url: str) -> Any:
         Path(url).parent.mkdir(parents=True, exist_ok=True)
         return JournalStorage(JournalFileBackend(url))
     # Optuna's heartbeats fail the trials of a process (on any machine) that stopped beating, and enqueue a retry
-    return optuna.storages.RDBStorage(url, heartbeat_interval=30, grace_period=120,
-                                      failed_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=3))
+    retry = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None)  # Optuna >= 4.9; its older name before
+    hook = (dict(heartbeat_stale_trial_callback=retry(max_retry=3)) if retry is not None
+            else dict(failed_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=3)))
+    return optuna.storages.RDBStorage(url, heartbeat_interval=30, grace_period=120, **hook)
 
 
 def _start_time(pid: int) -> str | None:
@@ -131,6 +133,7 @@ def counted(trials: Sequence[Any]) -> int:
     """Trials toward the study's budget: finished ones (a trial a kill or Ctrl-C stopped counts through its retry),
     running and waiting ones."""
     retried = {t.user_attrs[RETRY_OF] for t in trials if RETRY_OF in t.user_attrs}
+    retried |= {t.system_attrs["failed_trial"] for t in trials if "failed_trial" in t.system_attrs}  # Optuna's heartbeat retries
     return sum(1 for t in trials if not (t.state.name == "FAIL" and (t.number in retried or t.user_attrs.get(INTERRUPTED))))
 
 

@@ -131,6 +131,24 @@ def test_a_grid_trial_left_running_by_a_killed_reproduction_is_scored_again(tmp_
     assert [(r["params"]["meta-lr"], r["state"]) for r in rows] == [(0.01, "FAIL"), (0.001, "COMPLETE"), (0.01, "COMPLETE")]
 
 
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used with Study.optimize")  # this test asks, not optimizes
+@pytest.mark.parametrize("where", ["study.journal", "sqlite:///{tmp}/study.db"])
+def test_a_trial_left_running_by_a_dead_process_of_this_machine_is_failed_and_enqueued_again(tmp_path, where):
+    store = tune.storage(where.format(tmp=tmp_path) if "://" in where else str(tmp_path / where))
+    study = optuna.create_study(storage=store, study_name="s")
+    alive = study.ask()
+    alive.set_user_attr(tune.OWNER, tune.owner())  # this process: running, not stale
+    dead = study.ask({"meta-lr": optuna.distributions.FloatDistribution(1e-3, 0.3, log=True)})
+    dead.set_user_attr(tune.OWNER, {"host": tune.socket.gethostname(), "pid": 2**22 + 1, "start": None})
+    elsewhere = study.ask()
+    elsewhere.set_user_attr(tune.OWNER, {"host": "another-machine", "pid": 2**22 + 1, "start": None})  # left to that machine
+    assert tune.recover_stale(study) == [1]
+    trials = study.get_trials()
+    assert [t.state.name for t in trials] == ["RUNNING", "FAIL", "RUNNING", "WAITING"]
+    assert trials[3].system_attrs["fixed_params"] == dead.params and trials[3].user_attrs[tune.RETRY_OF] == 1
+    assert tune.counted(trials) == 3  # the failed one counts through its retry
+
+
 def test_a_trial_stopped_by_ctrl_c_is_run_again_and_counts_once():
     study = optuna.create_study()
     done = study.ask({"meta-lr": optuna.distributions.FloatDistribution(1e-3, 0.3, log=True)})
