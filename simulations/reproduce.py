@@ -39,6 +39,8 @@ their grids are in :mod:`fedmeta.simulations.reproduce_flower`); the multistep-m
 (:mod:`fedmeta.centralized`, no Flower), ``--jobs`` of them in parallel processes. The summary (markdown)
 and the plots (PNG) land in ``--out`` (``docs/results/<name>``), every run's results JSON (and per-client
 CSV) in ``--runs`` (``results/reproduce/<name>``); a finished run is reused (:mod:`fedmeta.simulations.runcache`).
+The tuning steps of localmoml Tables 2 and 3 (eta, LocalMOML's momentum) are Optuna grid studies kept beside the run
+cache (``tuning.journal``; Optuna is the extra ``fedmeta[tune]``), and the summaries list their trials.
 This module is the command line.
 """
 
@@ -64,6 +66,10 @@ from fedmeta.simulations.reproduce_ggs import GGS_FIGURES, ggs_figure, plot_meta
 from fedmeta.simulations.runcache import CachedRuns, one_thread, runs_line
 
 logger = logging.getLogger("fedmeta")
+TUNED = ("localmoml-table2", "localmoml-table3")
+"""Reproductions with a tuning step (an Optuna grid study, :func:`fedmeta.simulations.tune_report.grid_choice`)."""
+TUNING_JOURNAL = "tuning.journal"
+"""Beside a reproduction's run cache: the Optuna journal of its tuning studies (which trials ran, with their values)."""
 
 
 def _describe_centralized(cfg: CentralizedConfig, res: RunResult) -> str:
@@ -91,7 +97,8 @@ def _main_centralized(args: argparse.Namespace) -> int:
         if args.name == "localmoml-table2":
             protocols = [t2.PROTOCOLS[p] for p in (t2.PROTOCOLS if args.protocol == "both" else (args.protocol,))]
             budget = t2.BUDGETS["quick" if args.quick else "full"]
-            table, grid = t2.table2(protocols, budget, run_all, t2.load_authors_code(Path(args.out) / "localmoml-table2" / t2.AUTHORS_CODE))
+            table, grid = t2.table2(protocols, budget, run_all, t2.load_authors_code(Path(args.out) / "localmoml-table2" / t2.AUTHORS_CODE),
+                                    journal=Path(args.runs) / cache / TUNING_JOURNAL)
             summary = t2.describe_setting(budget, protocols) + "\n\n" + table
         else:
             table, grid = t2.ablation(t2.BUDGETS["quick" if args.quick else "ablation"], run_all)
@@ -147,6 +154,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.protocol == "both" and args.name == "localmoml-table3":
         p.error("--protocol for localmoml-table3 is paper or authors (one summary each)")
     args.protocol = args.protocol or ("both" if args.name == "localmoml-table2" else "paper")
+    if args.name in TUNED:  # its tuning steps are Optuna studies: without Optuna, one line before any work
+        from fedmeta.simulations.tune import MissingOptuna, optuna_module
+
+        try:
+            optuna_module(f"fedmeta-reproduce {args.name} tunes on a grid and")
+        except MissingOptuna as err:
+            print(f"fedmeta-reproduce: error: {err}", file=sys.stderr)
+            return 2
     if args.name in GGS_FIGURES or args.name.startswith("localmoml-table2"):
         return _main_centralized(args)
     if args.name == "dif-maml-fig2":
@@ -161,6 +176,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     budget = quick if args.quick else full
     tag = args.name + ("-authors" if authors else "") + ("-quick" if args.quick else "")
     out, runs_dir = Path(args.out) / tag, Path(args.runs) / tag
+    if args.name == "localmoml-table3":
+        experiment = functools.partial(experiment, journal=runs_dir / TUNING_JOURNAL)
     out.mkdir(parents=True, exist_ok=True)
     logging.basicConfig(format="%(asctime)s %(message)s", datefmt="%H:%M:%S", level=logging.WARNING, stream=sys.stdout)
 

@@ -23,6 +23,7 @@ scored on validation tasks of their own seed.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from dataclasses import dataclass, field
@@ -173,21 +174,32 @@ def verdict(lower: Sequence[float], higher: Sequence[float]) -> str:
     return "not separable"
 
 
-def tuned_meta_lrs(protocol: Protocol, budget: Table2Budget, run_all: Callable[[list[CentralizedConfig]], list[RunResult]]
-                   ) -> tuple[dict[tuple[int, str], float], list[str]]:
+def tuned_meta_lrs(protocol: Protocol, budget: Table2Budget, run_all: Callable[[list[CentralizedConfig]], list[RunResult]],
+                   journal: Path | None = None) -> tuple[dict[tuple[int, str], float], list[str]]:
     """eta per (K, algorithm): the protocol's where given, else the grid point with the lowest final validation error
-    (first seed; a diverged run never wins). Also the lines saying what was tuned."""
+    (first seed; a diverged run never wins; every run diverged: the smallest eta). Each tuning step is an Optuna grid
+    study over the grid (:func:`fedmeta.simulations.tune_report.grid_choice`, kept in the journal file ``journal``, in
+    memory when None) whose trials score the runs of ``run_all``. Also the lines saying what was tuned and which trials
+    ran."""
     missing = [(k, label) for k in budget.ks for label in ALGORITHMS if (k, label) not in protocol.meta_lr]
+    chosen, notes = {key: v for key, v in protocol.meta_lr.items() if key[0] in budget.ks}, []
+    if not missing:
+        return chosen, notes
+    from fedmeta.simulations.tune_report import grid_choice, trials_lines
+
     trials = {(k, label, lr): validation(config(protocol, k, label, budget, lr, budget.seeds[0]), budget)
               for k, label in missing for lr in budget.grid}
     done = dict(zip(trials, run_all(list(trials.values()))))
-    chosen, notes = {key: v for key, v in protocol.meta_lr.items() if key[0] in budget.ks}, []
     for k, label in missing:
         scores = {lr: final_error(done[(k, label, lr)]) for lr in budget.grid}
-        finite = {lr: s for lr, s in scores.items() if math.isfinite(s)}
-        chosen[(k, label)] = min(finite, key=finite.get) if finite else min(budget.grid)
+        key = hashlib.sha1(json.dumps([trials[(k, label, lr)].to_dict() for lr in budget.grid], sort_keys=True).encode()).hexdigest()[:8]
+        name = f"{protocol.name}-K{k}-{ALGORITHMS[label]}-eta-{key}"
+        best, rows = grid_choice(journal, name, {"meta-lr": budget.grid},
+                                 lambda params: scores[params["meta-lr"]], "minimize")
+        chosen[(k, label)] = best["meta-lr"] if best else min(budget.grid)
         shown = ", ".join(f"{lr:g}: {s:.3f}" if math.isfinite(s) else f"{lr:g}: diverged" for lr, s in scores.items())
         notes.append(f"{protocol.name}, K = {k}, {label}: eta {chosen[(k, label)]:g} (validation error {shown})")
+        notes += trials_lines(f"{protocol.name}, K = {k}, {label}: the trials of the Optuna grid study {name!r} ({journal or 'in memory'})", rows)
     return chosen, notes
 
 
@@ -205,13 +217,15 @@ def load_authors_code(path: Path) -> dict[tuple[int, str], dict[str, Any]]:
 
 
 def table2(protocols: Sequence[Protocol], budget: Table2Budget, run_all: Callable[[list[CentralizedConfig]], list[RunResult]],
-           authors_code: Mapping[tuple[int, str], Mapping[str, Any]] | None = None) -> tuple[str, dict[str, list[RunResult]]]:
-    """Run every protocol's grid; return the side-by-side summary and the runs by label."""
+           authors_code: Mapping[tuple[int, str], Mapping[str, Any]] | None = None, journal: Path | None = None
+           ) -> tuple[str, dict[str, list[RunResult]]]:
+    """Run every protocol's grid; return the side-by-side summary and the runs by label. ``journal``: the journal file of
+    the eta studies (:func:`tuned_meta_lrs`)."""
     authors_code = authors_code or {}
     etas: dict[str, dict[tuple[int, str], float]] = {}
     notes: list[str] = []
     for p in protocols:
-        etas[p.name], tuned = tuned_meta_lrs(p, budget, run_all)
+        etas[p.name], tuned = tuned_meta_lrs(p, budget, run_all, journal)
         notes += tuned
     cfgs = {(p.name, k, label): [config(p, k, label, budget, etas[p.name][(k, label)], s) for s in budget.seeds]
             for p in protocols for k in budget.ks for label in ALGORITHMS}
