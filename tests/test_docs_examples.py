@@ -324,7 +324,7 @@ def test_the_dif_maml_simulator_example_learns():
     ns: dict = {}
     exec(compile(doc_snippet("dif-maml-simulate", page="docs/dif-maml.md"), "dif-maml-simulate", "exec"), ns)  # noqa: S102
     run = ns["run"]
-    assert float(run.test_loss[-1].mean()) < float(run.test_loss[0].mean()), run.test_loss
+    assert run.diverged_at is None and run.test_loss[-1] < run.test_loss[0] * 0.9, run.test_loss
 
 
 @pytest.mark.ray
@@ -336,9 +336,9 @@ def test_the_dif_maml_flower_example_runs_the_relay(ray_runner):
     exec(compile(doc_snippet("dif-maml-flower", page="docs/dif-maml.md"), "dif-maml-flower", "exec"), ns)  # noqa: S102
     run_on_ray(ns["server_app"], ns["client_app"], num_supernodes=ns["cfg"].num_agents)
     [result] = ns["results"]
-    relayed = result.arrays.to_torch_state_dict()
-    alone = simulate(ns["cfg"].replace(iterations=20))
-    assert relayed and alone.phi is not None
+    alone = simulate(ns["cfg"].replace(iterations=20), record=False)  # the docs: the relay computes the simulator's states
+    for name, stacked in alone.phi.items():
+        torch.testing.assert_close(torch.from_numpy(result.arrays[name].numpy()), stacked, atol=1e-6, rtol=0)
 
 
 def _run(argv: list[str], tmp_path: Path, timeout: float = 600, **env: str) -> subprocess.CompletedProcess:
