@@ -358,7 +358,7 @@ def test_the_readme_simulation_runs(tmp_path):
     assert "acc before" in proc.stdout
     for algorithm in ("per-fedavg", "local-moml"):
         res = json.loads((tmp_path / f"{algorithm}-sinewave-n1000-seed0.json").read_text())
-        assert res["config"]["num_clients"] == 1000 and res["config"]["clients_per_round"] == 100
+        assert res["config"]["num-clients"] == 1000 and res["config"]["clients-per-round"] == 100 and res["status"] != "failed"
 
 
 @pytest.mark.subprocess
