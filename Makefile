@@ -63,7 +63,7 @@ $(DOCS_STAMP): $(STAMP)
 docs: $(DOCS_STAMP)
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir site
 
-# The tables in README.md, docs/results.md and bench/README.md, rewritten from the checked-in summaries they cite
+# The tables in README.md, docs/ and bench/README.md, rewritten from the checked-in summaries they cite
 # (scripts/docs_results.py; tests/test_docs_results.py fails when they differ).
 docs-results: $(STAMP)
 	$(PY) scripts/docs_results.py
