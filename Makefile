@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.fedmeta-installed
 # torch/torchvision pinned to the builds this machine provides from local disk.
 TORCH  := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: run test test-fast docs-results bench bench-default-run bench-peers bench-versions bench-local-round bench-step bench-estimators bench-single-step bench-deploy bench-cluster venv clean
+.PHONY: run test test-fast docs docs-results bench bench-default-run bench-peers bench-versions bench-local-round bench-step bench-estimators bench-single-step bench-deploy bench-cluster venv clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -46,13 +46,24 @@ FAST := not ray and not deploy and not subprocess and not flwr139
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider -m "$(FAST)"
 
-test: $(STAMP) $(EXTRAS_STAMP)
+test: $(STAMP) $(EXTRAS_STAMP) docs
 	$(PY) scripts/provision_data.py --optional
 	$(PY) scripts/build_flwr_venv.py --flwr 1.39.0 --dest build/flwr139 > /dev/null
 	build/flwr139/bin/python -m pytest -q -p no:cacheprovider -m "not ray and not deploy" $(FLWR139_TESTS)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-# The tables in README.md, docs/results.md and bench/README.md, rewritten from the checked-in summaries they cite
+# The documentation site, built into site/ (open site/index.html) from mkdocs.yml and docs/; offline, and strict: a
+# warning, a broken link or anchor, or a docstring reference that does not resolve fails it. The docs extra (MkDocs,
+# Material, mkdocstrings) is installed into the venv once.
+DOCS_STAMP := $(VENV)/.fedmeta-docs-installed
+$(DOCS_STAMP): $(STAMP)
+	$(PY) -m pip install -q -e '.[dev,docs]'
+	touch $(DOCS_STAMP)
+
+docs: $(DOCS_STAMP)
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir site
+
+# The tables in README.md, docs/ and bench/README.md, rewritten from the checked-in summaries they cite
 # (scripts/docs_results.py; tests/test_docs_results.py fails when they differ).
 docs-results: $(STAMP)
 	$(PY) scripts/docs_results.py

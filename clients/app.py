@@ -1,6 +1,6 @@
 """``ClientApp`` factory: thin Flower handlers around :class:`fedmeta.clients.client.MetaClient`.
 
-Message contract (what a third-party client must honor is listed in the README):
+Message contract (what a third-party client must honor is listed in docs/flower.md, "The message contract"):
 
 * ``query`` -> reply ``MetricRecord({"partition-id": ...})`` so the strategy can sample by partition.
 * ``train`` -> ``{"arrays": meta-model, "config": ConfigRecord}`` (settings: the message's, else the run
@@ -207,14 +207,16 @@ def make_client_app(
         as ``fixedclipping_mod`` for ``DifferentialPrivacyClientSideFixedClipping``, go in
         ``train_mods``: they refuse the query and evaluate messages, which carry no model update.
 
+    Notes
+    -----
     When the train config carries ``memory-key`` (the server checkpoints), memories are keyed by it
     and a client loads the newest version of its u written before the current round: a round
     re-run after a resume starts from the same u as the first time (:mod:`fedmeta.clients.memory`).
 
     A node hosts several clients when its node config's ``num-partitions`` is smaller than the
     number of clients the strategy announces (``num_nodes`` of the strategy): messages then carry
-    ``client-ids``, the node trains them together and replies with their average (see the README's
-    message contract).
+    ``client-ids``, the node trains them together and replies with their average (see the message
+    contract in docs/flower.md).
     """
     app = ClientApp(mods=list(mods))
 

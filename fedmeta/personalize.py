@@ -109,6 +109,8 @@ def adapt_and_score(
         axis: ``(0, steps)`` is the before/after pair of the clients, ``range(steps + 1)`` Dif-MAML's
         adaptation curve (dif-maml.txt Figure 2c). Default: the 0-d scores after all ``steps``.
 
+    Notes
+    -----
     The adapted parameters are detached after every step (an evaluation: nothing differentiates through
     it). Torch ops only, so it can be ``torch.func.vmap``-ped over clients, tasks or agents.
     """

@@ -1,6 +1,7 @@
-"""The numbers in the docs, generated from results files (issue 22): ``make docs-results``.
+"""The numbers in the docs, generated from results files: ``make docs-results``.
 
-Every table this script owns sits in README.md, docs/results.md or bench/README.md between two markers::
+Every table this script owns sits in README.md, docs/getting-started.md, docs/results.md, docs/benchmarks.md or
+bench/README.md between two markers::
 
     <!-- docs-results: SOURCE -->
     ...generated text: edit SOURCE (or re-run what wrote it), then `make docs-results`...
@@ -43,7 +44,7 @@ from typing import Any, Callable, Sequence
 from fedmeta.provenance import RUNS_PREFIX
 
 ROOT = Path(__file__).resolve().parents[1]
-DOCS = ("README.md", "docs/results.md", "bench/README.md")
+DOCS = ("README.md", "docs/getting-started.md", "docs/results.md", "docs/benchmarks.md", "bench/README.md")
 """The files whose marked blocks this script writes."""
 DEFAULT_RUN = "docs/results/default-run/summary.json"
 BENCH_SCALE = "bench/summaries/bench_scale.json"
@@ -102,7 +103,7 @@ def render_default_run(path: Path) -> str:
     seeds = sorted({r["seed"] for r in runs})
     algorithms = list(dict.fromkeys(r["config"]["algorithm"] for r in runs))
     first = [next(r for r in runs if r["seed"] == seeds[0] and r["config"]["algorithm"] == a) for a in algorithms]
-    out = [f"Seed {seeds[0]}, as `{summary['command']}` prints it:", "", "```", _table(first), "```", ""]
+    out = [f"Seed {seeds[0]}, as `{summary['command']}` prints it:", "", "```text", _table(first), "```", ""]
     if len(seeds) > 1:
         named = ", ".join(map(str, seeds[:-1])) + f" and {seeds[-1]}"
         out += [f"Seeds {named}: mean ± std over the {len(seeds)} seeds of each run's figure (each figure is itself over the "
@@ -152,7 +153,7 @@ def render_bench_scale(path: Path) -> str:
 
     bench = _load_module("bench_scale", ROOT / "bench" / "bench_scale.py")
     report = json.loads(path.read_text(), object_hook=_round_numbers)
-    return (f"```\n{bench.table(report)}\n\ntotal wall time {report['wall_s']:.0f} s\n```\n\n"
+    return (f"```text\n{bench.table(report)}\n\ntotal wall time {report['wall_s']:.0f} s\n```\n\n"
             f"Run: {describe(report['provenance'])}.\n")
 
 
@@ -162,7 +163,7 @@ def render_bench_default_run(path: Path) -> str:
     bench = _load_module("bench_default_run", ROOT / "bench" / "bench_default_run.py")
     report = json.loads(path.read_text())
     flags = " ".join(report["fedmeta_sim_flags"]) or "(none: every default)"
-    return (f"```\n{bench.table(report)}\n```\n\nfedmeta-sim flags besides each layout's: {flags}. "
+    return (f"```text\n{bench.table(report)}\n```\n\nfedmeta-sim flags besides each layout's: {flags}. "
             f"Run: {describe(report['provenance'])}.\n")
 
 

@@ -2,7 +2,7 @@
 
 ``fedmeta-reproduce localmoml-table2 [--protocol paper|authors|both] [--quick] [--jobs 2]`` runs the table;
 ``fedmeta-reproduce localmoml-table2-ablation [--quick] [--jobs 2]`` changes one setting at a time from the
-``authors`` protocol towards ``paper`` (:data:`ABLATION`).
+``authors`` protocol towards ``paper`` (:data:`ABLATION_STEPS`).
 
 A protocol is a set of ordinary :class:`fedmeta.centralized.CentralizedConfig` settings, the momentum beta per K and
 the step size eta per K and algorithm (:class:`Protocol`); nothing downstream looks at its name.

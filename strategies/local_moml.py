@@ -34,7 +34,7 @@ class LocalMOML(MetaStrategy):
     ``seed`` and ``server-round``.
 
     ``memory_policy`` defaults to ``keep`` for cross-silo and ``reset`` for cross-device
-    (Section 5.1). Other hyper-parameters are the fields of :class:`fedmeta.config.LocalMOMLConfig`.
+    (Section 5.1). Other hyper-parameters are the fields of :class:`fedmeta.algorithms.LocalMOMLConfig`.
 
     Example
     -------

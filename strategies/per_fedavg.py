@@ -33,7 +33,7 @@ class PerFedAvg(MetaStrategy):
     ``server-round`` (for reproducible batch sampling).
 
     Hyper-parameters are keyword arguments named as the fields of
-    :class:`fedmeta.config.PerFedAvgConfig` (``inner_lr``, ``meta_lr``, ``local_steps``,
+    :class:`fedmeta.algorithms.PerFedAvgConfig` (``inner_lr``, ``meta_lr``, ``local_steps``,
     ``batch_size``, ``inner_steps``, ``meta_gradient``, ``delta``,
     ``num_directions``); sampling and evaluation arguments are those of
     :class:`fedmeta.strategies.base.MetaStrategy`.

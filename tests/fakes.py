@@ -113,10 +113,13 @@ README = ROOT / "README.md"
 
 def doc_snippet(name: str, lang: str = "python", page: str = "README.md") -> str:
     """The code block after ``<!-- snippet: name -->`` in ``page`` (a path from the repository's root,
-    e.g. ``docs/tracking.md``)."""
-    m = re.search(rf"<!-- snippet: {re.escape(name)} -->\n```{lang}\n(.*?)```", (ROOT / page).read_text(), re.S)
+    e.g. ``docs/tracking.md``); a block indented under a list item comes back without its indentation.
+    ``tests/test_docs_examples.py`` checks that every code block of the docs is a snippet that a test reads."""
+    pattern = rf"^(?P<indent>[ \t]*)<!-- snippet: {re.escape(name)} -->\n(?P=indent)```{lang}\n(?P<body>.*?)^(?P=indent)```"
+    m = re.search(pattern, (ROOT / page).read_text(), re.S | re.M)
     assert m, f"{page} has no {lang} snippet {name!r}"
-    return m.group(1)
+    indent = m.group("indent")
+    return "".join(line[len(indent):] if line.startswith(indent) else line for line in m.group("body").splitlines(keepends=True))
 
 
 def readme_snippet(name: str, lang: str = "python") -> str:

@@ -1,4 +1,4 @@
-"""An algorithm is one unit: README's "Add your own algorithm" adds one (first-order Reptile) without touching any
+"""An algorithm is one unit: the docs' "Add your own algorithm" (docs/your-algorithm.md) adds one (first-order Reptile) without touching any
 fedmeta module; this file runs that code as written, through the client (loop and vmap), a multi-client node and a
 Ray simulation.
 
@@ -22,11 +22,12 @@ from fedmeta.clients.client import ClientGroup, MetaClient, round_generator
 from fedmeta.data import sinewave_task
 from fedmeta.models import sine_mlp
 
-from fakes import readme_snippet
+from fakes import doc_snippet
 
 
+YOUR_ALGORITHM_PAGE = "docs/your-algorithm.md"
 _README: dict = {"__name__": "readme_your_algorithm"}  # not importable: Ray pickles the classes by value
-exec(compile(readme_snippet("your-algorithm"), "README.md", "exec", dont_inherit=True), _README)  # README's Reptile, run as written
+exec(compile(doc_snippet("your-algorithm", page=YOUR_ALGORITHM_PAGE), YOUR_ALGORITHM_PAGE, "exec", dont_inherit=True), _README)  # the docs' Reptile, run as written
 algorithms.unregister("reptile")  # it registers itself; the fixture below registers it for this module's tests only
 ReptileConfig, Reptile, ReptileStrategy = _README["ReptileConfig"], _README["Reptile"], _README["ReptileStrategy"]
 REPTILE = Reptile()

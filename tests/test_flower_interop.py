@@ -1,8 +1,9 @@
-"""fedmeta with other people's Flower code, on Flower's Ray simulation engine (issue 15): the README's
-"Using fedmeta with your Flower code" snippets, executed as written, with 6 Fashion-MNIST clients.
+"""fedmeta with other people's Flower code, on Flower's Ray simulation engine: the snippets of docs/flower.md
+("Using fedmeta with your Flower code") and the README's "With your Flower code", executed as written, with 6
+Fashion-MNIST clients.
 
 Stock FedAvg / FedAdam drive fedmeta clients; fedmeta's strategies drive a quickstart-style ClientApp
-and a ClientApp written from the README's contract (neither imports fedmeta); Flower's DP wrappers
+and a ClientApp written from the docs' message contract (neither imports fedmeta); Flower's DP wrappers
 around PerFedAvg run in fedmeta's checkpointed loop, with resume, and client-side clipping goes through
 ``make_client_app(train_mods=...)``."""
 
@@ -18,7 +19,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, FedAvg
-from fakes import readme_snippet
+from fakes import doc_snippet
 
 from fedmeta import config as C
 from fedmeta.clients import fashion_mnist_data, make_client_app
@@ -36,12 +37,15 @@ def _quiet_flower():
     logging.getLogger("flwr").setLevel(logging.ERROR)
 
 
-def run_snippets(*names: str, namespace: dict | None = None, client_app: ClientApp | None = None) -> dict:
-    """Execute README snippets in one namespace, then run its ``server_app`` against its ``client_app``
+FLOWER_PAGE = "docs/flower.md"
+
+
+def run_snippets(*names: str, namespace: dict | None = None, client_app: ClientApp | None = None, page: str = FLOWER_PAGE) -> dict:
+    """Execute the snippets of ``page`` in one namespace, then run its ``server_app`` against its ``client_app``
     (or ``client_app``: the user's own) on Ray; the namespace (with ``results``) is returned."""
     ns = dict(namespace or {})
     for name in names:
-        exec(compile(readme_snippet(name), f"README:{name}", "exec"), ns)  # noqa: S102 (the README's own code)
+        exec(compile(doc_snippet(name, page=page), f"{page}:{name}", "exec"), ns)  # noqa: S102 (the docs' own code)
     run_on_ray(ns["server_app"], client_app or ns["client_app"], num_supernodes=N)
     return ns
 
@@ -50,10 +54,11 @@ def _accuracy(result, rnd: int, key: str = C.ACC_AFTER) -> float:
     return float(result.evaluate_metrics_clientapp[rnd][key])
 
 
-@pytest.mark.parametrize("snippets", [("stock-fedavg",), ("stock-fedavg", "stock-fedadam")], ids=["FedAvg", "FedAdam"])
-def test_stock_strategies_drive_fedmeta_clients_through_the_helper(ray_runner, snippets):
+@pytest.mark.parametrize("page, snippets", [(FLOWER_PAGE, ("stock-fedavg",)), (FLOWER_PAGE, ("stock-fedavg", "stock-fedadam")),
+                                            ("README.md", ("readme-flower-strategy",))], ids=["FedAvg", "FedAdam", "FedAvg (README)"])
+def test_stock_strategies_drive_fedmeta_clients_through_the_helper(ray_runner, page, snippets):
     torch.manual_seed(0)  # the snippet's mlp_40_40() draws its initial weights from torch's global generator
-    ns = run_snippets(*snippets)
+    ns = run_snippets(*snippets, page=page)
     [result] = ns["results"]
     assert type(ns["server_app"]) is ServerApp
     first, last = _accuracy(result, 1), _accuracy(result, 10)
@@ -64,6 +69,14 @@ def test_stock_strategies_drive_fedmeta_clients_through_the_helper(ray_runner, s
         assert C.TRAIN_LOSS in train and C.NUM_SAMPLES in train
         assert not {C.PARTITION_ID, C.MEMORY_ROUND, C.MEMORY_DIGEST} & set(train)  # identifiers are not averaged
         assert C.PARTITION_ID not in result.evaluate_metrics_clientapp[rnd]
+
+
+def test_a_serverapp_of_your_own_with_a_fedmeta_strategy_and_client(ray_runner):
+    torch.manual_seed(0)
+    [result] = run_snippets("own-serverapp")["results"]
+    assert sorted(result.evaluate_metrics_clientapp) == [5, 10]  # evaluate_every=5
+    last = result.evaluate_metrics_clientapp[10]
+    assert last[C.ACC_AFTER] > last[C.ACC_BEFORE] + 0.05, last  # the personalization step helps
 
 
 def test_stock_fedavg_with_no_fedmeta_config_stops_early_with_the_clear_line(ray_runner, caplog):
@@ -131,7 +144,7 @@ def quickstart_client_app() -> tuple[ClientApp, type]:
     return app, Net
 
 
-@pytest.mark.parametrize("strategy", ["PerFedAvg (README)", "LocalMOML"])
+@pytest.mark.parametrize("strategy", ["PerFedAvg (docs)", "PerFedAvg (README)", "LocalMOML"])
 def test_fedmeta_strategies_drive_a_quickstart_style_client(ray_runner, strategy, caplog):
     client_app, net = quickstart_client_app()
     with caplog.at_level(logging.INFO, logger="fedmeta"):
@@ -144,6 +157,8 @@ def test_fedmeta_strategies_drive_a_quickstart_style_client(ray_runner, strategy
                 results.append(s.start(grid, ArrayRecord(net().state_dict()), num_rounds=5, train_config=ConfigRecord({"lr": 0.01})))
 
             run_on_ray(app, client_app, num_supernodes=N)
+        elif strategy == "PerFedAvg (README)":
+            results = run_snippets("readme-fedmeta-strategy", namespace={"Net": net}, client_app=client_app, page="README.md")["results"]
         else:
             results = run_snippets("stock-fedavg", "your-client", namespace={"Net": net}, client_app=client_app)["results"]
     [result] = results
@@ -163,7 +178,7 @@ def contract_net() -> torch.nn.Module:
 
 
 def contract_client_app() -> ClientApp:
-    """A ClientApp written from the README's contract table alone: no fedmeta import. It answers the
+    """A ClientApp written from the message contract table of docs/flower.md alone: no fedmeta import. It answers the
     query with its partition, trains with ``local-steps`` plain SGD steps at ``inner-lr`` on a toy
     linear task of its own, and reports personalized evaluation (one step on its train split)."""
     app = ClientApp()
@@ -252,7 +267,7 @@ def _arrays(result) -> dict[str, np.ndarray]:
 def test_dp_wrapped_per_fedavg_checkpoints_and_resumes_to_the_uninterrupted_model(ray_runner, tmp_path, monkeypatch, caplog):
     torch.manual_seed(0)
     shared = {}
-    exec(compile(readme_snippet("stock-fedavg"), "README:stock-fedavg", "exec"), shared)  # imports and the model
+    exec(compile(doc_snippet("stock-fedavg", page=FLOWER_PAGE), "stock-fedavg", "exec"), shared)  # imports and the model
     # uninterrupted
     (tmp_path / "a").mkdir()
     monkeypatch.chdir(tmp_path / "a")

@@ -17,7 +17,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp.mod import fixedclipping_mod
 from flwr.serverapp.strategy import FedAvg as FlowerFedAvg
-from fakes import README, FakeGrid, _task_identity, readme_snippet, reply, train_messages  # noqa: F401 (autouse fixture)
+from fakes import ROOT, FakeGrid, _task_identity, doc_snippet, reply, train_messages  # noqa: F401 (autouse fixture)
 
 from fedmeta import config as C
 from fedmeta.algorithms import LocalMOMLConfig, PerFedAvgConfig
@@ -70,7 +70,7 @@ def test_a_fedmeta_client_trains_from_the_helper_config_under_a_stock_strategy_m
 
 
 def test_the_run_config_snippet_is_the_settings_of_a_message_without_any():
-    table = tomllib.loads(readme_snippet("run-config", "toml"))["tool"]["flwr"]["app"]["config"]
+    table = tomllib.loads(doc_snippet("run-config", "toml", page="docs/flower.md"))["tool"]["flwr"]["app"]["config"]
     app = make_client_app(_model, _data)
     msg_cfg = {C.SERVER_ROUND: 1, C.SEED: 3}  # stock FedAvg with an empty train_config
     via_run_config = app(_message(MessageType.TRAIN, msg_cfg), _context(table))
@@ -221,8 +221,8 @@ def test_the_round_loop_runs_any_strategy_and_stops_when_nothing_trains(caplog):
 
 
 def test_every_code_block_of_the_interop_section_is_a_snippet_that_a_test_executes():
-    text = README.read_text()
-    section = text[text.index("## Using fedmeta with your Flower code"):text.index("## Add your own algorithm")]
+    text = (ROOT / "docs" / "flower.md").read_text()
+    section = text[text.index("## Mixing fedmeta and Flower"):]
     blocks = re.findall(r"(<!-- snippet: ([\w-]+) -->\n)?```(\w+)\n", section)
     names = [name for marker, name, _ in blocks if marker]
     assert len(names) == len(blocks) and len(names) >= 6, blocks  # no unmarked (untested) block

@@ -4,7 +4,7 @@ an algorithm's name to its unit.
 Built in: ``fedavg`` (:mod:`~fedmeta.algorithms.fedavg`), ``per-fedavg``
 (:mod:`~fedmeta.algorithms.per_fedavg`), ``local-moml`` (:mod:`~fedmeta.algorithms.local_moml`).
 A user's own algorithm is one subclass of :class:`Algorithm` plus ``register(MyAlgorithm())``; the
-clients then run it when a train config says ``algorithm = "<its name>"`` (README, "Add your own
+clients then run it when a train config says ``algorithm = "<its name>"`` (docs/your-algorithm.md, "Add your own
 algorithm"). Nothing else in fedmeta compares algorithm names.
 """
 
