@@ -30,6 +30,11 @@ def lay_out_package(dest: Path = API_SRC) -> Path:
     return dest
 
 
-def on_config(config, **kwargs):
+def on_startup(**kwargs):
+    """Before the plugins' configs: mkdocstrings drops a search path that does not exist yet (a fresh clone)."""
     lay_out_package()
+
+
+def on_config(config, **kwargs):
+    lay_out_package()  # every build (``mkdocs serve`` rebuilds) sees the current sources
     return config

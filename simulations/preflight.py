@@ -68,7 +68,7 @@ def check_inputs(cfg: ExperimentConfig) -> str:
                              f"permissions or set data-dir / FEDMETA_DATA to a writable directory") from None
         except (OSError, EOFError, zlib.error, gzip.BadGzipFile, RuntimeError) as err:
             raise InputError(f"dataset: the {cfg.dataset} files found for {_data_dir(cfg)} are corrupt or incomplete "
-                             f"({_one_line(err)}); delete them and provide them again (see README, Data)") from None
+                             f"({_one_line(err)}); delete them and provide them again (see docs/getting-started.md, Data)") from None
         where = f" in {root}"
     try:
         client = D.client_data(cfg.dataset, 0, **cfg.data_kwargs())
@@ -78,7 +78,7 @@ def check_inputs(cfg: ExperimentConfig) -> str:
         raise InputError(f"dataset: {cfg.dataset}{where}: {_one_line(err)}") from None
     except (OSError, EOFError, RuntimeError, zlib.error) as err:
         raise InputError(f"dataset: the {cfg.dataset} files{where} are corrupt or incomplete ({_one_line(err)}); "
-                         f"delete them and provide them again (see README, Data)") from None
+                         f"delete them and provide them again (see docs/getting-started.md, Data)") from None
     x, y = client.x_train[:2], client.y_train[:2]
     try:
         with torch.random.fork_rng(devices=[]), torch.no_grad():

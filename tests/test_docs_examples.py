@@ -33,7 +33,8 @@ TESTS = Path(__file__).resolve().parent
 README_MAX_LINES = 200
 
 SHELL_SNIPPETS = {
-    "README.md": ["readme-two-commands", "readme-simulation", "readme-deployment"],
+    "README.md": ["readme-two-commands", "readme-simulation", "readme-deployment", "readme-track", "readme-tune",
+                  "readme-flwr-datasets"],
     "docs/getting-started.md": ["two-commands", "make-run-sinewave", "make-test-fast"],
     "docs/simulations.md": ["fedmeta-sim-examples", "flwr-run", "many-clients"],
     "docs/deployment.md": ["deploy-local", "deploy-superlink", "deploy-supernodes", "deploy-flwr-run", "deploy-grpc",
@@ -44,6 +45,9 @@ SHELL_SNIPPETS = {
     "docs/failure-handling.md": ["resume"],
     "docs/results.md": ["reproduce-commands"],
     "docs/benchmarks.md": ["bench-commands"],
+    "docs/tracking.md": ["install-tracking", "track-cli", "tensorboard", "wandb-sync"],
+    "docs/tuning.md": ["install-tune", "command"],
+    "docs/flwr-datasets.md": ["install-flwr-datasets", "cli"],
 }
 """Every shell snippet, by page: each is parsed below (:func:`test_every_shell_command_of_the_docs_parses`)."""
 
@@ -230,6 +234,24 @@ def check_command(line: str, argv: list[str], launcher: set[str]) -> None:
         from fedmeta.simulations import reproduce
 
         _parse_with(reproduce.main, args)
+    elif prog == "fedmeta-tune":
+        from fedmeta.simulations import tune
+
+        tune._parser().parse_args(args)
+    elif prog == "pip":
+        extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+        assert args[0] == "install" and args[1:], args
+        for requirement in args[1:]:
+            m = re.fullmatch(r"fedmeta\[([\w,-]+)\]", requirement)
+            assert m and set(m.group(1).split(",")) <= set(extras), f"{requirement}: not one of fedmeta's extras {sorted(extras)}"
+    elif prog == "tensorboard":  # the directory the trackers write to by default
+        from fedmeta.simulations.config import ExperimentConfig
+
+        assert args == ["--logdir", str(ExperimentConfig().tracking_path)], args
+    elif prog == "wandb":  # an offline run of the W&B tracker, under the default tracking directory
+        from fedmeta.simulations.config import ExperimentConfig
+
+        assert args[0] == "sync" and args[1].startswith(f"{ExperimentConfig().tracking_path}/wandb/offline-run-"), args
     elif prog == "fedmeta-deploy-local":
         from fedmeta.simulations import deploy
 
@@ -427,3 +449,12 @@ def test_the_readme_grpc_deployment_runs(flwr139_bin, tmp_path):
     assert make == ["make", "build/flwr139"] and Path(flwr139_bin).parent == ROOT / "build" / "flwr139"
     proc = _run([*argv, "--results-dir", str(tmp_path / "results"), "--workdir", str(tmp_path / "work")], tmp_path, timeout=900)
     assert list((tmp_path / "results").glob("*.json")), proc.stdout[-2000:]
+
+
+@pytest.mark.parametrize("readme, page, name", [("readme-track", "docs/tracking.md", "track-cli"),
+                                                 ("readme-tune", "docs/tuning.md", "command"),
+                                                 ("readme-flwr-datasets", "docs/flwr-datasets.md", "cli")])
+def test_the_readmes_integration_examples_are_the_pages_which_their_tests_run(readme, page, name):
+    """The README shows the tracking, tuning and Flower Datasets examples of their pages, which test_tracking.py,
+    test_tune.py and test_flwr_datasets.py run as written."""
+    assert doc_snippet(readme, "sh", page="README.md") == doc_snippet(name, "sh", page=page)

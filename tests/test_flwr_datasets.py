@@ -278,7 +278,7 @@ SMALL = ["--algorithms", "local-moml", "--num-clients", "6", "--clients-per-roun
 def test_dirichlet_and_pathological_partitioners_train_and_evaluate_on_ray(ray_runner, tmp_path, fmnist):
     """The docs' command (a DirichletPartitioner split), then the same run on a PathologicalPartitioner split: each
     trains, evaluates every client, and fine-tuning lifts personalized accuracy well above chance (0.1)."""
-    command = shlex.split(doc_snippet("cli", "bash", page=PAGE).replace("\\\n", " "))
+    command = shlex.split(doc_snippet("cli", "sh", page=PAGE).replace("\\\n", " "))
     assert command[:1] == ["fedmeta-sim"] and "flwr:DirichletPartitioner" in command
     runs = {"dirichlet": command[1:],
             "pathological": SMALL + ["--partition", "flwr:PathologicalPartitioner", "--partition-args", "num_classes_per_partition=2"]}

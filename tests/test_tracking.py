@@ -262,7 +262,7 @@ def test_the_tracking_pages_examples_run_as_written(ray_runner, tmp_path, monkey
     from fakes import doc_snippet
 
     monkeypatch.chdir(tmp_path)
-    proc = subprocess.run(["bash", "-e", "-c", doc_snippet("track-cli", "bash", page="docs/tracking.md")], capture_output=True,
+    proc = subprocess.run(["bash", "-e", "-c", doc_snippet("track-cli", "sh", page="docs/tracking.md")], capture_output=True,
                           text=True, timeout=600, env={**__import__("os").environ, "PATH": f"{Path(sys.executable).parent}:"
                                                                                             f"{__import__('os').environ['PATH']}"})
     assert proc.returncode == 0, proc.stderr

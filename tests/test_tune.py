@@ -245,7 +245,7 @@ def test_a_study_killed_mid_trial_resumes_prunes_and_beats_the_grids_worst(tmp_p
 def test_the_docs_example_runs_two_trials_at_once(tmp_path):
     """docs/tuning.md: its space file and its command, as written."""
     write(tmp_path / "sine.toml", SPACE)
-    command = shlex.split(doc_snippet("command", "bash", page=PAGE))
+    command = shlex.split(doc_snippet("command", "sh", page=PAGE))
     assert command[0] == "fedmeta-tune" and "--jobs" in command
     proc = subprocess.run([str(CLI), *command[1:], "--trials", "4"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
