@@ -49,6 +49,7 @@ def bench_interleaved(
     min_repeat_seconds: float,
     slow_call_seconds: float = float("inf"),
     slow_repeats: int = 0,
+    alternate: bool = False,
 ) -> dict[str, Timing]:
     """Time several functions, alternating between them repeat by repeat.
 
@@ -65,6 +66,9 @@ def bench_interleaved(
     slow_call_seconds, slow_repeats
         The slow-cell rule: if the slowest first call takes longer than ``slow_call_seconds``,
         every function is warmed up by that one call only and timed over ``slow_repeats`` repeats.
+    alternate
+        Reverse the order of the functions every other repeat (first to last, then last to first, ...),
+        so that no function always runs right after the same one.
 
     Returns
     -------
@@ -79,8 +83,9 @@ def bench_interleaved(
             fn()
     calls = {name: calls_per_repeat(fn, min_repeat_seconds) for name, fn in fns.items()}
     per_call: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
+    order = list(fns.items())
+    for r in range(repeats):
+        for name, fn in (order[::-1] if alternate and r % 2 else order):
             per_call[name].append(_seconds(fn, calls[name]) / calls[name])
     return {
         name: Timing(min_ms=1e3 * min(t), median_ms=1e3 * statistics.median(t), calls_per_repeat=calls[name], repeats=repeats)
