@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.fedmeta-installed
 # torch/torchvision pinned to the builds this machine provides from local disk.
 TORCH  := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: run test test-fast docs docs-results bench bench-default-run bench-peers bench-versions bench-local-round bench-step bench-estimators bench-single-step bench-deploy bench-cluster venv clean
+.PHONY: run test test-fast docs docs-results bench bench-default-run bench-peers bench-versions bench-local-round bench-floor bench-step bench-estimators bench-single-step bench-deploy bench-cluster venv clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -88,6 +88,11 @@ bench-versions: $(STAMP)
 
 bench-local-round: $(STAMP)
 	$(PY) bench/bench_local_round.py $(ARGS)
+
+# The hand-batched floor (plain bmm chains, one core) and fedmeta's vmapped node step, fast step and node round against it.
+bench-floor: $(STAMP)
+	$(PY) scripts/provision_data.py
+	$(PY) bench/bench_floor.py $(ARGS)
 
 bench-step: $(STAMP)
 	$(PY) bench/bench_meta_step.py

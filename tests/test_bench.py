@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from fakes import check_provenance
 from fedmeta.meta import META_GRADIENTS
@@ -159,3 +160,47 @@ def test_bench_default_run_smoke_runs_every_layout_side_by_side(ray_runner, tmp_
         for a, f in r["final"].items():
             assert f["loss-after"] == pytest.approx(base[a]["loss-after"], rel=1e-5)
     assert "multi-client nodes, loop: final loss-after minus one client per node" in proc.stdout
+
+
+def _floor_batches(case, clients: int, seed: int = 0):
+    """Per-client batches of ``case``'s step from random images (any data does: the check compares two computations)."""
+    from fedmeta import algorithms
+    from fedmeta.batched import stack_batches
+
+    def sampler(c: int):
+        g = torch.Generator().manual_seed(seed * 100 + c)
+        return lambda k: (torch.randn(k, 1, 28, 28, generator=g), torch.randint(0, 10, (k,), generator=g))
+
+    return stack_batches([algorithms.get(case.algorithm).draw(sampler(c), case.hp) for c in range(clients)])
+
+
+def test_bench_floor_takes_fedmetas_step_and_its_check_catches_a_different_one():
+    import dataclasses
+
+    from fedmeta import fast
+    from fedmeta.models import mlp_40_40
+
+    floor = _bench_module("bench_floor")
+    torch.manual_seed(0)
+    model = mlp_40_40()
+    w = {k: v.detach().clone() for k, v in model.named_parameters()}
+    f = fast.make_loss(model, torch.nn.functional.cross_entropy)
+    for case in floor.cases():
+        errors = floor.check_same_step(case, model, f, w, _floor_batches(case, clients=3))
+        assert set(errors) == {"floor", "autograd floor", "fast step"} and max(errors.values()) <= floor.UPDATE_RTOL, case
+    exact = next(c for c in floor.cases() if c.floor == "exact")
+    without_hessian = dataclasses.replace(exact, floor="first_order")  # the floor's step drops the alpha H v term
+    with pytest.raises(AssertionError, match="differ from fedmeta's vmapped step"):
+        floor.check_same_step(without_hessian, model, f, w, _floor_batches(exact, clients=3))
+
+
+@pytest.mark.subprocess
+def test_bench_floor_quick_reports_every_cell_as_a_fraction_of_the_floor(tmp_path):
+    out = tmp_path / "bench_floor.json"
+    proc, report = run_bench("bench_floor.py", "--quick", "--clients", "2", out=out, timeout=600)
+    floor = _bench_module("bench_floor")
+    assert [(r["algorithm"], r["clients"]) for r in report["rows"]] == [(c.label, 2) for c in floor.cases()]
+    for r in report["rows"]:
+        assert set(r["client_steps_per_s"]) == set(floor.CELLS) and all(v > 0 for v in r["client_steps_per_s"].values())
+        assert r["of_floor"]["floor"] == 1.0 and max(r["equality_rel_error"].values()) <= floor.UPDATE_RTOL
+    assert "vmap node step" in proc.stdout
