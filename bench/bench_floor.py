@@ -35,6 +35,7 @@ Usage::
 from __future__ import annotations
 
 import functools
+import resource
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -370,6 +371,16 @@ def calls(case: Case, model: nn.Module, w: Params, datas: Sequence[Any], clients
     return out, errors
 
 
+def page_faults(fn: Callable[[], object], calls: int) -> float:
+    """Minor page faults of the process per call of ``fn`` (fresh memory the allocator got from the OS and
+    touched: a sign of large tensors allocated and freed every call)."""
+    fn()
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(calls):
+        fn()
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / calls
+
+
 def run(quick: bool, client_counts: Sequence[int]) -> dict[str, Any]:
     from fedmeta.data import client_data
     from fedmeta.simulations.config import ExperimentConfig
@@ -387,11 +398,12 @@ def run(quick: bool, client_counts: Sequence[int]) -> dict[str, Any]:
             t = timing.bench_interleaved({k: fn for k, (fn, _) in cells.items()}, warmup=1 if quick else 3,
                                          repeats=2 if quick else 9, min_repeat_seconds=0.0 if quick else 0.25, alternate=True)
             rate = {k: n / (t[k].median_ms / 1e3) for k, (_, n) in cells.items()}
+            faults = {k: page_faults(fn, 3 if quick else 50) / n for k, (fn, n) in cells.items()}
             rows.append({"algorithm": case.label, "clients": clients, "equality_rel_error": errors,
                          "client_steps_per_s": rate, "of_floor": {k: r / rate[FLOOR] for k, r in rate.items()},
                          "us_per_client_step_median": {k: t[k].median_ms * 1e3 / n for k, (_, n) in cells.items()},
                          "us_per_client_step_min": {k: t[k].min_ms * 1e3 / n for k, (_, n) in cells.items()},
-                         "repeats": t[FLOOR].repeats})
+                         "minor_page_faults_per_client_step": faults, "repeats": t[FLOOR].repeats})
             print(f"  {case.label}, {clients} clients: done", flush=True)
     return {"environment": environment(), "quick": quick, "threads": 1, "model": cfg.model_name, "dataset": cfg.dataset,
             "local_steps_per_round": cases()[0].hp.local_steps, "rows": rows}
@@ -403,13 +415,15 @@ def table(report: dict[str, Any]) -> str:
              f"{report['rows'][0]['repeats']} interleaved repeats, {env['date']}",
              f"torch {env['torch']}, load average at start {' '.join(env['loadavg_at_start'])}; "
              f"'/ floor' = rate over the hand-batched floor's; node round = {report['local_steps_per_round']} local steps "
-             "with batch draws",
+             "with batch draws; faults = minor page faults per client-step",
              f"  {'algorithm':<17} {'C':>3} " + " ".join(f"{c:>15}" for c in CELLS) + "   max update rel. error"]
     for r in report["rows"]:
         rate = r["client_steps_per_s"]
         lines.append(f"  {r['algorithm']:<17} {r['clients']:>3} " + " ".join(f"{rate[c]:>15.0f}" for c in CELLS)
                      + f"   {max(r['equality_rel_error'].values()):.1e}")
         lines.append(f"  {'':<17} {'':>3} " + " ".join(f"{'/ floor ' + format(r['of_floor'][c], '.2f'):>15}" for c in CELLS))
+        lines.append(f"  {'':<17} {'':>3} " + " ".join(f"{format(r['minor_page_faults_per_client_step'][c], '.1f') + ' faults':>15}"
+                                                    for c in CELLS))
     return "\n".join(lines)
 
 
