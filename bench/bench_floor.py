@@ -296,7 +296,7 @@ def check_same_step(case: Case, model: nn.Module, f: Callable, w: Params, stacke
     while not isinstance(leaf, Tensor):
         leaf = leaf[0]
     clients = leaf.shape[0]
-    start = {k: v.expand(clients, *v.shape).contiguous() for k, v in w.items()}
+    start = {k: v.expand(clients, *v.shape).clone() for k, v in w.items()}
     reference = {k: v.detach() for k, v in vmapped_step(case, f)(start, stacked).items()}
     flat = flat_batches(stacked)
     results = {}
@@ -340,7 +340,7 @@ def calls(case: Case, model: nn.Module, w: Params, datas: Sequence[Any], clients
     errors = check_same_step(case, model, f, w, stacked)
     flat = flat_batches(stacked)
 
-    floor_w = {k: v.expand(clients, *v.shape).contiguous() for k, v in w.items()}
+    floor_w = {k: v.expand(clients, *v.shape).clone() for k, v in w.items()}
     autograd_w = {k: v.clone() for k, v in floor_w.items()}
     floor_layers, autograd_layers = to_layers(floor_w, keys), to_layers(autograd_w, keys)
     vstep = vmapped_step(case, f)
