@@ -385,6 +385,7 @@ def run(quick: bool, client_counts: Sequence[int]) -> dict[str, Any]:
     from fedmeta.data import client_data
     from fedmeta.simulations.config import ExperimentConfig
 
+    env = environment()  # the load average before the runs
     torch.set_num_threads(1)
     cfg = ExperimentConfig(num_nodes=0)
     torch.manual_seed(0)
@@ -405,7 +406,7 @@ def run(quick: bool, client_counts: Sequence[int]) -> dict[str, Any]:
                          "us_per_client_step_min": {k: t[k].min_ms * 1e3 / n for k, (_, n) in cells.items()},
                          "minor_page_faults_per_client_step": faults, "repeats": t[FLOOR].repeats})
             print(f"  {case.label}, {clients} clients: done", flush=True)
-    return {"environment": environment(), "quick": quick, "threads": 1, "model": cfg.model_name, "dataset": cfg.dataset,
+    return {"environment": env, "quick": quick, "threads": 1, "model": cfg.model_name, "dataset": cfg.dataset,
             "local_steps_per_round": cases()[0].hp.local_steps, "rows": rows}
 
 
