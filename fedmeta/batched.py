@@ -16,8 +16,8 @@ from torch import Tensor
 from fedmeta.algorithms.base import VMAP_ESTIMATORS  # noqa: F401  (the vmapped estimators; re-exported)
 from fedmeta.meta import Params
 
-VECTORIZE = ("auto", "vmap", "loop")
-"""Values of the ``vectorize`` setting."""
+VECTORIZE = ("auto", "vmap", "compile", "loop")
+"""Values of the ``vectorize`` setting (:mod:`fedmeta.algorithms.plan`)."""
 DEFAULT_CHUNK_SIZE = 100
 """Clients per vectorized call (perf-anchors A2: vmap gains saturate near 100 clients for the MLPs)."""
 

@@ -144,7 +144,13 @@ class EstimatorConfig(WireConfig):
         return self.outer_batch_size or self.batch_size  # type: ignore[attr-defined]
 
     def estimator(self) -> meta.MetaGradient:
-        return meta.meta_gradient(self.meta_gradient, delta=self.delta, num_directions=self.num_directions)
+        """The estimator of these settings, built once per config (kept in the instance's ``__dict__``, outside the
+        dataclass fields): a compiled step (``vectorize="compile"``) then reads it as a constant."""
+        est = self.__dict__.get("_estimator")
+        if est is None:
+            est = meta.meta_gradient(self.meta_gradient, delta=self.delta, num_directions=self.num_directions)
+            object.__setattr__(self, "_estimator", est)
+        return est
 
 
 class MAMLAlgorithm(Algorithm):

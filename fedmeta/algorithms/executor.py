@@ -29,6 +29,7 @@ import torch
 from torch.func import vmap
 
 from fedmeta import algorithms
+from fedmeta.algorithms import plan
 from fedmeta.algorithms.base import Algorithm
 from fedmeta.batched import DEFAULT_CHUNK_SIZE, check_vectorize, stack, stack_batches
 from fedmeta.meta import LossFn, Params, Sampler
@@ -177,6 +178,15 @@ class _Ragged(Exception):
     """The clients of a chunk drew batches of different shapes: run the chunk as a loop."""
 
 
+class _UseLoop(Exception):
+    """``auto`` measured the loop fastest for this workload: run the chunk as a loop."""
+
+
+def _row(stacked: Any, j: int) -> Any:
+    """Client ``j``'s batches out of the stacked ones."""
+    return stacked[j] if isinstance(stacked, torch.Tensor) else tuple(_row(b, j) for b in stacked)
+
+
 def _stacked(per_client: Sequence[Any]) -> Any:
     out = stack_batches(per_client)
     if out is None:
@@ -227,7 +237,7 @@ def local_rounds(
         raise ValueError(f"has_state must hold one flag per client ({n}) and states must be given if any is True")
     dgens = list(direction_gens) if direction_gens is not None else [None] * n
     refusal = algo.vmap_refusal(hp)
-    if vectorize == "vmap" and refusal:
+    if vectorize in ("vmap", "compile") and refusal:
         raise ValueError(refusal)
     mode = {"vectorize": "loop" if refusal else vectorize}
 
@@ -246,7 +256,26 @@ def local_rounds(
         outs = [one(i) for i in chunk]
         return stack([o[0] for o in outs]), (stack([o[1] for o in outs]) if algo.stateful else None), [o[2] for o in outs]
 
-    vstep = vmap(lambda wi, si, b: algo.step(f, wi, si, b, hp)) if algo.stateful else vmap(lambda wi, b: algo.step(f, wi, None, b, hp)[0])
+    def raw_step(wi: Params, si: Params | None, b: Any) -> Any:
+        return algo.step(f, wi, si, b, hp) if algo.stateful else algo.step(f, wi, None, b, hp)[0]
+
+    vstep = vmap(raw_step) if algo.stateful else vmap(lambda wi, b: raw_step(wi, None, b))
+    step_key = (algo.name, hp, f)
+
+    def compiled() -> Any:
+        if hasattr(hp, "estimator"):
+            hp.estimator()  # built before tracing: the compiled step reads it as a constant
+        return plan.compiled_step(step_key, vmap(raw_step) if algo.stateful else vmap(lambda wi, b: raw_step(wi, None, b)))
+
+    def looped_step(wc: Params, sc: Params | None, drawn: Any) -> None:
+        """One step of each client alone on copies of its rows (``auto``'s ``loop`` candidate; the result is discarded)."""
+        impl = resolve_step_impl(algo, hp, "auto")
+        take = algo.fast_step if impl == "fast" else algo.step
+        for j in range(next(iter(wc.values())).shape[0]):
+            row = {k: v[j].clone() for k, v in wc.items()}
+            srow = {k: v[j].clone() for k, v in sc.items()} if sc is not None else None
+            take(f, row, srow, _row(drawn, j), hp, None)
+
     vinit = vmap(lambda wi, b: algo.init_state(f, wi, b, hp), in_dims=(None, 0))
     vloss = vmap(lambda wi, si, b: algo.train_loss(f, wi, si, b), in_dims=(0, 0 if algo.stateful else None, 0))
 
@@ -265,17 +294,27 @@ def local_rounds(
                 idx = torch.tensor(fresh, device=next(iter(w.values())).device)
                 for k in sc:
                     sc[k][idx] = built[k].detach()
-        wc = {k: v.expand(c, *v.shape) for k, v in w.items()}
+        wc = {k: v.expand(c, *v.shape).clone() for k, v in w.items()}  # contiguous: every step sees the same strides
         drawn = None
         once = algo.draws_once(hp)
+        run = vstep
         for h in range(hp.local_steps):
             if h == 0 or not once:
                 drawn = _stacked([algo.draw(samplers[i], hp) for i in chunk])
+            if h == 0 and mode["vectorize"] == "compile":
+                run = compiled()
+            elif h == 0 and mode["vectorize"] == "auto":
+                call = (lambda fn: (lambda: fn(wc, sc, drawn))) if algo.stateful else (lambda fn: (lambda: fn(wc, drawn)))
+                chosen = plan.choose((step_key, c), {"vmap": call(vstep), "loop": lambda: looped_step(wc, sc, drawn),
+                                                     "compile": lambda: call(compiled())()}, hp.local_steps, algo.name)
+                if chosen.impl == "loop":
+                    raise _UseLoop
+                run = compiled() if chosen.impl == "compile" else vstep
             if algo.stateful:
-                wc, sc = vstep(wc, sc, drawn)
+                wc, sc = run(wc, sc, drawn)
                 sc = _detached(sc)
             else:
-                wc = vstep(wc, drawn)
+                wc = run(wc, drawn)
             wc = _detached(wc)
         with torch.no_grad():
             losses = [float(v) for v in vloss(wc, sc, drawn)]
@@ -283,18 +322,19 @@ def local_rounds(
 
     parts = []
     for chunk in _chunks(n, chunk_size):
-        if mode["vectorize"] == "loop":
+        known = plan.known((step_key, len(chunk))) if mode["vectorize"] == "auto" else None
+        if mode["vectorize"] == "loop" or (known is not None and known.impl == "loop"):
             parts.append(looped(chunk))
             continue
         saved = [gens[i].get_state() for i in chunk]
         try:
             parts.append(vmapped(chunk))
         except Exception as err:  # noqa: BLE001 -- vmap's failures are RuntimeError, NotImplementedError, ...
-            if mode["vectorize"] == "vmap" and not isinstance(err, _Ragged):
+            if mode["vectorize"] in ("vmap", "compile") and not isinstance(err, _Ragged):
                 raise
             for i, s in zip(chunk, saved):  # replay the chunk's draws in the loop
                 gens[i].set_state(s)
-            if not isinstance(err, _Ragged):
+            if not isinstance(err, (_Ragged, _UseLoop)):
                 logger.warning("vmap failed (%s: %s); running the clients one by one", type(err).__name__, err)
                 mode["vectorize"] = "loop"
             parts.append(looped(chunk))
