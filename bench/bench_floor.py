@@ -16,24 +16,34 @@ model (MLP 784-40-40-10, ReLU) and real Fashion-MNIST batches of the default spl
 * ``vmap node step``: fedmeta's vmapped step, the call the executor makes for a node's clients
   (:func:`fedmeta.algorithms.executor.local_rounds`: ``vmap`` of ``Algorithm.step`` on
   ``fedmeta.fast.make_loss``), its result detached, as in the round;
+* ``compiled node step``: the same call under ``torch.compile`` (``vectorize="compile"``,
+  :func:`fedmeta.algorithms.plan.compiled_step`);
 * ``fast step x C``: the single-client fast step (``Algorithm.fast_step``, plain autograd, in place), C times;
-* ``node round``: the node's whole local round end to end (``local_rounds(..., vectorize="vmap")``, one
-  chunk of C clients, ``local_steps`` steps): batch draws, stacking, the vmapped steps, the check, the losses.
+* ``node round``: the node's whole local round end to end as a node runs it by default
+  (``local_rounds(...)`` with ``vectorize="auto"``, one chunk of C clients, ``local_steps`` steps): batch draws,
+  stacking, the steps as ``auto`` chose them (reported: ``auto``), the check, the losses.
+
+``default node step`` is the step cell of what ``auto`` chose (vmap, compiled or the loop of fast steps).
+
+Workloads (``--workload``): ``default`` is the default model (MLP 784-40-40-10) and split with 4 local steps
+per round; ``peers`` is ``bench_peers.py``'s (MLP 784-100-10, pathological 2-class split, one local epoch:
+FedAvg 262 SGD steps of K=10, Per-FedAvg 131 meta-steps of K=10).
 
 Cells (a)-(d) step from the same batches (drawn once per client); the round draws its own. Before timing,
 every (algorithm, C) checks that the floor's step equals fedmeta's vmapped and fast steps from the same
 weights and batches (the update agrees to float32 round-off, :func:`check_same_step`): otherwise the floor
 would not be the same work. Timings are interleaved repeat by repeat, alternating the order, medians reported.
 
-FedAvg: batch K=10, lr 0.05; Per-FedAvg (eq. 9, N = 1): D, D', D'' of K=5, alpha 0.01, beta 0.05.
+``default`` workload: FedAvg batch K=10, lr 0.05; Per-FedAvg (eq. 9, N = 1): D, D', D'' of K=5, alpha 0.01, beta 0.05.
 
 Usage::
 
-    .venv/bin/python bench/bench_floor.py [--quick] [--clients 1 10 50] [--out PATH]
+    .venv/bin/python bench/bench_floor.py [--quick] [--clients 1 10 50] [--workload default|peers] [--out PATH]
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import resource
 import time
@@ -49,14 +59,17 @@ import timing  # bench/timing.py (the script's folder is on sys.path)
 from measure import environment
 from fedmeta import algorithms, fast
 from fedmeta import config as C
-from fedmeta.algorithms import FedAvgConfig, PerFedAvgConfig
+from fedmeta.algorithms import FedAvgConfig, PerFedAvgConfig, plan
 from fedmeta.algorithms.executor import local_rounds
 from fedmeta.batched import stack_batches
 from fedmeta.meta import Params
 
 RESULTS_PATH = Path(__file__).resolve().parent / "results" / "bench_floor.json"
 FLOOR = "floor"
-CELLS = (FLOOR, "autograd floor", "vmap node step", "fast step x C", "node round")
+CELLS = (FLOOR, "autograd floor", "vmap node step", "compiled node step", "fast step x C", "node round")
+STEP_CELLS = {"vmap": "vmap node step", "compile": "compiled node step", "loop": "fast step x C"}
+"""The cell of each of ``auto``'s choices (:mod:`fedmeta.algorithms.plan`)."""
+WORKLOADS = ("default", "peers")
 UPDATE_RTOL = 1e-4
 """The floor's update (new weights minus old) must match fedmeta's to this fraction of its largest entry."""
 
@@ -71,7 +84,15 @@ class Case:
     floor: str  # "sgd", "first_order" or "exact"
 
 
-def cases(local_steps: int = 4) -> list[Case]:
+def cases(local_steps: int = 4, workload: str = "default") -> list[Case]:
+    if workload == "peers":
+        import bench_peers
+
+        configs = bench_peers.fedmeta_configs(bench_peers.FULL)
+        fo = configs["per_fedavg_fo"].algorithm_config()
+        return [Case("FedAvg", C.FEDAVG, configs["fedavg_multi"].algorithm_config(), "sgd"),
+                Case("Per-FedAvg FO", C.PER_FEDAVG, fo, "first_order"),
+                Case("Per-FedAvg exact", C.PER_FEDAVG, dataclasses.replace(fo, meta_gradient="exact"), "exact")]
     pfa = functools.partial(PerFedAvgConfig, inner_lr=0.01, meta_lr=0.05, local_steps=local_steps, batch_size=5)
     return [
         Case("FedAvg", C.FEDAVG, FedAvgConfig(lr=0.05, local_steps=local_steps, batch_size=10), "sgd"),
@@ -327,8 +348,9 @@ def check_same_step(case: Case, model: nn.Module, f: Callable, w: Params, stacke
 
 
 def calls(case: Case, model: nn.Module, w: Params, datas: Sequence[Any], clients: int,
-          seed: int = 0) -> tuple[dict[str, tuple[Callable[[], object], int]], dict[str, float]]:
-    """name -> (one call, client-steps per call) for ``clients`` clients, and the equality check's errors."""
+          seed: int = 0) -> tuple[dict[str, tuple[Callable[[], object], int]], dict[str, float], Any]:
+    """name -> (one call, client-steps per call) for ``clients`` clients, the equality check's errors and the key of
+    ``auto``'s plan for the node round (:func:`fedmeta.algorithms.plan.known`)."""
     from fedmeta.clients.client import round_generator
 
     algo = algorithms.get(case.algorithm)
@@ -344,10 +366,17 @@ def calls(case: Case, model: nn.Module, w: Params, datas: Sequence[Any], clients
     autograd_w = {k: v.clone() for k, v in floor_w.items()}
     floor_layers, autograd_layers = to_layers(floor_w, keys), to_layers(autograd_w, keys)
     vstep = vmapped_step(case, f)
-    node = {"w": {k: v.expand(clients, *v.shape) for k, v in w.items()}}
+    if hasattr(case.hp, "estimator"):
+        case.hp.estimator()  # built before tracing, as the executor does
+    cstep = torch.compile(vmapped_step(case, f), fullgraph=True)
+    node = {"w": {k: v.expand(clients, *v.shape).clone() for k, v in w.items()}}
+    compiled_node = {"w": {k: v.clone() for k, v in node["w"].items()}}
 
     def vmap_call() -> None:
         node["w"] = {k: v.detach() for k, v in vstep(node["w"], stacked).items()}
+
+    def compiled_call() -> None:
+        compiled_node["w"] = cstep(compiled_node["w"], stacked)
 
     own = [{k: v.clone() for k, v in w.items()} for _ in range(clients)]
     per_client = [client_batches(stacked, c) for c in range(clients)]
@@ -359,16 +388,17 @@ def calls(case: Case, model: nn.Module, w: Params, datas: Sequence[Any], clients
     def round_call() -> object:
         gs = [round_generator(seed, c, 2, 0) for c in range(clients)]
         samplers = [functools.partial(d.sample, generator=g) for d, g in zip(datas, gs)]
-        return local_rounds(case.algorithm, f, w, samplers, gs, case.hp, chunk_size=clients, vectorize="vmap")
+        return local_rounds(case.algorithm, f, w, samplers, gs, case.hp, chunk_size=clients)
 
     out = {
         FLOOR: (lambda: floor_step_(case, floor_layers, flat), clients),
         "autograd floor": (lambda: autograd_step_(case, autograd_layers, flat), clients),
         "vmap node step": (vmap_call, clients),
+        "compiled node step": (compiled_call, clients),
         "fast step x C": (fast_call, clients),
         "node round": (round_call, clients * case.hp.local_steps),
     }
-    return out, errors
+    return out, errors, ((case.algorithm, case.hp, f), clients)
 
 
 def page_faults(fn: Callable[[], object], calls: int) -> float:
@@ -381,21 +411,31 @@ def page_faults(fn: Callable[[], object], calls: int) -> float:
     return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / calls
 
 
-def run(quick: bool, client_counts: Sequence[int]) -> dict[str, Any]:
-    from fedmeta.data import client_data
+def workload_config(workload: str):
+    """The model and split of ``workload`` (see the module docstring)."""
     from fedmeta.simulations.config import ExperimentConfig
+
+    if workload == "peers":
+        import bench_peers
+
+        return bench_peers.base_config(bench_peers.FULL)
+    return ExperimentConfig(num_nodes=0)
+
+
+def run(quick: bool, client_counts: Sequence[int], workload: str = "default") -> dict[str, Any]:
+    from fedmeta.data import client_data
 
     env = environment()  # the load average before the runs
     torch.set_num_threads(1)
-    cfg = ExperimentConfig(num_nodes=0)
+    cfg = workload_config(workload)
     torch.manual_seed(0)
     model = cfg.build_model()
     w = {k: v.detach().clone() for k, v in model.named_parameters()}
     datas = [client_data(cfg.dataset, c, **cfg.data_kwargs()) for c in range(min(max(client_counts), cfg.num_clients))]
     rows = []
-    for case in cases():
+    for case in cases(workload=workload):
         for clients in client_counts:
-            cells, errors = calls(case, model, w, datas, clients)
+            cells, errors, plan_key = calls(case, model, w, datas, clients)
             t = timing.bench_interleaved({k: fn for k, (fn, _) in cells.items()}, warmup=1 if quick else 3,
                                          repeats=2 if quick else 9, min_repeat_seconds=0.0 if quick else 0.25, alternate=True)
             rate = {k: n / (t[k].median_ms / 1e3) for k, (_, n) in cells.items()}
@@ -405,9 +445,14 @@ def run(quick: bool, client_counts: Sequence[int]) -> dict[str, Any]:
                          "us_per_client_step_median": {k: t[k].median_ms * 1e3 / n for k, (_, n) in cells.items()},
                          "us_per_client_step_min": {k: t[k].min_ms * 1e3 / n for k, (_, n) in cells.items()},
                          "minor_page_faults_per_client_step": faults, "repeats": t[FLOOR].repeats})
+            chosen = plan.known(plan_key)
+            rows[-1]["auto"] = chosen.impl if chosen else None
+            rows[-1]["auto_probe_ms"] = {k: v * 1e3 for k, v in chosen.seconds.items()} if chosen else {}
+            rows[-1]["default_of_floor"] = rows[-1]["of_floor"][STEP_CELLS[chosen.impl]] if chosen else None
+            rows[-1]["local_steps"] = case.hp.local_steps
             print(f"  {case.label}, {clients} clients: done", flush=True)
     return {"environment": env, "quick": quick, "threads": 1, "model": cfg.model_name, "dataset": cfg.dataset,
-            "local_steps_per_round": cases()[0].hp.local_steps, "rows": rows}
+            "workload": workload, "local_steps_per_round": cases(workload=workload)[0].hp.local_steps, "rows": rows}
 
 
 def table(report: dict[str, Any]) -> str:
@@ -415,21 +460,27 @@ def table(report: dict[str, Any]) -> str:
     lines = [f"client-steps/s per core (1 thread), {report['model']} on {report['dataset']}, median of "
              f"{report['rows'][0]['repeats']} interleaved repeats, {env['date']}",
              f"torch {env['torch']}, load average at start {' '.join(env['loadavg_at_start'])}; "
-             f"'/ floor' = rate over the hand-batched floor's; node round = {report['local_steps_per_round']} local steps "
-             "with batch draws; faults = minor page faults per client-step",
-             f"  {'algorithm':<17} {'C':>3} " + " ".join(f"{c:>15}" for c in CELLS) + "   max update rel. error"]
+             f"'/ floor' = rate over the hand-batched floor's; node round = a round of local steps (FedAvg "
+             f"{report['local_steps_per_round']}) with batch draws, as vectorize='auto' runs it; auto = its choice, "
+             "default = that step's fraction of the floor; faults = minor page faults per client-step",
+             f"  {'algorithm':<17} {'C':>3} " + " ".join(f"{c:>18}" for c in CELLS) + f" {'auto':>8} {'default':>8}"
+             + "   max update rel. error"]
     for r in report["rows"]:
         rate = r["client_steps_per_s"]
-        lines.append(f"  {r['algorithm']:<17} {r['clients']:>3} " + " ".join(f"{rate[c]:>15.0f}" for c in CELLS)
+        default = r.get("default_of_floor")
+        lines.append(f"  {r['algorithm']:<17} {r['clients']:>3} " + " ".join(f"{rate[c]:>18.0f}" for c in CELLS)
+                     + f" {r.get('auto') or '-':>8} {'-' if default is None else format(default, '.2f'):>8}"
                      + f"   {max(r['equality_rel_error'].values()):.1e}")
-        lines.append(f"  {'':<17} {'':>3} " + " ".join(f"{'/ floor ' + format(r['of_floor'][c], '.2f'):>15}" for c in CELLS))
-        lines.append(f"  {'':<17} {'':>3} " + " ".join(f"{format(r['minor_page_faults_per_client_step'][c], '.1f') + ' faults':>15}"
+        lines.append(f"  {'':<17} {'':>3} " + " ".join(f"{'/ floor ' + format(r['of_floor'][c], '.2f'):>18}" for c in CELLS))
+        lines.append(f"  {'':<17} {'':>3} " + " ".join(f"{format(r['minor_page_faults_per_client_step'][c], '.1f') + ' faults':>18}"
                                                     for c in CELLS))
     return "\n".join(lines)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = timing.parser(__doc__, RESULTS_PATH, "1 and 3 clients, few repeats (the smoke test)")
+    p.add_argument("--workload", choices=WORKLOADS, default="default",
+                   help="default: the default MLP, 4 local steps; peers: bench_peers.py's (MLP 784-100-10, one local epoch)")
     p.add_argument("--clients", type=int, nargs="+", default=None, metavar="C",
                    help="clients per node, one column each (default: 1 10 50)")
     args = p.parse_args(argv)
@@ -437,7 +488,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if any(c < 1 or c > 50 for c in counts):
         p.error(f"--clients: each count must be between 1 and 50 (the default split's clients), got {counts}")
     started = time.time()
-    return timing.finish(run(args.quick, counts), args, started, table)
+    return timing.finish(run(args.quick, counts, args.workload), args, started, table)
 
 
 if __name__ == "__main__":
