@@ -193,7 +193,8 @@ def run_pfl(python: Path, split: Path, w: Workload, workers: int, threads: int, 
     with tempfile.TemporaryDirectory(prefix="fmb-pfl-") as work:
         out = Path(work) / "out.json"
         cmd = [str(python), str(PFL_RUNNER), "--split", str(split), "--rounds", str(rounds), "--threads", str(threads),
-               "--workers", str(workers), "--lr", "0.05", "--batch-size", str(w.batch_size), "--local-epochs", "1", "--seed", "0", "--out", str(out)]
+               "--workers", str(workers), "--lr", "0.05", "--batch-size", str(w.batch_size), "--local-epochs", "1",
+               "--seed", "0", "--out", str(out)]
         child = measured_child(cmd, work, **SAMPLING)
         if child.returncode != 0 or not out.exists():
             raise RuntimeError(f"pfl-research run failed (exit {child.returncode}):\n{child.log[-4000:]}")
