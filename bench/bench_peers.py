@@ -5,23 +5,27 @@ samples each), MLP 784-100-10, batch 10, one local epoch per round, every client
 (cross-silo), training rounds only (no evaluation).
 
 * **pfl-research** (Apple's simulator, ``pip install pfl[pytorch]``, its own venv under ``build/``,
-  sharing the main venv's torch): ``FederatedAveraging``, one process, on fedmeta's split exported
-  to a file, so both train on the very same clients (``bench/peers/pfl_fedavg.py``). One local
-  epoch = ceil(2625 / 10) = 263 SGD steps per client. Its best thread count (1 or 2) is probed first
-  and used for the repeats.
+  sharing the main venv's torch): ``FederatedAveraging`` on fedmeta's split exported to a file, so
+  both train on the very same clients (``bench/peers/pfl_fedavg.py``). One local epoch =
+  ceil(2625 / 10) = 263 SGD steps per client. pfl at its best process count: a probe runs 1 process x
+  1 thread, 1 process x 2 threads and N processes x 1 thread (N = the CPU count; pfl's own distributed
+  simulation, the cohort split among the workers by pfl) and the fastest runs the repeats.
 * **fedmeta FedAvg**, ``simulate()`` on Flower's Ray engine: (a) multi-client nodes, ``num_nodes=2``
   (one per core), (b) one client per node (20 SuperNodes). ``local_steps = 262`` (2625 // 10) SGD
   steps of batch 10 per client.
 * **fedmeta Per-FedAvg first-order**, ``num_nodes=2``, H = 131 meta-steps of K = 10 (one local epoch
   at 20 samples per meta-step, as PFLlib's ``PerAvg``). PFLlib is not on the package registry, so
-  it is not run here: its figure (bench/README.md) is quoted with its date, without a ratio.
+  it is not run here: its figure (``PFLLIB_FIGURE``) is quoted with its date, and the one ratio to it
+  is labelled as against a quoted figure.
 
 Each repeat runs pfl, fedmeta (a), fedmeta (b) and fedmeta Per-FedAvg in turn (interleaved, so the
 machine's drifts hit every side alike); each run is a child process (its process tree's CPU and
 memory sampled from /proc, no Ray process left behind: ``bench_scale.measured_child``). A run's
 rate is client-steps per round / the median of its steady rounds 2..R (round 1 pays start-up). The
-ratios fedmeta / pfl are per repeat (the runs next to each other) and their median. Also reported:
-the busy cores of every run and the other processes' load (``/proc/stat``).
+ratios fedmeta / pfl are per repeat (the runs next to each other) and their median, both as measured
+and per busy core: (rate / busy cores) / (pfl's rate / pfl's busy cores), where busy cores = the CPU
+time of the run's whole process tree (pfl's worker processes are children of the measured one) over
+its wall time. Also reported: the other processes' load (``/proc/stat``).
 
 Usage::
 
@@ -34,6 +38,7 @@ import argparse
 import importlib.util
 import json
 import logging
+import os
 import statistics
 import tempfile
 import time
@@ -56,13 +61,18 @@ RESULTS_PATH = ROOT / "bench" / "results" / "bench_peers.json"
 PFL_RUNNER = ROOT / "bench" / "peers" / "pfl_fedavg.py"
 PFL_REQUIREMENT = "pfl[pytorch]==0.6.0"
 PFL_VENV = ROOT / "build" / "pfl060"
-PFLLIB_FIGURE = {"client_meta_steps_per_s": 370.0, "date": "2026-12-03", "commit": "d832e76",
-                 "source": "issue 21 (PFLlib PerAvg, best of 1 or 2 threads, this machine's kind)"}
-"""PFLlib's Per-FedAvg on this workload as measured for issue 21: quoted, not compared (not measured in this run)."""
+PFLLIB_FIGURE = {"client_meta_steps_per_s": 585.0, "date": "2026-12-06", "commit": "d832e76",
+                 "source": "PFLlib's PerAvg on this workload, measured side by side with fedmeta on a machine of this "
+                           "kind, best of 1 or 2 threads"}
+"""PFLlib's Per-FedAvg on this workload: a quoted figure (not measured in this run); the one ratio to it says so."""
 SAMPLING = {"interval": 1.0, "pss_every": 0}
 """The runs' process trees are sampled once a second, RSS only: the sampler's own CPU (about 10 % of a core at
 bench_scale's 0.2 s with PSS) would otherwise come out of the 2 cores that fedmeta's runs use and pfl's leaves idle."""
-TARGETS = {"fedavg_multi_over_pfl": 1.5, "fedavg_single_over_pfl": 1.0, "per_fedavg_steps_per_s": 1100.0}
+TARGETS = {"fedavg_multi_over_pfl": 1.5, "fedavg_single_over_pfl": 1.0, "per_fedavg_steps_per_s": 1100.0,
+           "per_fedavg_over_pfllib_quoted": 3.0}
+"""FedAvg ratios are against pfl at its best configuration, as measured; the last is against ``PFLLIB_FIGURE``."""
+FEDAVG_RUNS = ("fedavg_multi", "fedavg_single")
+"""fedmeta's runs of pfl's algorithm: the ones with a ratio to pfl."""
 
 
 @dataclass(frozen=True)
@@ -75,7 +85,14 @@ class Workload:
     rounds: int
     repeats: int
     probe_rounds: int
-    """Rounds of each pfl run of the thread-count probe."""
+    """Rounds of each pfl run of the probe."""
+    pfl_workers: int = 0
+    """Worker processes of the probe's multi-process pfl configuration (0: one per CPU, ``os.cpu_count()``)."""
+
+    def pfl_configs(self) -> list[tuple[int, int]]:
+        """The probe's pfl configurations, (processes, threads each): 1 x 1, 1 x 2 and N x 1 (at most one per client)."""
+        n = min(self.pfl_workers or os.cpu_count() or 1, self.clients)
+        return list(dict.fromkeys([(1, 1), (1, 2), (n, 1)]))
 
     @property
     def fedavg_steps(self) -> int:
@@ -89,7 +106,7 @@ class Workload:
 
 
 FULL = Workload(clients=20, train_per_client=2625, batch_size=10, rounds=5, repeats=3, probe_rounds=3)
-SMOKE = Workload(clients=4, train_per_client=40, batch_size=10, rounds=2, repeats=1, probe_rounds=2)
+SMOKE = Workload(clients=4, train_per_client=40, batch_size=10, rounds=2, repeats=1, probe_rounds=2, pfl_workers=2)
 
 
 def base_config(w: Workload) -> ExperimentConfig:
@@ -138,10 +155,21 @@ def pfl_venv() -> Path:
     return _builder().build_peer(PFL_REQUIREMENT, PFL_VENV, verify="import pfl, torch; print(pfl.__version__, torch.__version__)")
 
 
+def config_key(workers: int, threads: int) -> str:
+    """``"2x1"``: 2 processes of 1 thread each."""
+    return f"{workers}x{threads}"
+
+
+def pfl_label(run: dict[str, Any]) -> str:
+    n, t = run["workers"], run["threads"]
+    return f"{n} process{'es' if n > 1 else ''} x {t} thread{'s' if t > 1 else ''}"
+
+
 @dataclass
 class PeerRun:
-    """One pfl-research run in a child process."""
+    """One pfl-research run in a child process (and its worker processes)."""
 
+    workers: int
     threads: int
     round_seconds: dict[int, float]
     client_steps_per_round: int
@@ -149,17 +177,24 @@ class PeerRun:
     client_steps_per_s: float
     wall_s: float
     busy_cores: float
+    """CPU of the process tree (all workers) over the run's wall time, start-up included: as fedmeta's runs."""
+    steady_busy_cores: float
+    """All workers' CPU over rounds 2..R / those rounds' wall time, as pfl_fedavg.py counted it."""
     peak_rss_bytes: int
     others_cores: float
+    final_train_loss: float
+    worker_pids: list[int]
+    users_per_worker: list[int]
     versions: dict[str, str]
 
 
-def run_pfl(python: Path, split: Path, w: Workload, threads: int, rounds: int) -> PeerRun:
-    """pfl-research's FederatedAveraging on the exported split (``bench/peers/pfl_fedavg.py``)."""
+def run_pfl(python: Path, split: Path, w: Workload, workers: int, threads: int, rounds: int) -> PeerRun:
+    """pfl-research's FederatedAveraging on the exported split (``bench/peers/pfl_fedavg.py``), ``workers`` processes."""
     with tempfile.TemporaryDirectory(prefix="fmb-pfl-") as work:
         out = Path(work) / "out.json"
         cmd = [str(python), str(PFL_RUNNER), "--split", str(split), "--rounds", str(rounds), "--threads", str(threads),
-               "--lr", "0.05", "--batch-size", str(w.batch_size), "--local-epochs", "1", "--seed", "0", "--out", str(out)]
+               "--workers", str(workers), "--lr", "0.05", "--batch-size", str(w.batch_size), "--local-epochs", "1",
+               "--seed", "0", "--out", str(out)]
         child = measured_child(cmd, work, **SAMPLING)
         if child.returncode != 0 or not out.exists():
             raise RuntimeError(f"pfl-research run failed (exit {child.returncode}):\n{child.log[-4000:]}")
@@ -167,11 +202,24 @@ def run_pfl(python: Path, split: Path, w: Workload, threads: int, rounds: int) -
     rounds_s = {int(r): float(s) for r, s in res["round_seconds"].items()}
     if sorted(rounds_s) != list(range(1, rounds + 1)):
         raise RuntimeError(f"pfl-research: expected {rounds} rounds, got {sorted(rounds_s)}")
-    return PeerRun(threads=threads, round_seconds=rounds_s, client_steps_per_round=int(res["client_steps_per_round"]),
-                   steady_median_s=float(res["steady_median_s"]), client_steps_per_s=float(res["client_steps_per_s"]),
-                   wall_s=child.wall_s, busy_cores=child.busy_cores, peak_rss_bytes=child.memory.peak_rss_bytes,
-                   others_cores=child.load.others_cores,
+    if res["workers"] != workers or len(res["worker_pids"]) != workers:
+        raise RuntimeError(f"pfl-research: asked for {workers} worker(s), the run reports {res['worker_pids']}")
+    return PeerRun(workers=workers, threads=threads, round_seconds=rounds_s,
+                   client_steps_per_round=int(res["client_steps_per_round"]), steady_median_s=float(res["steady_median_s"]),
+                   client_steps_per_s=float(res["client_steps_per_s"]), wall_s=child.wall_s, busy_cores=child.busy_cores,
+                   steady_busy_cores=float(res["steady_busy_cores"]), peak_rss_bytes=child.memory.peak_rss_bytes,
+                   others_cores=child.load.others_cores, final_train_loss=float(res["final_train_loss"]),
+                   worker_pids=list(res["worker_pids"]), users_per_worker=list(res["users_per_worker"]),
                    versions={"pfl": res["pfl_version"], "torch": res["torch_version"]})
+
+
+LOSS_RTOL = 1e-3
+"""The probe's configurations train the same clients from the same start: their final losses agree to round-off."""
+
+
+def per_core(run: dict[str, Any]) -> float:
+    """Client-steps/s per busy core."""
+    return run["client_steps_per_s"] / run["busy_cores"]
 
 
 def run(w: Workload, progress: Callable[[str], None], pfl_python: Path | None = None) -> dict[str, Any]:
@@ -189,47 +237,66 @@ def run(w: Workload, progress: Callable[[str], None], pfl_python: Path | None = 
         progress(f"exporting fedmeta's split: {w.clients} clients x {w.train_per_client} train samples")
         report["split"] = export_split(configs["fedavg_multi"], split)
         probe = {}
-        for threads in (1, 2):
-            progress(f"[pfl] thread probe: {threads} thread(s), {w.probe_rounds} rounds")
-            probe[threads] = run_pfl(python, split, w, threads, w.probe_rounds)
-        best = max(probe, key=lambda t: probe[t].client_steps_per_s)
-        report["pfl_probe"] = {str(t): asdict(r) for t, r in probe.items()}
-        report["pfl_threads"] = best
+        for workers, threads in w.pfl_configs():
+            progress(f"[pfl] probe: {workers} process(es) x {threads} thread(s), {w.probe_rounds} rounds")
+            probe[config_key(workers, threads)] = run_pfl(python, split, w, workers, threads, w.probe_rounds)
+        losses = [r.final_train_loss for r in probe.values()]
+        if max(losses) - min(losses) > LOSS_RTOL * abs(min(losses)):
+            raise RuntimeError(f"pfl-research: the probe's final train losses differ: "
+                               f"{ {k: r.final_train_loss for k, r in probe.items()} }")
+        best = probe[max(probe, key=lambda k: probe[k].client_steps_per_s)]
+        report["pfl_probe"] = {k: asdict(r) for k, r in probe.items()}
+        report["pfl_best"] = {"workers": best.workers, "threads": best.threads}
         repeats = []
         for i in range(1, w.repeats + 1):
             rep: dict[str, Any] = {}
-            progress(f"[repeat {i}/{w.repeats}] pfl-research FedAvg, {best} thread(s)")
-            rep["pfl"] = asdict(run_pfl(python, split, w, best, w.rounds))
+            progress(f"[repeat {i}/{w.repeats}] pfl-research FedAvg, {best.workers} process(es) x {best.threads} thread(s)")
+            rep["pfl"] = asdict(run_pfl(python, split, w, best.workers, best.threads, w.rounds))
             for key, cfg in configs.items():
                 progress(f"[repeat {i}/{w.repeats}] fedmeta {key}: {cfg.num_supernodes} nodes, H={cfg.local_steps}")
                 sim = run_child(key, cfg, tmp, **SAMPLING)
                 rep[key] = {**asdict(sim), "busy_cores": sim.memory.cpu_ticks / CLOCK_TICKS / sim.child_s}
-            pfl_rate = rep["pfl"]["client_steps_per_s"]
-            rep["ratios"] = {"fedavg_multi_over_pfl": rep["fedavg_multi"]["client_steps_per_s"] / pfl_rate,
-                             "fedavg_single_over_pfl": rep["fedavg_single"]["client_steps_per_s"] / pfl_rate}
+            rep["ratios"] = {f"{k}_over_pfl": rep[k]["client_steps_per_s"] / rep["pfl"]["client_steps_per_s"]
+                             for k in FEDAVG_RUNS}
+            rep["ratios_per_core"] = {f"{k}_over_pfl": per_core(rep[k]) / per_core(rep["pfl"]) for k in FEDAVG_RUNS}
             repeats.append(rep)
     report["repeats"] = repeats
     report["medians"] = {
         **{k: statistics.median(r["ratios"][k] for r in repeats) for k in repeats[0]["ratios"]},
         **{f"{k}_steps_per_s": statistics.median(r[k]["client_steps_per_s"] for r in repeats)
            for k in ("pfl", *configs)},
+        **{f"{k}_busy_cores": statistics.median(r[k]["busy_cores"] for r in repeats) for k in ("pfl", *configs)},
     }
+    report["medians_per_core"] = {k: statistics.median(r["ratios_per_core"][k] for r in repeats)
+                                  for k in repeats[0]["ratios_per_core"]}
+    report["medians"]["per_fedavg_over_pfllib_quoted"] = (report["medians"]["per_fedavg_fo_steps_per_s"]
+                                                          / PFLLIB_FIGURE["client_meta_steps_per_s"])
     report["load"] = asdict(meter.stop(ChildCpu.ticks - child_ticks))
     return report
 
 
 def verdicts(report: dict[str, Any]) -> list[str]:
-    m, t = report["medians"], report["targets"]
-    rows = [("FedAvg, fedmeta num_nodes=2 / pfl-research", m["fedavg_multi_over_pfl"], t["fedavg_multi_over_pfl"], "x"),
-            ("FedAvg, fedmeta one client per node / pfl-research", m["fedavg_single_over_pfl"], t["fedavg_single_over_pfl"], "x"),
+    m, t, ref = report["medians"], report["targets"], report["pfllib_reference"]
+    best = pfl_label({"workers": report["pfl_best"]["workers"], "threads": report["pfl_best"]["threads"]})
+    rows = [(f"FedAvg, fedmeta num_nodes=2 / pfl-research ({best}), as measured", m["fedavg_multi_over_pfl"],
+             t["fedavg_multi_over_pfl"], "x"),
+            ("FedAvg, fedmeta one client per node / pfl-research, as measured", m["fedavg_single_over_pfl"],
+             t["fedavg_single_over_pfl"], "x"),
             ("Per-FedAvg first-order, fedmeta num_nodes=2, client meta-steps/s", m["per_fedavg_fo_steps_per_s"],
-             t["per_fedavg_steps_per_s"], "/s")]
-    return [f"  {'PASS' if v >= goal else 'MISS'}  {name:<66} {v:>8.2f}{unit}  (target >= {goal:g}{unit}, median of repeats)"
+             t["per_fedavg_steps_per_s"], "/s"),
+            (f"Per-FedAvg FO / PFLlib (quoted figure, {ref['client_meta_steps_per_s']:.0f}/s on {ref['date']}, not run)",
+             m["per_fedavg_over_pfllib_quoted"], t["per_fedavg_over_pfllib_quoted"], "x")]
+    return [f"  {'PASS' if v >= goal else 'MISS'}  {name:<82} {v:>8.2f}{unit}  (target >= {goal:g}{unit}, median of repeats)"
             for name, v, goal, unit in rows]
+
+
+LABELS = {"fedavg_multi": "fedmeta FedAvg, num_nodes=2", "fedavg_single": "fedmeta FedAvg, one client per node",
+          "per_fedavg_fo": "fedmeta Per-FedAvg FO, num_nodes=2"}
 
 
 def table(report: dict[str, Any]) -> str:
     env, load, w = report["environment"], report["load"], report["workload"]
+    best = pfl_label(report["repeats"][0]["pfl"])
     lines = [
         f"fedmeta peer benchmark, {env['date']}",
         f"environment: python {env['python']}, torch {env['torch']}, flwr {env['flwr']}, ray {env['ray']}, "
@@ -239,29 +306,33 @@ def table(report: dict[str, Any]) -> str:
         + ("  << shared machine: timings disturbed" if load["others_cores"] > 0.25 else ""),
         f"workload: {w['clients']} clients x {w['train_per_client']} train samples (Fashion-MNIST pathological 2-class, "
         f"fedmeta's split exported to pfl), MLP 784-100-10, batch {w['batch_size']}, one local epoch per round, "
-        f"{w['rounds']} rounds, rate = steps per round / median of rounds 2..R",
-        "pfl-research thread probe: " + ", ".join(f"{t} thread(s) {r['client_steps_per_s']:.0f} client-steps/s"
-                                                  for t, r in report["pfl_probe"].items())
-        + f" -> {report['pfl_threads']} thread(s)",
+        f"{w['rounds']} rounds, rate = steps per round / median of rounds 2..R; busy cores = CPU of the run's process tree "
+        "/ its wall time (start-up included)",
+        f"pfl-research probe ({w['probe_rounds']} rounds each; client-steps/s, busy cores, final train loss):",
+        *(f"  {pfl_label(r):<26} {r['client_steps_per_s']:>6.0f}/s  {r['busy_cores']:.2f} busy ({r['steady_busy_cores']:.2f} "
+          f"in rounds 2..R)  loss {r['final_train_loss']:.6f}" for r in report["pfl_probe"].values()),
+        f"  -> pfl at its best: {best}",
         "",
-        f"  {'repeat':<6} {'run':<40} {'steps/rnd':>9} {'steady s':>8} {'client-steps/s':>14} {'busy cores':>10} "
-        f"{'RSS GiB':>7} {'others':>6} {'/ pfl':>6}",
+        f"  {'repeat':<6} {'run':<44} {'steps/rnd':>9} {'steady s':>8} {'client-steps/s':>14} {'busy cores':>10} "
+        f"{'per core':>8} {'RSS GiB':>7} {'others':>6} {'/ pfl':>6} {'per core':>8}",
     ]
-    labels = {"pfl": f"pfl-research FedAvg, {report['pfl_threads']} thread(s)", "fedavg_multi": "fedmeta FedAvg, num_nodes=2",
-              "fedavg_single": "fedmeta FedAvg, one client per node", "per_fedavg_fo": "fedmeta Per-FedAvg FO, num_nodes=2"}
     for i, rep in enumerate(report["repeats"], 1):
-        for key, label in labels.items():
+        for key, label in {"pfl": f"pfl-research FedAvg, {best}", **LABELS}.items():
             r = rep[key]
             rss = r["peak_rss_bytes"] if key == "pfl" else r["memory"]["peak_rss_bytes"]
             others = r["others_cores"] if key == "pfl" else r["load"]["others_cores"]
-            ratio = rep["ratios"].get(f"{key}_over_pfl")
-            lines.append(f"  {i:<6} {label:<40} {r['client_steps_per_round']:>9} {r['steady_median_s']:>8.3f} "
-                         f"{r['client_steps_per_s']:>14.0f} {r['busy_cores']:>10.2f} {rss / GIB:>7.2f} {others:>6.2f} "
-                         f"{'' if ratio is None else f'{ratio:.2f}x':>6}")
-    ref = report["pfllib_reference"]
-    lines += ["", f"PFLlib (not installable from the package registry, not run here): {ref['client_meta_steps_per_s']:.0f} "
-                  f"client meta-steps/s on {ref['date']} ({ref['source']}, commit {ref['commit']}); no ratio is computed.",
-              "", "Targets (medians over the repeats):", *verdicts(report)]
+            ratio, core_ratio = rep["ratios"].get(f"{key}_over_pfl"), rep["ratios_per_core"].get(f"{key}_over_pfl")
+            lines.append(f"  {i:<6} {label:<44} {r['client_steps_per_round']:>9} {r['steady_median_s']:>8.3f} "
+                         f"{r['client_steps_per_s']:>14.0f} {r['busy_cores']:>10.2f} {per_core(r):>8.0f} {rss / GIB:>7.2f} "
+                         f"{others:>6.2f} {'' if ratio is None else f'{ratio:.2f}x':>6} "
+                         f"{'' if core_ratio is None else f'{core_ratio:.2f}x':>8}")
+    ref, mc = report["pfllib_reference"], report["medians_per_core"]
+    lines += ["", f"PFLlib (not installable from the package registry, not run here): a quoted figure of "
+                  f"{ref['client_meta_steps_per_s']:.0f} client meta-steps/s on {ref['date']} ({ref['source']}; PFLlib "
+                  f"commit {ref['commit']}).",
+              "", "Targets (medians over the repeats):", *verdicts(report),
+              "", "Per busy core, (rate / busy cores) / (pfl's rate / pfl's busy cores), medians (no target):",
+              *(f"        {LABELS[k.removesuffix('_over_pfl')] + ' / pfl-research':<82} {v:>8.2f}x" for k, v in mc.items())]
     return "\n".join(lines)
 
 
@@ -290,6 +361,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.time()
     report = run(w, progress, args.pfl_python)
     report["wall_s"] = progress.seconds()
+    report["smoke"], report["quick"] = args.smoke, not args.smoke and w != FULL  # only a full run enters the docs
     return timing.finish(report, args, started, lambda r: table(r) + f"\n\ntotal wall time {r['wall_s']:.0f} s")
 
 

@@ -17,9 +17,10 @@ where SOURCE is a checked-in summary, relative to the repository root:
   the block is seed 0's table as ``make run`` prints it, the mean and std over the seeds, and the runs' provenance.
 - ``docs/results/<name>/summary.md#Heading``: the line of that summary starting with ``Heading`` and the list after
   it (e.g. a reproduction's verdicts).
-- ``bench/summaries/bench_scale.json`` and ``bench/summaries/bench_default_run.json``: a ``make bench`` and a
-  ``make bench-default-run`` report (the JSON the bench script writes, copied by ``ingest-bench``); the block is
-  the table that run printed.
+- ``bench/summaries/bench_scale.json``, ``bench/summaries/bench_default_run.json`` and
+  ``bench/summaries/bench_peers.json``: a ``make bench``, ``make bench-default-run`` and ``make bench-peers``
+  report (the JSON the bench script writes, copied by ``ingest-bench``); the block is the table that run printed
+  and its provenance. Until a full run's report is kept, the block says how to make one.
 
 Commands::
 
@@ -27,6 +28,7 @@ Commands::
     python scripts/docs_results.py --check            # exit 1 naming every block that differs (tests/test_docs_results.py)
     python scripts/docs_results.py ingest-default-run results/*-fashion-mnist-n50-seed*.json
     python scripts/docs_results.py ingest-bench scale bench/results/bench_scale.json
+    python scripts/docs_results.py ingest-bench peers bench/results/bench_peers.json
 """
 
 from __future__ import annotations
@@ -49,7 +51,8 @@ DOCS = ("README.md", "docs/getting-started.md", "docs/results.md", "docs/benchma
 DEFAULT_RUN = "docs/results/default-run/summary.json"
 BENCH_SCALE = "bench/summaries/bench_scale.json"
 BENCH_DEFAULT_RUN = "bench/summaries/bench_default_run.json"
-BENCHES = {"scale": BENCH_SCALE, "default-run": BENCH_DEFAULT_RUN}
+BENCH_PEERS = "bench/summaries/bench_peers.json"
+BENCHES = {"scale": BENCH_SCALE, "default-run": BENCH_DEFAULT_RUN, "peers": BENCH_PEERS}
 """``ingest-bench NAME REPORT``: where each benchmark's report is kept."""
 BLOCK = re.compile(r"(<!-- docs-results: (?P<source>[^ ]+) -->\n)(?P<body>.*?)(<!-- /docs-results -->)", re.S)
 
@@ -167,8 +170,27 @@ def render_bench_default_run(path: Path) -> str:
             f"Run: {describe(report['provenance'])}.\n")
 
 
+def render_bench_peers(path: Path) -> str:
+    from fedmeta.provenance import describe
+
+    bench = _load_module("bench_peers", ROOT / "bench" / "bench_peers.py")
+    report = json.loads(path.read_text(), object_hook=_round_numbers)
+    versions = report["repeats"][0]["pfl"]["versions"]
+    return (f"```text\n{bench.table(report)}\n\ntotal wall time {report['wall_s']:.0f} s\n```\n\n"
+            f"Run: {describe(report['provenance'])}; pfl-research {versions['pfl']} (torch {versions['torch']}).\n")
+
+
 RENDERERS: dict[str, Callable[[Path], str]] = {DEFAULT_RUN: render_default_run, BENCH_SCALE: render_bench_scale,
-                                               BENCH_DEFAULT_RUN: render_bench_default_run}
+                                               BENCH_DEFAULT_RUN: render_bench_default_run, BENCH_PEERS: render_bench_peers}
+
+
+def render_missing_bench(source: str) -> str:
+    """The block of a benchmark whose report is not kept yet: how to make one."""
+    name = next(k for k, v in BENCHES.items() if v == source)
+    target = "make bench" if name == "scale" else f"make bench-{name}"
+    script = Path(source).name
+    return (f"No full run's report is kept yet: run `{target}` on a quiet machine, then "
+            f"`python scripts/docs_results.py ingest-bench {name} bench/results/{script}`.\n")
 
 
 def render_section(path: Path, heading: str) -> str:
@@ -194,6 +216,8 @@ def render(source: str, root: Path = ROOT) -> str:
     path = root / source
     if heading:
         return render_section(path, heading)
+    if source in BENCHES.values() and not path.exists():
+        return render_missing_bench(source)
     if source in RENDERERS:
         return RENDERERS[source](path)
     if source.startswith("docs/results/") and source.endswith("/summary.md"):
@@ -274,7 +298,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = p.add_subparsers(dest="cmd")
     d = sub.add_parser("ingest-default-run", help=f"write {DEFAULT_RUN} from make run's results files")
     d.add_argument("results", nargs="+", type=Path)
-    b = sub.add_parser("ingest-bench", help="keep a benchmark's report: scale (make bench) or default-run (make bench-default-run)")
+    b = sub.add_parser("ingest-bench", help="keep a benchmark's report: scale (make bench), default-run (make bench-default-run) "
+                                            "or peers (make bench-peers)")
     b.add_argument("name", choices=sorted(BENCHES))
     b.add_argument("report", type=Path)
     args = p.parse_args(argv)

@@ -118,22 +118,41 @@ def test_bench_peers_exports_fedmetas_own_clients_for_the_peer(tmp_path):
 
 @pytest.mark.ray
 def test_bench_peers_smoke_measures_pfl_and_fedmeta_in_one_run(ray_runner, tmp_path):  # fedmeta's runs attach to the session's Ray
-    """``bench_peers.py --smoke``: pfl-research's venv built (cached in build/pfl060), its thread probe, and one
-    interleaved repeat of pfl and fedmeta's three runs; every ratio comes from this run's figures. The timeout is a
-    hang guard."""
+    """``bench_peers.py --smoke``: pfl-research's venv built (cached in build/pfl060), its probe (one process of 1 or 2
+    threads, and 2 real worker processes of pfl's distributed simulation, every one of them gone afterwards), and one
+    interleaved repeat of pfl at its best and fedmeta's three runs; every ratio comes from this run's figures. The
+    timeout is a hang guard."""
     out = tmp_path / "peers.json"
     proc, report = run_bench("bench_peers.py", "--smoke", out=out, timeout=1800)
-    assert set(report["pfl_probe"]) == {"1", "2"} and report["pfl_threads"] in (1, 2)
-    (rep,) = report["repeats"]
-    assert rep["pfl"]["versions"]["pfl"] == "0.6.0" and rep["pfl"]["threads"] == report["pfl_threads"]
     clients, n, batch = (report["workload"][k] for k in ("clients", "train_per_client", "batch_size"))
-    assert rep["pfl"]["client_steps_per_round"] == clients * -(-n // batch)  # one local epoch, every client once
+    steps = clients * -(-n // batch)  # one local epoch, every client once
+    probe = report["pfl_probe"]
+    assert list(probe) == ["1x1", "1x2", "2x1"] and report["smoke"] and not report["quick"]
+    for key, run in probe.items():
+        assert f"{run['workers']}x{run['threads']}" == key and run["versions"]["pfl"] == "0.6.0"
+        assert run["client_steps_per_round"] == steps and run["busy_cores"] > 0 and run["steady_busy_cores"] > 0
+        assert len(run["worker_pids"]) == len(set(run["worker_pids"])) == run["workers"]
+        assert sum(run["users_per_worker"]) == clients
+    assert probe["2x1"]["users_per_worker"] == [clients // 2] * 2  # pfl split the cohort between its 2 workers
+    assert probe["2x1"]["final_train_loss"] == pytest.approx(probe["1x1"]["final_train_loss"], rel=1e-5)
+    (rep,) = report["repeats"]
+    fastest = max(probe.values(), key=lambda r: r["client_steps_per_s"])
+    assert report["pfl_best"] == {"workers": fastest["workers"], "threads": fastest["threads"]}
+    assert (rep["pfl"]["workers"], rep["pfl"]["threads"]) == (fastest["workers"], fastest["threads"])
+    assert rep["pfl"]["client_steps_per_round"] == steps
+    pids = [p for run in [*probe.values(), rep["pfl"]] for p in run["worker_pids"]]
+    assert [p for p in pids if Path(f"/proc/{p}").exists()] == []  # every pfl worker process was stopped
     for key in ("fedavg_multi", "fedavg_single", "per_fedavg_fo"):
         assert rep[key]["client_steps_per_s"] > 0 and rep[key]["ray_leftovers"] == [] and rep[key]["busy_cores"] > 0
     assert rep["fedavg_multi"]["config"]["num-nodes"] == 2 and rep["fedavg_single"]["config"]["num-nodes"] == 0
     for key in ("fedavg_multi", "fedavg_single"):
-        assert rep["ratios"][f"{key}_over_pfl"] == pytest.approx(rep[key]["client_steps_per_s"] / rep["pfl"]["client_steps_per_s"])
-    assert "no ratio is computed" in proc.stdout and "Targets" in proc.stdout
+        fed, pfl = rep[key], rep["pfl"]
+        assert rep["ratios"][f"{key}_over_pfl"] == pytest.approx(fed["client_steps_per_s"] / pfl["client_steps_per_s"])
+        assert rep["ratios_per_core"][f"{key}_over_pfl"] == pytest.approx(
+            (fed["client_steps_per_s"] / fed["busy_cores"]) / (pfl["client_steps_per_s"] / pfl["busy_cores"]))
+    quoted = report["pfllib_reference"]["client_meta_steps_per_s"]
+    assert report["medians"]["per_fedavg_over_pfllib_quoted"] == pytest.approx(rep["per_fedavg_fo"]["client_steps_per_s"] / quoted)
+    assert "Per-FedAvg FO / PFLlib (quoted figure" in proc.stdout and "Per busy core" in proc.stdout
 
 
 @pytest.mark.ray

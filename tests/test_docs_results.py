@@ -38,8 +38,9 @@ def test_each_doc_has_its_generated_tables():
 
 def _copy_docs(tmp_path: Path) -> Path:
     for rel in [*D.DOCS, D.DEFAULT_RUN, *D.BENCHES.values(), *(str(p.relative_to(ROOT)) for p in (ROOT / "docs" / "results").glob("*/summary.md"))]:
-        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(ROOT / rel, tmp_path / rel)
+        if (ROOT / rel).exists():  # a benchmark's report may not be kept yet
+            (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(ROOT / rel, tmp_path / rel)
     return tmp_path
 
 
@@ -120,7 +121,7 @@ def test_ingesting_refuses_what_is_not_the_default_run(tmp_path):
 
 
 def test_a_quick_or_smoke_benchmark_report_is_not_kept(tmp_path):
-    for name, flag in (("scale", "quick"), ("default-run", "smoke")):
+    for name, flag in (("scale", "quick"), ("default-run", "smoke"), ("peers", "smoke"), ("peers", "quick")):
         report = tmp_path / f"{name}.json"
         report.write_text(json.dumps({flag: True, "provenance": {}}))
         with pytest.raises(SystemExit, match="a --quick or --smoke run is not kept"):
@@ -134,3 +135,29 @@ def test_a_section_block_is_the_summarys_line_and_the_list_after_it(tmp_path):
     assert D.render("docs/results/x/summary.md#Verdicts", tmp_path) == "Verdicts (by seed):\n\n- one\n- two\n  continued\n"
     with pytest.raises(ValueError, match="no line starting with 'Nothing'"):
         D.render("docs/results/x/summary.md#Nothing", tmp_path)
+
+
+def test_the_peer_benchmark_block_is_its_reports_table_with_the_provenance(tmp_path):
+    """From a ``bench_peers.py --smoke`` report (tests/golden): the table that run printed, its per-core ratios, the
+    labelled ratio to PFLlib's quoted figure and the run's provenance; before any report is kept, how to make one."""
+    from fedmeta.provenance import describe
+
+    assert D.render(D.BENCH_PEERS, tmp_path).startswith("No full run's report is kept yet: run `make bench-peers`")
+    report = json.loads((ROOT / "tests" / "golden" / "bench_peers_smoke.json").read_text())
+    (tmp_path / D.BENCH_PEERS).parent.mkdir(parents=True)
+    shutil.copy(ROOT / "tests" / "golden" / "bench_peers_smoke.json", tmp_path / D.BENCH_PEERS)
+    text = D.render(D.BENCH_PEERS, tmp_path)
+    assert text.startswith("```text\nfedmeta peer benchmark, ") and f"total wall time {report['wall_s']:.0f} s\n```" in text
+    assert text.rstrip().endswith(f"Run: {describe(report['provenance'])}; pfl-research 0.6.0 "
+                                  f"(torch {report['repeats'][0]['pfl']['versions']['torch']}).")
+    rep, labels = report["repeats"][0], D._load_module("bench_peers", ROOT / "bench" / "bench_peers.py").LABELS
+    for key in ("fedavg_multi", "fedavg_single"):
+        fed, pfl = rep[key], rep["pfl"]
+        per_core = (fed["client_steps_per_s"] / fed["busy_cores"]) / (pfl["client_steps_per_s"] / pfl["busy_cores"])
+        row = next(ln for ln in text.splitlines() if ln.startswith("  1 ") and labels[key] in ln)
+        assert row.split()[-2:] == [f"{fed['client_steps_per_s'] / pfl['client_steps_per_s']:.2f}x", f"{per_core:.2f}x"]
+    for name, run in report["pfl_probe"].items():
+        assert f"{run['client_steps_per_s']:.0f}/s  {run['busy_cores']:.2f} busy" in text and f"loss {run['final_train_loss']:.6f}" in text
+    quoted = report["pfllib_reference"]["client_meta_steps_per_s"]
+    assert f"Per-FedAvg FO / PFLlib (quoted figure, {quoted:.0f}/s on {report['pfllib_reference']['date']}, not run)" in text
+    assert f"{rep['per_fedavg_fo']['client_steps_per_s'] / quoted:.2f}x  (target >= 3x" in text
