@@ -422,7 +422,9 @@ def workload_config(workload: str):
     return ExperimentConfig(num_nodes=0)
 
 
-def run(quick: bool, client_counts: Sequence[int], workload: str = "default") -> dict[str, Any]:
+def run(quick: bool, client_counts: Sequence[int], workload: str = "default", fault_calls: int | None = None) -> dict[str, Any]:
+    """The report: a row per (algorithm, clients). ``fault_calls``: calls per cell of the page-fault count (default 3 if
+    ``quick``, else 50)."""
     from fedmeta.data import client_data
 
     env = environment()  # the load average before the runs
@@ -439,7 +441,8 @@ def run(quick: bool, client_counts: Sequence[int], workload: str = "default") ->
             t = timing.bench_interleaved({k: fn for k, (fn, _) in cells.items()}, warmup=1 if quick else 3,
                                          repeats=2 if quick else 9, min_repeat_seconds=0.0 if quick else 0.25, alternate=True)
             rate = {k: n / (t[k].median_ms / 1e3) for k, (_, n) in cells.items()}
-            faults = {k: page_faults(fn, 3 if quick else 50) / n for k, (fn, n) in cells.items()}
+            calls_per_cell = fault_calls or (3 if quick else 50)
+            faults = {k: page_faults(fn, calls_per_cell) / n for k, (fn, n) in cells.items()}
             rows.append({"algorithm": case.label, "clients": clients, "equality_rel_error": errors,
                          "client_steps_per_s": rate, "of_floor": {k: r / rate[FLOOR] for k, r in rate.items()},
                          "us_per_client_step_median": {k: t[k].median_ms * 1e3 / n for k, (_, n) in cells.items()},

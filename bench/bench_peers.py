@@ -71,6 +71,12 @@ bench_scale's 0.2 s with PSS) would otherwise come out of the 2 cores that fedme
 TARGETS = {"fedavg_multi_over_pfl": 1.5, "fedavg_single_over_pfl": 1.0, "per_fedavg_steps_per_s": 1100.0,
            "per_fedavg_over_pfllib_quoted": 3.0}
 """FedAvg ratios are against pfl at its best configuration, as measured; the last is against ``PFLLIB_FIGURE``."""
+PLAIN_CELLS = ("plain PyTorch, epoch slices", "plain PyTorch, fedmeta draws")
+"""``bench_local_round.py``'s plain-PyTorch cells; the first is the reference rate."""
+FLOOR_TARGET = 0.5
+"""The default node step's fraction of the hand-batched floor, per core, at 10 clients per node."""
+END_TO_END_TARGET = 0.7
+"""fedmeta FedAvg's end-to-end client-steps/s per busy core over the plain-PyTorch step rate (one core)."""
 FEDAVG_RUNS = ("fedavg_multi", "fedavg_single")
 """fedmeta's runs of pfl's algorithm: the ones with a ratio to pfl."""
 
@@ -217,9 +223,52 @@ LOSS_RTOL = 1e-3
 """The probe's configurations train the same clients from the same start: their final losses agree to round-off."""
 
 
+def busy(run: dict[str, Any]) -> float:
+    """The run's busy cores in its steady rounds 2..R (its process tree's CPU over their wall time), or over the whole
+    run where that was not measured."""
+    return run.get("steady_busy_cores") or run["busy_cores"]
+
+
 def per_core(run: dict[str, Any]) -> float:
-    """Client-steps/s per busy core."""
-    return run["client_steps_per_s"] / run["busy_cores"]
+    """Client-steps/s per busy core (of the steady rounds)."""
+    return run["client_steps_per_s"] / busy(run)
+
+
+def round_split(sim: dict[str, Any]) -> dict[str, float]:
+    """Where a steady round of a fedmeta run goes (medians over rounds 2..R, seconds): the longest node's handler
+    (its clients' local rounds, the node's work between receiving and replying) and the rest (Flower, Ray, the
+    strategy's aggregation)."""
+    rounds = [str(r) for r in sim["steady_rounds"]]
+    handler = statistics.median(max(sim["handler_seconds"][r]) for r in rounds)
+    round_s = sim["steady_median_s"]
+    return {"round_s": round_s, "node_handler_s": handler, "rest_s": round_s - handler,
+            "node_share": handler / round_s}
+
+
+def reference(w: Workload, progress: Callable[[str], None]) -> dict[str, Any]:
+    """In this process, one thread: the plain-PyTorch step rate of the workload (``bench_local_round.py``'s plain
+    cells) and the floor bench at 10 clients per node (``bench_floor.py --workload peers``)."""
+    import torch
+
+    import bench_floor
+    import bench_local_round
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        smoke = w == SMOKE
+        progress("[reference] plain PyTorch local round, one thread")
+        steps = 40 if smoke else w.fedavg_steps
+        cells, _ = bench_local_round.calls(clients=1, steps=steps)
+        plain = {k: cells[k] for k in PLAIN_CELLS}
+        t = timing.bench_interleaved({k: fn for k, (fn, _) in plain.items()}, warmup=1 if smoke else 2,
+                                     repeats=2 if smoke else 7, min_repeat_seconds=0.0 if smoke else 0.2)
+        rates = {k: n / (t[k].median_ms / 1e3) for k, (_, n) in plain.items()}
+        progress("[reference] the hand-batched floor and fedmeta's node step, 10 clients per node, one thread")
+        floor = bench_floor.run(True, [2]) if smoke else bench_floor.run(False, [10], workload="peers", fault_calls=3)
+    finally:
+        torch.set_num_threads(threads)
+    return {"plain_client_steps_per_s": rates, "plain_local_steps": steps, "floor": floor}
 
 
 def run(w: Workload, progress: Callable[[str], None], pfl_python: Path | None = None) -> dict[str, Any]:
@@ -227,6 +276,7 @@ def run(w: Workload, progress: Callable[[str], None], pfl_python: Path | None = 
     configs = fedmeta_configs(w)
     report: dict[str, Any] = {"environment": environment(), "workload": asdict(w), "pfllib_reference": PFLLIB_FIGURE,
                               "targets": TARGETS, "describe": {k: describe(c) for k, c in configs.items()}}
+    report["reference"] = reference(w, progress)
     if pfl_python is None:
         progress(f"building / checking the pfl-research venv ({PFL_REQUIREMENT}) in {PFL_VENV}")
         python = pfl_venv() / "bin" / "python"
@@ -256,6 +306,7 @@ def run(w: Workload, progress: Callable[[str], None], pfl_python: Path | None = 
                 progress(f"[repeat {i}/{w.repeats}] fedmeta {key}: {cfg.num_supernodes} nodes, H={cfg.local_steps}")
                 sim = run_child(key, cfg, tmp, **SAMPLING)
                 rep[key] = {**asdict(sim), "busy_cores": sim.memory.cpu_ticks / CLOCK_TICKS / sim.child_s}
+                rep[key]["split"] = round_split(rep[key])
             rep["ratios"] = {f"{k}_over_pfl": rep[k]["client_steps_per_s"] / rep["pfl"]["client_steps_per_s"]
                              for k in FEDAVG_RUNS}
             rep["ratios_per_core"] = {f"{k}_over_pfl": per_core(rep[k]) / per_core(rep["pfl"]) for k in FEDAVG_RUNS}
@@ -265,8 +316,12 @@ def run(w: Workload, progress: Callable[[str], None], pfl_python: Path | None = 
         **{k: statistics.median(r["ratios"][k] for r in repeats) for k in repeats[0]["ratios"]},
         **{f"{k}_steps_per_s": statistics.median(r[k]["client_steps_per_s"] for r in repeats)
            for k in ("pfl", *configs)},
-        **{f"{k}_busy_cores": statistics.median(r[k]["busy_cores"] for r in repeats) for k in ("pfl", *configs)},
+        **{f"{k}_busy_cores": statistics.median(busy(r[k]) for r in repeats) for k in ("pfl", *configs)},
     }
+    plain = report["reference"]["plain_client_steps_per_s"][PLAIN_CELLS[0]]
+    report["medians"]["fedavg_multi_per_core_over_plain"] = statistics.median(per_core(r["fedavg_multi"]) for r in repeats) / plain
+    report["split"] = {k: {part: statistics.median(r[k]["split"][part] for r in repeats) for part in repeats[0][k]["split"]}
+                       for k in configs}
     report["medians_per_core"] = {k: statistics.median(r["ratios_per_core"][k] for r in repeats)
                                   for k in repeats[0]["ratios_per_core"]}
     report["medians"]["per_fedavg_over_pfllib_quoted"] = (report["medians"]["per_fedavg_fo_steps_per_s"]
@@ -285,8 +340,14 @@ def verdicts(report: dict[str, Any]) -> list[str]:
             ("Per-FedAvg first-order, fedmeta num_nodes=2, client meta-steps/s", m["per_fedavg_fo_steps_per_s"],
              t["per_fedavg_steps_per_s"], "/s"),
             (f"Per-FedAvg FO / PFLlib (quoted figure, {ref['client_meta_steps_per_s']:.0f}/s on {ref['date']}, not run)",
-             m["per_fedavg_over_pfllib_quoted"], t["per_fedavg_over_pfllib_quoted"], "x")]
-    return [f"  {'PASS' if v >= goal else 'MISS'}  {name:<82} {v:>8.2f}{unit}  (target >= {goal:g}{unit}, median of repeats)"
+             m["per_fedavg_over_pfllib_quoted"], t["per_fedavg_over_pfllib_quoted"], "x"),
+            ("FedAvg num_nodes=2, client-steps/s per busy core / plain PyTorch step rate (1 core)",
+             m["fedavg_multi_per_core_over_plain"], END_TO_END_TARGET, "x")]
+    for row in report["reference"]["floor"]["rows"]:
+        if row["algorithm"] in ("FedAvg", "Per-FedAvg FO") and row["default_of_floor"] is not None:
+            rows.append((f"{row['algorithm']}, {row['clients']} clients per node: default node step ({row['auto']}) / "
+                         "hand-batched floor, per core", row["default_of_floor"], FLOOR_TARGET, "x"))
+    return [f"  {'PASS' if v >= goal else 'MISS'}  {name:<82} {v:>8.2f}{unit}  (target >= {goal:g}{unit})"
             for name, v, goal, unit in rows]
 
 
@@ -307,7 +368,7 @@ def table(report: dict[str, Any]) -> str:
         f"workload: {w['clients']} clients x {w['train_per_client']} train samples (Fashion-MNIST pathological 2-class, "
         f"fedmeta's split exported to pfl), MLP 784-100-10, batch {w['batch_size']}, one local epoch per round, "
         f"{w['rounds']} rounds, rate = steps per round / median of rounds 2..R; busy cores = CPU of the run's process tree "
-        "/ its wall time (start-up included)",
+        "over rounds 2..R / their wall time",
         f"pfl-research probe ({w['probe_rounds']} rounds each; client-steps/s, busy cores, final train loss):",
         *(f"  {pfl_label(r):<26} {r['client_steps_per_s']:>6.0f}/s  {r['busy_cores']:.2f} busy ({r['steady_busy_cores']:.2f} "
           f"in rounds 2..R)  loss {r['final_train_loss']:.6f}" for r in report["pfl_probe"].values()),
@@ -323,7 +384,7 @@ def table(report: dict[str, Any]) -> str:
             others = r["others_cores"] if key == "pfl" else r["load"]["others_cores"]
             ratio, core_ratio = rep["ratios"].get(f"{key}_over_pfl"), rep["ratios_per_core"].get(f"{key}_over_pfl")
             lines.append(f"  {i:<6} {label:<44} {r['client_steps_per_round']:>9} {r['steady_median_s']:>8.3f} "
-                         f"{r['client_steps_per_s']:>14.0f} {r['busy_cores']:>10.2f} {per_core(r):>8.0f} {rss / GIB:>7.2f} "
+                         f"{r['client_steps_per_s']:>14.0f} {busy(r):>10.2f} {per_core(r):>8.0f} {rss / GIB:>7.2f} "
                          f"{others:>6.2f} {'' if ratio is None else f'{ratio:.2f}x':>6} "
                          f"{'' if core_ratio is None else f'{core_ratio:.2f}x':>8}")
     ref, mc = report["pfllib_reference"], report["medians_per_core"]
@@ -333,7 +394,25 @@ def table(report: dict[str, Any]) -> str:
               "", "Targets (medians over the repeats):", *verdicts(report),
               "", "Per busy core, (rate / busy cores) / (pfl's rate / pfl's busy cores), medians (no target):",
               *(f"        {LABELS[k.removesuffix('_over_pfl')] + ' / pfl-research':<82} {v:>8.2f}x" for k, v in mc.items())]
-    return "\n".join(lines)
+    return "\n".join(lines + reference_lines(report))
+
+
+def reference_lines(report: dict[str, Any]) -> list[str]:
+    """The plain-PyTorch reference, where fedmeta's steady rounds go, and the floor bench's table."""
+    import bench_floor
+
+    ref = report["reference"]
+    plain = ref["plain_client_steps_per_s"]
+    lines = ["", f"Plain PyTorch, one client's local round ({ref['plain_local_steps']} SGD steps), one thread: "
+                 + ", ".join(f"{k.removeprefix('plain PyTorch, ')} {v:.0f} client-steps/s" for k, v in plain.items()),
+             "", "Where fedmeta's steady rounds go (medians over the repeats; node handler = the longest node's reply "
+                 "handler: its clients' local rounds and the node's own work; rest = Flower, Ray and the strategy):",
+             f"  {'run':<44} {'round s':>8} {'node handler s':>14} {'rest s':>7} {'handler share':>13}"]
+    for key, label in LABELS.items():
+        sp = report["split"][key]
+        lines.append(f"  {label:<44} {sp['round_s']:>8.3f} {sp['node_handler_s']:>14.3f} {sp['rest_s']:>7.3f} "
+                     f"{sp['node_share']:>13.0%}")
+    return lines + ["", "The hand-batched floor (bench_floor.py, one thread):", bench_floor.table(ref["floor"])]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

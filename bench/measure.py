@@ -195,6 +195,10 @@ class SimRun:
     ray_leftovers: list[str]
     """Processes of the child's Ray still alive after it exited (ended by this script): should be empty."""
     load: Load
+    steady_busy_cores: float | None = None
+    """Busy cores of the child's process tree over rounds 2..R (:class:`RoundCpu`)."""
+    handler_seconds: dict[str, list[float]] = field(default_factory=dict)
+    """Per round (str), each train reply's handler time (``client-timing``): the clients' math and the node's work."""
 
 
 def steady(round_seconds: dict[int, float]) -> tuple[list[int], float]:
@@ -304,18 +308,47 @@ def run_child(label: str, cfg: ExperimentConfig, results_dir: str, **sampling: A
     return SimRun(label=label, config={k: v for k, v in cfg.to_dict().items() if k != "results-dir"},
                   clients_per_round=per_round, client_steps_per_round=steps, round_seconds=round_seconds,
                   steady_rounds=rounds, steady_median_s=median, client_steps_per_s=steps / median,
-                  simulate_s=res["simulate_s"], child_s=child_s, memory=memory, ray_leftovers=leftovers, load=load)
+                  simulate_s=res["simulate_s"], child_s=child_s, memory=memory, ray_leftovers=leftovers, load=load,
+                  steady_busy_cores=res.get("steady_busy_cores"), handler_seconds=res.get("handler_seconds", {}))
+
+
+class RoundCpu:
+    """A :class:`fedmeta.tracking.Tracker` that marks, at the end of every round, the time and the CPU ticks of this
+    process's whole tree (the simulation's Ray processes included): the busy cores of the steady rounds."""
+
+    def __init__(self) -> None:
+        self.marks: dict[int, tuple[float, int]] = {}
+        self._sampler = TreeSampler(os.getpid(), pss_every=0)
+
+    def log(self, step: int, values: Any) -> None:
+        self._sampler.sample()
+        self.marks[int(step)] = (time.perf_counter(), self._sampler.result.cpu_ticks)
+
+    def close(self) -> None:
+        pass
+
+
+def steady_busy_cores(marks: dict[int, tuple[float, int]]) -> float | None:
+    """Busy cores of the process tree from the end of round 1 to the end of the last round (``None``: too few rounds)."""
+    rounds = sorted(marks)
+    if len(rounds) < 2 or rounds[0] != 1:
+        return None
+    (t1, c1), (t2, c2) = marks[1], marks[rounds[-1]]
+    return (c2 - c1) / CLOCK_TICKS / (t2 - t1)
 
 
 def child_main(spec_path: str) -> int:
-    """``--child``: run one simulation and write what the parent needs (rounds, replies, seconds)."""
+    """``--child``: run one simulation and write what the parent needs (rounds, replies, seconds, steady CPU)."""
     spec = json.loads(Path(spec_path).read_text())
     cfg = ExperimentConfig.from_mapping(spec["config"])
+    cpu = RoundCpu()
     t0 = time.perf_counter()
-    res = simulate(cfg, check=False, progress=False)  # as before the input check and progress display existed
+    res = simulate(cfg, check=False, progress=False, trackers=[cpu])  # as before the input check and progress display existed
     seconds = time.perf_counter() - t0
     train = {r: {k: m[k] for k in ("num-clients", "num-failures")} for r, m in res["train"].items()}
-    Path(spec["out"]).write_text(json.dumps({"round_seconds": res["round_seconds"], "train": train, "simulate_s": seconds}))
+    Path(spec["out"]).write_text(json.dumps({"round_seconds": res["round_seconds"], "train": train, "simulate_s": seconds,
+                                             "steady_busy_cores": steady_busy_cores(cpu.marks),
+                                             "handler_seconds": res["handler_seconds"]["train"]}))
     return 0
 
 

@@ -149,10 +149,22 @@ def test_bench_peers_smoke_measures_pfl_and_fedmeta_in_one_run(ray_runner, tmp_p
         fed, pfl = rep[key], rep["pfl"]
         assert rep["ratios"][f"{key}_over_pfl"] == pytest.approx(fed["client_steps_per_s"] / pfl["client_steps_per_s"])
         assert rep["ratios_per_core"][f"{key}_over_pfl"] == pytest.approx(
-            (fed["client_steps_per_s"] / fed["busy_cores"]) / (pfl["client_steps_per_s"] / pfl["busy_cores"]))
+            (fed["client_steps_per_s"] / fed["steady_busy_cores"]) / (pfl["client_steps_per_s"] / pfl["steady_busy_cores"]))
     quoted = report["pfllib_reference"]["client_meta_steps_per_s"]
     assert report["medians"]["per_fedavg_over_pfllib_quoted"] == pytest.approx(rep["per_fedavg_fo"]["client_steps_per_s"] / quoted)
     assert "Per-FedAvg FO / PFLlib (quoted figure" in proc.stdout and "Per busy core" in proc.stdout
+    # the same invocation: the plain-PyTorch reference, the floor bench, and where each steady round went
+    ref = report["reference"]
+    plain = ref["plain_client_steps_per_s"]["plain PyTorch, epoch slices"]
+    assert plain > 0 and report["medians"]["fedavg_multi_per_core_over_plain"] == pytest.approx(
+        rep["fedavg_multi"]["client_steps_per_s"] / rep["fedavg_multi"]["steady_busy_cores"] / plain)
+    assert {r["algorithm"] for r in ref["floor"]["rows"]} == {"FedAvg", "Per-FedAvg FO", "Per-FedAvg exact"}
+    assert all(r["auto"] in ("vmap", "compile", "loop") and r["default_of_floor"] > 0 for r in ref["floor"]["rows"])
+    for key in ("fedavg_multi", "fedavg_single", "per_fedavg_fo"):
+        sp = rep[key]["split"]
+        assert 0 < sp["node_handler_s"] < sp["round_s"] == rep[key]["steady_median_s"]
+        assert 0 < rep[key]["steady_busy_cores"] <= os.cpu_count() + 0.5
+    assert "Where fedmeta's steady rounds go" in proc.stdout and "hand-batched floor" in proc.stdout
 
 
 @pytest.mark.ray

@@ -153,7 +153,7 @@ def test_the_peer_benchmark_block_is_its_reports_table_with_the_provenance(tmp_p
     rep, labels = report["repeats"][0], D._load_module("bench_peers", ROOT / "bench" / "bench_peers.py").LABELS
     for key in ("fedavg_multi", "fedavg_single"):
         fed, pfl = rep[key], rep["pfl"]
-        per_core = (fed["client_steps_per_s"] / fed["busy_cores"]) / (pfl["client_steps_per_s"] / pfl["busy_cores"])
+        per_core = (fed["client_steps_per_s"] / fed["steady_busy_cores"]) / (pfl["client_steps_per_s"] / pfl["steady_busy_cores"])
         row = next(ln for ln in text.splitlines() if ln.startswith("  1 ") and labels[key] in ln)
         assert row.split()[-2:] == [f"{fed['client_steps_per_s'] / pfl['client_steps_per_s']:.2f}x", f"{per_core:.2f}x"]
     for name, run in report["pfl_probe"].items():

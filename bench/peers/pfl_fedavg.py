@@ -285,7 +285,11 @@ def main():
     else:
         gathered = [mine]
     if dist.global_rank != 0:
-        return
+        # Done: leave without the interpreter's teardown, where a thread of the process group still joinable at
+        # exit aborts the process now and then ("terminate called without an active exception", SIGABRT).
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     if len(gathered) != args.workers or any(len(w["rounds"]) != args.rounds for w in gathered):
         sys.exit(f"pfl_fedavg: expected {args.workers} worker(s) of {args.rounds} rounds each, got "
                  f"{[len(w['rounds']) for w in gathered]}")
@@ -325,5 +329,9 @@ if __name__ == "__main__":
     finally:
         if workers is not None and not done:
             workers.stop()  # rank 0 failed: its workers may wait in a collective for ever
-    if workers is not None and any(codes := workers.join()):
-        sys.exit(f"pfl_fedavg: worker exit codes {codes}")
+    if workers is not None:
+        if any(codes := workers.join()):
+            sys.exit(f"pfl_fedavg: worker exit codes {codes}")
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)  # as the workers: no interpreter teardown with the process group's threads about
