@@ -187,7 +187,7 @@ def make_client_app(
         directory), else under ``memory_dir`` if given, else ``context.state`` (:class:`ContextMemory`).
         For nodes hosting one client.
     chunk_size, vectorize
-        Multi-client nodes: clients per vectorized call and ``auto`` / ``vmap`` / ``loop``
+        Multi-client nodes: clients per vectorized call and ``auto`` / ``vmap`` / ``compile`` / ``loop``
         (:mod:`fedmeta.batched`).
     memory_dir
         Where memories go when the node config sets no ``memory-dir``: one :class:`DiskMemory` file per

@@ -223,7 +223,7 @@ class ClientGroup:
     data_fn
         ``client_id -> ClientData``.
     chunk_size, vectorize
-        Clients per vectorized call, and ``auto`` / ``vmap`` / ``loop`` (:mod:`fedmeta.batched`).
+        Clients per vectorized call, and ``auto`` / ``vmap`` / ``compile`` / ``loop`` (:mod:`fedmeta.batched`).
     """
 
     def __init__(
@@ -246,6 +246,9 @@ class ClientGroup:
         self.chunk_size = chunk_size
         self.vectorize = vectorize
         self.param_spec: ParamSpec = {k: (tuple(v.shape), v.dtype) for k, v in self.model.named_parameters()}
+        self.workload = (repr(self.model), criterion, str(device))
+        """What :attr:`loss` computes, the same for the group a ClientApp builds for every message: the key of the
+        executor's measured plan and compiled step (``local_rounds(workload=...)``)."""
 
     def params_from(self, state: dict[str, Tensor]) -> Params:
         """Received arrays on the device, checked against the model (as :meth:`MetaClient.params_from`)."""
@@ -275,7 +278,7 @@ class ClientGroup:
         samplers = [functools.partial(d.sample, generator=g) for d, g in zip(datas, gens)]
         r = local_rounds(algorithms.for_config(hp), self.loss, w, samplers, gens, hp, states=u, has_state=has_memory,
                          direction_gens=[directions_generator(g) for g in gens], chunk_size=self.chunk_size,
-                         vectorize=self.vectorize)
+                         vectorize=self.vectorize, workload=self.workload)
         result = GroupTrainResult(r.meta_models, r.states, r.stats, examples)
         bad = sorted(set(batched.nonfinite_rows(result.meta_models)) | set(batched.nonfinite_rows(result.personalized_models or {})))
         if len(bad) == len(client_ids):

@@ -17,7 +17,7 @@ from fedmeta.algorithms.base import VMAP_ESTIMATORS  # noqa: F401  (the vmapped 
 from fedmeta.meta import Params
 
 VECTORIZE = ("auto", "vmap", "compile", "loop")
-"""Values of the ``vectorize`` setting (see ``fedmeta/algorithms/plan.py``)."""
+"""Values of the ``vectorize`` setting (:mod:`fedmeta.algorithms.plan`)."""
 DEFAULT_CHUNK_SIZE = 100
 """Clients per vectorized call (perf-anchors A2: vmap gains saturate near 100 clients for the MLPs)."""
 

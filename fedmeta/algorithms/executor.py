@@ -10,11 +10,12 @@ update the round's own copy of the model and state in place.
 ``chunk_size`` clients: their parameters (and states) are stacked on a leading axis and each step is
 one ``torch.func.vmap`` call. Every client draws from its own generator in the order of
 :func:`local_round`, so the vmapped round returns the per-client models to float round-off (the
-batched matrix products sum in another order). ``vectorize="auto"`` falls back to the per-client
-loop where vmap cannot run: an algorithm setting that refuses it (the stochastic estimators), clients
+batched matrix products sum in another order). ``vectorize="compile"`` runs the vmapped step under
+``torch.compile``; ``"auto"`` does so where it measurably pays (long rounds, :mod:`fedmeta.algorithms.plan`),
+and falls back to the per-client loop where vmap cannot run: an algorithm setting that refuses it (the stochastic estimators), clients
 whose batches differ in shape (fewer training samples than the batch size), or a model that vmap
 rejects (the failing chunk is replayed as a loop from the saved generator states, and the rest of
-the round loops). ``"vmap"`` raises instead of falling back; ``"loop"`` never vmaps (a looped client's
+the round loops). ``"vmap"`` and ``"compile"`` raise instead of falling back; ``"loop"`` never vmaps (a looped client's
 steps take the plain-autograd path where the algorithm has one, ``step_impl="auto"``). A client whose
 loop diverges gets NaN rows, so the caller drops it (:func:`fedmeta.batched.nonfinite_rows`).
 """
@@ -178,15 +179,6 @@ class _Ragged(Exception):
     """The clients of a chunk drew batches of different shapes: run the chunk as a loop."""
 
 
-class _UseLoop(Exception):
-    """``auto`` measured the loop fastest for this workload: run the chunk as a loop."""
-
-
-def _row(stacked: Any, j: int) -> Any:
-    """Client ``j``'s batches out of the stacked ones."""
-    return stacked[j] if isinstance(stacked, torch.Tensor) else tuple(_row(b, j) for b in stacked)
-
-
 def _stacked(per_client: Sequence[Any]) -> Any:
     out = stack_batches(per_client)
     if out is None:
@@ -211,6 +203,7 @@ def local_rounds(
     direction_gens: Sequence[torch.Generator | None] | None = None,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     vectorize: str = "auto",
+    workload: Any = None,
 ) -> LocalRounds:
     """:func:`local_round` for C clients that all start from the meta-model ``w``.
 
@@ -226,6 +219,10 @@ def local_rounds(
         Per client, the generator of ``ggs`` / ``zeroth_order`` directions.
     chunk_size, vectorize
         See the module docstring.
+    workload
+        What ``f`` computes, hashable, if ``f`` is rebuilt every round for the same model and loss (a ClientApp
+        builds its model per message): ``vectorize="auto"`` measures once per workload and process, and reuses a
+        compiled step, keyed by it (:mod:`fedmeta.algorithms.plan`). ``None``: ``f`` itself.
     """
     algo = algorithms.get(algorithm)
     check_vectorize(vectorize, chunk_size)
@@ -260,21 +257,15 @@ def local_rounds(
         return algo.step(f, wi, si, b, hp) if algo.stateful else algo.step(f, wi, None, b, hp)[0]
 
     vstep = vmap(raw_step) if algo.stateful else vmap(lambda wi, b: raw_step(wi, None, b))
-    step_key = (algo.name, hp, f)
+    step_key = (algo.name, hp, f if workload is None else workload)
+    sizes = getattr(hp, "STEP_SIZES", ())
+    family = (algo.name, tuple((k, v) for k, v in vars(hp).items() if k not in sizes and not k.startswith("_")), f)
 
     def compiled() -> Any:
         if hasattr(hp, "estimator"):
             hp.estimator()  # built before tracing: the compiled step reads it as a constant
-        return plan.compiled_step(step_key, vmap(raw_step) if algo.stateful else vmap(lambda wi, b: raw_step(wi, None, b)))
+        return plan.compiled_step(step_key, vmap(raw_step) if algo.stateful else vmap(lambda wi, b: raw_step(wi, None, b)), family)
 
-    def looped_step(wc: Params, sc: Params | None, drawn: Any) -> None:
-        """One step of each client alone on copies of its rows (``auto``'s ``loop`` candidate; the result is discarded)."""
-        impl = resolve_step_impl(algo, hp, "auto")
-        take = algo.fast_step if impl == "fast" else algo.step
-        for j in range(next(iter(wc.values())).shape[0]):
-            row = {k: v[j].clone() for k, v in wc.items()}
-            srow = {k: v[j].clone() for k, v in sc.items()} if sc is not None else None
-            take(f, row, srow, _row(drawn, j), hp, None)
 
     vinit = vmap(lambda wi, b: algo.init_state(f, wi, b, hp), in_dims=(None, 0))
     vloss = vmap(lambda wi, si, b: algo.train_loss(f, wi, si, b), in_dims=(0, 0 if algo.stateful else None, 0))
@@ -305,10 +296,8 @@ def local_rounds(
                 run = compiled()
             elif h == 0 and mode["vectorize"] == "auto":
                 call = (lambda fn: (lambda: fn(wc, sc, drawn))) if algo.stateful else (lambda fn: (lambda: fn(wc, drawn)))
-                chosen = plan.choose((step_key, c), {"vmap": call(vstep), "loop": lambda: looped_step(wc, sc, drawn),
-                                                     "compile": lambda: call(compiled())()}, hp.local_steps, algo.name)
-                if chosen.impl == "loop":
-                    raise _UseLoop
+                candidate = (lambda: call(compiled())()) if plan.may_compile(step_key, family) else None
+                chosen = plan.choose((step_key, c), call(vstep), candidate, hp.local_steps, algo.name)
                 run = compiled() if chosen.impl == "compile" else vstep
             if algo.stateful:
                 wc, sc = run(wc, sc, drawn)
@@ -322,8 +311,7 @@ def local_rounds(
 
     parts = []
     for chunk in _chunks(n, chunk_size):
-        known = plan.known((step_key, len(chunk))) if mode["vectorize"] == "auto" else None
-        if mode["vectorize"] == "loop" or (known is not None and known.impl == "loop"):
+        if mode["vectorize"] == "loop":
             parts.append(looped(chunk))
             continue
         saved = [gens[i].get_state() for i in chunk]
@@ -334,7 +322,7 @@ def local_rounds(
                 raise
             for i, s in zip(chunk, saved):  # replay the chunk's draws in the loop
                 gens[i].set_state(s)
-            if not isinstance(err, (_Ragged, _UseLoop)):
+            if not isinstance(err, _Ragged):
                 logger.warning("vmap failed (%s: %s); running the clients one by one", type(err).__name__, err)
                 mode["vectorize"] = "loop"
             parts.append(looped(chunk))

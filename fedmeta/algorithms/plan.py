@@ -1,22 +1,25 @@
-"""How a node runs its clients' steps: vmapped, vmapped and compiled, or one client after the other.
+"""How a multi-client node runs its clients' steps: vmapped, or vmapped and compiled.
 
-:func:`~fedmeta.algorithms.executor.local_rounds` takes the same step of C clients three ways, which
-compute the same numbers to float32 round-off:
+:func:`~fedmeta.algorithms.executor.local_rounds` takes the same step of C clients as
 
-* ``vmap``: one ``torch.func.vmap`` call of the algorithm's step over the stacked clients;
+* ``vmap``: one ``torch.func.vmap`` call of the algorithm's step over the stacked clients, or
 * ``compile``: that call compiled by ``torch.compile`` (Inductor: one graph of the forward passes, the
-  ``torch.func`` backward passes and the update; :func:`compiled_step`, built once per process and setting);
-* ``loop``: each client's step on its own (:func:`~fedmeta.algorithms.executor.local_round`'s path).
+  ``torch.func`` backward passes and the update; :func:`compiled_step`, built once per process and setting),
 
-``vectorize="auto"`` chooses by measuring (:func:`choose`), once per process and *workload* (the
-algorithm's settings, the loss, the number of clients and the shapes of their batches): on the first
-chunk of a round it times one step of each candidate on that chunk's own batches (a warm-up call,
-then the best of :data:`PROBE_REPEATS`; results discarded, no random draw consumed) and keeps the
-fastest for every later round. Compiling costs seconds once per process (2-20 s measured on the
-papers' MLPs), so ``compile`` is a candidate only when the round's vmapped steps take at least
-:data:`COMPILE_MIN_ROUND_SECONDS` (a round that long pays the compilation back within a few rounds);
-smaller rounds never compile. The choice is made before the round's first step and kept, so every
-round of a process runs the same code, and is logged once (``fedmeta`` logger, INFO).
+which compute the same numbers to float32 round-off (and ``loop``, each client alone, where vmap cannot run
+or when asked for).
+
+``vectorize="auto"`` runs ``vmap`` unless compiling measurably pays (:func:`choose`), decided once per
+process and *workload* (the algorithm's settings, what the loss computes, the number of clients) before the
+round's first step, kept for every later round and logged once (``fedmeta`` logger, INFO). Compiling costs
+seconds once per process (2-20 s measured on the papers' MLPs), so it is tried only when a round's vmapped
+steps take at least :data:`COMPILE_MIN_ROUND_SECONDS` (one step timed on the chunk's own batches, x
+``local_steps``); the compiled step is then timed the same way (a warm-up call, the best of
+:data:`PROBE_REPEATS`; results discarded, no random draw consumed) and kept only if it is at least
+:data:`COMPILE_MIN_SPEEDUP` times faster. Short rounds (every test, the default experiment) never time
+anything and run exactly as ``vmap``; the margin keeps two runs of a long workload from choosing differently
+by timing noise. The loop is not chosen by timing: with the same settings and seed a run computes the same
+bits, which a timed choice between two close candidates would not keep.
 """
 
 from __future__ import annotations
@@ -32,6 +35,11 @@ logger = logging.getLogger("fedmeta")
 
 COMPILE_MIN_ROUND_SECONDS = 0.5
 """``auto`` compiles only when one round's vmapped steps (one step's measured time x ``local_steps``) take at least this long."""
+MAX_COMPILED_VARIANTS = 4
+"""``auto`` compiles at most this many step-size variants of one workload per process: the step sizes are constants of
+the compiled graph, so a schedule that changes them every round would otherwise recompile every round."""
+COMPILE_MIN_SPEEDUP = 1.5
+"""``auto`` keeps the compiled step only if one step of the chunk is at least this many times faster than vmapped."""
 PROBE_REPEATS = 3
 """Timed calls per candidate (after one warm-up call); the fastest counts."""
 _CACHE_LIMIT = 64
@@ -48,6 +56,7 @@ class Plan:
 
 _PLANS: dict[Hashable, Plan] = {}
 _COMPILED: dict[Hashable, Callable[..., Any]] = {}
+_VARIANTS: dict[Hashable, set] = {}
 
 
 def _bounded(cache: dict) -> dict:
@@ -56,13 +65,21 @@ def _bounded(cache: dict) -> dict:
     return cache
 
 
-def compiled_step(key: Hashable, vstep: Callable[..., Any]) -> Callable[..., Any]:
+def compiled_step(key: Hashable, vstep: Callable[..., Any], family: Hashable = None) -> Callable[..., Any]:
     """``torch.compile(vstep)`` (whole graph), one per ``key`` (the algorithm, its settings and the loss) in this
-    process: a later round with the same key reuses the compiled code (Inductor recompiles for new shapes)."""
+    process: a later round with the same key reuses the compiled code (Inductor recompiles for new shapes).
+    ``family``: ``key`` without the step sizes (counted for :func:`may_compile`)."""
     fn = _COMPILED.get(key)
     if fn is None:
         fn = _bounded(_COMPILED)[key] = torch.compile(vstep, fullgraph=True)
+        _bounded(_VARIANTS).setdefault(family, set()).add(key)
     return fn
+
+
+def may_compile(key: Hashable, family: Hashable) -> bool:
+    """Whether ``auto`` may offer compilation for ``key``: compiled already, or fewer than
+    :data:`MAX_COMPILED_VARIANTS` step-size variants of its ``family`` compiled so far."""
+    return key in _COMPILED or len(_VARIANTS.get(family, ())) < MAX_COMPILED_VARIANTS
 
 
 def _best_time(fn: Callable[[], Any]) -> tuple[float, float]:
@@ -78,31 +95,34 @@ def _best_time(fn: Callable[[], Any]) -> tuple[float, float]:
     return first, best
 
 
-def choose(key: Hashable, candidates: dict[str, Callable[[], Any]], local_steps: int, label: str) -> Plan:
-    """The plan of workload ``key``: the one measured before, or the fastest of ``candidates`` (name -> one step
-    of the chunk; ``"compile"`` is tried only if the vmapped round is long enough, and dropped with a warning
-    if it fails to compile)."""
+def choose(key: Hashable, vmapped: Callable[[], Any], compiled: Callable[[], Any] | None, local_steps: int,
+           label: str) -> Plan:
+    """The plan of workload ``key``: the one chosen before, or ``compile`` if ``compiled`` (one compiled step of the
+    chunk; ``None``: not a candidate) is worth trying and measured :data:`COMPILE_MIN_SPEEDUP` times faster than
+    ``vmapped`` (one vmapped step), else ``vmap``. A compilation that fails is dropped with a warning."""
     plan = _PLANS.get(key)
     if plan is not None:
         return plan
     seconds: dict[str, float] = {}
-    for name in ("vmap", "loop"):
-        if name in candidates:
-            seconds[name] = _best_time(candidates[name])[1]
     compile_seconds = None
-    vmap_round = seconds.get("vmap", 0.0) * local_steps
-    if "compile" in candidates and vmap_round >= COMPILE_MIN_ROUND_SECONDS:
-        try:
-            compile_seconds, seconds["compile"] = _best_time(candidates["compile"])
-        except Exception as err:  # noqa: BLE001 -- Inductor's failures have many types (no C++ compiler, ...)
-            logger.warning("torch.compile of the %s step failed (%s: %s); running it uncompiled", label, type(err).__name__,
-                           str(err).splitlines()[0] if str(err) else "")
-    impl = min(seconds, key=seconds.__getitem__)
-    plan = _bounded(_PLANS)[key] = Plan(impl, seconds, compile_seconds)
-    timings = ", ".join(f"{k} {v * 1e3:.2f} ms" for k, v in seconds.items())
-    skipped = "" if "compile" in seconds or "compile" not in candidates else \
-        f"; not compiled: a round's vmapped steps take {vmap_round:.2f} s < {COMPILE_MIN_ROUND_SECONDS} s"
-    logger.info("%s: running the clients' steps as %s (one step of the chunk: %s%s)", label, impl, timings, skipped)
+    note = ""
+    if compiled is not None:
+        seconds["vmap"] = _best_time(vmapped)[1]
+        vmap_round = seconds["vmap"] * local_steps
+        if vmap_round >= COMPILE_MIN_ROUND_SECONDS:
+            try:
+                compile_seconds, seconds["compile"] = _best_time(compiled)
+            except Exception as err:  # noqa: BLE001 -- Inductor's failures have many types (no C++ compiler, ...)
+                lines = [ln.strip() for ln in str(err).splitlines() if ln.strip() and not ln.strip().endswith("raised:")]
+                logger.warning("torch.compile of the %s step failed (%s: %s); running it uncompiled", label,
+                               type(err).__name__, lines[0] if lines else "")
+        else:
+            note = f"; not compiled: a round's vmapped steps take {vmap_round:.2f} s < {COMPILE_MIN_ROUND_SECONDS} s"
+    fast = "compile" in seconds and seconds["compile"] * COMPILE_MIN_SPEEDUP <= seconds["vmap"]
+    plan = _bounded(_PLANS)[key] = Plan("compile" if fast else "vmap", seconds, compile_seconds)
+    if seconds:
+        timings = ", ".join(f"{k} {v * 1e3:.2f} ms" for k, v in seconds.items())
+        logger.info("%s: running the clients' steps as %s (one step of the chunk: %s%s)", label, plan.impl, timings, note)
     return plan
 
 
@@ -115,6 +135,8 @@ def clear() -> None:
     """Forget the measured plans and compiled steps of this process (tests)."""
     _PLANS.clear()
     _COMPILED.clear()
+    _VARIANTS.clear()
 
 
-__all__ = ["COMPILE_MIN_ROUND_SECONDS", "PROBE_REPEATS", "Plan", "choose", "clear", "compiled_step", "known"]
+__all__ = ["COMPILE_MIN_ROUND_SECONDS", "COMPILE_MIN_SPEEDUP", "MAX_COMPILED_VARIANTS", "PROBE_REPEATS", "Plan", "choose", "clear", "compiled_step",
+           "known", "may_compile"]
