@@ -39,11 +39,10 @@ import torch
 from torch import Tensor
 
 from fedmeta.class_plans import _largest_remainder
+from fedmeta.extras import need
 
 FLWR_PREFIX = "flwr:"
 """``partition = "flwr:<PartitionerName>"`` selects a Flower Datasets partitioner."""
-
-EXTRA = "pip install 'fedmeta[flwr-datasets]'"
 
 LABEL_COLUMN = "label"
 """The label column of the data set fedmeta builds from its image files (what ``partition_by`` names)."""
@@ -66,22 +65,14 @@ DEFAULT_TEST_FRACTION = 0.25
 """Share of each client's partition held out as its test data (300 / 100 is the built-in partitions' ratio)."""
 
 
-class MissingExtra(ImportError):
-    """flwr-datasets (or ``datasets``) is not installed; the message is one line naming the extra."""
-
-
 def is_flwr_partition(partition: str) -> bool:
     return isinstance(partition, str) and partition.startswith(FLWR_PREFIX)
 
 
 def partitioner_module(what: str = "fedmeta.flwr_partitions") -> Any:
-    """``flwr_datasets.partitioner``, or :class:`MissingExtra`: ``<what> needs Flower Datasets: pip install ...``."""
-    try:
-        import datasets  # noqa: F401
-        import flwr_datasets.partitioner as module
-    except ImportError:
-        raise MissingExtra(f"{what} needs Flower Datasets: {EXTRA}") from None
-    return module
+    """``flwr_datasets.partitioner`` (which imports ``datasets``), or :class:`fedmeta.extras.MissingExtra`:
+    ``<what> needs Flower Datasets: pip install 'fedmeta[flwr-datasets]'``."""
+    return need("flwr-datasets", what, "flwr_datasets.partitioner")
 
 
 def partitioner_names() -> list[str]:
@@ -172,7 +163,7 @@ def make_partitioner(partition: str, args: str | Mapping[str, Any], num_partitio
     """The partitioner ``flwr:<Name>`` with ``args``, ``num_partitions`` and ``seed`` (when it takes them) and
     ``partition_by = label`` by default. Checked without data: an unknown name lists the available ones, an
     unknown or missing argument is named with the partitioner's parameters, an argument the partitioner
-    rejects is reported with its message. Raises :class:`MissingExtra` or ValueError."""
+    rejects is reported with its message. Raises :class:`fedmeta.extras.MissingExtra` or ValueError."""
     name = partition[len(FLWR_PREFIX):] if is_flwr_partition(partition) else partition
     module = partitioner_module(f"partition {partition!r}")
     names = partitioner_names()

@@ -169,7 +169,8 @@ def run_command(parser: Any, config_cls: Any, argv: Sequence[str] | None, run: A
     provenance."""
     import json
 
-    from fedmeta.tracking import NONE, MissingExtra, require
+    from fedmeta.extras import MissingExtra
+    from fedmeta.tracking import NONE, require
 
     args = vars(parser.parse_args(argv))
     json_path = args.pop("json_path")

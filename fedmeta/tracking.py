@@ -18,16 +18,16 @@ naming the key, since a value that vanished silently from a plot is worse than a
 infinities are logged as they are: they are what the run produced (a diverged loss), TensorBoard stores them as
 float32 and W&B as ``"NaN"`` / ``"Infinity"``.
 
-**Optional packages.** The backends are imported when a tracker opens: the base install needs neither. Without
-the package, :func:`require` (called before any work by the command lines and the simulation) raises
-:class:`MissingExtra`, one line naming the extra to install (``pip install 'fedmeta[tensorboard]'``).
+**Optional packages.** The backends are imported when a tracker opens: the base install needs neither. A backend
+class names its extra (``extra``, one of :data:`fedmeta.extras.EXTRAS`); without the package, :func:`require`
+(called before any work by the command lines and the simulation) raises :class:`fedmeta.extras.MissingExtra`, one
+line naming the extra to install (``pip install 'fedmeta[tensorboard]'``).
 
 No Flower import here.
 """
 
 from __future__ import annotations
 
-import importlib
 import json
 import numbers
 import os
@@ -35,10 +35,9 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Protocol, runtime_checkable
 
-NONE, TENSORBOARD, WANDB = "none", "tensorboard", "wandb"
+from fedmeta.extras import need
 
-EXTRAS: dict[str, tuple[str, str]] = {TENSORBOARD: ("tensorboard", "TensorBoard"), WANDB: ("wandb", "Weights & Biases")}
-"""Backend -> (the module it imports, which is also fedmeta's extra of that name; its name for people)."""
+NONE, TENSORBOARD, WANDB = "none", "tensorboard", "wandb"
 
 TRACKING_DIR = "tracking"
 """Where trackers write by default: ``<results-dir>/tracking`` (fedmeta-sim, flwr run, deployments), ``./tracking``
@@ -60,22 +59,14 @@ class Tracker(Protocol):
     def close(self) -> None: ...
 
 
-class MissingExtra(ImportError):
-    """A backend whose package is not installed; the message is one line naming the extra to install."""
-
-
 def require(track: str) -> None:
-    """Check, before any work, that the backend of ``track`` can be imported: a :class:`MissingExtra` if its package
-    is missing, a ``ValueError`` naming the choices for an unknown ``track``."""
-    if track not in TRACKS:
-        raise ValueError(f"track must be one of {list(TRACKS)}, got {track!r}")
-    if track not in EXTRAS:
-        return
-    module, name = EXTRAS[track]
-    try:
-        importlib.import_module(module)
-    except ImportError:
-        raise MissingExtra(f"--track {track} needs {name}: pip install 'fedmeta[{module}]'") from None
+    """Check, before any work, that the backend of ``track`` can be imported: a :class:`fedmeta.extras.MissingExtra`
+    if its package is missing. An unknown ``track`` is the ``track`` setting's ``ValueError`` (naming the choices)."""
+    from fedmeta.config import HP  # fedmeta.config imports this module
+
+    extra = BACKENDS[HP.track.check("track", track)].extra
+    if extra is not None:
+        need(extra, f"--track {track}")
 
 
 def numbers_of(values: Mapping[str, Any]) -> dict[str, float]:
@@ -115,6 +106,7 @@ def _unique(directory: Path, name: str) -> Path:
 class NoTracker:
     """``track = "none"``: logs nothing (the values are still checked, as every backend checks them)."""
 
+    extra: str | None = None
     path: Path | None = None
 
     def __init__(self, directory: str | Path = TRACKING_DIR, run_name: str = "", config: Mapping[str, Any] | None = None) -> None:
@@ -131,6 +123,8 @@ class TensorBoardTracker:
     """TensorBoard event files in ``<directory>/<run_name>-<time>/`` (``tensorboard --logdir <directory>``): a scalar
     per value and step, written through at every ``log`` (visible while the run goes), and the provenance block as
     the run's text ``provenance`` (JSON)."""
+
+    extra: str | None = "tensorboard"
 
     def __init__(self, directory: str | Path, run_name: str, config: Mapping[str, Any] | None = None) -> None:
         require(TENSORBOARD)
@@ -156,6 +150,8 @@ class WandbTracker:
     <run directory>`` uploads it later), in project ``WANDB_PROJECT`` (default ``fedmeta``), named ``run_name``, its
     config the provenance block; ``log`` is one history row at ``step``."""
 
+    extra: str | None = "wandb"
+
     def __init__(self, directory: str | Path, run_name: str, config: Mapping[str, Any] | None = None) -> None:
         require(WANDB)
         import wandb
@@ -176,7 +172,7 @@ class WandbTracker:
 
 BACKENDS: dict[str, type] = {NONE: NoTracker, TENSORBOARD: TensorBoardTracker, WANDB: WandbTracker}
 """``track`` value -> its tracker class, called as ``cls(directory, run_name, config)``; a backend with an optional
-package names it in :data:`EXTRAS`."""
+package names its extra as the class's ``extra`` (``None``: none needed)."""
 TRACKS = tuple(BACKENDS)
 """Values of the ``track`` setting."""
 
@@ -229,5 +225,5 @@ class Trackers:
                 raise
 
 
-__all__ = ["BACKENDS", "EXTRAS", "MissingExtra", "NONE", "NoTracker", "TENSORBOARD", "TRACKING_DIR", "TRACKS", "TensorBoardTracker",
+__all__ = ["BACKENDS", "NONE", "NoTracker", "TENSORBOARD", "TRACKING_DIR", "TRACKS", "TensorBoardTracker",
            "Tracker", "Trackers", "WANDB", "WandbTracker", "numbers_of", "open_tracker", "require", "round_values"]

@@ -25,7 +25,8 @@ from fedmeta.config import HP
 from fedmeta.strategies.base import MetaStrategy
 from fedmeta.batched import DEFAULT_CHUNK_SIZE, VECTORIZE, VMAP_ESTIMATORS
 from fedmeta.data import IMAGE_SHAPES, NUM_CLASSES
-from fedmeta.flwr_partitions import DEFAULT_TEST_FRACTION, MissingExtra, check_flwr_partition, is_flwr_partition
+from fedmeta.extras import MissingExtra
+from fedmeta.flwr_partitions import DEFAULT_TEST_FRACTION, check_flwr_partition, is_flwr_partition
 from fedmeta.models import MODELS, build_model
 from fedmeta.strategies.aggregation import holdout_partitions
 from fedmeta.strategies.nodes import AUTO_NODES

@@ -54,7 +54,8 @@ from typing import Any, Mapping, Sequence
 
 from fedmeta import config as C
 from fedmeta.simulations.config import AUTO_NODES, ExperimentConfig
-from fedmeta.tracking import MissingExtra, require
+from fedmeta.extras import MissingExtra
+from fedmeta.tracking import require
 from fedmeta.simulations.preflight import check_inputs
 from fedmeta.simulations.flwr_processes import (
     DATA_ENV, HOST, ISOLATIONS, MEMORY_DIR, NODE_READY, PROJECT_DIR, TASK_POLL_ENV, TASK_POLL_INTERVAL, Certificates, DeploymentError,

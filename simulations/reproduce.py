@@ -59,6 +59,7 @@ from typing import Any, Sequence
 
 from fedmeta import config as C
 from fedmeta.centralized import CentralizedConfig, RunResult
+from fedmeta.extras import MissingExtra, need
 from fedmeta.provenance import provenance
 from fedmeta.simulations.config import ExperimentConfig
 from fedmeta.simulations.reproduce_flower import REPRODUCTIONS, TABLE3_PROTOCOLS, finished_runs, plot, run_key, table3
@@ -155,11 +156,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.error("--protocol for localmoml-table3 is paper or authors (one summary each)")
     args.protocol = args.protocol or ("both" if args.name == "localmoml-table2" else "paper")
     if args.name in TUNED:  # its tuning steps are Optuna studies: without Optuna, one line before any work
-        from fedmeta.simulations.tune import MissingOptuna, optuna_module
-
         try:
-            optuna_module(f"fedmeta-reproduce {args.name} tunes on a grid and")
-        except MissingOptuna as err:
+            need("tune", f"fedmeta-reproduce {args.name} tunes on a grid and")
+        except MissingExtra as err:
             print(f"fedmeta-reproduce: error: {err}", file=sys.stderr)
             return 2
     if args.name in GGS_FIGURES or args.name.startswith("localmoml-table2"):

@@ -28,7 +28,8 @@ from pathlib import Path
 
 from fedmeta import config as C
 from fedmeta.provenance import provenance
-from fedmeta.tracking import MissingExtra, Tracker, Trackers, require
+from fedmeta.extras import MissingExtra
+from fedmeta.tracking import Tracker, Trackers, require
 from fedmeta.simulations.apps import build_client_app, build_server_app
 from fedmeta.simulations.config import AUTO_NODES, ExperimentConfig, parse_cli
 from fedmeta.simulations.engine import run_on_ray

@@ -40,9 +40,9 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
+from fedmeta.extras import MissingExtra, need
 from fedmeta.simulations.tune_space import SpaceError, StudySettings, TuneSpec, load_spec, runner_metrics
 
-NEEDS_OPTUNA = "needs Optuna: pip install 'fedmeta[tune]'"
 OWNER = "fedmeta-worker"
 """A trial's user attribute: the host, pid and process start time of the process that runs it."""
 RETRY_OF = "fedmeta-retry-of"
@@ -53,16 +53,10 @@ JOURNAL = "study.journal"
 FINISHED = ("COMPLETE", "PRUNED", "FAIL")
 
 
-class MissingOptuna(RuntimeError):
-    pass
-
-
 def optuna_module(who: str = "fedmeta-tune") -> Any:
-    """``optuna``, or :class:`MissingOptuna` with the one line naming the extra."""
-    try:
-        import optuna
-    except ImportError:
-        raise MissingOptuna(f"{who} {NEEDS_OPTUNA}") from None
+    """``optuna``, quiet (warnings only, no experimental-feature warnings), or :class:`fedmeta.extras.MissingExtra`:
+    ``<who> needs Optuna: pip install 'fedmeta[tune]'``."""
+    optuna = need("tune", who)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     return optuna
@@ -357,7 +351,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         optuna_module()
         spec = load_spec(Path(args.space), flags)
-    except (MissingOptuna, SpaceError) as err:
+    except (MissingExtra, SpaceError) as err:
         print(f"fedmeta-tune: error: {err}", file=sys.stderr)
         return 2
     stem = Path(args.space).stem

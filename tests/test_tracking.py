@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from fedmeta import tracking
+from fedmeta.extras import MissingExtra
 from fedmeta.simulations.config import ExperimentConfig
 from fedmeta.simulations.run import simulate
 
@@ -227,7 +228,7 @@ def test_non_finite_values_are_logged_as_they_are_and_non_numbers_are_refused(tm
 @pytest.mark.parametrize("extra, flag", [("tensorboard", "TensorBoard"), ("wandb", "Weights & Biases")])
 def test_a_missing_package_is_one_line_naming_the_extra_before_any_work(monkeypatch, capsys, tmp_path, extra, flag):
     monkeypatch.setitem(sys.modules, extra, None)  # as if not installed: importing it raises ImportError
-    with pytest.raises(tracking.MissingExtra, match=rf"^--track {extra} needs {flag}: pip install 'fedmeta\[{extra}\]'$"):
+    with pytest.raises(MissingExtra, match=rf"^--track {extra} needs {flag}: pip install 'fedmeta\[{extra}\]'$"):
         tracking.open_tracker(extra, "run", tmp_path)
     from fedmeta.simulations import run as sim_run
 
