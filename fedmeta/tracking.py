@@ -64,7 +64,7 @@ def require(track: str) -> None:
     if its package is missing. An unknown ``track`` is the ``track`` setting's ``ValueError`` (naming the choices)."""
     from fedmeta.config import HP  # fedmeta.config imports this module
 
-    extra = BACKENDS[HP.track.check("track", track)].extra
+    extra = getattr(BACKENDS[HP.track.check("track", track)], "extra", None)
     if extra is not None:
         need(extra, f"--track {track}")
 

@@ -248,6 +248,9 @@ def test_a_bad_track_names_the_field_and_the_choices(capsys, tmp_path):
                                        "did you mean 'tensorboard'?\n")
     with pytest.raises(ValueError, match=r"^track must be one of \['none', 'tensorboard', 'wandb'\], got 'bogus'$"):
         centralized.CentralizedConfig(track="bogus")
+    with pytest.raises(ValueError, match=r"^track must be one of \['none', 'tensorboard', 'wandb'\], got 'wandbb'; did you mean 'wandb'\?$"):
+        tracking.open_tracker("wandbb", "run", tmp_path)  # the track setting's check, before anything is written
+    assert not list(tmp_path.iterdir())
     from fedmeta.dif_maml import DifMAMLConfig
 
     with pytest.raises(ValueError, match=r"^track must be one of"):
