@@ -422,9 +422,10 @@ def workload_config(workload: str):
     return ExperimentConfig(num_nodes=0)
 
 
-def run(quick: bool, client_counts: Sequence[int], workload: str = "default", fault_calls: int | None = None) -> dict[str, Any]:
+def run(quick: bool, client_counts: Sequence[int], workload: str = "default", fault_calls: int | None = None,
+        only: Sequence[str] | None = None) -> dict[str, Any]:
     """The report: a row per (algorithm, clients). ``fault_calls``: calls per cell of the page-fault count (default 3 if
-    ``quick``, else 50)."""
+    ``quick``, else 50); ``only``: the algorithms (case labels) to run, default all."""
     from fedmeta.data import client_data
 
     env = environment()  # the load average before the runs
@@ -435,7 +436,7 @@ def run(quick: bool, client_counts: Sequence[int], workload: str = "default", fa
     w = {k: v.detach().clone() for k, v in model.named_parameters()}
     datas = [client_data(cfg.dataset, c, **cfg.data_kwargs()) for c in range(min(max(client_counts), cfg.num_clients))]
     rows = []
-    for case in cases(workload=workload):
+    for case in (c for c in cases(workload=workload) if only is None or c.label in only):
         for clients in client_counts:
             cells, errors, plan_key = calls(case, model, w, datas, clients)
             t = timing.bench_interleaved({k: fn for k, (fn, _) in cells.items()}, warmup=1 if quick else 3,

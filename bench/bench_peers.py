@@ -265,7 +265,8 @@ def reference(w: Workload, progress: Callable[[str], None]) -> dict[str, Any]:
                                      repeats=2 if smoke else 7, min_repeat_seconds=0.0 if smoke else 0.2)
         rates = {k: n / (t[k].median_ms / 1e3) for k, (_, n) in plain.items()}
         progress("[reference] the hand-batched floor and fedmeta's node step, 10 clients per node, one thread")
-        floor = bench_floor.run(True, [2]) if smoke else bench_floor.run(False, [10], workload="peers", fault_calls=3)
+        floor = (bench_floor.run(True, [2], only=["FedAvg"]) if smoke  # the plumbing; test_bench runs every floor cell
+                 else bench_floor.run(False, [10], workload="peers", fault_calls=3))
     finally:
         torch.set_num_threads(threads)
     return {"plain_client_steps_per_s": rates, "plain_local_steps": steps, "floor": floor}

@@ -158,7 +158,7 @@ def test_bench_peers_smoke_measures_pfl_and_fedmeta_in_one_run(ray_runner, tmp_p
     plain = ref["plain_client_steps_per_s"]["plain PyTorch, epoch slices"]
     assert plain > 0 and report["medians"]["fedavg_multi_per_core_over_plain"] == pytest.approx(
         rep["fedavg_multi"]["client_steps_per_s"] / rep["fedavg_multi"]["steady_busy_cores"] / plain)
-    assert {r["algorithm"] for r in ref["floor"]["rows"]} == {"FedAvg", "Per-FedAvg FO", "Per-FedAvg exact"}
+    assert [r["algorithm"] for r in ref["floor"]["rows"]] == ["FedAvg"]  # at smoke size; the full run has all three
     assert all(r["auto"] in ("vmap", "compile", "loop") and r["default_of_floor"] > 0 for r in ref["floor"]["rows"])
     for key in ("fedavg_multi", "fedavg_single", "per_fedavg_fo"):
         sp = rep[key]["split"]
