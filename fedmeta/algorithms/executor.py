@@ -256,15 +256,19 @@ def local_rounds(
     def raw_step(wi: Params, si: Params | None, b: Any) -> Any:
         return algo.step(f, wi, si, b, hp) if algo.stateful else algo.step(f, wi, None, b, hp)[0]
 
-    vstep = vmap(raw_step) if algo.stateful else vmap(lambda wi, b: raw_step(wi, None, b))
-    step_key = (algo.name, hp, f if workload is None else workload)
+    def vmapped_step() -> Any:
+        return vmap(raw_step) if algo.stateful else vmap(lambda wi, b: raw_step(wi, None, b))
+
+    vstep = vmapped_step()
+    loss_key = f if workload is None else workload
+    step_key = (algo.name, hp, loss_key)
     sizes = getattr(hp, "STEP_SIZES", ())
-    family = (algo.name, tuple((k, v) for k, v in vars(hp).items() if k not in sizes and not k.startswith("_")), f)
+    family = (algo.name, tuple((k, v) for k, v in vars(hp).items() if k not in sizes and not k.startswith("_")), loss_key)
 
     def compiled() -> Any:
         if hasattr(hp, "estimator"):
             hp.estimator()  # built before tracing: the compiled step reads it as a constant
-        return plan.compiled_step(step_key, vmap(raw_step) if algo.stateful else vmap(lambda wi, b: raw_step(wi, None, b)), family)
+        return plan.compiled_step(step_key, vmapped_step(), family)
 
 
     vinit = vmap(lambda wi, b: algo.init_state(f, wi, b, hp), in_dims=(None, 0))
