@@ -32,6 +32,7 @@ from fedmeta.simulations.progress import RoundProgress
 from fedmeta.strategies import FedAvg, LocalMOML, PerFedAvg
 from fedmeta.strategies.base import MetaStrategy
 from fedmeta.strategies.nodes import federation_size
+from fedmeta.strategies.exchange import ExchangeCancelled
 from fedmeta.strategies.failures import TrainingStopped
 
 logger = logging.getLogger("fedmeta")
@@ -178,7 +179,10 @@ def build_server_app(cfg: ExperimentConfig, sink: Callable[[dict[str, Any]], Non
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        results = run_server(grid, cfg, on_round=on_round, trackers=trackers)
+        try:
+            results = run_server(grid, cfg, on_round=on_round, trackers=trackers)
+        except ExchangeCancelled:  # this process stops its simulation (fedmeta-sim's Ctrl-C): end without results
+            return  # (an exception would make Flower's engine wait 3 s for the ServerApp's context)
         if sink is not None:
             sink(results)
 

@@ -19,8 +19,10 @@ import json
 import logging
 import os
 import shutil
+import signal
 import sys
 import tempfile
+import threading
 import time
 from typing import Any, Sequence
 
@@ -38,7 +40,7 @@ from fedmeta.simulations.preflight import InputError, check_inputs
 from fedmeta.simulations.processes import busy_cpu_seconds
 from fedmeta.simulations.progress import RoundProgress, console_through, run_log
 from fedmeta.strategies.checkpoint import CheckpointDir, CheckpointError, check_can_start
-from fedmeta.strategies.exchange import CANCELLED, cancel_exchanges
+from fedmeta.strategies.exchange import CANCELLED, ExchangeCancelled, cancel_exchanges
 
 logger = logging.getLogger("fedmeta")
 USAGE_PREFIX = "usage-"
@@ -132,11 +134,12 @@ def _simulate(cfg: ExperimentConfig, *, verbose: bool, check: bool, progress: bo
         stack.enter_context(console_through(bar))
         CANCELLED.clear()  # a stop of an earlier simulation in this process does not stop this one
         try:
-            run_on_ray(build_server_app(cfg, sink=box.update, on_round=bar, trackers=[trackers]), build_client_app(client_cfg),
-                       num_supernodes=cfg.num_supernodes, num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, verbose=verbose)
+            with stop_on_ctrl_c():
+                run_on_ray(build_server_app(cfg, sink=box.update, on_round=bar, trackers=[trackers]), build_client_app(client_cfg),
+                           num_supernodes=cfg.num_supernodes, num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, verbose=verbose)
         except KeyboardInterrupt:
-            # Ctrl-C reaches this (the main) thread, in Flower's engine; the ServerApp runs in Flower's thread, which
-            # is not a daemon and would wait for replies up to the round timeout: stop it at its next poll.
+            # a second Ctrl-C (or one in a thread without the handler): the ServerApp runs in Flower's thread, which is
+            # not a daemon and would wait for replies up to the round timeout: stop it at its next poll.
             cancel_exchanges()
             raise
         except Exception:
@@ -146,6 +149,56 @@ def _simulate(cfg: ExperimentConfig, *, verbose: bool, check: bool, progress: bo
         raise RuntimeError(f"the simulation ended without results (see {log_path})")
     box["log"] = str(log_path)
     return box
+
+
+STOPPING_NOTICE_S = 5.0
+"""After a first Ctrl-C, how long the stop may take before fedmeta-sim says what it waits for."""
+
+
+@contextlib.contextmanager
+def stop_on_ctrl_c():
+    """Stop a simulation on Ctrl-C the way Flower's engine can stop cleanly, and raise ``KeyboardInterrupt`` after.
+
+    A first SIGINT (in the main thread) calls :func:`cancel_exchanges`: the ServerApp ends at its next poll
+    (``ExchangeCancelled``, which :func:`~fedmeta.simulations.apps.build_server_app`'s ends without results), and that
+    stops Flower's engine; the engine lets the nodes' messages in flight end and
+    shuts Ray down. A ``KeyboardInterrupt`` raised inside the engine instead shuts Ray down while the engine's
+    threads still wait on it (``ray.get``): the process then hangs at exit or crashes, and the ServerApp thread
+    may still be starting (logging, writing its first checkpoint) after the run was reported stopped. A second
+    SIGINT raises ``KeyboardInterrupt`` at once. Outside the main thread this does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    notice = threading.Timer(STOPPING_NOTICE_S, lambda: print(
+        "fedmeta-sim: stopping: the nodes finish their current messages first (Ctrl-C again to stop at once)",
+        file=sys.stderr, flush=True))
+    notice.daemon = True
+
+    def first(signum, frame):
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        cancel_exchanges()
+        notice.start()
+
+    previous = signal.signal(signal.SIGINT, first)
+    try:
+        yield
+    except ExchangeCancelled:
+        raise KeyboardInterrupt from None
+    finally:
+        notice.cancel()
+        signal.signal(signal.SIGINT, previous)
+    if CANCELLED.is_set():  # the run ended (or its last exchange was done) before it noticed the stop
+        raise KeyboardInterrupt
+
+
+def leave_if_engine_stuck(code: int) -> None:
+    """End the process now (``os._exit``) if threads that are not daemons are still alive: after a second Ctrl-C,
+    Flower's engine threads may wait forever on a Ray that was shut down under them, and Python's exit would wait
+    for them (or crash). Everything fedmeta wrote is closed by then (results, checkpoints, logs)."""
+    if any(t.is_alive() and not t.daemon for t in threading.enumerate() if t is not threading.main_thread()):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -289,6 +342,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 res = simulate(cfg, verbose=args.verbose, check=False)
             except KeyboardInterrupt:
                 print(f"\nfedmeta-sim: {interrupted(cfg, [c.algorithm for c in configs[len(rows) + 1:]])}", file=sys.stderr, flush=True)
+                leave_if_engine_stuck(130)
                 return 130
             except InputError as err:  # the cluster or its shared storage: one line, before round 1
                 print(f"fedmeta-sim: error: {err}", file=sys.stderr)

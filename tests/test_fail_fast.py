@@ -356,14 +356,17 @@ def test_error_reasons_from_a_deployment_and_a_third_party_client_are_keyed_by_t
 
 
 @pytest.mark.ray
-@pytest.mark.parametrize("trigger", ["local-moml round ", "== per-fedavg"], ids=["mid-round", "second-run-starting"])
-def test_ctrl_c_stops_the_run_with_one_line_and_the_interrupted_run_resumes(tmp_path, trigger):
+@pytest.mark.parametrize("trigger, presses", [("local-moml round ", 1), ("== per-fedavg", 1), ("local-moml round ", 2)],
+                         ids=["mid-round", "second-run-starting", "mid-round-twice"])
+def test_ctrl_c_stops_the_run_with_one_line_and_the_interrupted_run_resumes(tmp_path, trigger, presses):
     """SIGINT to fedmeta-sim (its own Ray, as `make run`) while a round waits for replies, or while the second
-    algorithm's simulation starts: the process ends (exit 130) instead of its ServerApp thread waiting for replies
-    up to the round timeout, prints one line naming how to continue, leaves no process, and the run resumes."""
+    algorithm's simulation starts (the ServerApp may still be logging its start and writing its first checkpoint),
+    or twice (the second stops at once, Flower's engine threads still waiting on Ray): the process ends (exit 130)
+    instead of its ServerApp thread waiting for replies up to the round timeout, prints one line naming how to
+    continue, last and true to what the checkpoint holds, leaves no process, and the run resumes."""
     from fedmeta.simulations.processes import process_table
 
-    mark = f"fedmeta-ctrl-c-{os.getpid()}-{trigger[:3]}"
+    mark = f"fedmeta-ctrl-c-{os.getpid()}-{trigger[:3]}-{presses}"
     env = {k: v for k, v in _env(tmp_path, FEDMETA_TEST_MARK=mark).items() if k != "RAY_ADDRESS"}
     flags = [*SINE, "--num-rounds", "40", "--evaluate-every", "40", "--results-dir", str(tmp_path / "r")]
     proc = subprocess.Popen([sys.executable, "-m", "fedmeta.simulations.run", "--algorithms", "local-moml,per-fedavg", *flags],
@@ -375,6 +378,9 @@ def test_ctrl_c_stops_the_run_with_one_line_and_the_interrupted_run_resumes(tmp_
         else:
             pytest.fail(f"no line starting {trigger!r}: {proc.stderr.read()[-2000:]}")
         proc.send_signal(signal.SIGINT)
+        if presses == 2:
+            time.sleep(0.2)  # (the second press must come while the first one's stop is under way)
+            proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=120)  # a hang guard: without the fix it waited up to round-timeout (3600 s)
     finally:
         if proc.poll() is None:
