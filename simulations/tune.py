@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import fcntl
 import json
 import logging
 import math
@@ -243,6 +244,12 @@ def _line(trial: Any, metric: str, worker: int) -> str:
     return f"[trial {trial.number}] {params}: {value} ({trial.state.name.lower()}{retry}, {seconds:.1f} s, worker {worker})"
 
 
+NEXT_TRIAL_LOCK = ".next-trial.lock"
+"""In the study directory: the file lock a worker holds from counting the study's trials until its next trial exists
+(it is released when the trial's run starts), so that workers starting at the same moment make no trial beyond the
+budget. Workers on other machines sharing a database storage each lock their own study directory."""
+
+
 def work(spec: TuneSpec, url: str, name: str, study_dir: Path, worker: int = 0, jobs: int = 1) -> None:
     """One worker: trials until the study has ``spec.study.trials`` of them (or a grid is done)."""
     optuna = optuna_module()
@@ -256,11 +263,32 @@ def work(spec: TuneSpec, url: str, name: str, study_dir: Path, worker: int = 0, 
     def report(study: Any, trial: Any) -> None:
         print(_line(trial, spec.objective.metric, worker), flush=True)
 
-    while counted(study.get_trials(deepcopy=False)) < spec.study.trials:
-        grid_done = spec.study.sampler == "grid" and len(study.get_trials(deepcopy=False)) >= math.prod(len(d.choices) for d in spec.space)
-        if grid_done and not study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,)):
-            break
-        study.optimize(run_trial, n_trials=1, callbacks=[report], catch=())
+    study_dir.mkdir(parents=True, exist_ok=True)
+    with (study_dir / NEXT_TRIAL_LOCK).open("a") as lock:
+        held = [False]
+
+        def release() -> None:
+            if held[0]:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+                held[0] = False
+
+        def run_released(trial: Any) -> float:  # the trial exists (running): the other workers count it now
+            release()
+            return run_trial(trial)
+
+        while True:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            held[0] = True
+            try:
+                if counted(study.get_trials(deepcopy=False)) >= spec.study.trials:
+                    break
+                grid_done = (spec.study.sampler == "grid"
+                             and len(study.get_trials(deepcopy=False)) >= math.prod(len(d.choices) for d in spec.space))
+                if grid_done and not study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,)):
+                    break
+                study.optimize(run_released, n_trials=1, callbacks=[report], catch=())
+            finally:
+                release()
 
 
 def _die_with_parent(reader: Any) -> None:

@@ -3,6 +3,7 @@ resume, two trials at once, the docs' example), and the reproductions' grid stud
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import math
 import os
@@ -200,6 +201,33 @@ def grid_values(spec) -> dict[float, float]:
     return {lr: train(spec.config({"meta-lr": lr})).final_meta_loss for lr in PAPER_GRID}
 
 
+def test_workers_counting_the_budget_at_the_same_moment_make_no_trial_beyond_it(tmp_path, monkeypatch):
+    """Two workers of a 1-trial study, the first held between counting the study's trials and creating its trial until
+    the second has counted too (or 1 s has passed): without the lock both would see 0 trials and make one each."""
+    spec = load_spec(write(tmp_path / "s.toml", SPACE), {"trials": 1})
+    monkeypatch.setattr(tune, "objective", lambda spec, trials_dir, worker: lambda trial: 0.0)
+    both_counted, first = threading.Barrier(2), threading.Lock()
+    counted = tune.counted
+
+    def counted_then_wait(trials):
+        n = counted(trials)
+        if first.acquire(blocking=False):  # the first count of the study: wait for the other worker's
+            with contextlib.suppress(threading.BrokenBarrierError):
+                both_counted.wait(timeout=1.0)
+        elif both_counted.n_waiting:
+            both_counted.wait()
+        return n
+
+    monkeypatch.setattr(tune, "counted", counted_then_wait)
+    url = str(tmp_path / "study" / tune.JOURNAL)
+    workers = [threading.Thread(target=tune.work, args=(spec, url, "s", tmp_path / "study", w)) for w in range(2)]
+    for t in workers:
+        t.start()
+    for t in workers:
+        t.join(timeout=60)
+    assert len(load_trials(tmp_path / "study", "s")) == 1
+
+
 @pytest.mark.subprocess
 def test_a_study_killed_mid_trial_resumes_prunes_and_beats_the_grids_worst(tmp_path):
     space = write(tmp_path / "sine.toml", SPACE)
@@ -250,10 +278,10 @@ def test_the_docs_example_runs_two_trials_at_once(tmp_path):
     proc = subprocess.run([str(CLI), *command[1:], "--trials", "4"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     study = tmp_path / command[command.index("--study-dir") + 1]
-    for name in ("study.journal", "best.toml", "best.json", "trials.csv", "trials.md", "optimization_history.png", "slice.png"):
+    for name in ("study.journal", "best.toml", "best.json", "trials.csv", "trials.md", "optimization_history.png", "slice.png", tune.NEXT_TRIAL_LOCK):
         assert (study / name).exists(), name
     trials = [t for t in load_trials(study, "sine") if t.datetime_complete]
-    assert 4 <= len(trials) <= 5  # two workers starting a trial at the same moment may make one more
+    assert len(trials) == 4  # two workers starting a trial at the same moment make no trial beyond the budget
     overlapping = [(a.number, b.number) for a in trials for b in trials
                    if a.number < b.number and a.datetime_start < b.datetime_complete and b.datetime_start < a.datetime_complete]
     assert overlapping, [(t.number, t.datetime_start, t.datetime_complete) for t in trials]
