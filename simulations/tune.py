@@ -67,14 +67,20 @@ def optuna_module(who: str = "fedmeta-tune") -> Any:
 # Storage and recovery
 
 
+JOURNAL_LOCK_GRACE_S = 10
+"""A journal file's lock (Optuna's, held for each write) that a killed process left is released after this many
+seconds without a write to the journal."""
+
+
 def storage(url: str) -> Any:
     """An Optuna storage: a journal file for a path, or a database URL (``sqlite:///...``)."""
     optuna = optuna_module()
     if "://" not in url:
-        from optuna.storages.journal import JournalFileBackend, JournalStorage
+        from optuna.storages.journal import JournalFileBackend, JournalFileSymlinkLock, JournalStorage
 
-        Path(url).parent.mkdir(parents=True, exist_ok=True)
-        return JournalStorage(JournalFileBackend(url))
+        path = Path(url).absolute()  # Optuna's lock is a symlink to this path: a relative one would dangle and a lock
+        path.parent.mkdir(parents=True, exist_ok=True)  # left by a killed process would never be released
+        return JournalStorage(JournalFileBackend(str(path), lock_obj=JournalFileSymlinkLock(str(path), grace_period=JOURNAL_LOCK_GRACE_S)))
     # Optuna's heartbeats fail the trials of a process (on any machine) that stopped beating, and enqueue a retry
     retry = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None)  # Optuna >= 4.9; its older name before
     hook = (dict(heartbeat_stale_trial_callback=retry(max_retry=3)) if retry is not None

@@ -201,6 +201,31 @@ def grid_values(spec) -> dict[float, float]:
     return {lr: train(spec.config({"meta-lr": lr})).final_meta_loss for lr in PAPER_GRID}
 
 
+@pytest.mark.subprocess
+def test_a_journal_lock_left_by_a_killed_process_is_released_and_the_study_opens(tmp_path, monkeypatch):
+    """A process killed while it held the journal's lock (Optuna's, taken for each write) leaves it behind; the next
+    ``fedmeta-tune`` with the same relative ``--study-dir`` opens the study after the grace period instead of waiting
+    forever (Optuna's symlink lock dangled when the journal's path was relative)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(tune, "JOURNAL_LOCK_GRACE_S", 3)
+    url = f"study/{tune.JOURNAL}"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys; from fedmeta.simulations import tune; "
+                               "tune.storage(sys.argv[1])._backend._lock.acquire(); print('locked', flush=True); sys.stdin.read()", url],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+    finally:
+        holder.kill()  # by pid, holding the lock
+        holder.wait(timeout=60)
+    assert os.path.islink(url + ".lock")
+    spec = load_spec(write(tmp_path / "s.toml", SPACE))
+    opening = threading.Thread(target=tune.open_study, args=(spec, tune.storage(url), "s"), daemon=True)
+    opening.start()
+    opening.join(timeout=60)  # a hang guard: it waited forever
+    assert not opening.is_alive() and not os.path.lexists(url + ".lock")
+    assert tune.open_study(spec, tune.storage(url), "s").user_attrs["space-digest"] == spec.digest
+
+
 def test_workers_counting_the_budget_at_the_same_moment_make_no_trial_beyond_it(tmp_path, monkeypatch):
     """Two workers of a 1-trial study, the first held between counting the study's trials and creating its trial until
     the second has counted too (or 1 s has passed): without the lock both would see 0 trials and make one each."""
