@@ -476,6 +476,13 @@ class LocalDeployment:
         nodes = [p for p in self.processes() if p.name.startswith(("supernode", "superexec"))]
         left = self._terminate(nodes)
         left |= self._terminate([p for p in self.processes() if p not in nodes], home=str(self.workdir))
+        # A process started while the others stopped (a ClientApp an executor was starting) is stopped too, and one
+        # slow to die under load is waited for again.
+        for _ in range(3):
+            late = {p for p in left | self.live_processes() if is_alive(p)}
+            if not late:
+                break
+            left = terminate(late, timeout=self.stop_timeout)
         left = {p for p in left | self.live_processes() if is_alive(p)}
         if left:
             raise DeploymentError(f"processes {sorted(left)} of the deployment in {self.workdir} survived SIGKILL")
