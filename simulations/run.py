@@ -40,7 +40,7 @@ from fedmeta.simulations.preflight import InputError, check_inputs
 from fedmeta.simulations.processes import busy_cpu_seconds
 from fedmeta.simulations.progress import RoundProgress, console_through, run_log
 from fedmeta.strategies.checkpoint import CheckpointDir, CheckpointError, check_can_start
-from fedmeta.strategies.exchange import CANCELLED, ExchangeCancelled, cancel_exchanges
+from fedmeta.strategies.exchange import CANCELLED, cancel_exchanges
 
 logger = logging.getLogger("fedmeta")
 USAGE_PREFIX = "usage-"
@@ -182,12 +182,10 @@ def stop_on_ctrl_c():
     previous = signal.signal(signal.SIGINT, first)
     try:
         yield
-    except ExchangeCancelled:
-        raise KeyboardInterrupt from None
     finally:
         notice.cancel()
         signal.signal(signal.SIGINT, previous)
-    if CANCELLED.is_set():  # the run ended (or its last exchange was done) before it noticed the stop
+    if CANCELLED.is_set():  # the ServerApp ended without results (or finished before it noticed the stop)
         raise KeyboardInterrupt
 
 

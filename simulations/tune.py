@@ -271,12 +271,13 @@ def work(spec: TuneSpec, url: str, name: str, study_dir: Path, worker: int = 0, 
 
     study_dir.mkdir(parents=True, exist_ok=True)
     with (study_dir / NEXT_TRIAL_LOCK).open("a") as lock:
-        held = [False]
+        held = False
 
         def release() -> None:
-            if held[0]:
+            nonlocal held
+            if held:
                 fcntl.flock(lock, fcntl.LOCK_UN)
-                held[0] = False
+                held = False
 
         def run_released(trial: Any) -> float:  # the trial exists (running): the other workers count it now
             release()
@@ -284,7 +285,7 @@ def work(spec: TuneSpec, url: str, name: str, study_dir: Path, worker: int = 0, 
 
         while True:
             fcntl.flock(lock, fcntl.LOCK_EX)
-            held[0] = True
+            held = True
             try:
                 if counted(study.get_trials(deepcopy=False)) >= spec.study.trials:
                     break
